@@ -1,0 +1,154 @@
+"""Latent and text-embedding caches keyed by what they were made from, so they can never go stale.
+
+A latent's file name is a hash of: the image file's bytes, the bucket it is cropped to, and the VAE
+file's fingerprint. A text embedding's: the caption text and the text encoder's and tokenizer's
+fingerprints. Change one caption and exactly that caption is re-encoded; swap the VAE and every
+latent is. Files are written atomically, so a killed run never leaves a half-written entry, and an
+unreadable entry is simply encoded again.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .atomic import atomic_path
+from .data.buckets import resize_and_crop
+from .data.items import Item, load_rgb
+from .models.files import fingerprint
+
+log = logging.getLogger(__name__)
+
+FORMAT = "wanpair-cache-1"
+
+
+def folder_fingerprint(path: Path) -> str:
+    """Fingerprint of a file, or of every file in a folder (tokenizers are folders)."""
+    if path.is_file():
+        return fingerprint(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}:{fingerprint(f)}".encode())
+    return h.hexdigest()[:16]
+
+
+def latent_key(item: Item, vae_fp: str) -> str:
+    return hashlib.sha256(f"{FORMAT}|latent|{item.content_hash}|{item.bucket}|{vae_fp}".encode()).hexdigest()[:32]
+
+
+def text_key(caption: str, t5_fp: str, tokenizer_fp: str) -> str:
+    return hashlib.sha256(f"{FORMAT}|text|{caption}|{t5_fp}|{tokenizer_fp}".encode()).hexdigest()[:32]
+
+
+@dataclass
+class CacheStats:
+    latents_encoded: int = 0
+    latents_reused: int = 0
+    texts_encoded: int = 0
+    texts_reused: int = 0
+
+    def __str__(self) -> str:
+        return (f"latents: {self.latents_encoded} encoded, {self.latents_reused} reused; "
+                f"text: {self.texts_encoded} encoded, {self.texts_reused} reused")
+
+
+def read_entry(path: Path) -> torch.Tensor | None:
+    """The cached tensor, or None if the file is missing or unreadable (it is then re-encoded)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))["value"]
+    except (SafetensorError, OSError, KeyError, RuntimeError) as e:
+        log.warning("cache entry %s is unreadable (%s); encoding it again", path, e)
+        return None
+
+
+def write_entry(path: Path, value: torch.Tensor, source: str) -> None:
+    meta = {"format": FORMAT, "source": source, "dtype": str(value.dtype), "shape": "x".join(map(str, value.shape))}
+    with atomic_path(path) as tmp:
+        save_file({"value": value.contiguous()}, str(tmp), metadata=meta)
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Where each item's latent and text entry live, and which must be encoded."""
+
+    latent_paths: list[Path]
+    text_paths: list[Path]
+    missing_latents: list[int]
+    missing_texts: list[int]
+
+
+def plan(items: list[Item], cache_dirs: dict[int, Path], vae_fp: str, t5_fp: str, tokenizer_fp: str) -> CachePlan:
+    lat = [cache_dirs[it.dataset] / f"latent_{latent_key(it, vae_fp)}.safetensors" for it in items]
+    txt = [cache_dirs[it.dataset] / f"text_{text_key(it.caption, t5_fp, tokenizer_fp)}.safetensors" for it in items]
+    return CachePlan(lat, txt, [i for i, p in enumerate(lat) if read_entry(p) is None],
+                     [i for i, p in enumerate(txt) if read_entry(p) is None])
+
+
+def pixels(item: Item) -> torch.Tensor:
+    """The item's bucket-sized pixels as a [3, 1, H, W] tensor in [-1, 1] (Wan's VAE input range)."""
+    arr = resize_and_crop(load_rgb(item.image), item.bucket)
+    t = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return t.unsqueeze(1)
+
+
+@torch.no_grad()
+def encode_latents(vae, batch: torch.Tensor) -> torch.Tensor:
+    """VAE posterior mean, normalised per channel with the VAE's latents_mean / latents_std."""
+    device, dtype = vae.device, vae.dtype
+    mu = vae.encode(batch.to(device=device, dtype=dtype)).latent_dist.mean.float()
+    mean = torch.tensor(vae.config.latents_mean, device=mu.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=mu.device).view(1, -1, 1, 1, 1)
+    return ((mu - mean) / std).cpu()
+
+
+def fill(items: list[Item], cplan: CachePlan, load_vae_fn, load_text_fn, batch_size: int = 4) -> CacheStats:
+    """Encode whatever the plan says is missing. Models are loaded only if needed and freed after."""
+    from .models.text_encoder import encode_text
+
+    stats = CacheStats(latents_reused=len(items) - len(cplan.missing_latents),
+                       texts_reused=len(items) - len(cplan.missing_texts))
+    if cplan.missing_latents:
+        vae = load_vae_fn()
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i in cplan.missing_latents:
+            by_bucket.setdefault(items[i].bucket, []).append(i)
+        with tqdm(total=len(cplan.missing_latents), desc="caching latents", unit="img") as bar:
+            for group in by_bucket.values():
+                for start in range(0, len(group), batch_size):
+                    chunk = group[start:start + batch_size]
+                    latents = encode_latents(vae, torch.stack([pixels(items[i]) for i in chunk]))
+                    for i, lat in zip(chunk, latents):
+                        write_entry(cplan.latent_paths[i], lat, str(items[i].image))
+                        stats.latents_encoded += 1
+                    bar.update(len(chunk))
+        del vae
+        gc.collect()
+    if cplan.missing_texts:
+        te, tok = load_text_fn()
+        unique = {}
+        for i in cplan.missing_texts:
+            unique.setdefault(cplan.text_paths[i], items[i].caption)
+        pending = list(unique.items())
+        with tqdm(total=len(pending), desc="caching text", unit="caption") as bar:
+            for start in range(0, len(pending), batch_size):
+                chunk = pending[start:start + batch_size]
+                for (path, caption), emb in zip(chunk, encode_text(te, tok, [c for _, c in chunk])):
+                    write_entry(path, emb, caption)
+                    stats.texts_encoded += 1
+                bar.update(len(chunk))
+        del te, tok
+        gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return stats

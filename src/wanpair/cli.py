@@ -1,0 +1,156 @@
+"""The `wanpair` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import WanpairError
+
+DESCRIPTION = """\
+Train the LoRA pair that Wan 2.2 T2V A14B needs -- one LoRA for the high-noise expert
+(timesteps 875-1000) and one for the low-noise expert (0-875) -- from one project file.
+
+  wanpair demo                      try everything on a tiny built-in example (CPU, ~1 minute)
+  wanpair check wanpair.toml        find dataset problems before spending GPU time
+  wanpair cache wanpair.toml        encode latents + captions (train does this too)
+  wanpair train wanpair.toml        check, cache, train both experts, save both LoRAs
+
+A project file (wanpair.toml) names your model files, your Musubi-style dataset.toml and a
+run name; every training setting defaults to the proven recipe. `wanpair demo` writes one
+you can copy.
+"""
+
+
+def _project(path: str):
+    from .project import load_project
+
+    project, warns = load_project(path)
+    for w in warns:
+        print(f"WARNING {w}")
+    return project
+
+
+def cmd_demo(args) -> int:
+    from .demo import make_demo
+    from .project import load_project
+    from .train.recipe import LoraPairRecipe
+
+    root = Path(args.dir).resolve()
+    print(f"writing the demo dataset, tiny random models and project to {root}")
+    project_file = make_demo(root)
+    project, _ = load_project(project_file)
+    results = LoraPairRecipe(project, overwrite=True).run()
+    print("\nDemo finished. The LoRA pair:")
+    for r in results:
+        print(f"  {r.expert}-noise: {r.lora}")
+        print(f"     mean loss per epoch: " + " ".join(f"{x:.3f}" for x in r.epoch_losses))
+    print(f"\nProject file: {project_file}  (copy it and point [models] at your real weights)")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .data.dataset_config import load_dataset_config
+    from .data.items import check_dataset
+    from .models.text_encoder import load_tokenizer
+
+    path = Path(args.file)
+    tokenizer = None
+    if path.suffix == ".toml" and "[models]" in path.read_text(encoding="utf-8", errors="replace"):
+        project = _project(args.file)
+        dataset_config = project.dataset_config
+        tokenizer = load_tokenizer(project.models.tokenizer)
+    else:
+        dataset_config = path
+    report = check_dataset(load_dataset_config(dataset_config), tokenizer)
+    print(report.render())
+    return 1 if report.errors or report.warnings else 0
+
+
+def cmd_cache(args) -> int:
+    from .train.recipe import LoraPairRecipe
+
+    recipe = LoraPairRecipe(_project(args.project), overwrite=True)
+    recipe.preflight(())
+    recipe.prepare_caches()
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train.recipe import LoraPairRecipe
+
+    experts = ("high", "low") if args.expert == "both" else (args.expert,)
+    results = LoraPairRecipe(_project(args.project), overwrite=args.overwrite).run(experts)
+    for r in results:
+        print(f"{r.expert}-noise LoRA: {r.lora}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wanpair", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"wanpair {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded from where, in detail")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole recipe on a tiny built-in example (no downloads, CPU)",
+                       description="Generate 18 small images with captions and tiny random Wan models in the real "
+                                   "file formats, then train the LoRA pair on them with the normal train path.")
+    p.add_argument("--dir", default="wanpair-demo", help="where to write the demo (default: ./wanpair-demo)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("check", help="report dataset problems (missing captions, broken images, ...)",
+                       description="Check a dataset without loading any model: images without captions, captions "
+                                   "without images, empty captions, unreadable images, images smaller than their "
+                                   "bucket, duplicates, over-long captions, and the bucket table. Exit code 0 = "
+                                   "clean, 1 = problems found.")
+    p.add_argument("file", help="a wanpair.toml project or a Musubi dataset.toml")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("cache", help="encode VAE latents and caption embeddings for a project",
+                       description="Encode what is not cached yet. Entries are keyed by content (image bytes, "
+                                   "caption, bucket, model fingerprints), so edits re-encode exactly what changed.")
+    p.add_argument("project", help="the wanpair.toml project file")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("train", help="check, cache and train the high- and low-noise LoRAs",
+                       description="Run the whole recipe: check the dataset, cache latents and text, train the "
+                                   "high-noise LoRA on timesteps 875-1000 and the low-noise LoRA on 0-875, and save "
+                                   "WAN2.2-HighNoise_<name>.safetensors and WAN2.2-LowNoise_<name>.safetensors.")
+    p.add_argument("project", help="the wanpair.toml project file")
+    p.add_argument("--expert", choices=("both", "high", "low"), default="both", help="train only one expert")
+    p.add_argument("--overwrite", action="store_true", help="replace existing LoRA files of the same name")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("wanpair").setLevel(logging.INFO)  # what was loaded from where is always logged
+    if not args.verbose:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.set_verbosity_error()
+        tlog.set_verbosity_error()
+        for noisy in ("accelerate", "peft"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        return args.func(args)
+    except WanpairError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

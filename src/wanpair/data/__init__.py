@@ -1,0 +1,1 @@
+"""Datasets: Musubi dataset.toml, buckets, items and the dataset check."""

@@ -1,0 +1,152 @@
+"""The built-in demo: a tiny dataset and tiny random models of the real architectures, in the real files.
+
+Everything is generated deterministically (no downloads): 18 small images with captions, a Musubi
+`dataset.toml`, two 2-block Wan DiTs (high- and low-noise) saved as original-layout single-file
+safetensors like the Comfy-Org files, a small Wan 2.1-layout VAE saved the same way, a small umT5
+saved as a Wan-format `.pth`, and a word-level tokenizer built from the captions. The demo then runs
+the ordinary `train` path on a generated `wanpair.toml`, so it exercises the code a real run uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from .models.dit import to_original_name as dit_original_name
+from .models.text_encoder import to_wan_name
+from .models.vae import to_original_name as vae_original_name
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
+          "purple": (140, 50, 170), "orange": (240, 140, 30)}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "grey": (128, 128, 128)}
+SHAPES = ("circle", "square", "triangle")
+
+# Tiny but real architectures: 128-dim heads as in every Wan DiT; umT5 with per-layer position bias;
+# the released VAE layout (4 stages, 2 residual blocks) at a small width.
+TINY_TEXT_DIM = 32
+TINY_DIT = dict(patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=TINY_TEXT_DIM, freq_dim=32, ffn_dim=256, num_layers=2, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6)
+TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                temperal_downsample=[False, True, True])
+
+
+def make_dataset(root: Path, n: int = 18, size: int = 64) -> Path:
+    """18 images of coloured shapes with matching captions, and a Musubi-style dataset.toml."""
+    images = root / "dataset"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        color = list(COLORS)[i % len(COLORS)]
+        shape = SHAPES[i % len(SHAPES)]
+        bg = list(BACKGROUNDS)[(i // len(SHAPES)) % len(BACKGROUNDS)]
+        w, h = (size, size) if i % 3 else (size * 3 // 2, size)  # a third are landscape: two buckets
+        im = Image.new("RGB", (w, h), BACKGROUNDS[bg])
+        d = ImageDraw.Draw(im)
+        cx, cy, r = w // 2 + int(rng.integers(-6, 7)), h // 2 + int(rng.integers(-6, 7)), size // 4
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if shape == "circle":
+            d.ellipse(box, fill=COLORS[color])
+        elif shape == "square":
+            d.rectangle(box, fill=COLORS[color])
+        else:
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
+        stem = f"img_{i + 1:02d}"
+        im.save(images / f"{stem}.png")
+        (images / f"{stem}.txt").write_text(f"a {color} {shape} on a {bg} background, flat illustration\n")
+    (images / "dataset.toml").write_text(
+        "# Musubi-Tuner dataset config, as the recipe writes it (resolution scaled down for the demo).\n"
+        "[general]\n"
+        f"resolution = [{size}, {size}]\n"
+        'caption_extension = ".txt"\n'
+        "batch_size = 1\n"
+        "enable_bucket = true\n"
+        "bucket_no_upscale = false\n\n"
+        "[[datasets]]\n"
+        'image_directory = "."\n'
+        'cache_directory = "cache"\n'
+        "num_repeats = 1\n"
+    )
+    return images / "dataset.toml"
+
+
+def make_tokenizer(folder: Path, captions: list[str]) -> Path:
+    """A word-level tokenizer over the captions with umT5's special-token ids (pad 0, eos 1, unk 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for c in captions for w in c.replace(",", " , ").split()})
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=512)
+    fast.save_pretrained(str(folder))
+    return folder
+
+
+def make_models(folder: Path, vocab_size: int, dtype: torch.dtype = torch.float16) -> dict[str, Path]:
+    """Random tiny models of the real architectures, written in the real files' formats and key names."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for seed, expert in ((1, "high"), (2, "low")):
+        torch.manual_seed(seed)
+        dit = WanTransformer3DModel(**TINY_DIT)
+        sd = {dit_original_name(k): v.to(dtype).contiguous() for k, v in dit.state_dict().items()}
+        paths[expert] = folder / f"wan2.2_t2v_{expert}_noise_tiny_fp16.safetensors"
+        save_file(sd, str(paths[expert]), metadata={"format": "pt"})
+    torch.manual_seed(3)
+    vae = AutoencoderKLWan(**TINY_VAE)
+    paths["vae"] = folder / "wan_2.1_vae_tiny.safetensors"
+    save_file({vae_original_name(k): v.contiguous() for k, v in vae.state_dict().items()}, str(paths["vae"]))
+    torch.manual_seed(4)
+    cfg = UMT5Config(vocab_size=vocab_size, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                     feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0, is_encoder_decoder=False)
+    te = UMT5EncoderModel(cfg)
+    paths["t5"] = folder / "models_t5_umt5-tiny-enc-bf16.pth"
+    sd = {to_wan_name(k): v.to(torch.bfloat16).clone() for k, v in te.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    torch.save(sd, paths["t5"])
+    return paths
+
+
+def make_demo(root: Path) -> Path:
+    """Write the whole demo (dataset, models, tokenizer, project) under `root`; return the project file."""
+    root = Path(root)
+    dataset_toml = make_dataset(root)
+    captions = [p.read_text() for p in sorted(dataset_toml.parent.glob("*.txt"))]
+    tokenizer = make_tokenizer(root / "models" / "umt5-tiny-tokenizer", captions)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(str(tokenizer)))
+    models = make_models(root / "models", vocab_size=vocab)
+    project = root / "wanpair.toml"
+    rel = {k: v.relative_to(root).as_posix() for k, v in models.items()}
+    project.write_text(
+        "# wanpair project for the built-in demo. Run: wanpair train wanpair.toml\n"
+        'name = "demo_shapes_v1"\n'
+        'author = "wanpair demo"\n'
+        'output_dir = "output"\n\n'
+        "[models]\n"
+        f'high_noise = "{rel["high"]}"\n'
+        f'low_noise = "{rel["low"]}"\n'
+        f'vae = "{rel["vae"]}"\n'
+        f't5 = "{rel["t5"]}"\n'
+        f'tokenizer = "{tokenizer.relative_to(root).as_posix()}"\n\n'
+        "[dataset]\n"
+        'config = "dataset/dataset.toml"\n\n'
+        "# The recipe's settings, except a higher learning rate and fewer epochs so the tiny models\n"
+        "# visibly learn in a minute on a CPU.\n"
+        "[train]\n"
+        "learning_rate = 2e-3\n"
+        "epochs = 8\n"
+    )
+    return project

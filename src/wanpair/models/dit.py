@@ -1,0 +1,227 @@
+"""The Wan diffusion transformer (DiT): identify a checkpoint, read its architecture, load it.
+
+Checkpoints come in two layouts: the original Wan / ComfyUI single file (`blocks.0.self_attn.q.weight`)
+and diffusers folders (`transformer/`, `blocks.0.attn1.to_q.weight`). Both load into diffusers'
+`WanTransformer3DModel`. The key renaming is diffusers' own `convert_wan_transformer_to_diffusers`,
+applied to key *names* only so that tensors can be streamed one by one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from diffusers import WanTransformer3DModel
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+from tqdm.auto import tqdm
+
+from ..errors import WanpairError
+from .files import WeightFile, fingerprint, inspect_weight_file, iter_tensors, strip_prefix
+from .kinds import identify
+
+log = logging.getLogger(__name__)
+
+# Every released Wan DiT (1.3B, 5B, 14B) uses 128-dim attention heads; the head count is not
+# recoverable from tensor shapes, so it follows from this (Wan2.2 `wan/configs/*.py`: dim / num_heads).
+WAN_HEAD_DIM = 128
+
+# diffusers module path -> original Wan module path. Applied to "name." so partial words never match.
+_TO_ORIGINAL = [
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"\.attn1\.", ".self_attn."),
+    (r"\.attn2\.", ".cross_attn."),
+    (r"\.to_q\.", ".q."),
+    (r"\.to_k\.", ".k."),
+    (r"\.to_v\.", ".v."),
+    (r"\.to_out\.0\.", ".o."),
+    (r"\.add_k_proj\.", ".k_img."),
+    (r"\.add_v_proj\.", ".v_img."),
+    (r"\.norm_added_k\.", ".norm_k_img."),
+    (r"\.ffn\.net\.0\.proj\.", ".ffn.0."),
+    (r"\.ffn\.net\.2\.", ".ffn.2."),
+    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),  # diffusers swapped norm2/norm3 of the original
+    (r"^(blocks\.\d+)\.scale_shift_table\.", r"\1.modulation."),
+    (r"^scale_shift_table\.", "head.modulation."),
+    (r"^proj_out\.", "head.head."),
+]
+
+
+def to_original_name(name: str) -> str:
+    """`blocks.0.attn1.to_out.0.weight` -> `blocks.0.self_attn.o.weight` (works for module paths too)."""
+    s = name + "."
+    for pattern, repl in _TO_ORIGINAL:
+        s = re.sub(pattern, repl, s)
+    return s[:-1]
+
+
+def original_to_diffusers_names(keys: list[str]) -> dict[str, str]:
+    """Map original Wan key names to diffusers names using diffusers' own converter on the names."""
+    renamed = convert_wan_transformer_to_diffusers({k: k for k in keys})
+    return {orig: new for new, orig in renamed.items()}
+
+
+@dataclass(frozen=True)
+class DitInfo:
+    file: WeightFile | None
+    path: Path
+    config: dict
+    layout: str  # "original" or "diffusers"
+    expert: str | None  # "high" / "low" when the file name or metadata says so
+
+    @property
+    def fingerprint(self) -> str:
+        return self.file.fingerprint if self.file else _folder_fingerprint(self.path)
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    shards = sorted(folder.glob("*.safetensors"))
+    return hashlib.sha256("".join(fingerprint(s) for s in shards).encode()).hexdigest()[:16]
+
+
+def guess_expert(path: Path, metadata: dict[str, str]) -> str | None:
+    """Which Wan 2.2 expert a checkpoint is, if its name or metadata says so.
+
+    Single files carry `high_noise` / `low_noise` in their names (Comfy-Org repackaging); in the
+    diffusers Wan2.2-T2V-A14B folders `transformer/` is the high-noise and `transformer_2/` the
+    low-noise expert (diffusers `WanPipeline`: transformer runs while t >= boundary).
+    """
+    if path.is_dir() and path.name in ("transformer", "transformer_2"):
+        return "high" if path.name == "transformer" else "low"
+    text = f"{path.name} {json.dumps(metadata)}".lower()
+    high = re.search(r"high[_\- ]?noise", text) is not None
+    low = re.search(r"low[_\- ]?noise", text) is not None
+    return ("high" if high else "low") if high != low else None
+
+
+def config_from_original_shapes(shapes: dict[str, tuple[int, ...]], path: Path) -> dict:
+    """Read the architecture off the tensor shapes of an original-layout checkpoint."""
+    try:
+        dim, in_channels, *patch = shapes["patch_embedding.weight"]
+        num_layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks."))
+        ffn_dim = shapes["blocks.0.ffn.0.weight"][0]
+        text_dim = shapes["text_embedding.0.weight"][1]
+        freq_dim = shapes["time_embedding.0.weight"][1]
+        out_channels = shapes["head.head.weight"][0] // (patch[0] * patch[1] * patch[2])
+    except (KeyError, ValueError) as e:
+        raise WanpairError(f"{path} looks like a Wan DiT but lacks tensor {e}; the file is incomplete.") from None
+    image_dim = shapes.get("img_emb.proj.0.weight", (None,))[0]
+    return dict(
+        patch_size=tuple(patch),
+        num_attention_heads=dim // WAN_HEAD_DIM,
+        attention_head_dim=WAN_HEAD_DIM,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        text_dim=text_dim,
+        freq_dim=freq_dim,
+        ffn_dim=ffn_dim,
+        num_layers=num_layers,
+        cross_attn_norm="blocks.0.norm3.weight" in shapes,
+        qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in shapes else None,
+        eps=1e-6,
+        image_dim=image_dim,
+        added_kv_proj_dim=dim if "blocks.0.cross_attn.k_img.weight" in shapes else None,
+    )
+
+
+def inspect_dit(path: str | Path) -> DitInfo:
+    """Validate a DiT checkpoint (file or diffusers folder) and read its architecture, loading no weights."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.exists():
+            raise WanpairError(f"{path} is a folder without config.json; expected a diffusers `transformer/` folder.")
+        config = json.loads(cfg_file.read_text())
+        if config.get("_class_name") != "WanTransformer3DModel":
+            raise WanpairError(f"{path} holds a {config.get('_class_name')}, not a WanTransformer3DModel (the DiT).")
+        if not list(path.glob("*.safetensors")):
+            raise WanpairError(f"{path} has no .safetensors weights next to its config.json.")
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        return DitInfo(None, path, config, "diffusers", guess_expert(path, {}))
+    wf = inspect_weight_file(path)
+    identify(wf, expected="dit")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    else:
+        shapes = {k: tuple(t.shape) for k, t in iter_tensors(path)}
+    prefix = strip_prefix(tuple(shapes))
+    shapes = {k[len(prefix):]: s for k, s in shapes.items()}
+    layout = "original" if "patch_embedding.weight" in shapes and "head.head.weight" in shapes else "diffusers"
+    if layout == "original":
+        config = config_from_original_shapes(shapes, path)
+    else:
+        raise WanpairError(
+            f"{path} uses diffusers key names in a single file; point at its diffusers folder "
+            "(the one with config.json) instead."
+        )
+    return DitInfo(wf, path, config, layout, guess_expert(path, wf.metadata))
+
+
+def check_t2v_a14b(info: DitInfo) -> None:
+    """Refuse DiTs of another task or size before any training starts."""
+    c = info.config
+    if c.get("image_dim") or c.get("added_kv_proj_dim") or c["in_channels"] == 36:
+        raise WanpairError(
+            f"{info.path} is an image-to-video (I2V) expert ({c['in_channels']} input channels); "
+            "wanpair trains the text-to-video pair. Use wan2.2_t2v_{high,low}_noise_14B files."
+        )
+    if c["in_channels"] != 16:
+        raise WanpairError(
+            f"{info.path} takes {c['in_channels']} latent channels: it is the Wan 2.2 TI2V-5B model, "
+            "which pairs with the 48-channel Wan 2.2 VAE. The T2V A14B experts take 16 channels."
+        )
+
+
+def _keep_fp32(name: str) -> bool:
+    keep = getattr(WanTransformer3DModel, "_keep_in_fp32_modules", None) or []
+    return any(re.search(rf"(^|\.){re.escape(m)}(\.|$)", name) for m in keep)
+
+
+def load_dit(
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    info: DitInfo | None = None,
+) -> WanTransformer3DModel:
+    """Load a Wan DiT into diffusers' `WanTransformer3DModel`, streaming tensor by tensor.
+
+    The model is built on the meta device and each tensor is converted to `dtype` on `device` as it
+    is read, so host memory never holds the whole checkpoint. Modules diffusers keeps in fp32
+    (time embedding, modulation tables, norms) stay fp32.
+    """
+    info = info or inspect_dit(path)
+    if info.layout == "diffusers":
+        log.info("loading DiT (diffusers folder) from %s", info.path)
+        model = WanTransformer3DModel.from_pretrained(info.path, torch_dtype=dtype, local_files_only=True)
+        return model.to(device)
+    log.info("loading DiT from %s", info.file.describe())
+    with init_empty_weights():
+        model = WanTransformer3DModel(**info.config)
+    expected = set(model.state_dict())
+    prefix = strip_prefix(info.file.keys)
+    names = original_to_diffusers_names([k[len(prefix):] for k in info.file.keys])
+    seen: set[str] = set()
+    for key, tensor in tqdm(iter_tensors(info.path), total=len(info.file.keys), desc="DiT", unit="tensor", leave=False):
+        name = names[key[len(prefix):]]
+        if name not in expected:
+            raise WanpairError(f"{info.path}: tensor {key!r} has no place in a Wan DiT; is this the right file?")
+        target = torch.float32 if _keep_fp32(name) else dtype
+        set_module_tensor_to_device(model, name, device, value=tensor.to(target))
+        seen.add(name)
+    missing = expected - seen
+    if missing:
+        raise WanpairError(f"{info.path} lacks {len(missing)} tensors (e.g. {sorted(missing)[0]}); it is incomplete.")
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,135 @@
+"""Reading weight files safely: validation, cheap fingerprints, and streamed tensors.
+
+Every loader goes through here so that a missing, truncated or mistaken file is reported with its
+path before anything large is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from ..errors import WanpairError
+
+log = logging.getLogger(__name__)
+
+# Fingerprint = sha256 over the header plus this many evenly spaced samples of the file's bytes:
+# cheap on a 28 GB file (a few MB read), yet any re-download, re-quantisation or edit changes it.
+_SAMPLES = 32
+_SAMPLE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """What we know about a weight file before loading it."""
+
+    path: Path
+    size: int
+    fingerprint: str
+    metadata: dict[str, str]
+    keys: tuple[str, ...]
+    dtypes: tuple[str, ...]
+
+    def describe(self) -> str:
+        dtypes = ",".join(self.dtypes) or "?"
+        return f"{self.path} ({self.size / 2**30:.2f} GiB, {dtypes}, fingerprint {self.fingerprint})"
+
+
+def fingerprint(path: Path) -> str:
+    """A content fingerprint that reads only a few MB, whatever the file size."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(min(size, 1 << 20)))  # the header (or the whole file if small)
+        if size > 1 << 20:
+            for i in range(_SAMPLES):
+                f.seek((size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
+                h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()[:16]
+
+
+def _safetensors_header(path: Path) -> dict:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WanpairError(f"{path} is not a safetensors file (only {size} bytes). Re-download it.")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise WanpairError(
+                f"{path} is not a valid safetensors file (header claims {n} bytes, file has {size}). "
+                "It is truncated or not a safetensors file: re-download it."
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WanpairError(f"{path} has a corrupt safetensors header ({e}). Re-download it.") from None
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + data_end > size:
+        raise WanpairError(
+            f"{path} is truncated: its header describes {8 + n + data_end} bytes but the file has "
+            f"{size}. The download or copy did not finish; download it again."
+        )
+    return header
+
+
+def inspect_weight_file(path: str | Path) -> WeightFile:
+    """Validate a weight file (safetensors or torch .pth) and list its tensors without loading them."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise WanpairError(f"{path} does not exist. Check the path in your project file.")
+    if path.is_dir():
+        raise WanpairError(f"{path} is a folder, but a single weight file was expected here.")
+    size = path.stat().st_size
+    if path.suffix == ".safetensors":
+        header = _safetensors_header(path)
+        meta = header.pop("__metadata__", None) or {}
+        keys = tuple(header)
+        dtypes = tuple(sorted({v["dtype"] for v in header.values()}))
+    elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        sd = _torch_load(path)
+        meta, keys = {}, tuple(sd)
+        dtypes = tuple(sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()}))
+    else:
+        raise WanpairError(f"{path}: unknown weight file type {path.suffix!r}; expected .safetensors or .pth.")
+    return WeightFile(path, size, fingerprint(path), meta, keys, dtypes)
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt archives
+        raise WanpairError(f"{path} could not be read as a PyTorch checkpoint ({e}). Re-download it.") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WanpairError(f"{path} is not a plain state dict of tensors.")
+    return sd
+
+
+def iter_tensors(path: Path, keys: Iterator[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream tensors one at a time from a memory-mapped file, so a 28 GB file never sits in RAM whole."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            for k in keys if keys is not None else f.keys():
+                yield k, f.get_tensor(k)
+    else:
+        sd = _torch_load(path)
+        for k in keys if keys is not None else list(sd):
+            yield k, sd[k]
+
+
+def strip_prefix(keys: tuple[str, ...]) -> str:
+    """ComfyUI files sometimes prefix every key with `model.diffusion_model.`; return that prefix."""
+    for prefix in ("model.diffusion_model.", "diffusion_model."):
+        if keys and all(k.startswith(prefix) for k in keys):
+            return prefix
+    return ""

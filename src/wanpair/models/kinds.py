@@ -1,0 +1,48 @@
+"""Tell weight files apart by their tensor names, so a mix-up is caught before anything loads."""
+
+from __future__ import annotations
+
+from .files import WeightFile, strip_prefix
+from ..errors import WanpairError
+
+_DESCRIPTIONS = {
+    "dit": "a Wan diffusion transformer (DiT), e.g. wan2.2_t2v_high_noise_14B_fp16.safetensors",
+    "vae": "the Wan VAE, e.g. wan_2.1_vae.safetensors",
+    "t5": "Wan's umT5 text encoder, e.g. models_t5_umt5-xxl-enc-bf16.pth",
+    "lora": "a LoRA file",
+    "clip": "the CLIP image encoder that only Wan's image-to-video models use",
+    "unknown": "not a file wanpair recognises",
+}
+
+
+def kind_of(keys: tuple[str, ...]) -> str:
+    """Classify a state dict by its key names."""
+    prefix = strip_prefix(keys)
+    names = {k[len(prefix):] for k in keys}
+    if any("lora_down" in k or "lora_A" in k or "lora_up" in k or "lora_B" in k for k in names):
+        return "lora"
+    if "patch_embedding.weight" in names or any(k.startswith("blocks.0.attn1.") for k in names):
+        return "dit"
+    if {"encoder.conv1.weight", "decoder.conv1.weight"} <= names or "encoder.conv_in.weight" in names:
+        return "vae"
+    if "token_embedding.weight" in names and any(".attn.q." in k for k in names):
+        return "t5"
+    if "shared.weight" in names or any(k.startswith("encoder.block.0.layer.0.SelfAttention") for k in names):
+        return "t5"
+    if any(k.startswith(("visual.", "textual.")) for k in names):
+        return "clip"
+    return "unknown"
+
+
+def identify(wf: WeightFile, expected: str) -> None:
+    """Raise a clear error if `wf` is not the kind of file the caller expects."""
+    kind = kind_of(wf.keys)
+    if kind == expected:
+        return
+    hint = {
+        "lora": " A LoRA is what wanpair produces; give the base model here.",
+    }.get(kind, "")
+    raise WanpairError(
+        f"{wf.path} is {_DESCRIPTIONS[kind]}, but {_DESCRIPTIONS[expected]} was expected here.{hint} "
+        "Check which path you put under which key in your project file."
+    )

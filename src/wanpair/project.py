@@ -1,0 +1,226 @@
+"""`wanpair.toml`: one plain file that describes a run, with the proven recipe as every default.
+
+A minimal project is the model paths, the dataset and a name:
+
+    name = "my_character_v1"
+    [models]
+    high_noise = "models/wan2.2_t2v_high_noise_14B_fp16.safetensors"
+    low_noise  = "models/wan2.2_t2v_low_noise_14B_fp16.safetensors"
+    vae        = "models/wan_2.1_vae.safetensors"
+    t5         = "models/models_t5_umt5-xxl-enc-bf16.pth"
+    tokenizer  = "models/umt5-xxl-tokenizer"
+    [dataset]
+    config = "dataset/dataset.toml"
+
+Relative paths are relative to the project file. Every other setting is in `[train]` and
+`[experts.high]` / `[experts.low]`; the defaults are the community recipe (Musubi-Tuner flags in
+shared/reference/wan22-lora-recipe.md) except where the README says why we differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import WanpairError
+
+# The Wan 2.2 T2V A14B expert boundary: the high-noise expert runs for t >= 0.875 (Wan2.2
+# `wan/configs/wan_t2v_A14B.py`: boundary = 0.875), on the 0..1000 timestep scale 875.
+BOUNDARY = 875
+
+
+@dataclass
+class Models:
+    high_noise: Path
+    low_noise: Path
+    vae: Path
+    t5: Path
+    tokenizer: Path
+
+
+@dataclass
+class TrainSettings:
+    rank: int = 16
+    alpha: float = 16.0
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.1
+    max_grad_norm: float = 0.0  # 0 = no clipping
+    lr_scheduler: str = "polynomial"
+    lr_scheduler_power: float = 8.0
+    min_lr_ratio: float = 5e-5  # polynomial lr_end = min_lr_ratio * learning_rate
+    lr_warmup_steps: int = 0
+    epochs: int = 100
+    max_steps: int = 0  # 0 = run all epochs
+    seed: int = 5
+    timestep_sampling: str = "shift"
+    discrete_flow_shift: float = 1.0
+    sigmoid_scale: float = 1.0
+    preserve_distribution_shape: bool = True
+    mixed_precision: str = "bf16"
+    fp8_base: bool = True
+    gradient_checkpointing: bool = True
+    gradient_accumulation_steps: int = 1
+    save_dtype: str = "bf16"
+    device: str = "auto"
+
+
+@dataclass
+class ExpertWindow:
+    min_timestep: int
+    max_timestep: int
+
+
+@dataclass
+class Project:
+    path: Path
+    name: str
+    models: Models
+    dataset_config: Path
+    output_dir: Path
+    author: str = ""
+    train: TrainSettings = field(default_factory=TrainSettings)
+    experts: dict[str, ExpertWindow] = field(default_factory=lambda: {
+        "high": ExpertWindow(BOUNDARY, 1000), "low": ExpertWindow(0, BOUNDARY)})
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+    def lora_path(self, expert: str) -> Path:
+        """`WAN2.2-HighNoise_<name>.safetensors` / `WAN2.2-LowNoise_<name>.safetensors`, as the recipe names them."""
+        return self.output_dir / f"WAN2.2-{'HighNoise' if expert == 'high' else 'LowNoise'}_{self.name}.safetensors"
+
+    def dit_path(self, expert: str) -> Path:
+        return self.models.high_noise if expert == "high" else self.models.low_noise
+
+
+TOP_KEYS = {"name", "author", "output_dir", "models", "dataset", "train", "experts"}
+MODEL_KEYS = {f.name for f in dataclasses.fields(Models)}
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings)}
+CHOICES = {
+    "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+    "timestep_sampling": ("uniform", "sigmoid", "shift"),
+    "mixed_precision": ("no", "bf16", "fp16"),
+    "save_dtype": ("bf16", "fp16", "fp32"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def _unknown(key: str, valid, where: str, path: Path) -> str:
+    match = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+    hint = f" Did you mean {match[0]!r}?" if match else f" Valid keys: {', '.join(sorted(valid))}."
+    return f"{path}: unknown key {key!r} in {where}.{hint}"
+
+
+def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings:
+    values = {}
+    for key, value in raw.items():
+        if key not in TRAIN_FIELDS:
+            problems.append(_unknown(key, TRAIN_FIELDS, "[train]", path))
+            continue
+        default = TRAIN_FIELDS[key].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, type(default)) and not isinstance(value, bool)
+        if not ok:
+            problems.append(f"{path}: [train] {key} = {value!r} should be a {type(default).__name__}.")
+            continue
+        if key in CHOICES and value not in CHOICES[key]:
+            problems.append(f"{path}: [train] {key} = {value!r} must be one of {', '.join(CHOICES[key])}.")
+            continue
+        values[key] = value
+    t = TrainSettings(**values)
+    for key in ("rank", "epochs", "gradient_accumulation_steps"):
+        if getattr(t, key) < 1:
+            problems.append(f"{path}: [train] {key} must be at least 1.")
+    for key in ("alpha", "learning_rate", "discrete_flow_shift", "sigmoid_scale"):
+        if getattr(t, key) <= 0:
+            problems.append(f"{path}: [train] {key} must be positive.")
+    if t.fp8_base and t.mixed_precision == "no":
+        problems.append(f"{path}: [train] fp8_base = true needs mixed_precision = \"bf16\" or \"fp16\" for compute.")
+    return t
+
+
+def _experts(raw: dict, path: Path, problems: list[str], warnings: list[str]) -> dict[str, ExpertWindow]:
+    experts = {"high": ExpertWindow(BOUNDARY, 1000), "low": ExpertWindow(0, BOUNDARY)}
+    for name, table in raw.items():
+        if name not in experts:
+            problems.append(_unknown(name, experts, "[experts]", path))
+            continue
+        for key, value in table.items():
+            if key not in ("min_timestep", "max_timestep"):
+                problems.append(_unknown(key, ("min_timestep", "max_timestep"), f"[experts.{name}]", path))
+            elif not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1000:
+                problems.append(f"{path}: [experts.{name}] {key} = {value!r} must be an integer in 0..1000.")
+            else:
+                setattr(experts[name], key, value)
+    for name, w in experts.items():
+        if w.min_timestep >= w.max_timestep:
+            problems.append(f"{path}: [experts.{name}] min_timestep {w.min_timestep} must be below max_timestep {w.max_timestep}.")
+    hi, lo = experts["high"], experts["low"]
+    if hi.min_timestep != BOUNDARY or lo.max_timestep != BOUNDARY:
+        warnings.append(
+            f"expert windows high {hi.min_timestep}-{hi.max_timestep}, low {lo.min_timestep}-{lo.max_timestep} do not meet "
+            f"at the T2V boundary {BOUNDARY}: at inference each expert runs on its own side of {BOUNDARY}."
+        )
+    return experts
+
+
+def load_project(path: str | Path) -> tuple[Project, list[str]]:
+    """Parse and validate a project file. Returns the project and non-fatal warnings; all errors at once."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise WanpairError(f"project file {path} does not exist. `wanpair demo` writes an example to copy.")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise WanpairError(f"{path} is not valid TOML: {e}") from None
+    problems: list[str] = []
+    warnings: list[str] = []
+    base = path.parent
+
+    def resolve(value) -> Path:
+        return (base / Path(str(value)).expanduser()).resolve()
+
+    for key in raw:
+        if key not in TOP_KEYS:
+            problems.append(_unknown(key, TOP_KEYS, "the project file", path))
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.\-]+", name or ""):
+        problems.append(f"{path}: name = {name!r} must be set to a file-name-safe string, e.g. name = \"my_character_v1\".")
+    models_raw = raw.get("models", {})
+    for key in models_raw:
+        if key not in MODEL_KEYS:
+            problems.append(_unknown(key, MODEL_KEYS, "[models]", path))
+    for key in sorted(MODEL_KEYS - set(models_raw)):
+        problems.append(f"{path}: [models] {key} is missing (path to the {key.replace('_', '-')} file).")
+    dataset_raw = raw.get("dataset", {})
+    for key in dataset_raw:
+        if key != "config":
+            problems.append(_unknown(key, ["config"], "[dataset]", path))
+    if "config" not in dataset_raw:
+        problems.append(f"{path}: [dataset] config is missing (path to your Musubi-style dataset.toml).")
+    train = _train_settings(raw.get("train", {}), path, problems)
+    experts = _experts(raw.get("experts", {}), path, problems, warnings)
+    if problems:
+        raise WanpairError("\n".join(problems))
+    models = Models(**{k: resolve(v) for k, v in models_raw.items()})
+    project = Project(
+        path=path, name=name, models=models, dataset_config=resolve(dataset_raw["config"]),
+        output_dir=resolve(raw.get("output_dir", "output")), author=str(raw.get("author", "")),
+        train=train, experts=experts,
+    )
+    return project, warnings

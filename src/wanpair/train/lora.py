@@ -1,0 +1,86 @@
+"""LoRA on every Linear layer inside every transformer block, and the file format ComfyUI loads.
+
+Targets (diffusers names): attn1.to_q/to_k/to_v/to_out.0 (self-attention), attn2.* (cross-attention),
+ffn.net.0.proj and ffn.net.2; in original Wan names self_attn.q/k/v/o, cross_attn.q/k/v/o, ffn.0,
+ffn.2 -- the set the reference trainer's `networks.lora_wan` targets. Nothing outside the blocks.
+
+Saved layout (kohya / Musubi-Tuner, which ComfyUI and diffusers load for Wan):
+`lora_unet_<original module path, dots as underscores>.lora_down.weight` (= peft lora_A),
+`.lora_up.weight` (= lora_B) and `.alpha` (a scalar; scale = alpha / rank).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..atomic import atomic_path
+from ..errors import WanpairError
+from ..models.dit import to_original_name
+
+TARGET_MODULES = r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.0\.proj|ffn\.net\.2)"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_lora(model, rank: int, alpha: float) -> list[torch.nn.Parameter]:
+    """Attach a peft LoRA (down: Kaiming-uniform, up: zeros, so it starts as a no-op); return its fp32 params."""
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGET_MODULES, init_lora_weights=True))
+    params = []
+    for name, p in model.named_parameters():
+        is_lora = ".lora_A." in name or ".lora_B." in name
+        p.requires_grad_(is_lora)
+        if is_lora:
+            p.data = p.data.float()
+            params.append(p)
+    return params
+
+
+def kohya_name(module_path: str) -> str:
+    """`blocks.0.attn1.to_out.0` -> `lora_unet_blocks_0_self_attn_o`."""
+    return "lora_unet_" + to_original_name(module_path).replace(".", "_")
+
+
+def lora_state_dict(model, alpha: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The trained LoRA in the kohya/Musubi layout, in `dtype`."""
+    sd = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            key = kohya_name(path)
+            sd[f"{key}.lora_down.weight"] = module.lora_A["default"].weight.detach().to("cpu", dtype).contiguous()
+            sd[f"{key}.lora_up.weight"] = module.lora_B["default"].weight.detach().to("cpu", dtype).contiguous()
+            sd[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    if not sd:
+        raise RuntimeError("the model has no LoRA layers to save")
+    bad = [k for k, v in sd.items() if not torch.isfinite(v.float()).all()]
+    if bad:
+        raise WanpairError(f"the LoRA has non-finite values (e.g. {bad[0]}); not saving it. Lower the learning rate.")
+    return sd
+
+
+def save_lora(path, sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write atomically, then re-open and verify before the caller reports success."""
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=metadata)
+        with safe_open(str(tmp), framework="pt") as f:
+            if set(f.keys()) != set(sd) or f.metadata() != metadata:
+                raise WanpairError(f"verification of {path} failed after writing; check the disk.")
+
+
+def read_lora_metadata(path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def lora_modules(keys) -> list[str]:
+    """The module names a kohya-layout LoRA file targets."""
+    return sorted({re.sub(r"\.(lora_down\.weight|lora_up\.weight|alpha)$", "", k) for k in keys})
+
+
+def settings_json(settings) -> str:
+    return json.dumps(settings, sort_keys=True, default=str)

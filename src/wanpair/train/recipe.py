@@ -1,0 +1,304 @@
+"""The LoRA-pair recipe: check -> cache -> train high-noise expert -> train low-noise expert -> save.
+
+Stages are methods, in the order they run:
+- `preflight`: every input validated before any model loads (project, dataset, weight files, and the
+  classic mix-ups: a VAE where a DiT belongs, the low-noise file under `high_noise`, one file for both).
+- `prepare_caches`: VAE latents and umT5 embeddings, content-keyed (see `wanpair.cache`); the VAE and
+  text encoder are freed before training.
+- `train_expert`: one expert, one LoRA. Same data, caches and settings for both experts; only the base
+  file and the timestep window differ -- the two things the manual recipe asks users to keep straight.
+
+Precision: the frozen base is held in the compute dtype (bf16) or, with `fp8_base`, stored as
+float8_e4m3fn and cast per layer at use (diffusers layerwise casting); LoRA weights and optimizer
+state stay fp32. Gradient checkpointing recomputes each block's activations in the backward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from tqdm.auto import tqdm
+from transformers import get_polynomial_decay_schedule_with_warmup, get_scheduler
+
+from .. import __version__
+from ..atomic import write_text_atomic
+from ..cache import CacheStats, fill, folder_fingerprint, plan, read_entry
+from ..data.dataset_config import load_dataset_config
+from ..data.items import Item, check_dataset, require_clean
+from ..errors import WanpairError
+from ..models.dit import DitInfo, check_t2v_a14b, inspect_dit, load_dit
+from ..models.files import inspect_weight_file
+from ..models.kinds import identify
+from ..models.text_encoder import load_text_encoder, load_tokenizer
+from ..models.vae import load_vae
+from ..project import Project
+from .flow_matching import flow_matching_loss, pad_text
+from .lora import DTYPES, add_lora, lora_state_dict, save_lora
+from .timesteps import sample_timesteps
+
+log = logging.getLogger(__name__)
+
+EXPERT_TITLE = {"high": "HighNoise", "low": "LowNoise"}
+# Modules diffusers' layerwise casting must leave in high precision: its defaults (norms, embeddings)
+# plus the LoRA weights themselves, which must stay trainable fp32 (see shared NOTES on peft + fp8).
+_FP8_SKIP = ("patch_embedding", "pos_embed", "norm", "^proj_in$", "^proj_out$", "condition_embedder",
+             "scale_shift_table", "lora_A", "lora_B")
+
+
+@dataclass
+class ExpertResult:
+    expert: str
+    lora: Path
+    steps: int
+    seconds: float
+    first_epoch_loss: float
+    last_epoch_loss: float
+    epoch_losses: list[float]
+
+
+class LoraPairRecipe:
+    def __init__(self, project: Project, overwrite: bool = False):
+        self.p = project
+        self.t = project.train
+        self.overwrite = overwrite
+        self.items: list[Item] = []
+        self.dits: dict[str, DitInfo] = {}
+        self.device = torch.device("cuda" if self.t.device == "auto" and torch.cuda.is_available()
+                                   else "cpu" if self.t.device == "auto" else self.t.device)
+
+    # ---------------------------------------------------------------- preflight
+    def preflight(self, experts: tuple[str, ...]) -> None:
+        problems: list[str] = []
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            problems.append("[train] device = \"cuda\" but no CUDA GPU is visible; use device = \"auto\".")
+        if self.device.type == "cpu" and self.t.mixed_precision == "fp16":
+            problems.append("[train] mixed_precision = \"fp16\" needs a GPU; use \"bf16\" on the CPU.")
+        for expert in experts:
+            out = self.p.lora_path(expert)
+            if out.exists() and not self.overwrite:
+                problems.append(f"{out} already exists; pass --overwrite to replace it, or change `name`.")
+        for key, kind in (("vae", "vae"), ("t5", "t5")):
+            path = getattr(self.p.models, key)
+            try:
+                if not path.is_dir():
+                    identify(inspect_weight_file(path), expected=kind)
+            except WanpairError as e:
+                problems.append(f"[models] {key}: {e}")
+        try:
+            tokenizer = load_tokenizer(self.p.models.tokenizer)
+        except WanpairError as e:
+            problems.append(f"[models] tokenizer: {e}")
+            tokenizer = None
+        for expert in ("high", "low"):
+            key = "high_noise" if expert == "high" else "low_noise"
+            try:
+                info = inspect_dit(self.p.dit_path(expert))
+                check_t2v_a14b(info)
+            except WanpairError as e:
+                problems.append(f"[models] {key}: {e}")
+                continue
+            if info.expert and info.expert != expert:
+                problems.append(
+                    f"[models] {key} = {info.path} is named as the {info.expert}-noise expert. Swap high_noise and "
+                    "low_noise: a LoRA trained on the wrong expert does nothing useful at inference."
+                )
+            self.dits[expert] = info
+        if len(self.dits) == 2 and self.dits["high"].fingerprint == self.dits["low"].fingerprint:
+            problems.append(
+                f"[models] high_noise and low_noise are the same file/content ({self.dits['high'].path}). Wan 2.2 "
+                "needs both experts: wan2.2_t2v_high_noise_14B_*.safetensors and wan2.2_t2v_low_noise_14B_*.safetensors."
+            )
+        try:
+            self.specs = load_dataset_config(self.p.dataset_config)
+            report = check_dataset(self.specs, tokenizer)
+            print(report.render())
+            self.items = require_clean(report)
+        except WanpairError as e:
+            problems.append(str(e))
+        if problems:
+            raise WanpairError("cannot start training:\n" + "\n".join(f"- {p}" for p in problems))
+
+    # ---------------------------------------------------------------- caches
+    def prepare_caches(self) -> CacheStats:
+        m = self.p.models
+        vae_fp, t5_fp, tok_fp = folder_fingerprint(m.vae), folder_fingerprint(m.t5), folder_fingerprint(m.tokenizer)
+        self.cache_plan = plan(self.items, {s.index: s.cache_dir for s in self.specs}, vae_fp, t5_fp, tok_fp)
+        vae_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        stats = fill(
+            self.items, self.cache_plan,
+            load_vae_fn=lambda: load_vae(m.vae, dtype=vae_dtype, device=self.device),
+            load_text_fn=lambda: load_text_encoder(m.t5, m.tokenizer, dtype=vae_dtype, device=self.device),
+        )
+        print(f"cache: {stats}")
+        return stats
+
+    def _load_cached(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        latents = [read_entry(p) for p in self.cache_plan.latent_paths]
+        texts = [read_entry(p) for p in self.cache_plan.text_paths]
+        if any(x is None for x in latents + texts):
+            raise WanpairError("a cache entry vanished or became unreadable during the run; run again to re-encode it.")
+        return latents, texts
+
+    # ---------------------------------------------------------------- training
+    def _batches(self) -> list[list[int]]:
+        """Item indices grouped into batches of one bucket each, num_repeats honoured."""
+        batch_size = {s.index: s.batch_size for s in self.specs}
+        groups: dict[tuple, list[int]] = {}
+        for i, it in enumerate(self.items):
+            groups.setdefault((it.dataset, it.bucket), []).extend([i] * it.num_repeats)
+        return [idx[k:k + batch_size[ds]] for (ds, _), idx in sorted(groups.items())
+                for k in range(0, len(idx), batch_size[ds])]
+
+    def _scheduler(self, optimizer, total_steps: int):
+        t = self.t
+        if t.lr_scheduler == "polynomial":
+            # lr_end = min_lr_ratio * lr (the reference trainer ignores min_lr_ratio here; see README).
+            return get_polynomial_decay_schedule_with_warmup(
+                optimizer, t.lr_warmup_steps, total_steps, lr_end=t.min_lr_ratio * t.learning_rate, power=t.lr_scheduler_power)
+        return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=total_steps)
+
+    def _metadata(self, expert: str, steps: int, epochs: int) -> dict[str, str]:
+        t, window = self.t, self.p.experts[expert]
+        title = self.p.lora_path(expert).stem
+        info = self.dits[expert]
+        dataset_fp = hashlib.sha256("".join(f"{it.content_hash}:{it.caption}" for it in self.items).encode()).hexdigest()[:16]
+        timestep_range = f"{window.min_timestep},{window.max_timestep}"
+        return {
+            # modelspec.* / ss_* are the keys ComfyUI, A1111-style tools and Musubi-Tuner display.
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": "wan2.2-t2v-a14b/lora",
+            "modelspec.implementation": "https://github.com/Wan-Video/Wan2.2",
+            "modelspec.title": title,
+            "modelspec.author": self.p.author,
+            "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "modelspec.timestep_range": timestep_range,
+            "ss_network_module": "networks.lora_wan",
+            "ss_network_dim": str(t.rank),
+            "ss_network_alpha": str(t.alpha),
+            "ss_base_model_version": "wan2.2_t2v_a14b",
+            "ss_output_name": title,
+            "ss_learning_rate": str(t.learning_rate),
+            "ss_lr_scheduler": t.lr_scheduler,
+            "ss_seed": str(t.seed),
+            "ss_steps": str(steps),
+            "ss_epoch": str(epochs),
+            "ss_num_train_images": str(len(self.items)),
+            "ss_mixed_precision": t.mixed_precision,
+            "ss_min_timestep": str(window.min_timestep),
+            "ss_max_timestep": str(window.max_timestep),
+            "wanpair.version": __version__,
+            "wanpair.architecture": "wan2.2-t2v-a14b",
+            "wanpair.expert": expert,
+            "wanpair.timestep_window": timestep_range,
+            "wanpair.base_model": info.path.name,
+            "wanpair.base_fingerprint": info.fingerprint,
+            "wanpair.dataset_fingerprint": dataset_fp,
+            "wanpair.settings": json.dumps(asdict(t), sort_keys=True),
+        }
+
+    def train_expert(self, expert: str) -> ExpertResult:
+        t, window = self.t, self.p.experts[expert]
+        compute_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.mixed_precision]
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+        torch.manual_seed(t.seed)
+        model = load_dit(self.dits[expert].path, dtype=compute_dtype, device=self.device, info=self.dits[expert])
+        params = add_lora(model, t.rank, t.alpha)
+        if t.fp8_base:
+            model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
+                                           skip_modules_pattern=_FP8_SKIP)
+        if t.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        batches = self._batches()
+        steps_per_epoch = math.ceil(len(batches) / t.gradient_accumulation_steps)
+        total_steps = steps_per_epoch * t.epochs if not t.max_steps else min(t.max_steps, steps_per_epoch * t.epochs)
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        scheduler = self._scheduler(optimizer, total_steps)
+        # accelerate keeps one process-wide state; a second recipe in the same process (tests, scripts)
+        # may use another precision, so start from a clean state each time.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=self.device.type == "cpu",
+                                  gradient_accumulation_steps=t.gradient_accumulation_steps)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        latents, texts = self._load_cached()
+        gen = torch.Generator().manual_seed(t.seed)
+        metrics_path = self.p.run_dir / "metrics.jsonl"
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"training the {expert}-noise expert ({self.dits[expert].path.name}) on timesteps "
+              f"{window.min_timestep}-{window.max_timestep}: {len(self.items)} items, {epochs} epochs, {total_steps} steps")
+        step, epoch_losses, smoothed, start = 0, [], None, time.perf_counter()
+        bar = tqdm(total=total_steps, desc=f"{expert}-noise", unit="step")
+        with open(metrics_path, "a", encoding="utf-8") as metrics:
+            for epoch in range(epochs):
+                order = list(range(len(batches)))
+                random.Random(t.seed * 100_003 + epoch).shuffle(order)  # new order per epoch, reproducible
+                losses = []
+                for n, b in enumerate(order):
+                    idx = batches[b]
+                    with accelerator.accumulate(model):
+                        x0 = torch.stack([latents[i] for i in idx]).float()
+                        text = pad_text([texts[i].float() for i in idx])
+                        noise = torch.randn(x0.shape, generator=gen)
+                        tt = sample_timesteps(len(idx), t.timestep_sampling, (window.min_timestep, window.max_timestep),
+                                              shift=t.discrete_flow_shift, sigmoid_scale=t.sigmoid_scale,
+                                              preserve_shape=t.preserve_distribution_shape, generator=gen)
+                        dev = accelerator.device
+                        loss = flow_matching_loss(model, x0.to(dev), noise.to(dev), tt.to(dev), text.to(dev), compute_dtype)
+                        accelerator.backward(loss)
+                        if t.max_grad_norm > 0 and accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    value = loss.item()
+                    losses.append(value)
+                    if not accelerator.sync_gradients:
+                        continue
+                    step += 1
+                    smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+                    lr = scheduler.get_last_lr()[0]
+                    metrics.write(json.dumps({"expert": expert, "step": step, "epoch": epoch + 1, "loss": value,
+                                              "smoothed_loss": smoothed, "lr": lr, "timestep": float(1000 * tt[0]),
+                                              "elapsed_s": round(time.perf_counter() - start, 3)}) + "\n")
+                    bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}")
+                    bar.update()
+                    if step >= total_steps:
+                        break
+                epoch_losses.append(float(np.mean(losses)))
+                if step >= total_steps:
+                    break
+        bar.close()
+        seconds = time.perf_counter() - start
+        sd = lora_state_dict(accelerator.unwrap_model(model), t.alpha, DTYPES[t.save_dtype])
+        out = self.p.lora_path(expert)
+        save_lora(out, sd, self._metadata(expert, step, len(epoch_losses)))
+        del model, optimizer, accelerator
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"saved {out}  ({len(sd) // 3} LoRA modules, {step} steps, {seconds:.1f} s; mean loss epoch 1 "
+              f"{epoch_losses[0]:.4f} -> epoch {len(epoch_losses)} {epoch_losses[-1]:.4f})")
+        return ExpertResult(expert, out, step, seconds, epoch_losses[0], epoch_losses[-1], epoch_losses)
+
+    # ---------------------------------------------------------------- the whole run
+    def run(self, experts: tuple[str, ...] = ("high", "low")) -> list[ExpertResult]:
+        self.preflight(experts)
+        self.prepare_caches()
+        results = [self.train_expert(e) for e in experts]
+        summary = {"project": str(self.p.path), "name": self.p.name, "device": str(self.device),
+                   "experts": [asdict(r) | {"lora": str(r.lora)} for r in results]}
+        write_text_atomic(self.p.run_dir / "summary.json", json.dumps(summary, indent=2))
+        return results
