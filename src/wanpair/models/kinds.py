@@ -6,9 +6,9 @@ from .files import WeightFile, strip_prefix
 from ..errors import WanpairError
 
 _DESCRIPTIONS = {
-    "dit": "a Wan diffusion transformer (DiT), e.g. wan2.2_t2v_high_noise_14B_fp16.safetensors",
-    "vae": "the Wan VAE, e.g. wan_2.1_vae.safetensors",
-    "t5": "Wan's umT5 text encoder, e.g. models_t5_umt5-xxl-enc-bf16.pth",
+    "dit": "a Wan diffusion transformer (DiT, like wan2.2_t2v_high_noise_14B_fp16.safetensors)",
+    "vae": "the Wan VAE (like wan_2.1_vae.safetensors)",
+    "t5": "Wan's umT5 text encoder (like models_t5_umt5-xxl-enc-bf16.pth)",
     "lora": "a LoRA file",
     "clip": "the CLIP image encoder that only Wan's image-to-video models use",
     "unknown": "not a file wanpair recognises",
@@ -43,6 +43,6 @@ def identify(wf: WeightFile, expected: str) -> None:
         "lora": " A LoRA is what wanpair produces; give the base model here.",
     }.get(kind, "")
     raise WanpairError(
-        f"{wf.path} is {_DESCRIPTIONS[kind]}, but {_DESCRIPTIONS[expected]} was expected here.{hint} "
+        f"{wf.path} is {_DESCRIPTIONS[kind]}, but this slot needs {_DESCRIPTIONS[expected]}.{hint} "
         "Check which path you put under which key in your project file."
     )

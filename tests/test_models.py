@@ -1,0 +1,164 @@
+"""Loading the weight formats users have: exact conversions and clear errors for every mix-up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers, convert_wan_vae_to_diffusers
+from safetensors.torch import save_file
+from transformers import UMT5Config, UMT5EncoderModel
+
+from wanpair.demo import TINY_DIT, TINY_VAE
+from wanpair.errors import WanpairError
+from wanpair.models import inspect_dit, load_dit, load_text_encoder, load_vae
+from wanpair.models.dit import to_original_name as dit_original
+from wanpair.models.text_encoder import encode_text, to_wan_name
+from wanpair.models.vae import to_original_name as vae_original
+
+
+def _dit(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**{**TINY_DIT, **overrides}).eval()
+
+
+def _save_original_dit(model, path, prefix=""):
+    save_file({prefix + dit_original(k): v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _dit_inputs():
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, 16, 1, 8, 8, generator=g), timestep=torch.tensor([900.0]),
+                encoder_hidden_states=torch.randn(1, 512, TINY_DIT["text_dim"], generator=g), return_dict=False)
+
+
+def test_our_inverse_names_are_what_diffusers_converter_undoes():
+    keys = list(_dit().state_dict())
+    assert convert_wan_transformer_to_diffusers({dit_original(k): k for k in keys}) == {k: k for k in keys}
+    vae_keys = list(AutoencoderKLWan(**TINY_VAE).state_dict())
+    assert convert_wan_vae_to_diffusers({vae_original(k): k for k in vae_keys}) == {k: k for k in vae_keys}
+    assert dit_original("blocks.3.attn1.to_out.0") == "blocks.3.self_attn.o"
+    assert dit_original("blocks.3.ffn.net.0.proj.weight") == "blocks.3.ffn.0.weight"
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_original_single_file_dit_loads_to_the_same_model(tmp_path, prefix):
+    src = _dit()
+    path = _save_original_dit(src, tmp_path / "wan2.2_t2v_high_noise_tiny.safetensors", prefix)
+    info = inspect_dit(path)
+    assert info.expert == "high" and info.config["num_layers"] == 2 and info.config["ffn_dim"] == 256
+    loaded = load_dit(path, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(src(**_dit_inputs())[0], loaded(**_dit_inputs())[0])
+
+
+def test_dit_loads_in_bf16_keeping_diffusers_fp32_modules(tmp_path):
+    path = _save_original_dit(_dit(), tmp_path / "dit.safetensors")
+    model = load_dit(path, dtype=torch.bfloat16)
+    assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert model.scale_shift_table.dtype == torch.float32  # diffusers keeps modulation tables in fp32
+
+
+def test_diffusers_folder_dit_loads(tmp_path):
+    src = _dit()
+    src.save_pretrained(tmp_path / "transformer_2")
+    info = inspect_dit(tmp_path / "transformer_2")
+    assert info.expert == "low" and info.layout == "diffusers"
+    loaded = load_dit(tmp_path / "transformer_2", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(src(**_dit_inputs())[0], loaded(**_dit_inputs())[0])
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_original_vae_loads_and_encodes_identically(tmp_path, suffix):
+    torch.manual_seed(0)
+    src = AutoencoderKLWan(**TINY_VAE).eval()
+    sd = {vae_original(k): v.contiguous() for k, v in src.state_dict().items()}
+    path = tmp_path / f"wan_2.1_vae{suffix}"
+    save_file(sd, str(path)) if suffix == ".safetensors" else torch.save(sd, path)
+    vae = load_vae(path)
+    x = torch.rand(1, 3, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(src.encode(x).latent_dist.mean, vae.encode(x).latent_dist.mean)
+    assert list(vae.config.latents_mean)[:2] == [-0.7571, -0.7089]  # Wan 2.1's published channel means
+
+
+def test_wan_t5_pth_loads_as_umt5_with_identical_outputs(demo_root):
+    tok_dir = demo_root / "models" / "umt5-tiny-tokenizer"
+    torch.manual_seed(0)
+    cfg = UMT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
+                     relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    src = UMT5EncoderModel(cfg).eval()
+    path = demo_root.parent / "t5_roundtrip.pth"
+    torch.save({to_wan_name(k): v for k, v in src.state_dict().items() if k != "encoder.embed_tokens.weight"}, path)
+    model, tok = load_text_encoder(path, tok_dir, dtype=torch.float32)
+    assert model.config.num_heads == 4 and model.config.num_layers == 3 and model.config.d_kv == 8
+    ids = torch.tensor([[5, 9, 3, 1, 0, 0]])
+    mask = (ids > 0) | (torch.arange(6) < 4)
+    with torch.no_grad():
+        a = src(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        b = model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    assert torch.equal(a, b)
+    (emb,) = encode_text(model, tok, ["a red   circle on a white background"])
+    assert emb.shape == (8, 32)  # 7 words + EOS: true length, no padding
+
+
+def test_demo_files_are_in_the_real_formats(demo_root):
+    models = demo_root / "models"
+    from safetensors import safe_open
+
+    with safe_open(str(models / "wan2.2_t2v_high_noise_tiny_fp16.safetensors"), "pt") as f:
+        assert "blocks.0.self_attn.q.weight" in f.keys() and "head.head.weight" in f.keys()
+    with safe_open(str(models / "wan_2.1_vae_tiny.safetensors"), "pt") as f:
+        assert "encoder.conv1.weight" in f.keys() and "decoder.upsamples.3.resample.1.weight" in f.keys()
+    sd = torch.load(models / "models_t5_umt5-tiny-enc-bf16.pth", weights_only=True)
+    assert "blocks.0.pos_embedding.embedding.weight" in sd and "token_embedding.weight" in sd
+
+
+# ------------------------------------------------------------------ mix-ups and broken files
+
+def test_vae_given_as_dit_is_named(demo_root):
+    with pytest.raises(WanpairError, match="is the Wan VAE .*, but this slot needs a Wan diffusion transformer"):
+        inspect_dit(demo_root / "models" / "wan_2.1_vae_tiny.safetensors")
+
+
+def test_t5_given_as_vae_is_named(demo_root):
+    with pytest.raises(WanpairError, match="umT5 text encoder .*, but this slot needs the Wan VAE"):
+        load_vae(demo_root / "models" / "models_t5_umt5-tiny-enc-bf16.pth")
+
+
+def test_lora_given_as_base_is_named(tmp_path):
+    path = tmp_path / "my_lora.safetensors"
+    save_file({"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.zeros(4, 8)}, str(path))
+    with pytest.raises(WanpairError, match="a LoRA file.*give the base model"):
+        inspect_dit(path)
+
+
+def test_wan22_5b_vae_is_refused_with_the_right_file_named(tmp_path):
+    path = tmp_path / "Wan2.2_VAE.safetensors"
+    save_file({"encoder.conv1.weight": torch.zeros(160, 12, 3, 3, 3), "decoder.conv1.weight": torch.zeros(1),
+               "conv1.weight": torch.zeros(96, 96, 1, 1, 1)}, str(path))
+    with pytest.raises(WanpairError, match="Wan 2.2 VAE \\(48 latent channels\\).*wan_2.1_vae"):
+        load_vae(path)
+
+
+def test_i2v_and_5b_experts_are_refused(tmp_path):
+    from wanpair.models.dit import check_t2v_a14b
+
+    i2v = inspect_dit(_save_original_dit(_dit(in_channels=36), tmp_path / "i2v.safetensors"))
+    with pytest.raises(WanpairError, match="image-to-video"):
+        check_t2v_a14b(i2v)
+    ti2v = inspect_dit(_save_original_dit(_dit(in_channels=48, out_channels=48), tmp_path / "ti2v.safetensors"))
+    with pytest.raises(WanpairError, match="TI2V-5B"):
+        check_t2v_a14b(ti2v)
+
+
+def test_truncated_and_missing_files_are_reported(tmp_path):
+    path = _save_original_dit(_dit(), tmp_path / "dit.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WanpairError, match="truncated"):
+        inspect_dit(path)
+    with pytest.raises(WanpairError, match="does not exist"):
+        inspect_dit(tmp_path / "nope.safetensors")
