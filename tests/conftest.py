@@ -33,3 +33,17 @@ def set_train(project: Path, **settings) -> None:
     body = "".join(f"{k} = {v!r}\n".replace("'", '"').replace("True", "true").replace("False", "false")
                    for k, v in settings.items())
     project.write_text(head + "[train]\n" + body)
+
+
+@pytest.fixture(scope="session")
+def trained(demo_root, tmp_path_factory) -> Path:
+    """A demo tree with a trained LoRA pair (one epoch). Do not modify."""
+    from wanpair.project import load_project
+    from wanpair.train.recipe import LoraPairRecipe
+
+    root = tmp_path_factory.mktemp("trained") / "demo"
+    shutil.copytree(demo_root, root)
+    set_train(root / "wanpair.toml", learning_rate=5e-3, epochs=1, lr_scheduler="constant")
+    project, _ = load_project(root / "wanpair.toml")
+    LoraPairRecipe(project, overwrite=True).run()
+    return root

@@ -90,6 +90,41 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from .export.formats import describe, read_lora
+
+    print(describe(read_lora(args.lora), Path(args.lora)))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export.formats import read_lora, write_lora
+    from .train.lora import DTYPES
+
+    lora = read_lora(args.lora)
+    src = Path(args.lora)
+    out = Path(args.out) if args.out else src.with_name(f"{src.stem}_{args.format}" + ("" if args.format == "peft" else ".safetensors"))
+    if out.exists() and not args.overwrite:
+        raise WanpairError(f"{out} already exists; pass --overwrite to replace it.")
+    write_lora(lora, out, args.format, DTYPES[args.dtype] if args.dtype else None)
+    print(f"wrote {out} ({args.format} layout, {len(lora.modules)} modules)")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .export.formats import read_lora
+    from .export.merge import merge_into_file
+    from .models.dit import check_t2v_a14b, inspect_dit
+
+    base, out = Path(args.base), Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise WanpairError(f"{out} already exists; pass --overwrite to replace it.")
+    check_t2v_a14b(inspect_dit(base))
+    n = merge_into_file(base, read_lora(args.lora), out, args.strength, args.allow_expert_mismatch)
+    print(f"wrote {out}: {n} layers merged at strength {args.strength}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanpair", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,6 +160,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert", choices=("both", "high", "low"), default="both", help="train only one expert")
     p.add_argument("--overwrite", action="store_true", help="replace existing LoRA files of the same name")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("inspect", help="show a LoRA's expert, timestep window, rank, alpha, targets and metadata")
+    p.add_argument("lora", help="a LoRA file (any layout) or peft adapter folder")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="convert a LoRA between musubi (ComfyUI), comfy, diffusers and peft layouts",
+                       description="Convert a Wan LoRA between layouts. musubi = lora_unet_*.lora_down/up + alpha "
+                                   "(the default ComfyUI and diffusers load); comfy = diffusion_model.*.lora_A/B; "
+                                   "diffusers = transformer.*.lora_A/B (alpha folded in); peft = adapter folder. "
+                                   "Also reads Musubi-Tuner and ai-toolkit files.")
+    p.add_argument("lora", help="the LoRA to convert")
+    p.add_argument("--format", required=True, choices=("musubi", "comfy", "diffusers", "peft"))
+    p.add_argument("--out", help="output path (default: <lora>_<format>.safetensors, or a folder for peft)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="convert weights to this dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("merge", help="bake a LoRA into a base DiT file (same layout and dtype as the base)",
+                       description="Write base + strength * LoRA as a new single-file checkpoint in the base's own "
+                                   "key layout and dtype (fp8 bases are merged in fp32 and re-quantised), streaming "
+                                   "one tensor at a time. Refuses a LoRA trained for the other expert.")
+    p.add_argument("--base", required=True, help="the base expert file (.safetensors)")
+    p.add_argument("--lora", required=True, help="the LoRA to merge")
+    p.add_argument("--out", required=True, help="where to write the merged checkpoint")
+    p.add_argument("--strength", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    p.add_argument("--allow-expert-mismatch", action="store_true", help="merge even if the LoRA is for the other expert")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 

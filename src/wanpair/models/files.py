@@ -61,7 +61,7 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _safetensors_header(path: Path) -> dict:
+def safetensors_header(path: Path) -> dict:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -95,7 +95,7 @@ def inspect_weight_file(path: str | Path) -> WeightFile:
         raise WanpairError(f"{path} is a folder, but a single weight file was expected here.")
     size = path.stat().st_size
     if path.suffix == ".safetensors":
-        header = _safetensors_header(path)
+        header = safetensors_header(path)
         meta = header.pop("__metadata__", None) or {}
         keys = tuple(header)
         dtypes = tuple(sorted({v["dtype"] for v in header.values()}))

@@ -1,0 +1,1 @@
+"""After training: LoRA layouts (inspect / export), applying and merging LoRAs onto the experts."""

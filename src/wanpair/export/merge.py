@@ -1,0 +1,102 @@
+"""Applying a LoRA: in memory onto a loaded DiT, or merged into a base file streamed tensor by tensor.
+
+Both refuse a LoRA whose metadata names the other expert (wanpair writes `wanpair.expert`), since
+a HighNoise LoRA on the low-noise model is the recipe's most common silent mistake.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_path
+from ..errors import WanpairError
+from ..models.dit import guess_expert, original_to_diffusers_names
+from ..models.files import safetensors_header, strip_prefix
+from .formats import LoraWeights
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
+              torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+_FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def check_expert(lora: LoraWeights, base_expert: str | None, what: str, allow_mismatch: bool = False) -> None:
+    """Refuse a LoRA trained for the other expert, unless the user insists."""
+    lora_expert = lora.metadata.get("wanpair.expert")
+    if lora_expert and base_expert and lora_expert != base_expert and not allow_mismatch:
+        raise WanpairError(
+            f"this LoRA was trained on the {lora_expert}-noise expert but {what} is the {base_expert}-noise expert. "
+            f"Use the {'HighNoise' if base_expert == 'high' else 'LowNoise'} LoRA here "
+            "(or pass --allow-expert-mismatch if you really mean it)."
+        )
+
+
+def apply_lora(model, lora: LoraWeights, strength: float = 1.0) -> int:
+    """Add strength * (alpha/rank) * up @ down to the weights of a loaded diffusers WanTransformer3DModel."""
+    names = original_to_diffusers_names([m + ".weight" for m in lora.modules])
+    params = dict(model.named_parameters())
+    for module in lora.modules:
+        name = names[module + ".weight"]
+        if name not in params:
+            raise WanpairError(f"LoRA module {module} has no matching layer in this model (is it for Wan 2.2 A14B?).")
+        p = params[name]
+        if p.shape != lora.delta(module).shape:
+            raise WanpairError(f"LoRA module {module} has shape {tuple(lora.delta(module).shape)}, the model {tuple(p.shape)}.")
+        with torch.no_grad():
+            p.copy_((p.float() + strength * lora.delta(module).to(p.device)).to(p.dtype))
+    return len(lora.modules)
+
+
+def _merged(base: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """base + delta in float32, returned in the base's dtype (fp8: re-quantised with the same scale)."""
+    w = base.float() * (scale.float() if scale is not None else 1.0) + delta
+    if base.dtype in _FP8_MAX:
+        if scale is not None:
+            w = w / scale.float()
+        return w.clamp(-_FP8_MAX[base.dtype], _FP8_MAX[base.dtype]).to(base.dtype)
+    return w.to(base.dtype)
+
+
+def merge_into_file(base: Path, lora: LoraWeights, out: Path, strength: float = 1.0,
+                    allow_mismatch: bool = False) -> int:
+    """Write base + LoRA as a single file in the base's own key layout and dtypes.
+
+    The output is written tensor by tensor (the safetensors header is computed from the input's
+    header first), so memory holds one tensor at a time even for a 28 GB base.
+    """
+    if base.suffix != ".safetensors":
+        raise WanpairError(f"{base}: merge needs a .safetensors base model.")
+    check_expert(lora, guess_expert(base, {}), str(base), allow_mismatch)
+    header = safetensors_header(base)
+    metadata = header.pop("__metadata__", None) or {}
+    prefix = strip_prefix(tuple(header))
+    targets = {prefix + m + ".weight": m for m in lora.modules}
+    missing = [m for k, m in targets.items() if k not in header]
+    if missing:
+        raise WanpairError(f"{base} has no layer {missing[0]} that the LoRA targets; is this the right base model?")
+    entries, offset = {}, 0
+    for key, info in header.items():
+        n = info["data_offsets"][1] - info["data_offsets"][0]
+        entries[key] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + n]}
+        offset += n
+    metadata = {**metadata, "wanpair.merged_lora": json.dumps({"strength": strength, **{
+        k: v for k, v in lora.metadata.items() if k in ("wanpair.expert", "modelspec.title", "wanpair.base_fingerprint")}})}
+    head = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f, safe_open(str(base), framework="pt") as src:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for key in tqdm(header, desc="merging", unit="tensor"):
+            t = src.get_tensor(key)
+            if key in targets:
+                scale_key = key.removesuffix(".weight") + ".scale_weight"
+                scale = src.get_tensor(scale_key) if scale_key in header else None
+                t = _merged(t, strength * lora.delta(targets[key]), scale)
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        f.flush()
+    return len(targets)
