@@ -45,10 +45,17 @@ def cmd_demo(args) -> int:
     project_file = make_demo(root)
     project, _ = load_project(project_file)
     results = LoraPairRecipe(project, overwrite=True).run()
+    from .sample import SampleSettings, sample
+
+    prompt = (root / "dataset" / "img_01.txt").read_text().strip()
+    print(f"\nsampling '{prompt}' with both experts and their LoRAs")
+    (picture,) = sample(project, [prompt], SampleSettings(width=64, height=64, steps=10),
+                        {r.expert: r.lora for r in results}, project.run_dir / "samples")
     print("\nDemo finished. The LoRA pair:")
     for r in results:
         print(f"  {r.expert}-noise: {r.lora}")
         print(f"     mean loss per epoch: " + " ".join(f"{x:.3f}" for x in r.epoch_losses))
+    print(f"Sample (tiny random models, so expect noise, not art): {picture}")
     print(f"\nProject file: {project_file}  (copy it and point [models] at your real weights)")
     return 0
 
@@ -125,6 +132,38 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise WanpairError(f"prompts file {path} does not exist.")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts
+
+
+def cmd_sample(args) -> int:
+    from .sample import SampleSettings, sample
+
+    project = _project(args.project)
+    loras = {}
+    for expert in ("high", "low"):
+        given = getattr(args, f"lora_{expert}")
+        path = Path(given) if given else project.lora_path(expert)
+        if args.no_lora:
+            path = None
+        elif not path.exists():
+            if given:
+                raise WanpairError(f"LoRA {path} does not exist.")
+            print(f"note: {path.name} not found; the {expert}-noise expert runs without a LoRA")
+            path = None
+        loras[expert] = path
+    settings = SampleSettings(**{k: v for k, v in vars(args).items() if k in SampleSettings.__dataclass_fields__ and v is not None})
+    out = Path(args.out) if args.out else project.run_dir / "samples"
+    sample(project, _prompts(args), settings, loras, out, allow_mismatch=args.allow_expert_mismatch)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanpair", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,6 +227,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-expert-mismatch", action="store_true", help="merge even if the LoRA is for the other expert")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_merge)
+
+    from .sample import SampleSettings
+
+    d = SampleSettings()
+    p = sub.add_parser("sample", help="generate with both experts and the LoRA pair (PNG for 1 frame, MP4 for video)",
+                       description="Generate the way Wan 2.2 T2V runs: the high-noise expert with the HighNoise LoRA "
+                                   "for t >= 875, the low-noise expert with the LowNoise LoRA below. Defaults are "
+                                   "Wan's: 40 steps, shift 12, guidance 4.0 (high) / 3.0 (low), Wan's negative "
+                                   "prompt. Users of rank-16 pairs often prefer LoRA strengths of 0.5-0.8.")
+    p.add_argument("project", help="the wanpair.toml project (models, and default LoRA paths)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="a text file with one prompt per line")
+    p.add_argument("--negative-prompt", dest="negative_prompt", help="default: Wan's own negative prompt")
+    p.add_argument("--width", type=int, help=f"default {d.width}")
+    p.add_argument("--height", type=int, help=f"default {d.height}")
+    p.add_argument("--frames", type=int, help=f"1 = image (PNG); 4k+1 = video (MP4); default {d.frames}")
+    p.add_argument("--fps", type=int, help=f"video frame rate, default {d.fps}")
+    p.add_argument("--steps", type=int, help=f"denoising steps, default {d.steps}")
+    p.add_argument("--shift", type=float, help=f"flow shift of the sampler, default {d.shift}")
+    p.add_argument("--guidance-high", dest="guidance_high", type=float, help=f"CFG scale on the high-noise expert, default {d.guidance_high}")
+    p.add_argument("--guidance-low", dest="guidance_low", type=float, help=f"CFG scale on the low-noise expert, default {d.guidance_low}")
+    p.add_argument("--seed", type=int, help=f"seed of the first prompt (next prompts +1, +2, ...), default {d.seed}")
+    p.add_argument("--strength-high", dest="strength_high", type=float, help="HighNoise LoRA strength, default 1.0")
+    p.add_argument("--strength-low", dest="strength_low", type=float, help="LowNoise LoRA strength, default 1.0")
+    p.add_argument("--lora-high", dest="lora_high", help="HighNoise LoRA (default: the project's output)")
+    p.add_argument("--lora-low", dest="lora_low", help="LowNoise LoRA (default: the project's output)")
+    p.add_argument("--no-lora", action="store_true", help="sample the base models only, for comparison")
+    p.add_argument("--allow-expert-mismatch", action="store_true", help="apply a LoRA even if it was trained for the other expert")
+    p.add_argument("--out", help="output folder (default: <output_dir>/<name>/samples)")
+    p.set_defaults(func=cmd_sample)
     return parser
 
 

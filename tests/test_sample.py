@@ -1,0 +1,81 @@
+"""Two-expert sampling: the switch at the boundary, seeds, LoRA/expert checks, outputs with metadata."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from wanpair.cli import main
+from wanpair.errors import WanpairError
+from wanpair.project import load_project
+from wanpair.sample import SampleSettings, build_pipeline, sample
+
+HIGH = "WAN2.2-HighNoise_demo_shapes_v1.safetensors"
+LOW = "WAN2.2-LowNoise_demo_shapes_v1.safetensors"
+
+
+def _loras(root):
+    return {"high": root / "output" / HIGH, "low": root / "output" / LOW}
+
+
+def test_high_expert_runs_above_the_boundary_and_low_below(trained, monkeypatch):
+    import wanpair.sample as sample_mod
+
+    project, _ = load_project(trained / "wanpair.toml")
+    calls = []
+    real_build = sample_mod.build_pipeline
+
+    def instrumented(*args, **kwargs):
+        pipe = real_build(*args, **kwargs)
+        for name in ("transformer", "transformer_2"):
+            getattr(pipe, name).register_forward_pre_hook(
+                lambda mod, a, kw, name=name: calls.append((name, float(kw["timestep"].flatten()[0]))), with_kwargs=True)
+        return pipe
+
+    monkeypatch.setattr(sample_mod, "build_pipeline", instrumented)
+    sample(project, ["a red circle"], SampleSettings(width=32, height=32, steps=12), _loras(trained),
+           trained.parent / "s1")
+    assert {n for n, _ in calls} == {"transformer", "transformer_2"}
+    assert all(t >= 875 for n, t in calls if n == "transformer")  # high-noise expert
+    assert all(t < 875 for n, t in calls if n == "transformer_2")  # low-noise expert
+    assert len(calls) == 2 * 12  # cond + uncond per step (guidance > 1)
+
+
+def test_seed_reproduces_and_outputs_carry_their_settings(trained, tmp_path):
+    project, _ = load_project(trained / "wanpair.toml")
+    s = SampleSettings(width=32, height=32, steps=4, seed=7)
+    (a,) = sample(project, ["a blue square"], s, _loras(trained), tmp_path / "a")
+    (b,) = sample(project, ["a blue square"], s, _loras(trained), tmp_path / "b")
+    (c,) = sample(project, ["a blue square"], SampleSettings(width=32, height=32, steps=4, seed=8), _loras(trained), tmp_path / "c")
+    pa, pb, pc = (torch.tensor(list(Image.open(p).getdata())) for p in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+    assert a.suffix == ".png" and "highLora+lowLora" in a.name
+    info = Image.open(a).text
+    assert info["wanpair.prompt"] == "a blue square" and json.loads(info["wanpair.seed"]) == 7
+    side = json.loads(a.with_suffix(".json").read_text())
+    assert side["settings"]["steps"] == 4 and side["loras"]["high"].endswith(HIGH)
+
+
+def test_lora_for_the_other_expert_is_refused_unless_forced(trained):
+    project, _ = load_project(trained / "wanpair.toml")
+    swapped = {"high": trained / "output" / LOW, "low": trained / "output" / HIGH}
+    with pytest.raises(WanpairError, match="trained on the low-noise expert but the high-noise slot"):
+        build_pipeline(project, swapped, SampleSettings(), torch.device("cpu"), torch.float32)
+    build_pipeline(project, swapped, SampleSettings(), torch.device("cpu"), torch.float32, allow_mismatch=True)
+
+
+def test_sample_cli_writes_a_video_and_rejects_bad_frame_counts(trained, tmp_path, capsys):
+    pytest.importorskip("av")
+    args = ["sample", str(trained / "wanpair.toml"), "--prompt", "a green triangle", "--width", "32", "--height", "32",
+            "--steps", "2", "--out", str(tmp_path)]
+    assert main(args + ["--frames", "5"]) == 0
+    (video,) = tmp_path.glob("*.mp4")
+    import av
+
+    with av.open(str(video)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 5
+    assert main(args + ["--frames", "4"]) == 2
+    assert "must be 4k+1" in capsys.readouterr().err
