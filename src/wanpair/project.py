@@ -68,6 +68,8 @@ class TrainSettings:
     mixed_precision: str = "bf16"
     fp8_base: bool = True
     gradient_checkpointing: bool = True
+    checkpoint_blocks: int = -1  # with gradient_checkpointing: how many blocks recompute (-1 = all)
+    compile: bool = False  # torch.compile the transformer block (GPU; first steps are slower)
     gradient_accumulation_steps: int = 1
     save_dtype: str = "bf16"
     device: str = "auto"
@@ -149,6 +151,9 @@ def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings
     for key in ("alpha", "learning_rate", "discrete_flow_shift", "sigmoid_scale"):
         if getattr(t, key) <= 0:
             problems.append(f"{path}: [train] {key} must be positive.")
+    if t.compile and t.fp8_base:
+        problems.append(f"{path}: [train] compile = true needs fp8_base = false: diffusers' fp8 layerwise casting "
+                        "casts weights back to fp8 before the compiled backward reads them.")
     if t.fp8_base and t.mixed_precision == "no":
         problems.append(f"{path}: [train] fp8_base = true needs mixed_precision = \"bf16\" or \"fp16\" for compute.")
     return t

@@ -11,17 +11,14 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
 from ..errors import WanpairError
 from ..models.dit import guess_expert, original_to_diffusers_names
-from ..models.files import safetensors_header, strip_prefix
+from ..models.files import iter_tensors, safetensors_header, strip_prefix
 from .formats import LoraWeights
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
-              torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 _FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 
@@ -88,14 +85,15 @@ def merge_into_file(base: Path, lora: LoraWeights, out: Path, strength: float = 
         k: v for k, v in lora.metadata.items() if k in ("wanpair.expert", "modelspec.title", "wanpair.base_fingerprint")}})}
     head = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    with atomic_path(out) as tmp, open(tmp, "wb") as f, safe_open(str(base), framework="pt") as src:
+    # "scaled" fp8 checkpoints store a per-layer scale beside each fp8 weight: real = fp8 * scale.
+    scale_keys = [k.removesuffix(".weight") + ".scale_weight" for k in targets]
+    scales = dict(iter_tensors(base, [k for k in scale_keys if k in header]))
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for key in tqdm(header, desc="merging", unit="tensor"):
-            t = src.get_tensor(key)
+        for key, t in tqdm(iter_tensors(base), total=len(header), desc="merging", unit="tensor"):
             if key in targets:
-                scale_key = key.removesuffix(".weight") + ".scale_weight"
-                scale = src.get_tensor(scale_key) if scale_key in header else None
+                scale = scales.get(key.removesuffix(".weight") + ".scale_weight")
                 t = _merged(t, strength * lora.delta(targets[key]), scale)
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         f.flush()

@@ -43,9 +43,10 @@ from ..models.files import inspect_weight_file
 from ..models.kinds import identify
 from ..models.text_encoder import load_text_encoder, load_tokenizer
 from ..models.vae import load_vae
-from ..project import Project
+from ..project import Project, TrainSettings
 from .flow_matching import flow_matching_loss, pad_text
 from .lora import DTYPES, add_lora, lora_state_dict, save_lora
+from .speed import checkpoint_blocks, compile_blocks
 from .timesteps import sample_timesteps
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,33 @@ EXPERT_TITLE = {"high": "HighNoise", "low": "LowNoise"}
 # plus the LoRA weights themselves, which must stay trainable fp32 (see shared NOTES on peft + fp8).
 _FP8_SKIP = ("patch_embedding", "pos_embed", "norm", "^proj_in$", "^proj_out$", "condition_embedder",
              "scale_shift_table", "lora_A", "lora_B")
+
+
+def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """LoRA on, base frozen (optionally stored in fp8), checkpointing as configured; returns the trainable params."""
+    params = add_lora(model, t.rank, t.alpha)
+    if t.fp8_base:
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
+                                       skip_modules_pattern=_FP8_SKIP)
+    if t.gradient_checkpointing:
+        checkpoint_blocks(model, t.checkpoint_blocks)
+    if t.compile:
+        compile_blocks(model)
+    return params
+
+
+def train_step(model, optimizer, scheduler, accelerator, params, x0, noise, t, text, compute_dtype,
+               max_grad_norm: float) -> torch.Tensor:
+    """One micro-batch: loss, backward, and (when accumulation is complete) the optimizer step."""
+    with accelerator.accumulate(model):
+        loss = flow_matching_loss(model, x0, noise, t, text, compute_dtype)
+        accelerator.backward(loss)
+        if max_grad_norm > 0 and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 @dataclass
@@ -215,12 +243,7 @@ class LoraPairRecipe:
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
         model = load_dit(self.dits[expert].path, dtype=compute_dtype, device=self.device, info=self.dits[expert])
-        params = add_lora(model, t.rank, t.alpha)
-        if t.fp8_base:
-            model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
-                                           skip_modules_pattern=_FP8_SKIP)
-        if t.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
+        params = prepare_expert(model, t, compute_dtype)
         model.train()
         optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
         batches = self._batches()
@@ -249,21 +272,15 @@ class LoraPairRecipe:
                 losses = []
                 for n, b in enumerate(order):
                     idx = batches[b]
-                    with accelerator.accumulate(model):
-                        x0 = torch.stack([latents[i] for i in idx]).float()
-                        text = pad_text([texts[i].float() for i in idx])
-                        noise = torch.randn(x0.shape, generator=gen)
-                        tt = sample_timesteps(len(idx), t.timestep_sampling, (window.min_timestep, window.max_timestep),
-                                              shift=t.discrete_flow_shift, sigmoid_scale=t.sigmoid_scale,
-                                              preserve_shape=t.preserve_distribution_shape, generator=gen)
-                        dev = accelerator.device
-                        loss = flow_matching_loss(model, x0.to(dev), noise.to(dev), tt.to(dev), text.to(dev), compute_dtype)
-                        accelerator.backward(loss)
-                        if t.max_grad_norm > 0 and accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
+                    x0 = torch.stack([latents[i] for i in idx]).float()
+                    text = pad_text([texts[i].float() for i in idx])
+                    noise = torch.randn(x0.shape, generator=gen)
+                    tt = sample_timesteps(len(idx), t.timestep_sampling, (window.min_timestep, window.max_timestep),
+                                          shift=t.discrete_flow_shift, sigmoid_scale=t.sigmoid_scale,
+                                          preserve_shape=t.preserve_distribution_shape, generator=gen)
+                    dev = accelerator.device
+                    loss = train_step(model, optimizer, scheduler, accelerator, params, x0.to(dev), noise.to(dev),
+                                      tt.to(dev), text.to(dev), compute_dtype, t.max_grad_norm)
                     value = loss.item()
                     losses.append(value)
                     if not accelerator.sync_gradients:
