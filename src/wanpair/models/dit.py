@@ -219,7 +219,8 @@ def load_dit(
         if name not in expected:
             raise WanpairError(f"{info.path}: tensor {key!r} has no place in a Wan DiT; is this the right file?")
         target = torch.float32 if _keep_fp32(name) else dtype
-        set_module_tensor_to_device(model, name, device, value=tensor, dtype=target)
+        # move first, convert on the device: a GPU converts 28 GB of fp16 in milliseconds, a CPU core in seconds
+        set_module_tensor_to_device(model, name, device, value=tensor.to(device).to(target), dtype=target)
         seen.add(name)
     missing = expected - seen
     if missing:
