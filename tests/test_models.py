@@ -162,3 +162,26 @@ def test_truncated_and_missing_files_are_reported(tmp_path):
         inspect_dit(path)
     with pytest.raises(WanpairError, match="does not exist"):
         inspect_dit(tmp_path / "nope.safetensors")
+
+
+def test_fp8_and_scaled_fp8_dit_files_load(tmp_path):
+    """The experts also circulate as fp8_e4m3fn and ComfyUI 'fp8 scaled' files (weight = fp8 * scale_weight)."""
+    src = _dit()
+    sd = {dit_original(k): v for k, v in src.state_dict().items()}
+    plain, scaled = {}, {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for k, v in sd.items():
+        if v.dim() == 2 and k.startswith("blocks."):
+            scale = v.abs().max() / 448
+            plain[k] = v.to(torch.float8_e4m3fn)
+            scaled[k] = (v / scale).to(torch.float8_e4m3fn)
+            scaled[k.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+        else:
+            plain[k] = scaled[k] = v
+    save_file(plain, str(tmp_path / "fp8.safetensors"))
+    save_file(scaled, str(tmp_path / "fp8_scaled.safetensors"))
+    w = src.blocks[0].attn1.to_q.weight
+    a = load_dit(tmp_path / "fp8.safetensors", dtype=torch.float32).blocks[0].attn1.to_q.weight
+    b = load_dit(tmp_path / "fp8_scaled.safetensors", dtype=torch.float32).blocks[0].attn1.to_q.weight
+    assert torch.equal(a, w.to(torch.float8_e4m3fn).float())
+    assert (b - w).abs().max() <= (w.abs().max() / 448) * 32  # one fp8 step at the top of the range
+    assert (b - w).abs().mean() < (a - w).abs().mean()  # scaling keeps small weights out of fp8's subnormals

@@ -91,7 +91,8 @@ def cmd_train(args) -> int:
     from .train.recipe import LoraPairRecipe
 
     experts = ("high", "low") if args.expert == "both" else (args.expert,)
-    results = LoraPairRecipe(_project(args.project), overwrite=args.overwrite).run(experts)
+    results = LoraPairRecipe(_project(args.project), overwrite=args.overwrite,
+                             allow_expert_mismatch=args.allow_expert_mismatch).run(experts)
     for r in results:
         print(f"{r.expert}-noise LoRA: {r.lora}")
     return 0
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project", help="the wanpair.toml project file")
     p.add_argument("--expert", choices=("both", "high", "low"), default="both", help="train only one expert")
     p.add_argument("--overwrite", action="store_true", help="replace existing LoRA files of the same name")
+    p.add_argument("--allow-expert-mismatch", action="store_true",
+                   help="continue from an init_lora even if its metadata names the other expert")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("inspect", help="show a LoRA's expert, timestep window, rank, alpha, targets and metadata")

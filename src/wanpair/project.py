@@ -79,6 +79,7 @@ class TrainSettings:
 class ExpertWindow:
     min_timestep: int
     max_timestep: int
+    init_lora: Path | None = None  # continue training from this LoRA (wanpair, Musubi-Tuner, ai-toolkit, ...)
 
 
 @dataclass
@@ -159,15 +160,19 @@ def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings
     return t
 
 
-def _experts(raw: dict, path: Path, problems: list[str], warnings: list[str]) -> dict[str, ExpertWindow]:
+def _experts(raw: dict, path: Path, problems: list[str], warnings: list[str], resolve) -> dict[str, ExpertWindow]:
     experts = {"high": ExpertWindow(BOUNDARY, 1000), "low": ExpertWindow(0, BOUNDARY)}
     for name, table in raw.items():
         if name not in experts:
             problems.append(_unknown(name, experts, "[experts]", path))
             continue
         for key, value in table.items():
-            if key not in ("min_timestep", "max_timestep"):
-                problems.append(_unknown(key, ("min_timestep", "max_timestep"), f"[experts.{name}]", path))
+            if key == "init_lora":
+                experts[name].init_lora = resolve(value)
+                if not experts[name].init_lora.exists():
+                    problems.append(f"{path}: [experts.{name}] init_lora {experts[name].init_lora} does not exist.")
+            elif key not in ("min_timestep", "max_timestep"):
+                problems.append(_unknown(key, ("min_timestep", "max_timestep", "init_lora"), f"[experts.{name}]", path))
             elif not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1000:
                 problems.append(f"{path}: [experts.{name}] {key} = {value!r} must be an integer in 0..1000.")
             else:
@@ -219,7 +224,7 @@ def load_project(path: str | Path) -> tuple[Project, list[str]]:
     if "config" not in dataset_raw:
         problems.append(f"{path}: [dataset] config is missing (path to your Musubi-style dataset.toml).")
     train = _train_settings(raw.get("train", {}), path, problems)
-    experts = _experts(raw.get("experts", {}), path, problems, warnings)
+    experts = _experts(raw.get("experts", {}), path, problems, warnings, resolve)
     if problems:
         raise WanpairError("\n".join(problems))
     models = Models(**{k: resolve(v) for k, v in models_raw.items()})

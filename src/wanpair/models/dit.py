@@ -212,15 +212,24 @@ def load_dit(
         model = WanTransformer3DModel(**info.config)
     expected = set(model.state_dict())
     prefix = strip_prefix(info.file.keys)
-    names = original_to_diffusers_names([k[len(prefix):] for k in info.file.keys])
+    # "scaled" fp8 files (ComfyUI's fp8_e4m3fn_scaled) keep a per-layer scale beside each fp8 weight
+    # (real weight = fp8 * scale_weight) and a `scaled_fp8` marker; the scales are applied here.
+    extra = [k for k in info.file.keys if k.endswith((".scale_weight", ".scale_input")) or k == prefix + "scaled_fp8"]
+    scales = dict(iter_tensors(info.path, [k for k in extra if k.endswith(".scale_weight")]))
+    keys = [k for k in info.file.keys if k not in set(extra)]
+    names = original_to_diffusers_names([k[len(prefix):] for k in keys])
     seen: set[str] = set()
-    for key, tensor in tqdm(iter_tensors(info.path), total=len(info.file.keys), desc="DiT", unit="tensor", leave=False):
+    for key, tensor in tqdm(iter_tensors(info.path, keys), total=len(keys), desc="DiT", unit="tensor", leave=False):
         name = names[key[len(prefix):]]
         if name not in expected:
             raise WanpairError(f"{info.path}: tensor {key!r} has no place in a Wan DiT; is this the right file?")
         target = torch.float32 if _keep_fp32(name) else dtype
+        value = tensor.to(device)
+        scale = scales.get(key.removesuffix(".weight") + ".scale_weight")
+        if scale is not None:
+            value = value.float() * scale.to(device).float()
         # move first, convert on the device: a GPU converts 28 GB of fp16 in milliseconds, a CPU core in seconds
-        set_module_tensor_to_device(model, name, device, value=tensor.to(device).to(target), dtype=target)
+        set_module_tensor_to_device(model, name, device, value=value.to(target), dtype=target)
         seen.add(name)
     missing = expected - seen
     if missing:

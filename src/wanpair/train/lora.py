@@ -63,6 +63,28 @@ def lora_state_dict(model, alpha: float, dtype: torch.dtype) -> dict[str, torch.
     return sd
 
 
+def load_initial_lora(model, lora, rank: int, alpha: float) -> int:
+    """Start the peft LoRA from an existing one (any layout `wanpair.export.formats.read_lora` reads).
+
+    Up weights are rescaled so the effective update (alpha/rank * up @ down) equals the file's even
+    when its alpha differs from ours. Returns how many modules were initialised.
+    """
+    done = 0
+    layers = {to_original_name(path): m for path, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
+    unknown = sorted(set(lora.modules) - set(layers))
+    if unknown:
+        raise WanpairError(f"the initial LoRA targets {unknown[0]} (and {len(unknown) - 1} more) which this run does not train.")
+    for name, (down, up, file_alpha) in lora.modules.items():
+        if down.shape[0] != rank:
+            raise WanpairError(f"the initial LoRA has rank {down.shape[0]} but [train] rank = {rank}; set rank = {down.shape[0]}.")
+        layer = layers[name]
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(down.float())
+            layer.lora_B["default"].weight.copy_(up.float() * (file_alpha / alpha))
+        done += 1
+    return done
+
+
 def save_lora(path, sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write atomically, then re-open and verify before the caller reports success."""
     with atomic_path(path) as tmp:

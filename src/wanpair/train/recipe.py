@@ -45,7 +45,9 @@ from ..models.text_encoder import load_text_encoder, load_tokenizer
 from ..models.vae import load_vae
 from ..project import Project, TrainSettings
 from .flow_matching import flow_matching_loss, pad_text
-from .lora import DTYPES, add_lora, lora_state_dict, save_lora
+from ..export.formats import read_lora
+from ..export.merge import check_expert
+from .lora import DTYPES, add_lora, load_initial_lora, lora_state_dict, save_lora
 from .speed import checkpoint_blocks, compile_blocks
 from .timesteps import sample_timesteps
 
@@ -97,8 +99,9 @@ class ExpertResult:
 
 
 class LoraPairRecipe:
-    def __init__(self, project: Project, overwrite: bool = False):
+    def __init__(self, project: Project, overwrite: bool = False, allow_expert_mismatch: bool = False):
         self.p = project
+        self.allow_expert_mismatch = allow_expert_mismatch
         self.t = project.train
         self.overwrite = overwrite
         self.items: list[Item] = []
@@ -143,6 +146,13 @@ class LoraPairRecipe:
                     "low_noise: a LoRA trained on the wrong expert does nothing useful at inference."
                 )
             self.dits[expert] = info
+        for expert in experts:
+            init = self.p.experts[expert].init_lora
+            if init:
+                try:
+                    check_expert(read_lora(init), expert, f"the {expert}-noise expert being trained", self.allow_expert_mismatch)
+                except WanpairError as e:
+                    problems.append(f"[experts.{expert}] init_lora {init}: {e}")
         if len(self.dits) == 2 and self.dits["high"].fingerprint == self.dits["low"].fingerprint:
             problems.append(
                 f"[models] high_noise and low_noise are the same file/content ({self.dits['high'].path}). Wan 2.2 "
@@ -244,6 +254,11 @@ class LoraPairRecipe:
         torch.manual_seed(t.seed)
         model = load_dit(self.dits[expert].path, dtype=compute_dtype, device=self.device, info=self.dits[expert])
         params = prepare_expert(model, t, compute_dtype)
+        if window.init_lora:
+            lora = read_lora(window.init_lora)
+            check_expert(lora, expert, f"the {expert}-noise expert being trained", self.allow_expert_mismatch)
+            n = load_initial_lora(model, lora, t.rank, t.alpha)
+            print(f"continuing from {window.init_lora} ({n} modules)")
         model.train()
         optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
         batches = self._batches()
