@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_path
 from .data.buckets import resize_and_crop
 from .data.items import Item, load_rgb
+from .data.video import read_frames, resample
 from .models.files import fingerprint
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def folder_fingerprint(path: Path) -> str:
 
 
 def latent_key(item: Item, vae_fp: str) -> str:
-    return hashlib.sha256(f"{FORMAT}|latent|{item.content_hash}|{item.bucket}|{vae_fp}".encode()).hexdigest()[:32]
+    clip = f"{item.start}+{item.frames}@{item.source_fps}" if item.is_video else "image"
+    return hashlib.sha256(f"{FORMAT}|latent|{item.content_hash}|{item.bucket}|{clip}|{vae_fp}".encode()).hexdigest()[:32]
 
 
 def text_key(caption: str, t5_fp: str, tokenizer_fp: str) -> str:
@@ -96,10 +98,13 @@ def plan(items: list[Item], cache_dirs: dict[int, Path], vae_fp: str, t5_fp: str
 
 
 def pixels(item: Item) -> torch.Tensor:
-    """The item's bucket-sized pixels as a [3, 1, H, W] tensor in [-1, 1] (Wan's VAE input range)."""
-    arr = resize_and_crop(load_rgb(item.image), item.bucket)
-    t = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 127.5 - 1.0
-    return t.unsqueeze(1)
+    """The item's bucket-sized pixels as a [3, F, H, W] tensor in [-1, 1] (Wan's VAE input range)."""
+    if item.is_video:
+        frames = resample(read_frames(item.image), item.source_fps)[item.start:item.start + item.frames]
+    else:
+        frames = [load_rgb(item.image)]
+    arr = np.stack([resize_and_crop(f, item.bucket) for f in frames])  # F, H, W, 3
+    return torch.from_numpy(arr).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
 @torch.no_grad()
@@ -120,9 +125,9 @@ def fill(items: list[Item], cplan: CachePlan, load_vae_fn, load_text_fn, batch_s
                        texts_reused=len(items) - len(cplan.missing_texts))
     if cplan.missing_latents:
         vae = load_vae_fn()
-        by_bucket: dict[tuple[int, int], list[int]] = {}
+        by_bucket: dict[tuple, list[int]] = {}
         for i in cplan.missing_latents:
-            by_bucket.setdefault(items[i].bucket, []).append(i)
+            by_bucket.setdefault((items[i].bucket, items[i].frames), []).append(i)
         with tqdm(total=len(cplan.missing_latents), desc="caching latents", unit="img") as bar:
             for group in by_bucket.values():
                 for start in range(0, len(group), batch_size):

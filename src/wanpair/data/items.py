@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..errors import WanpairError
 from .buckets import choose_bucket
 from .dataset_config import DatasetSpec
+from .video import VIDEO_EXTENSIONS, clip_ranges, content_hash, is_video, read_frames, resample
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -33,8 +34,15 @@ class Item:
     dataset: int
     size: tuple[int, int]  # original (width, height), after EXIF orientation
     bucket: tuple[int, int]  # (width, height) it is trained at
-    content_hash: str  # sha256 of the image file's bytes
+    content_hash: str  # sha256 of the image's (or video's) bytes
     num_repeats: int
+    start: int = 0  # video clips: first frame (after source_fps resampling)
+    frames: int = 1  # 1 for images; 4k+1 for video clips
+    source_fps: float | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.frames > 1 or self.image.suffix.lower() not in IMAGE_EXTENSIONS
 
 
 @dataclass
@@ -47,11 +55,11 @@ class Report:
 
     def render(self) -> str:
         lines = []
-        buckets = Counter((it.dataset, it.bucket) for it in self.items)
+        buckets = Counter((it.dataset, it.bucket, it.frames) for it in self.items)
         if buckets:
-            lines.append("dataset  bucket (w x h)  items")
-            for (ds, (w, h)), n in sorted(buckets.items()):
-                lines.append(f"{ds + 1:>7}  {w:>6} x {h:<6}  {n:>5}")
+            lines.append("dataset  bucket (w x h)  frames  items")
+            for (ds, (w, h), f), n in sorted(buckets.items()):
+                lines.append(f"{ds + 1:>7}  {w:>6} x {h:<6}  {f:>6}  {n:>5}")
         lines.append(f"{len(self.items)} items, {len(self.errors)} errors, {len(self.warnings)} warnings")
         lines += [f"ERROR   {e}" for e in self.errors]
         lines += [f"WARNING {w}" for w in self.warnings]
@@ -78,10 +86,11 @@ def _read_caption(path: Path, report: Report) -> str | None:
 
 
 def _pairs(spec: DatasetSpec, report: Report) -> list[tuple[Path, str | None, Path | None]]:
-    """(image, caption text, caption file) for every image of a dataset."""
+    """(image or video, caption text, caption file) for every example of a dataset."""
+    media = "video" if spec.kind == "video" else "image"
     if spec.from_jsonl:
         if not spec.source.is_file():
-            report.errors.append(f"{spec.source}: image_jsonl_file does not exist.")
+            report.errors.append(f"{spec.source}: {media}_jsonl_file does not exist.")
             return []
         pairs = []
         for n, line in enumerate(spec.source.read_text(encoding="utf-8").splitlines(), 1):
@@ -89,29 +98,65 @@ def _pairs(spec: DatasetSpec, report: Report) -> list[tuple[Path, str | None, Pa
                 continue
             try:
                 row = json.loads(line)
-                image = (spec.source.parent / row["image_path"]).resolve()
-                pairs.append((image, str(row["caption"]).strip(), None))
+                pairs.append(((spec.source.parent / row[f"{media}_path"]).resolve(), str(row["caption"]).strip(), None))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                report.errors.append(f"{spec.source}:{n}: expected {{\"image_path\": ..., \"caption\": ...}} ({e}).")
+                report.errors.append(f"{spec.source}:{n}: expected {{\"{media}_path\": ..., \"caption\": ...}} ({e}).")
         return pairs
     if not spec.source.is_dir():
-        report.errors.append(f"{spec.source}: image_directory does not exist (dataset #{spec.index + 1}).")
+        report.errors.append(f"{spec.source}: {media}_directory does not exist (dataset #{spec.index + 1}).")
         return []
-    images = sorted(p for p in spec.source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    stems = {p.stem for p in images}
+    if spec.kind == "video":
+        entries = sorted(p for p in spec.source.iterdir() if not p.name.startswith(".") and p.name != "cache" and is_video(p))
+        kinds = "videos (" + ", ".join(sorted(VIDEO_EXTENSIONS)) + ", or folders of frames)"
+    else:
+        entries = sorted(p for p in spec.source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        kinds = "images (" + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"
+    stems = {p.name if p.is_dir() else p.stem for p in entries}
     for cap in sorted(spec.source.glob(f"*{spec.caption_extension}")):
         if cap.stem not in stems:
-            report.warnings.append(f"{cap}: caption without an image (no {cap.stem}.png/.jpg/...); it is ignored.")
+            report.warnings.append(f"{cap}: caption without an {media} (no {cap.stem}.*); it is ignored.")
     pairs = []
-    for image in images:
-        cap = image.with_suffix(spec.caption_extension)
+    for entry in entries:
+        cap = spec.source / f"{entry.name if entry.is_dir() else entry.stem}{spec.caption_extension}"
         if not cap.is_file():
-            report.errors.append(f"{image}: no caption file {cap.name}; write one (same name, {spec.caption_extension}).")
+            report.errors.append(f"{entry}: no caption file {cap.name}; write one (same name, {spec.caption_extension}).")
             continue
-        pairs.append((image, _read_caption(cap, report), cap))
-    if not images:
-        report.errors.append(f"{spec.source}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder.")
+        pairs.append((entry, _read_caption(cap, report), cap))
+    if not entries:
+        report.errors.append(f"{spec.source}: no {kinds} in this folder.")
     return pairs
+
+
+def _image_items(spec: DatasetSpec, path: Path, caption: str, report: Report) -> list[Item]:
+    size = load_rgb(path).size
+    bucket = choose_bucket(size, spec.resolution, spec.enable_bucket, spec.bucket_no_upscale)
+    _warn_small(path, size, bucket, report)
+    return [Item(path, caption, spec.index, size, bucket, hashlib.sha256(path.read_bytes()).hexdigest(), spec.num_repeats)]
+
+
+def _video_items(spec: DatasetSpec, path: Path, caption: str, report: Report) -> list[Item]:
+    frames = resample(read_frames(path), spec.source_fps)
+    if not frames:
+        report.errors.append(f"{path}: the video has no frames; re-export or remove it.")
+        return []
+    ranges = clip_ranges(len(frames), spec)
+    if not ranges:
+        report.warnings.append(f"{path}: {len(frames)} frames is shorter than every target_frames "
+                               f"{list(spec.target_frames)}; it gives no clip.")
+    size = frames[0].size
+    bucket = choose_bucket(size, spec.resolution, spec.enable_bucket, spec.bucket_no_upscale)
+    _warn_small(path, size, bucket, report)
+    digest = content_hash(path)
+    return [Item(path, caption, spec.index, size, bucket, digest, spec.num_repeats, start, n, spec.source_fps)
+            for start, n in ranges]
+
+
+def _warn_small(path: Path, size: tuple[int, int], bucket: tuple[int, int], report: Report) -> None:
+    if size[0] < bucket[0] or size[1] < bucket[1]:
+        report.warnings.append(
+            f"{path}: {size[0]}x{size[1]} is smaller than its bucket {bucket[0]}x{bucket[1]} and will be "
+            "upscaled (blurry); use a larger source or set bucket_no_upscale = true."
+        )
 
 
 def check_dataset(specs: list[DatasetSpec], tokenizer=None, max_tokens: int = 512) -> Report:
@@ -119,35 +164,27 @@ def check_dataset(specs: list[DatasetSpec], tokenizer=None, max_tokens: int = 51
     from ..models.text_encoder import token_count
 
     report = Report()
-    if any(s.kind == "video" for s in specs):
-        report.errors.append("video datasets are not supported by this version of wanpair; use image datasets.")
     seen: dict[str, Path] = {}
-    for spec in (s for s in specs if s.kind == "image"):
-        for image, caption, cap_path in _pairs(spec, report):
+    for spec in specs:
+        for path, caption, cap_path in _pairs(spec, report):
             if caption is None:
                 continue
             if not caption:
-                report.errors.append(f"{cap_path or image}: caption is empty; describe the image in it.")
+                report.errors.append(f"{cap_path or path}: caption is empty; describe the {spec.kind} in it.")
                 continue
             try:
-                data = image.read_bytes()
-                size = load_rgb(image).size
+                items = (_video_items if spec.kind == "video" else _image_items)(spec, path, caption, report)
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-                report.errors.append(f"{image}: cannot be read as an image ({e}); re-export or remove it.")
+                report.errors.append(f"{path}: cannot be read as {'a video' if spec.kind == 'video' else 'an image'} "
+                                     f"({e}); re-export or remove it.")
                 continue
-            digest = hashlib.sha256(data).hexdigest()
-            if digest in seen:
-                report.warnings.append(f"{image}: same content as {seen[digest]}; it will be trained twice as often.")
-            seen.setdefault(digest, image)
-            bucket = choose_bucket(size, spec.resolution, spec.enable_bucket, spec.bucket_no_upscale)
-            if size[0] < bucket[0] or size[1] < bucket[1]:
-                report.warnings.append(
-                    f"{image}: {size[0]}x{size[1]} is smaller than its bucket {bucket[0]}x{bucket[1]} and will be "
-                    "upscaled (blurry); use a larger image or set bucket_no_upscale = true."
-                )
+            if items and items[0].content_hash in seen:
+                report.warnings.append(f"{path}: same content as {seen[items[0].content_hash]}; it will be trained twice as often.")
+            if items:
+                seen.setdefault(items[0].content_hash, path)
             if tokenizer is not None and (n := token_count(tokenizer, caption)) > max_tokens:
-                report.warnings.append(f"{cap_path or image}: caption is {n} tokens; only the first {max_tokens} are used.")
-            report.items.append(Item(image, caption, spec.index, size, bucket, digest, spec.num_repeats))
+                report.warnings.append(f"{cap_path or path}: caption is {n} tokens; only the first {max_tokens} are used.")
+            report.items.extend(items)
     return report
 
 

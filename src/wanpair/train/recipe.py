@@ -195,8 +195,8 @@ class LoraPairRecipe:
         batch_size = {s.index: s.batch_size for s in self.specs}
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(self.items):
-            groups.setdefault((it.dataset, it.bucket), []).extend([i] * it.num_repeats)
-        return [idx[k:k + batch_size[ds]] for (ds, _), idx in sorted(groups.items())
+            groups.setdefault((it.dataset, it.bucket, it.frames), []).extend([i] * it.num_repeats)
+        return [idx[k:k + batch_size[ds]] for (ds, _, _), idx in sorted(groups.items())
                 for k in range(0, len(idx), batch_size[ds])]
 
     def _scheduler(self, optimizer, total_steps: int):
