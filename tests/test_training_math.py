@@ -84,12 +84,12 @@ def test_text_is_zero_padded_to_512():
 def test_polynomial_schedule_honours_min_lr_ratio(demo):
     from conftest import set_train
     from wanpair.project import load_project
-    from wanpair.train.recipe import LoraPairRecipe
+    from wanpair.train.optim import build_scheduler
 
     set_train(demo / "wanpair.toml", learning_rate=3e-4, lr_scheduler_power=8.0, min_lr_ratio=5e-5)
     project, _ = load_project(demo / "wanpair.toml")
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
-    sched = LoraPairRecipe(project)._scheduler(opt, total_steps=100)
+    sched = build_scheduler(opt, project.train, total_steps=100)
     lrs = []
     for _ in range(100):
         lrs.append(sched.get_last_lr()[0])

@@ -133,6 +133,25 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_timesteps(args) -> int:
+    from .train.timestep_report import draw, text_histogram, write_csv, write_png
+
+    project = _project(args.project)
+    t, w = project.train, project.experts[args.expert]
+    values = draw(project, args.expert, args.n)
+    title = (f"{args.expert}-noise expert, window {w.min_timestep}-{w.max_timestep}, {t.timestep_sampling} "
+             f"(shift {t.discrete_flow_shift}, preserve shape {t.preserve_distribution_shape})")
+    print(title)
+    window = (w.min_timestep, w.max_timestep)
+    print(text_histogram(values, window))
+    out = project.run_dir
+    png = Path(args.png) if args.png else out / f"timesteps_{args.expert}.png"
+    print(f"wrote {write_png(values, png, title, window)}")
+    if args.csv:
+        print(f"wrote {write_csv(values, out / f'timesteps_{args.expert}.csv')}")
+    return 0
+
+
 def _prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts:
@@ -202,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-expert-mismatch", action="store_true",
                    help="continue from an init_lora even if its metadata names the other expert")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("timesteps", help="histogram of the timesteps an expert trains on, as configured",
+                       description="Draw timesteps with the project's sampler and window (100 000 by default), "
+                                   "print a text histogram, write a PNG (and the raw draws with --csv).")
+    p.add_argument("project", help="the wanpair.toml project file")
+    p.add_argument("--expert", choices=("high", "low"), required=True)
+    p.add_argument("-n", type=int, default=100_000, help="number of draws (default 100000)")
+    p.add_argument("--png", help="where to write the plot (default: <output_dir>/<name>/timesteps_<expert>.png)")
+    p.add_argument("--csv", action="store_true", help="also write the raw draws as CSV beside the plot")
+    p.set_defaults(func=cmd_timesteps)
 
     p = sub.add_parser("inspect", help="show a LoRA's expert, timestep window, rank, alpha, targets and metadata")
     p.add_argument("lora", help="a LoRA file (any layout) or peft adapter folder")

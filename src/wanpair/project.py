@@ -58,6 +58,18 @@ class TrainSettings:
     lr_scheduler_power: float = 8.0
     min_lr_ratio: float = 5e-5  # polynomial lr_end = min_lr_ratio * learning_rate
     lr_warmup_steps: int = 0
+    lr_warmup_ratio: float = 0.0  # warm-up as a fraction of all steps (used when lr_warmup_steps = 0)
+    lr_scheduler_num_cycles: int = 1  # cosine_with_restarts
+    optimizer: str = "adamw"
+    optimizer_args: list = field(default_factory=list)  # ["betas=(0.9, 0.99)", "eps=1e-8"]
+    lora_dropout: float = 0.0
+    include_modules: list = field(default_factory=list)  # regexes on original Wan module names, e.g. "ffn"
+    exclude_modules: list = field(default_factory=list)
+    loss_weighting: str = "none"  # none | sigma_sqrt | cosmap (SD3-style per-timestep weights)
+    save_every_n_epochs: int = 0  # 0 = only the final save
+    save_every_n_steps: int = 0
+    keep_last: int = 0  # intermediate LoRAs kept per expert (0 = all)
+    tensorboard: bool = True
     epochs: int = 100
     max_steps: int = 0  # 0 = run all epochs
     seed: int = 5
@@ -115,6 +127,8 @@ CHOICES = {
     "mixed_precision": ("no", "bf16", "fp16"),
     "save_dtype": ("bf16", "fp16", "fp32"),
     "device": ("auto", "cpu", "cuda"),
+    "optimizer": ("adamw", "adamw8bit", "adafactor", "prodigy"),
+    "loss_weighting": ("none", "sigma_sqrt", "cosmap"),
 }
 
 
@@ -126,24 +140,34 @@ def _unknown(key: str, valid, where: str, path: Path) -> str:
 
 def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings:
     values = {}
+    defaults = TrainSettings()
     for key, value in raw.items():
         if key not in TRAIN_FIELDS:
             problems.append(_unknown(key, TRAIN_FIELDS, "[train]", path))
             continue
-        default = TRAIN_FIELDS[key].default
+        default = getattr(defaults, key)
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, float):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             value = float(value) if ok else value
+        elif isinstance(default, list):
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         else:
             ok = isinstance(value, type(default)) and not isinstance(value, bool)
         if not ok:
-            problems.append(f"{path}: [train] {key} = {value!r} should be a {type(default).__name__}.")
+            kind = "list of strings" if isinstance(default, list) else type(default).__name__
+            problems.append(f"{path}: [train] {key} = {value!r} should be a {kind}.")
             continue
         if key in CHOICES and value not in CHOICES[key]:
             problems.append(f"{path}: [train] {key} = {value!r} must be one of {', '.join(CHOICES[key])}.")
             continue
+        if key in ("include_modules", "exclude_modules"):
+            for pattern in value:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    problems.append(f"{path}: [train] {key} pattern {pattern!r} is not a valid regex ({e}).")
         values[key] = value
     t = TrainSettings(**values)
     for key in ("rank", "epochs", "gradient_accumulation_steps"):
@@ -152,6 +176,11 @@ def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings
     for key in ("alpha", "learning_rate", "discrete_flow_shift", "sigmoid_scale"):
         if getattr(t, key) <= 0:
             problems.append(f"{path}: [train] {key} must be positive.")
+    for key in ("lr_warmup_steps", "save_every_n_epochs", "save_every_n_steps", "keep_last", "max_steps"):
+        if getattr(t, key) < 0:
+            problems.append(f"{path}: [train] {key} must not be negative.")
+    if not 0 <= t.lr_warmup_ratio < 1 or not 0 <= t.lora_dropout < 1:
+        problems.append(f"{path}: [train] lr_warmup_ratio and lora_dropout must be in [0, 1).")
     if t.compile and t.fp8_base:
         problems.append(f"{path}: [train] compile = true needs fp8_base = false: diffusers' fp8 layerwise casting "
                         "casts weights back to fp8 before the compiled backward reads them.")

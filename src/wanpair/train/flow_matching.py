@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_loss_weighting_for_sd3
 
 from ..models.text_encoder import TEXT_LEN
 
@@ -28,9 +29,16 @@ def noisy_input(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch
 
 
 def flow_matching_loss(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                       compute_dtype: torch.dtype) -> torch.Tensor:
-    """One forward pass of the expert and the MSE against the velocity target eps - x0."""
+                       compute_dtype: torch.dtype, weighting: str = "none") -> torch.Tensor:
+    """One forward pass of the expert and the MSE against the velocity target eps - x0.
+
+    `weighting` (off by default) scales each sample's error by an SD3-style function of t
+    (diffusers' `compute_loss_weighting_for_sd3`: "sigma_sqrt" = 1/t^2, "cosmap").
+    """
     x_t = noisy_input(x0, noise, t)
     pred = model(hidden_states=x_t.to(compute_dtype), timestep=1000 * t.float(),
                  encoder_hidden_states=text.to(compute_dtype), return_dict=False)[0]
-    return F.mse_loss(pred.float(), (noise - x0).float())
+    if weighting == "none":
+        return F.mse_loss(pred.float(), (noise - x0).float())
+    w = compute_loss_weighting_for_sd3(weighting, sigmas=t.float()).view(-1, *([1] * (x0.dim() - 1)))
+    return (w * (pred.float() - (noise - x0).float()) ** 2).mean()

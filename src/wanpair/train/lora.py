@@ -11,7 +11,6 @@ Saved layout (kohya / Musubi-Tuner, which ComfyUI and diffusers load for Wan):
 
 from __future__ import annotations
 
-import json
 import re
 
 import torch
@@ -28,9 +27,21 @@ TARGET_MODULES = r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def add_lora(model, rank: int, alpha: float) -> list[torch.nn.Parameter]:
+def target_modules(model, include=(), exclude=()) -> list[str]:
+    """Every block Linear, narrowed by regexes (searched in the original Wan names, e.g. "ffn", "cross_attn")."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(TARGET_MODULES, n)]
+    if include:
+        names = [n for n in names if any(re.search(p, to_original_name(n)) for p in include)]
+    names = [n for n in names if not any(re.search(p, to_original_name(n)) for p in exclude)]
+    if not names:
+        raise WanpairError("include_modules / exclude_modules leave no layer to train; loosen them.")
+    return names
+
+
+def add_lora(model, rank: int, alpha: float, dropout: float = 0.0, include=(), exclude=()) -> list[torch.nn.Parameter]:
     """Attach a peft LoRA (down: Kaiming-uniform, up: zeros, so it starts as a no-op); return its fp32 params."""
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGET_MODULES, init_lora_weights=True))
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True,
+                                 target_modules=target_modules(model, include, exclude)))
     params = []
     for name, p in model.named_parameters():
         is_lora = ".lora_A." in name or ".lora_B." in name
@@ -94,15 +105,3 @@ def save_lora(path, sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> No
                 raise WanpairError(f"verification of {path} failed after writing; check the disk.")
 
 
-def read_lora_metadata(path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
-
-
-def lora_modules(keys) -> list[str]:
-    """The module names a kohya-layout LoRA file targets."""
-    return sorted({re.sub(r"\.(lora_down\.weight|lora_up\.weight|alpha)$", "", k) for k in keys})
-
-
-def settings_json(settings) -> str:
-    return json.dumps(settings, sort_keys=True, default=str)

@@ -30,7 +30,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
-from transformers import get_polynomial_decay_schedule_with_warmup, get_scheduler
 
 from .. import __version__
 from ..atomic import write_text_atomic
@@ -48,6 +47,8 @@ from .flow_matching import flow_matching_loss, pad_text
 from ..export.formats import read_lora
 from ..export.merge import check_expert
 from .lora import DTYPES, add_lora, load_initial_lora, lora_state_dict, save_lora
+from .metrics import MetricsLog, plot_loss
+from .optim import build_optimizer, build_scheduler
 from .speed import checkpoint_blocks, compile_blocks
 from .timesteps import sample_timesteps
 
@@ -62,7 +63,7 @@ _FP8_SKIP = ("patch_embedding", "pos_embed", "norm", "^proj_in$", "^proj_out$", 
 
 def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype) -> list[torch.nn.Parameter]:
     """LoRA on, base frozen (optionally stored in fp8), checkpointing as configured; returns the trainable params."""
-    params = add_lora(model, t.rank, t.alpha)
+    params = add_lora(model, t.rank, t.alpha, t.lora_dropout, t.include_modules, t.exclude_modules)
     if t.fp8_base:
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
                                        skip_modules_pattern=_FP8_SKIP)
@@ -74,10 +75,10 @@ def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype) -> list[
 
 
 def train_step(model, optimizer, scheduler, accelerator, params, x0, noise, t, text, compute_dtype,
-               max_grad_norm: float) -> torch.Tensor:
+               max_grad_norm: float, weighting: str = "none") -> torch.Tensor:
     """One micro-batch: loss, backward, and (when accumulation is complete) the optimizer step."""
     with accelerator.accumulate(model):
-        loss = flow_matching_loss(model, x0, noise, t, text, compute_dtype)
+        loss = flow_matching_loss(model, x0, noise, t, text, compute_dtype, weighting)
         accelerator.backward(loss)
         if max_grad_norm > 0 and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(params, max_grad_norm)
@@ -199,14 +200,6 @@ class LoraPairRecipe:
         return [idx[k:k + batch_size[ds]] for (ds, _, _), idx in sorted(groups.items())
                 for k in range(0, len(idx), batch_size[ds])]
 
-    def _scheduler(self, optimizer, total_steps: int):
-        t = self.t
-        if t.lr_scheduler == "polynomial":
-            # lr_end = min_lr_ratio * lr (the reference trainer ignores min_lr_ratio here; see README).
-            return get_polynomial_decay_schedule_with_warmup(
-                optimizer, t.lr_warmup_steps, total_steps, lr_end=t.min_lr_ratio * t.learning_rate, power=t.lr_scheduler_power)
-        return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=total_steps)
-
     def _metadata(self, expert: str, steps: int, epochs: int) -> dict[str, str]:
         t, window = self.t, self.p.experts[expert]
         title = self.p.lora_path(expert).stem
@@ -246,6 +239,19 @@ class LoraPairRecipe:
             "wanpair.settings": json.dumps(asdict(t), sort_keys=True),
         }
 
+    def _save(self, model, expert: str, step: int, epochs: int, out: Path) -> int:
+        sd = lora_state_dict(model, self.t.alpha, DTYPES[self.t.save_dtype])
+        save_lora(out, sd, self._metadata(expert, step, epochs))
+        return len(sd) // 3
+
+    def _save_intermediate(self, model, expert: str, step: int, epoch: int, kept: list[Path]) -> None:
+        final = self.p.lora_path(expert)
+        out = final.with_name(f"{final.stem}-step{step:06d}{final.suffix}")
+        self._save(model, expert, step, epoch, out)
+        kept.append(out)
+        while self.t.keep_last and len(kept) > self.t.keep_last:
+            kept.pop(0).unlink(missing_ok=True)
+
     def train_expert(self, expert: str) -> ExpertResult:
         t, window = self.t, self.p.experts[expert]
         compute_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.mixed_precision]
@@ -257,15 +263,14 @@ class LoraPairRecipe:
         if window.init_lora:
             lora = read_lora(window.init_lora)
             check_expert(lora, expert, f"the {expert}-noise expert being trained", self.allow_expert_mismatch)
-            n = load_initial_lora(model, lora, t.rank, t.alpha)
-            print(f"continuing from {window.init_lora} ({n} modules)")
+            print(f"continuing from {window.init_lora} ({load_initial_lora(model, lora, t.rank, t.alpha)} modules)")
         model.train()
-        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
         batches = self._batches()
         steps_per_epoch = math.ceil(len(batches) / t.gradient_accumulation_steps)
         total_steps = steps_per_epoch * t.epochs if not t.max_steps else min(t.max_steps, steps_per_epoch * t.epochs)
         epochs = math.ceil(total_steps / steps_per_epoch)
-        scheduler = self._scheduler(optimizer, total_steps)
+        optimizer = build_optimizer(params, t)
+        scheduler = build_scheduler(optimizer, t, total_steps)
         # accelerate keeps one process-wide state; a second recipe in the same process (tests, scripts)
         # may use another precision, so start from a clean state each time.
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -274,54 +279,60 @@ class LoraPairRecipe:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         latents, texts = self._load_cached()
         gen = torch.Generator().manual_seed(t.seed)
-        metrics_path = self.p.run_dir / "metrics.jsonl"
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(self.p.run_dir, expert, t.tensorboard)
         print(f"training the {expert}-noise expert ({self.dits[expert].path.name}) on timesteps "
               f"{window.min_timestep}-{window.max_timestep}: {len(self.items)} items, {epochs} epochs, {total_steps} steps")
-        step, epoch_losses, smoothed, start = 0, [], None, time.perf_counter()
+        step, epoch_losses, smoothed, kept = 0, [], None, []
+        start = last = time.perf_counter()
         bar = tqdm(total=total_steps, desc=f"{expert}-noise", unit="step")
-        with open(metrics_path, "a", encoding="utf-8") as metrics:
-            for epoch in range(epochs):
-                order = list(range(len(batches)))
-                random.Random(t.seed * 100_003 + epoch).shuffle(order)  # new order per epoch, reproducible
-                losses = []
-                for n, b in enumerate(order):
-                    idx = batches[b]
-                    x0 = torch.stack([latents[i] for i in idx]).float()
-                    text = pad_text([texts[i].float() for i in idx])
-                    noise = torch.randn(x0.shape, generator=gen)
-                    tt = sample_timesteps(len(idx), t.timestep_sampling, (window.min_timestep, window.max_timestep),
-                                          shift=t.discrete_flow_shift, sigmoid_scale=t.sigmoid_scale,
-                                          preserve_shape=t.preserve_distribution_shape, generator=gen)
-                    dev = accelerator.device
-                    loss = train_step(model, optimizer, scheduler, accelerator, params, x0.to(dev), noise.to(dev),
-                                      tt.to(dev), text.to(dev), compute_dtype, t.max_grad_norm)
-                    value = loss.item()
-                    losses.append(value)
-                    if not accelerator.sync_gradients:
-                        continue
-                    step += 1
-                    smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
-                    lr = scheduler.get_last_lr()[0]
-                    metrics.write(json.dumps({"expert": expert, "step": step, "epoch": epoch + 1, "loss": value,
-                                              "smoothed_loss": smoothed, "lr": lr, "timestep": float(1000 * tt[0]),
-                                              "elapsed_s": round(time.perf_counter() - start, 3)}) + "\n")
-                    bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}")
-                    bar.update()
-                    if step >= total_steps:
-                        break
-                epoch_losses.append(float(np.mean(losses)))
+        for epoch in range(1, epochs + 1):
+            order = list(range(len(batches)))
+            random.Random(t.seed * 100_003 + epoch).shuffle(order)  # new order per epoch, reproducible
+            losses, samples = [], 0
+            for b in order:
+                idx = batches[b]
+                x0 = torch.stack([latents[i] for i in idx]).float()
+                text = pad_text([texts[i].float() for i in idx])
+                noise = torch.randn(x0.shape, generator=gen)
+                tt = sample_timesteps(len(idx), t.timestep_sampling, (window.min_timestep, window.max_timestep),
+                                      shift=t.discrete_flow_shift, sigmoid_scale=t.sigmoid_scale,
+                                      preserve_shape=t.preserve_distribution_shape, generator=gen)
+                dev = accelerator.device
+                loss = train_step(model, optimizer, scheduler, accelerator, params, x0.to(dev), noise.to(dev),
+                                  tt.to(dev), text.to(dev), compute_dtype, t.max_grad_norm, t.loss_weighting)
+                value = loss.item()
+                losses.append(value)
+                samples += len(idx)
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                now = time.perf_counter()
+                smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+                lr = scheduler.get_last_lr()[0]
+                metrics.log({"step": step, "epoch": epoch, "loss": value, "smoothed_loss": smoothed, "lr": lr,
+                             "timestep": float(1000 * tt[0]), "s_per_step": round(now - last, 4),
+                             "samples_per_s": round(samples / (now - last), 3)})
+                last, samples = now, 0
+                bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}")
+                bar.update()
+                if t.save_every_n_steps and step % t.save_every_n_steps == 0 and step < total_steps:
+                    self._save_intermediate(accelerator.unwrap_model(model), expert, step, epoch, kept)
                 if step >= total_steps:
                     break
+            epoch_losses.append(float(np.mean(losses)))
+            if step >= total_steps:
+                break
+            if t.save_every_n_epochs and epoch % t.save_every_n_epochs == 0:
+                self._save_intermediate(accelerator.unwrap_model(model), expert, step, epoch, kept)
         bar.close()
+        metrics.close()
         seconds = time.perf_counter() - start
-        sd = lora_state_dict(accelerator.unwrap_model(model), t.alpha, DTYPES[t.save_dtype])
         out = self.p.lora_path(expert)
-        save_lora(out, sd, self._metadata(expert, step, len(epoch_losses)))
+        modules = self._save(accelerator.unwrap_model(model), expert, step, len(epoch_losses), out)
         del model, optimizer, accelerator
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        print(f"saved {out}  ({len(sd) // 3} LoRA modules, {step} steps, {seconds:.1f} s; mean loss epoch 1 "
+        print(f"saved {out}  ({modules} LoRA modules, {step} steps, {seconds:.1f} s; mean loss epoch 1 "
               f"{epoch_losses[0]:.4f} -> epoch {len(epoch_losses)} {epoch_losses[-1]:.4f})")
         return ExpertResult(expert, out, step, seconds, epoch_losses[0], epoch_losses[-1], epoch_losses)
 
@@ -330,6 +341,7 @@ class LoraPairRecipe:
         self.preflight(experts)
         self.prepare_caches()
         results = [self.train_expert(e) for e in experts]
+        print(f"loss plot: {plot_loss(self.p.run_dir / 'metrics.jsonl', self.p.run_dir / 'loss.png')}")
         summary = {"project": str(self.p.path), "name": self.p.name, "device": str(self.device),
                    "experts": [asdict(r) | {"lora": str(r.lora)} for r in results]}
         write_text_atomic(self.p.run_dir / "summary.json", json.dumps(summary, indent=2))

@@ -1,0 +1,74 @@
+"""What a run shows: one metrics line per optimizer step (JSON lines + TensorBoard) and a loss plot.
+
+`<output_dir>/<name>/metrics.jsonl` gets {expert, step, epoch, loss, smoothed_loss, lr, timestep,
+s_per_step, samples_per_s, gpu_mem_gib}; TensorBoard event files go to `<output_dir>/<name>/tensorboard/`
+(`tensorboard --logdir output/<name>/tensorboard`); `loss.png` plots loss against step and against
+timestep for each expert at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..atomic import atomic_path
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, expert: str, tensorboard: bool):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        self.expert = expert
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard" / expert))
+
+    def log(self, row: dict) -> None:
+        if torch.cuda.is_available():
+            row["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        self.file.write(json.dumps({"expert": self.expert, **row}) + "\n")
+        self.file.flush()
+        if self.writer:
+            for key in ("loss", "smoothed_loss", "lr", "timestep", "s_per_step"):
+                if key in row:
+                    self.writer.add_scalar(f"{key}", row[key], row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss(metrics_path: Path, out: Path) -> Path:
+    """loss.png: smoothed loss against step, and every step's loss against its timestep, per expert."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for expert, color in (("high", "tab:red"), ("low", "tab:blue")):
+        r = [x for x in rows if x["expert"] == expert]
+        if not r:
+            continue
+        a.plot([x["step"] for x in r], [x["smoothed_loss"] for x in r], color=color, label=f"{expert}-noise")
+        b.scatter([x["timestep"] for x in r], [x["loss"] for x in r], s=4, color=color, label=f"{expert}-noise")
+    a.set(xlabel="step", ylabel="loss (smoothed)", title="loss against step")
+    b.set(xlabel="timestep (0-1000)", ylabel="loss", title="loss against timestep")
+    a.legend()
+    b.legend()
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out
