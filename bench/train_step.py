@@ -94,7 +94,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
         if device.type == "cuda":
             torch.cuda.synchronize()
         s = time.perf_counter()
-        loss = train_step(model, optimizer, scheduler, acc, params, x0, noise, t, text, compute, 0.0)
+        loss, _ = train_step(model, optimizer, scheduler, acc, params, x0, noise, t, text, compute, 0.0)
         losses.append(loss.item())  # syncs
         if i >= warmup:
             times.append(time.perf_counter() - s)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import WanpairError
+from .train.state import StopRequested
 
 DESCRIPTION = """\
 Train the LoRA pair that Wan 2.2 T2V A14B needs -- one LoRA for the high-noise expert
@@ -92,7 +93,7 @@ def cmd_train(args) -> int:
 
     experts = ("high", "low") if args.expert == "both" else (args.expert,)
     results = LoraPairRecipe(_project(args.project), overwrite=args.overwrite,
-                             allow_expert_mismatch=args.allow_expert_mismatch).run(experts)
+                             allow_expert_mismatch=args.allow_expert_mismatch).run(experts, resume=args.resume)
     for r in results:
         print(f"{r.expert}-noise LoRA: {r.lora}")
     return 0
@@ -220,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing LoRA files of the same name")
     p.add_argument("--allow-expert-mismatch", action="store_true",
                    help="continue from an init_lora even if its metadata names the other expert")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="STATE",
+                   help="continue a stopped run from its newest saved state (or the STATE file given); "
+                        "needs save_state_every_n_steps/_epochs, or a run stopped with Ctrl-C/SIGTERM")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("timesteps", help="histogram of the timesteps an expert trains on, as configured",
@@ -311,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     except WanpairError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StopRequested as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

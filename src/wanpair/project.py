@@ -70,6 +70,10 @@ class TrainSettings:
     save_every_n_steps: int = 0
     keep_last: int = 0  # intermediate LoRAs kept per expert (0 = all)
     tensorboard: bool = True
+    save_state_every_n_steps: int = 0  # resumable training state (wanpair train --resume)
+    save_state_every_n_epochs: int = 0
+    keep_states: int = 2  # states kept (0 = all)
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops with a diagnosis
     epochs: int = 100
     max_steps: int = 0  # 0 = run all epochs
     seed: int = 5
@@ -176,7 +180,8 @@ def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings
     for key in ("alpha", "learning_rate", "discrete_flow_shift", "sigmoid_scale"):
         if getattr(t, key) <= 0:
             problems.append(f"{path}: [train] {key} must be positive.")
-    for key in ("lr_warmup_steps", "save_every_n_epochs", "save_every_n_steps", "keep_last", "max_steps"):
+    for key in ("lr_warmup_steps", "save_every_n_epochs", "save_every_n_steps", "keep_last", "max_steps",
+                "save_state_every_n_steps", "save_state_every_n_epochs", "keep_states", "max_bad_steps"):
         if getattr(t, key) < 0:
             problems.append(f"{path}: [train] {key} must not be negative.")
     if not 0 <= t.lr_warmup_ratio < 1 or not 0 <= t.lora_dropout < 1:

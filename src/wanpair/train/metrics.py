@@ -44,6 +44,16 @@ class MetricsLog:
             self.writer.close()
 
 
+def drop_metrics_after(path: Path, expert: str, step: int) -> None:
+    """On resume: forget the rows a killed run logged after its last saved state."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    keep = [line for line in lines if not (json.loads(line)["expert"] == expert and json.loads(line)["step"] > step)]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 

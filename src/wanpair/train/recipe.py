@@ -50,6 +50,9 @@ from .lora import DTYPES, add_lora, load_initial_lora, lora_state_dict, save_lor
 from .metrics import MetricsLog, plot_loss
 from .optim import build_optimizer, build_scheduler
 from .speed import checkpoint_blocks, compile_blocks
+from .state import (StopFlag, StopRequested, capture_rngs, list_states, load_state, lora_params, restore_rngs,
+                    run_lock, save_state)
+from .metrics import drop_metrics_after
 from .timesteps import sample_timesteps
 
 log = logging.getLogger(__name__)
@@ -75,17 +78,27 @@ def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype) -> list[
 
 
 def train_step(model, optimizer, scheduler, accelerator, params, x0, noise, t, text, compute_dtype,
-               max_grad_norm: float, weighting: str = "none") -> torch.Tensor:
-    """One micro-batch: loss, backward, and (when accumulation is complete) the optimizer step."""
+               max_grad_norm: float, weighting: str = "none") -> tuple[torch.Tensor, bool]:
+    """One micro-batch: loss, backward, and (when accumulation is complete) the optimizer step.
+
+    Returns the loss and whether the update was applied. Non-finite gradients (a NaN/Inf loss makes
+    them so) skip the update instead of poisoning the LoRA; the check is one host sync per optimizer
+    step. In fp16 accelerate's loss scaler does this itself (and lowers the scale).
+    """
+    ok = True
     with accelerator.accumulate(model):
         loss = flow_matching_loss(model, x0, noise, t, text, compute_dtype, weighting)
         accelerator.backward(loss)
-        if max_grad_norm > 0 and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        if accelerator.sync_gradients and accelerator.mixed_precision != "fp16":
+            grads = [p.grad for p in params if p.grad is not None]
+            ok = bool(torch.stack([g.isfinite().all() for g in grads] + [loss.detach().isfinite()]).all())
+        if ok:
+            if max_grad_norm > 0 and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss.detach(), ok
 
 
 @dataclass
@@ -252,7 +265,7 @@ class LoraPairRecipe:
         while self.t.keep_last and len(kept) > self.t.keep_last:
             kept.pop(0).unlink(missing_ok=True)
 
-    def train_expert(self, expert: str) -> ExpertResult:
+    def train_expert(self, expert: str, resume: dict | None = None) -> ExpertResult:
         t, window = self.t, self.p.experts[expert]
         compute_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.mixed_precision]
         random.seed(t.seed)
@@ -260,7 +273,7 @@ class LoraPairRecipe:
         torch.manual_seed(t.seed)
         model = load_dit(self.dits[expert].path, dtype=compute_dtype, device=self.device, info=self.dits[expert])
         params = prepare_expert(model, t, compute_dtype)
-        if window.init_lora:
+        if window.init_lora and resume is None:
             lora = read_lora(window.init_lora)
             check_expert(lora, expert, f"the {expert}-noise expert being trained", self.allow_expert_mismatch)
             print(f"continuing from {window.init_lora} ({load_initial_lora(model, lora, t.rank, t.alpha)} modules)")
@@ -279,51 +292,98 @@ class LoraPairRecipe:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         latents, texts = self._load_cached()
         gen = torch.Generator().manual_seed(t.seed)
+        step, first_epoch, first_pos, epoch_losses, losses, smoothed, kept = 0, 1, 0, [], [], None, []
+        if resume:
+            step, first_epoch, first_pos = resume["step"], resume["epoch"], resume["pos"]
+            epoch_losses, losses, smoothed, kept = resume["epoch_losses"], resume["losses"], resume["smoothed"], [Path(k) for k in resume["kept"]]
+            named = dict(accelerator.unwrap_model(model).named_parameters())
+            with torch.no_grad():
+                for name, value in resume["lora"].items():
+                    named[name].copy_(value)
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            if accelerator.scaler is not None and resume.get("scaler"):
+                accelerator.scaler.load_state_dict(resume["scaler"])
+            restore_rngs(resume["rngs"], gen)
+            drop_metrics_after(self.p.run_dir / "metrics.jsonl", expert, step)
+            print(f"resuming the {expert}-noise expert at step {step} (epoch {first_epoch})")
+
+        def snapshot(epoch: int, pos: int) -> dict:
+            return {"expert": expert, "step": step, "epoch": epoch, "pos": pos, "settings": asdict(t),
+                    "lora": lora_params(accelerator.unwrap_model(model)), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                    "rngs": capture_rngs(gen), "epoch_losses": epoch_losses, "losses": losses,
+                    "smoothed": smoothed, "kept": [str(k) for k in kept]}
+
         metrics = MetricsLog(self.p.run_dir, expert, t.tensorboard)
         print(f"training the {expert}-noise expert ({self.dits[expert].path.name}) on timesteps "
               f"{window.min_timestep}-{window.max_timestep}: {len(self.items)} items, {epochs} epochs, {total_steps} steps")
-        step, epoch_losses, smoothed, kept = 0, [], None, []
         start = last = time.perf_counter()
-        bar = tqdm(total=total_steps, desc=f"{expert}-noise", unit="step")
-        for epoch in range(1, epochs + 1):
-            order = list(range(len(batches)))
-            random.Random(t.seed * 100_003 + epoch).shuffle(order)  # new order per epoch, reproducible
-            losses, samples = [], 0
-            for b in order:
-                idx = batches[b]
-                x0 = torch.stack([latents[i] for i in idx]).float()
-                text = pad_text([texts[i].float() for i in idx])
-                noise = torch.randn(x0.shape, generator=gen)
-                tt = sample_timesteps(len(idx), t.timestep_sampling, (window.min_timestep, window.max_timestep),
-                                      shift=t.discrete_flow_shift, sigmoid_scale=t.sigmoid_scale,
-                                      preserve_shape=t.preserve_distribution_shape, generator=gen)
-                dev = accelerator.device
-                loss = train_step(model, optimizer, scheduler, accelerator, params, x0.to(dev), noise.to(dev),
-                                  tt.to(dev), text.to(dev), compute_dtype, t.max_grad_norm, t.loss_weighting)
-                value = loss.item()
-                losses.append(value)
-                samples += len(idx)
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                now = time.perf_counter()
-                smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
-                lr = scheduler.get_last_lr()[0]
-                metrics.log({"step": step, "epoch": epoch, "loss": value, "smoothed_loss": smoothed, "lr": lr,
-                             "timestep": float(1000 * tt[0]), "s_per_step": round(now - last, 4),
-                             "samples_per_s": round(samples / (now - last), 3)})
-                last, samples = now, 0
-                bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}")
-                bar.update()
-                if t.save_every_n_steps and step % t.save_every_n_steps == 0 and step < total_steps:
-                    self._save_intermediate(accelerator.unwrap_model(model), expert, step, epoch, kept)
+        bad, samples = 0, 0
+        bar = tqdm(total=total_steps, initial=step, desc=f"{expert}-noise", unit="step")
+        with StopFlag() as stop:
+            for epoch in range(first_epoch, epochs + 1):
+                order = list(range(len(batches)))
+                random.Random(t.seed * 100_003 + epoch).shuffle(order)  # new order per epoch, reproducible
+                pos = first_pos if epoch == first_epoch else 0
+                if epoch != first_epoch:
+                    losses = []
+                while pos < len(order) and step < total_steps:
+                    idx = batches[order[pos]]
+                    pos += 1
+                    x0 = torch.stack([latents[i] for i in idx]).float()
+                    text = pad_text([texts[i].float() for i in idx])
+                    noise = torch.randn(x0.shape, generator=gen)
+                    tt = sample_timesteps(len(idx), t.timestep_sampling, (window.min_timestep, window.max_timestep),
+                                          shift=t.discrete_flow_shift, sigmoid_scale=t.sigmoid_scale,
+                                          preserve_shape=t.preserve_distribution_shape, generator=gen)
+                    dev = accelerator.device
+                    loss, ok = train_step(model, optimizer, scheduler, accelerator, params, x0.to(dev), noise.to(dev),
+                                          tt.to(dev), text.to(dev), compute_dtype, t.max_grad_norm, t.loss_weighting)
+                    value = loss.item()
+                    samples += len(idx)
+                    if not accelerator.sync_gradients:
+                        losses.append(value)
+                        continue
+                    if not ok:
+                        bad += 1
+                        print(f"step {step + 1}: non-finite loss or gradients ({value}); update skipped ({bad} in a row)")
+                        if bad >= t.max_bad_steps:
+                            raise WanpairError(
+                                f"{bad} consecutive non-finite steps on the {expert}-noise expert; stopped without saving "
+                                f"a broken LoRA. Likely causes: learning_rate {t.learning_rate} too high (try a third), "
+                                + ("fp16 overflow (use mixed_precision = \"bf16\")." if t.mixed_precision == "fp16"
+                                   else "or a corrupt cache entry (delete the cache folder and run again)."))
+                        continue
+                    bad = 0
+                    losses.append(value)
+                    step += 1
+                    now = time.perf_counter()
+                    smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+                    lr = scheduler.get_last_lr()[0]
+                    metrics.log({"step": step, "epoch": epoch, "loss": value, "smoothed_loss": smoothed, "lr": lr,
+                                 "timestep": float(1000 * tt[0]), "s_per_step": round(now - last, 4),
+                                 "samples_per_s": round(samples / (now - last), 3)})
+                    last, samples = now, 0
+                    bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}")
+                    bar.update()
+                    if t.save_every_n_steps and step % t.save_every_n_steps == 0 and step < total_steps:
+                        self._save_intermediate(accelerator.unwrap_model(model), expert, step, epoch, kept)
+                    if t.save_state_every_n_steps and step % t.save_state_every_n_steps == 0 and step < total_steps:
+                        save_state(self.p.run_dir, expert, snapshot(epoch, pos), t.keep_states)
+                    if stop.signum:
+                        bar.close()
+                        metrics.close()
+                        self._stop(accelerator.unwrap_model(model), expert, snapshot(epoch, pos), stop.signum)
+                epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
                 if step >= total_steps:
                     break
-            epoch_losses.append(float(np.mean(losses)))
-            if step >= total_steps:
-                break
-            if t.save_every_n_epochs and epoch % t.save_every_n_epochs == 0:
-                self._save_intermediate(accelerator.unwrap_model(model), expert, step, epoch, kept)
+                if t.save_every_n_epochs and epoch % t.save_every_n_epochs == 0:
+                    self._save_intermediate(accelerator.unwrap_model(model), expert, step, epoch, kept)
+                if t.save_state_every_n_epochs and epoch % t.save_state_every_n_epochs == 0:
+                    losses = []
+                    save_state(self.p.run_dir, expert, snapshot(epoch + 1, 0), t.keep_states)
         bar.close()
         metrics.close()
         seconds = time.perf_counter() - start
@@ -336,12 +396,39 @@ class LoraPairRecipe:
               f"{epoch_losses[0]:.4f} -> epoch {len(epoch_losses)} {epoch_losses[-1]:.4f})")
         return ExpertResult(expert, out, step, seconds, epoch_losses[0], epoch_losses[-1], epoch_losses)
 
+    def _stop(self, model, expert: str, state: dict, signum: int) -> None:
+        """Ctrl-C / SIGTERM: save the state and the LoRA so far (marked partial), then stop."""
+        path = save_state(self.p.run_dir, expert, state, self.t.keep_states)
+        final = self.p.lora_path(expert)
+        partial = final.with_name(f"{final.stem}-partial-step{state['step']:06d}{final.suffix}")
+        sd = lora_state_dict(model, self.t.alpha, DTYPES[self.t.save_dtype])
+        save_lora(partial, sd, {**self._metadata(expert, state["step"], state["epoch"]), "wanpair.partial": "true"})
+        raise StopRequested(
+            f"stopped at step {state['step']} of the {expert}-noise expert; saved {partial.name} and the training "
+            f"state {path}.\nResume with:  wanpair train {self.p.path} --resume", signum)
+
     # ---------------------------------------------------------------- the whole run
-    def run(self, experts: tuple[str, ...] = ("high", "low")) -> list[ExpertResult]:
-        self.preflight(experts)
-        self.prepare_caches()
-        results = [self.train_expert(e) for e in experts]
-        print(f"loss plot: {plot_loss(self.p.run_dir / 'metrics.jsonl', self.p.run_dir / 'loss.png')}")
+    def run(self, experts: tuple[str, ...] = ("high", "low"), resume: str | None = None) -> list[ExpertResult]:
+        """The whole recipe. `resume`: a state file, or "latest" for the newest state of this run."""
+        state = None
+        if resume:
+            states = list_states(self.p.run_dir)
+            path = Path(resume) if resume != "latest" else (states[-1] if states else None)
+            if path is None:
+                raise WanpairError(f"no saved training state in {self.p.run_dir / 'state'}; set save_state_every_n_steps "
+                                   "(or _epochs) in [train] so a run can be resumed.")
+            state = load_state(path)
+            if state["settings"] != asdict(self.t):
+                changed = sorted(k for k, v in asdict(self.t).items() if state["settings"].get(k) != v)
+                raise WanpairError(f"[train] settings changed since {path} was saved ({', '.join(changed)}); "
+                                   "resuming would not continue the same run. Restore them or start over.")
+            experts = tuple(e for e in experts if e == state["expert"] or (state["expert"] == "high" and e == "low"))
+            print(f"resuming from {path}")
+        with run_lock(self.p.output_dir, self.p.name):
+            self.preflight(experts)
+            self.prepare_caches()
+            results = [self.train_expert(e, state if state and e == state["expert"] else None) for e in experts]
+            print(f"loss plot: {plot_loss(self.p.run_dir / 'metrics.jsonl', self.p.run_dir / 'loss.png')}")
         summary = {"project": str(self.p.path), "name": self.p.name, "device": str(self.device),
                    "experts": [asdict(r) | {"lora": str(r.lora)} for r in results]}
         write_text_atomic(self.p.run_dir / "summary.json", json.dumps(summary, indent=2))

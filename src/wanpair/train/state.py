@@ -1,0 +1,140 @@
+"""Resumable training state, the run lock, and stopping cleanly on Ctrl-C / SIGTERM.
+
+A state is everything the next step depends on: LoRA weights, optimizer and scheduler state,
+step / epoch / position in the epoch's (seeded) order, and every random generator (Python, NumPy,
+torch CPU and CUDA, and the generator that draws noise and timesteps). Resuming from it on a CPU
+continues bit for bit as if the run had never stopped. States live in
+`<output_dir>/<name>/state/<expert>-step<N>.pt`, are written atomically, and the last
+`keep_states` are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_path
+from ..errors import WanpairError
+
+
+class StopRequested(Exception):
+    """Raised after a clean stop (Ctrl-C, SIGTERM): state and a partial LoRA have been saved."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def lora_params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def capture_rngs(gen: torch.Generator) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "gen": gen.get_state()}
+
+
+def restore_rngs(rngs: dict, gen: torch.Generator) -> None:
+    random.setstate(rngs["python"])
+    np.random.set_state(rngs["numpy"])
+    torch.set_rng_state(rngs["torch"])
+    if rngs["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rngs["cuda"])
+    gen.set_state(rngs["gen"])
+
+
+def state_dir(run_dir: Path) -> Path:
+    return run_dir / "state"
+
+
+def save_state(run_dir: Path, expert: str, state: dict, keep: int) -> Path:
+    folder = state_dir(run_dir)
+    path = folder / f"{expert}-step{state['step']:08d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    if keep > 0:
+        for old in list_states(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def list_states(run_dir: Path) -> list[Path]:
+    """All states, oldest first (high-noise states come before low-noise ones: the run order)."""
+    order = {"high": 0, "low": 1}
+
+    def key(p: Path):
+        m = re.match(r"(high|low)-step(\d+)\.pt$", p.name)
+        return (order[m[1]], int(m[2])) if m else (9, 0)
+
+    return sorted((p for p in state_dir(run_dir).glob("*-step*.pt")), key=key)
+
+
+def load_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise WanpairError(f"training state {path} cannot be read ({e}); resume from an older one or start over.") from None
+    if not isinstance(state, dict) or "expert" not in state or "lora" not in state:
+        raise WanpairError(f"{path} is not a wanpair training state.")
+    return state
+
+
+@contextmanager
+def run_lock(output_dir: Path, name: str):
+    """One writer per output name: a second run refuses to start while the first is alive."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = output_dir / f".{name}.lock"
+    if lock.exists():
+        try:
+            pid = int(lock.read_text().strip() or 0)
+        except ValueError:
+            pid = 0
+        alive = False
+        if pid > 0:
+            try:
+                os.kill(pid, 0)
+                alive = pid != os.getpid()
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:
+                alive = True
+        if alive:
+            raise WanpairError(f"another wanpair run (pid {pid}) is writing {output_dir}/{name}; wait for it, or "
+                               f"give this run another name. (Lock file: {lock})")
+        print(f"note: removing a stale lock {lock} left by pid {pid}")
+    lock.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+class StopFlag:
+    """Turns SIGINT / SIGTERM into a flag the training loop checks after each optimizer step."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second Ctrl-C: stop right away
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving state and the LoRA so far")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False

@@ -1,0 +1,143 @@
+"""Nothing lost: resume after SIGKILL is bit-identical, SIGTERM saves, NaN steps are skipped, one writer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import set_train
+from wanpair.cli import main
+from wanpair.errors import WanpairError
+from wanpair.project import load_project
+from wanpair.train.recipe import LoraPairRecipe
+
+SETTINGS = dict(epochs=2, learning_rate=2e-3, save_state_every_n_steps=4, keep_states=2, tensorboard=False)
+
+
+def _start(project):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "wanpair.cli", "train", str(project)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_states(run_dir, expert, n, proc, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        if len(list((run_dir / "state").glob(f"{expert}-step*.pt"))) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError("training ended before it could be interrupted:\n" + proc.stdout.read())
+        time.sleep(0.05)
+    raise AssertionError("no training state appeared")
+
+
+def _tensors(path):
+    return load_file(str(path))
+
+
+@pytest.fixture
+def reference(demo, tmp_path):
+    """The same run, uninterrupted, in another copy of the demo."""
+    ref = tmp_path / "reference"
+    shutil.copytree(demo, ref)
+    set_train(ref / "wanpair.toml", **SETTINGS)
+    project, _ = load_project(ref / "wanpair.toml")
+    LoraPairRecipe(project).run()
+    return project
+
+
+def _same(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    return set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_sigkill_then_resume_gives_bit_identical_loras(demo, reference):
+    set_train(demo / "wanpair.toml", **SETTINGS)
+    project, _ = load_project(demo / "wanpair.toml")
+    proc = _start(demo / "wanpair.toml")
+    _wait_for_states(project.run_dir, "high", 2, proc)
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.wait()
+    assert not project.lora_path("high").exists()
+    assert main(["train", str(demo / "wanpair.toml"), "--resume"]) == 0
+    for expert in ("high", "low"):
+        assert _same(project.lora_path(expert), reference.lora_path(expert)), expert
+    assert not list(project.output_dir.glob(".*.tmp")) and not list((project.run_dir / "state").glob(".*.tmp"))
+
+
+def test_sigterm_saves_a_partial_lora_and_state_and_resume_finishes_the_same(demo, reference):
+    set_train(demo / "wanpair.toml", **SETTINGS)
+    project, _ = load_project(demo / "wanpair.toml")
+    proc = _start(demo / "wanpair.toml")
+    _wait_for_states(project.run_dir, "high", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "--resume" in out
+    (partial,) = project.output_dir.glob("WAN2.2-HighNoise_demo_shapes_v1-partial-step*.safetensors")
+    with safe_open(str(partial), "pt") as f:
+        assert f.metadata()["wanpair.partial"] == "true"
+    assert main(["train", str(demo / "wanpair.toml"), "--resume"]) == 0
+    assert _same(project.lora_path("high"), reference.lora_path("high"))
+    assert _same(project.lora_path("low"), reference.lora_path("low"))
+
+
+def test_resume_refuses_changed_settings(demo):
+    set_train(demo / "wanpair.toml", **{**SETTINGS, "epochs": 1})
+    project, _ = load_project(demo / "wanpair.toml")
+    LoraPairRecipe(project).run(("high",))
+    set_train(demo / "wanpair.toml", **{**SETTINGS, "epochs": 1, "learning_rate": 1e-3})
+    project, _ = load_project(demo / "wanpair.toml")
+    with pytest.raises(WanpairError, match="settings changed since .* \\(learning_rate\\)"):
+        LoraPairRecipe(project, overwrite=True).run(resume="latest")
+
+
+def test_nan_steps_are_skipped_and_a_nan_run_stops_without_saving(demo, monkeypatch):
+    import wanpair.train.recipe as recipe_mod
+
+    real = recipe_mod.flow_matching_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] % 3 == 0 else loss
+
+    monkeypatch.setattr(recipe_mod, "flow_matching_loss", sometimes_nan)
+    set_train(demo / "wanpair.toml", epochs=1, tensorboard=False)
+    project, _ = load_project(demo / "wanpair.toml")
+    (r,) = LoraPairRecipe(project, overwrite=True).run(("high",))
+    assert r.steps == 12  # 18 batches, every third skipped
+    assert all(torch.isfinite(v.float()).all() for v in _tensors(r.lora).values())
+
+    monkeypatch.setattr(recipe_mod, "flow_matching_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(WanpairError, match="5 consecutive non-finite steps.*learning_rate"):
+        LoraPairRecipe(project, overwrite=True).run(("low",))
+    assert not project.lora_path("low").exists()
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_is_cleared(demo, capsys):
+    set_train(demo / "wanpair.toml", epochs=1, tensorboard=False)
+    project, _ = load_project(demo / "wanpair.toml")
+    project.output_dir.mkdir(parents=True, exist_ok=True)
+    lock = project.output_dir / ".demo_shapes_v1.lock"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(sleeper.pid))
+        assert main(["train", str(demo / "wanpair.toml"), "--expert", "high"]) == 2
+        assert f"another wanpair run (pid {sleeper.pid})" in capsys.readouterr().err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert main(["train", str(demo / "wanpair.toml"), "--expert", "high"]) == 0  # the lock is stale now
+    assert "removing a stale lock" in capsys.readouterr().out
+    assert not lock.exists()
