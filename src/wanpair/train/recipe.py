@@ -20,6 +20,8 @@ import json
 import logging
 import math
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -40,7 +42,7 @@ from ..errors import WanpairError
 from ..models.dit import DitInfo, check_t2v_a14b, inspect_dit, load_dit
 from ..models.files import inspect_weight_file
 from ..models.kinds import identify
-from ..models.text_encoder import load_text_encoder, load_tokenizer
+from ..models.text_encoder import TEXT_LEN, load_text_encoder, load_tokenizer
 from ..models.vae import load_vae
 from ..project import Project, TrainSettings
 from .flow_matching import flow_matching_loss, pad_text
@@ -179,8 +181,35 @@ class LoraPairRecipe:
             self.items = require_clean(report)
         except WanpairError as e:
             problems.append(str(e))
+        problems += self._check_disk(experts)
         if problems:
             raise WanpairError("cannot start training:\n" + "\n".join(f"- {p}" for p in problems))
+
+    def _check_disk(self, experts: tuple[str, ...]) -> list[str]:
+        """Is the output folder writable, and is there room for caches, LoRAs and states? (an estimate)"""
+        out = self.p.output_dir
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=out):
+                pass
+        except OSError as e:
+            return [f"output_dir {out} is not writable ({e}); choose another output_dir."]
+        if not self.items or not self.dits:
+            return []
+        cfg = next(iter(self.dits.values())).config
+        dim, ffn, blocks = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], cfg["num_layers"]
+        lora_params = blocks * self.t.rank * (8 * 2 * dim + 2 * (dim + ffn))
+        lora_bytes = lora_params * (4 if self.t.save_dtype == "fp32" else 2)
+        saves = 1 + (self.t.keep_last or (self.t.epochs if self.t.save_every_n_epochs or self.t.save_every_n_steps else 0))
+        states = (self.t.keep_states or 10) if (self.t.save_state_every_n_steps or self.t.save_state_every_n_epochs) else 0
+        cache = sum(16 * ((it.frames - 1) // 4 + 1) * (it.bucket[0] // 8) * (it.bucket[1] // 8) * 4
+                    + TEXT_LEN * cfg["text_dim"] * 2 for it in self.items)
+        need = cache + len(experts) * (saves * lora_bytes + states * lora_params * 4 * 3)
+        free = shutil.disk_usage(out).free
+        print(f"disk: about {need / 2**30:.2f} GiB needed for caches, LoRAs and states; {free / 2**30:.1f} GiB free in {out}")
+        if need > free:
+            return [f"not enough disk space in {out}: about {need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free."]
+        return []
 
     # ---------------------------------------------------------------- caches
     def prepare_caches(self) -> CacheStats:
