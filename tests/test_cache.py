@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from conftest import set_train
 from wanpair.cli import main
 from wanpair.project import load_project
 from wanpair.train.recipe import LoraPairRecipe

@@ -55,7 +55,7 @@ def cmd_demo(args) -> int:
     print("\nDemo finished. The LoRA pair:")
     for r in results:
         print(f"  {r.expert}-noise: {r.lora}")
-        print(f"     mean loss per epoch: " + " ".join(f"{x:.3f}" for x in r.epoch_losses))
+        print("     mean loss per epoch: " + " ".join(f"{x:.3f}" for x in r.epoch_losses))
     print(f"Sample (tiny random models, so expect noise, not art): {picture}")
     print(f"\nProject file: {project_file}  (copy it and point [models] at your real weights)")
     return 0

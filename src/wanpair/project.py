@@ -20,18 +20,12 @@ shared/reference/wan22-lora-recipe.md) except where the README says why we diffe
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from .errors import WanpairError
+from .tomlfile import did_you_mean, read_toml
 
 # The Wan 2.2 T2V A14B expert boundary: the high-noise expert runs for t >= 0.875 (Wan2.2
 # `wan/configs/wan_t2v_A14B.py`: boundary = 0.875), on the 0..1000 timestep scale 875.
@@ -137,9 +131,7 @@ CHOICES = {
 
 
 def _unknown(key: str, valid, where: str, path: Path) -> str:
-    match = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
-    hint = f" Did you mean {match[0]!r}?" if match else f" Valid keys: {', '.join(sorted(valid))}."
-    return f"{path}: unknown key {key!r} in {where}.{hint}"
+    return f"{path}: unknown key {key!r} in {where}.{did_you_mean(key, valid)}"
 
 
 def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings:
@@ -225,13 +217,7 @@ def _experts(raw: dict, path: Path, problems: list[str], warnings: list[str], re
 
 def load_project(path: str | Path) -> tuple[Project, list[str]]:
     """Parse and validate a project file. Returns the project and non-fatal warnings; all errors at once."""
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise WanpairError(f"project file {path} does not exist. `wanpair demo` writes an example to copy.")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise WanpairError(f"{path} is not valid TOML: {e}") from None
+    path, raw = read_toml(path, "Write a project file (`wanpair demo` writes an example to copy).")
     problems: list[str] = []
     warnings: list[str] = []
     base = path.parent

@@ -7,17 +7,11 @@ error naming the closest valid key, because a typo (`num_repeat`) otherwise sile
 
 from __future__ import annotations
 
-import difflib
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 from ..errors import WanpairError
+from ..tomlfile import did_you_mean, read_toml
 
 # Keys allowed in [general] and inherited by each dataset (Musubi's "ascendable" keys).
 GENERAL_KEYS = {"caption_extension": str, "batch_size": int, "num_repeats": int, "resolution": (int, list),
@@ -63,17 +57,12 @@ class DatasetSpec:
         return self.source.parent / "cache" if self.from_jsonl else self.source / "cache"
 
 
-def _closest(key: str, valid) -> str:
-    match = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
-    return f" Did you mean {match[0]!r}?" if match else ""
-
-
 def _check_types(table: dict, schema: dict, where: str, path: Path, problems: list[str]) -> None:
     for key, value in table.items():
         if key in FRAMEPACK_KEYS:
             continue
         if key not in schema:
-            problems.append(f"{path}: unknown key {key!r} in {where}.{_closest(key, schema)}")
+            problems.append(f"{path}: unknown key {key!r} in {where}.{did_you_mean(key, schema)}")
             continue
         expected = schema[key]
         ok = isinstance(value, expected) and not (isinstance(value, bool) and expected in (int, (int, float)))
@@ -93,17 +82,11 @@ def _resolution(value, where: str, path: Path, problems: list[str]) -> tuple[int
 
 def load_dataset_config(path: str | Path) -> list[DatasetSpec]:
     """Parse and validate a Musubi `dataset.toml`; every problem is reported at once."""
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise WanpairError(f"dataset config {path} does not exist. Point `dataset.config` in your project at your dataset.toml.")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise WanpairError(f"{path} is not valid TOML: {e}") from None
+    path, raw = read_toml(path, "Point [dataset] config in your project at your Musubi dataset.toml.")
     problems: list[str] = []
     for key in raw:
         if key not in ("general", "datasets"):
-            problems.append(f"{path}: unknown top-level table {key!r}.{_closest(key, ['general', 'datasets'])}")
+            problems.append(f"{path}: unknown top-level table {key!r}.{did_you_mean(key, ['general', 'datasets'])}")
     general = raw.get("general", {})
     if not isinstance(general, dict):
         problems.append(f"{path}: [general] must be a table.")

@@ -15,6 +15,7 @@ state stay fp32. Gradient checkpointing recomputes each block's activations in t
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -418,9 +419,6 @@ class LoraPairRecipe:
         seconds = time.perf_counter() - start
         out = self.p.lora_path(expert)
         modules = self._save(accelerator.unwrap_model(model), expert, step, len(epoch_losses), out)
-        del model, optimizer, accelerator
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         print(f"saved {out}  ({modules} LoRA modules, {step} steps, {seconds:.1f} s; mean loss epoch 1 "
               f"{epoch_losses[0]:.4f} -> epoch {len(epoch_losses)} {epoch_losses[-1]:.4f})")
         return ExpertResult(expert, out, step, seconds, epoch_losses[0], epoch_losses[-1], epoch_losses)
@@ -456,7 +454,12 @@ class LoraPairRecipe:
         with run_lock(self.p.output_dir, self.p.name):
             self.preflight(experts)
             self.prepare_caches()
-            results = [self.train_expert(e, state if state and e == state["expert"] else None) for e in experts]
+            results = []
+            for e in experts:
+                results.append(self.train_expert(e, state if state and e == state["expert"] else None))
+                gc.collect()  # the expert just trained is garbage now: free its memory before the next loads
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             print(f"loss plot: {plot_loss(self.p.run_dir / 'metrics.jsonl', self.p.run_dir / 'loss.png')}")
         summary = {"project": str(self.p.path), "name": self.p.name, "device": str(self.device),
                    "experts": [asdict(r) | {"lora": str(r.lora)} for r in results]}

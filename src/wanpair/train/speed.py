@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch.utils.checkpoint import checkpoint
 
 
