@@ -113,3 +113,58 @@ def test_overfitting_one_image_drives_the_loss_down(demo):
     project, _ = load_project(demo / "wanpair.toml")
     (r,) = LoraPairRecipe(project, overwrite=True).run(("high",))
     assert sum(r.epoch_losses[-20:]) / 20 < 0.25 * sum(r.epoch_losses[:5]) / 5
+
+
+def test_logit_normal_conditioned_on_the_window():
+    from wanpair.train.timesteps import sample_timesteps
+
+    t = sample_timesteps(100_000, "logit_normal", (0, 875), logit_mean=0.5, logit_std=0.8,
+                         generator=torch.Generator().manual_seed(0)).double()
+    phi = lambda x: 0.5 * (1 + math.erf((math.log(x / (1 - x)) - 0.5) / 0.8 / math.sqrt(2)))  # noqa: E731
+    assert t.max() <= 0.875
+    assert abs((t <= 0.5).double().mean().item() - phi(0.5) / phi(0.875)) < 0.01
+
+
+def test_rank_and_module_dropout_act_only_in_training(demo_root):
+    from wanpair.models import load_dit
+    from wanpair.train.recipe import prepare_expert
+
+    def build(**kw):
+        torch.manual_seed(0)
+        m = load_dit(demo_root / "models" / "wan2.2_t2v_high_noise_tiny_fp16.safetensors", dtype=torch.float32)
+        prepare_expert(m, TrainSettings(fp8_base=False, gradient_checkpointing=False, **kw), torch.float32)
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)  # make the LoRA do something
+        return m
+
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 1, 8, 8, generator=g), timestep=torch.tensor([900.0]),
+                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)
+    plain = build().eval()
+    with torch.no_grad():
+        reference = plain(**inputs)[0]
+        plain.disable_adapters()
+        base = plain(**inputs)[0]
+        dropped = build(module_dropout=0.999999)
+        assert torch.allclose(dropped.eval()(**inputs)[0], reference, atol=1e-5)  # eval: no dropout
+        assert torch.allclose(dropped.train()(**inputs)[0], base, atol=1e-5)  # every module dropped
+        ranks = build(rank_dropout=0.5).train()
+        torch.manual_seed(1)
+        a = ranks(**inputs)[0]
+        torch.manual_seed(1)
+        assert torch.equal(a, ranks(**inputs)[0]) and not torch.allclose(a, reference, atol=1e-4)
+
+
+def test_batches_repeats_accumulation_and_max_steps(demo):
+    toml = demo / "dataset" / "dataset.toml"
+    toml.write_text(toml.read_text().replace("batch_size = 1", "batch_size = 2").replace("num_repeats = 1", "num_repeats = 2"))
+    set_train(demo / "wanpair.toml", epochs=3, gradient_accumulation_steps=2, max_steps=5, tensorboard=False)
+    project, _ = load_project(demo / "wanpair.toml")
+    recipe = LoraPairRecipe(project, overwrite=True)
+    (r,) = recipe.run(("high",))
+    batches = recipe._batches()
+    assert len(batches) == 18 and all(len(b) == 2 for b in batches)  # (12 + 6) images x 2 repeats / 2
+    assert r.steps == 5
+    rows = [json.loads(x) for x in (project.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2, 3, 4, 5] and rows[0]["samples_per_s"] > 0

@@ -57,6 +57,8 @@ class TrainSettings:
     optimizer: str = "adamw"
     optimizer_args: list = field(default_factory=list)  # ["betas=(0.9, 0.99)", "eps=1e-8"]
     lora_dropout: float = 0.0
+    rank_dropout: float = 0.0  # drop LoRA rank components per step (kohya/Musubi rank_dropout)
+    module_dropout: float = 0.0  # skip a whole LoRA module per step (kohya/Musubi module_dropout)
     include_modules: list = field(default_factory=list)  # regexes on original Wan module names, e.g. "ffn"
     exclude_modules: list = field(default_factory=list)
     loss_weighting: str = "none"  # none | sigma_sqrt | cosmap (SD3-style per-timestep weights)
@@ -74,6 +76,8 @@ class TrainSettings:
     timestep_sampling: str = "shift"
     discrete_flow_shift: float = 1.0
     sigmoid_scale: float = 1.0
+    logit_mean: float = 0.0  # logit_normal sampling
+    logit_std: float = 1.0
     preserve_distribution_shape: bool = True
     mixed_precision: str = "bf16"
     fp8_base: bool = True
@@ -121,7 +125,7 @@ MODEL_KEYS = {f.name for f in dataclasses.fields(Models)}
 TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings)}
 CHOICES = {
     "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
-    "timestep_sampling": ("uniform", "sigmoid", "shift"),
+    "timestep_sampling": ("uniform", "sigmoid", "shift", "logit_normal"),
     "mixed_precision": ("no", "bf16", "fp16"),
     "save_dtype": ("bf16", "fp16", "fp32"),
     "device": ("auto", "cpu", "cuda"),
@@ -176,8 +180,11 @@ def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings
                 "save_state_every_n_steps", "save_state_every_n_epochs", "keep_states", "max_bad_steps"):
         if getattr(t, key) < 0:
             problems.append(f"{path}: [train] {key} must not be negative.")
-    if not 0 <= t.lr_warmup_ratio < 1 or not 0 <= t.lora_dropout < 1:
-        problems.append(f"{path}: [train] lr_warmup_ratio and lora_dropout must be in [0, 1).")
+    for key in ("lr_warmup_ratio", "lora_dropout", "rank_dropout", "module_dropout"):
+        if not 0 <= getattr(t, key) < 1:
+            problems.append(f"{path}: [train] {key} must be in [0, 1).")
+    if t.logit_std <= 0:
+        problems.append(f"{path}: [train] logit_std must be positive.")
     if t.compile and t.fp8_base:
         problems.append(f"{path}: [train] compile = true needs fp8_base = false: diffusers' fp8 layerwise casting "
                         "casts weights back to fp8 before the compiled backward reads them.")

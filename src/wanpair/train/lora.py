@@ -52,6 +52,28 @@ def add_lora(model, rank: int, alpha: float, dropout: float = 0.0, include=(), e
     return params
 
 
+def add_lora_dropouts(model, rank_dropout: float, module_dropout: float) -> None:
+    """kohya/Musubi's extra LoRA regularisers, as forward hooks on peft's LoRA layers (training only):
+    rank dropout zeroes random rank components of lora_A's output (rescaled by 1/(1-p)); module
+    dropout drops a module's whole LoRA contribution for the step."""
+    if not rank_dropout and not module_dropout:
+        return
+    for module in model.modules():
+        if not (isinstance(module, LoraLayer) and "default" in module.lora_A):
+            continue
+        if rank_dropout:
+            def drop_ranks(mod, args, out, p=rank_dropout):
+                if not mod.training:
+                    return out
+                keep = (torch.rand(out.shape[-1], device=out.device) >= p).to(out.dtype)
+                return out * keep / (1 - p)
+            module.lora_A["default"].register_forward_hook(drop_ranks)
+        if module_dropout:
+            def drop_module(mod, args, out, p=module_dropout):
+                return out * 0 if mod.training and torch.rand(()) < p else out
+            module.lora_B["default"].register_forward_hook(drop_module)
+
+
 def kohya_name(module_path: str) -> str:
     """`blocks.0.attn1.to_out.0` -> `lora_unet_blocks_0_self_attn_o`."""
     return "lora_unet_" + to_original_name(module_path).replace(".", "_")

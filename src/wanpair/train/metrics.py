@@ -44,18 +44,24 @@ class MetricsLog:
             self.writer.close()
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """Every complete row; a last line cut short by a killed run is skipped."""
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def drop_metrics_after(path: Path, expert: str, step: int) -> None:
-    """On resume: forget the rows a killed run logged after its last saved state."""
+    """On resume: forget the rows a killed run logged after its last saved state (and any torn line)."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    keep = [line for line in lines if not (json.loads(line)["expert"] == expert and json.loads(line)["step"] > step)]
+    keep = [r for r in read_metrics(path) if not (r["expert"] == expert and r["step"] > step)]
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
 
 
 def plot_loss(metrics_path: Path, out: Path) -> Path:

@@ -49,7 +49,7 @@ from ..project import Project, TrainSettings
 from .flow_matching import flow_matching_loss, pad_text
 from ..export.formats import read_lora
 from ..export.merge import check_expert
-from .lora import DTYPES, add_lora, load_initial_lora, lora_state_dict, save_lora
+from .lora import DTYPES, add_lora, add_lora_dropouts, load_initial_lora, lora_state_dict, save_lora
 from .metrics import MetricsLog, plot_loss
 from .optim import build_optimizer, build_scheduler
 from .speed import checkpoint_blocks, compile_blocks
@@ -70,6 +70,7 @@ _FP8_SKIP = ("patch_embedding", "pos_embed", "norm", "^proj_in$", "^proj_out$", 
 def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype) -> list[torch.nn.Parameter]:
     """LoRA on, base frozen (optionally stored in fp8), checkpointing as configured; returns the trainable params."""
     params = add_lora(model, t.rank, t.alpha, t.lora_dropout, t.include_modules, t.exclude_modules)
+    add_lora_dropouts(model, t.rank_dropout, t.module_dropout)
     if t.fp8_base:
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
                                        skip_modules_pattern=_FP8_SKIP)
@@ -367,6 +368,7 @@ class LoraPairRecipe:
                     noise = torch.randn(x0.shape, generator=gen)
                     tt = sample_timesteps(len(idx), t.timestep_sampling, (window.min_timestep, window.max_timestep),
                                           shift=t.discrete_flow_shift, sigmoid_scale=t.sigmoid_scale,
+                                          logit_mean=t.logit_mean, logit_std=t.logit_std,
                                           preserve_shape=t.preserve_distribution_shape, generator=gen)
                     dev = accelerator.device
                     loss, ok = train_step(model, optimizer, scheduler, accelerator, params, x0.to(dev), noise.to(dev),

@@ -16,7 +16,8 @@ def draw(project: Project, expert: str, n: int = 100_000, seed: int | None = Non
     t, w = project.train, project.experts[expert]
     g = torch.Generator().manual_seed(project.train.seed if seed is None else seed)
     return 1000 * sample_timesteps(n, t.timestep_sampling, (w.min_timestep, w.max_timestep), shift=t.discrete_flow_shift,
-                                   sigmoid_scale=t.sigmoid_scale, preserve_shape=t.preserve_distribution_shape,
+                                   sigmoid_scale=t.sigmoid_scale, logit_mean=t.logit_mean, logit_std=t.logit_std,
+                                   preserve_shape=t.preserve_distribution_shape,
                                    generator=g).double().numpy()
 
 
