@@ -97,6 +97,20 @@ class ExpertWindow:
 
 
 @dataclass
+class SampleDuringTraining:
+    """[sample]: pictures while training, from a prompts file (one prompt per line)."""
+
+    prompts: Path | None = None
+    every_n_epochs: int = 0
+    every_n_steps: int = 0
+    width: int = 832
+    height: int = 480
+    frames: int = 1
+    steps: int = 40
+    seed: int = 42
+
+
+@dataclass
 class Project:
     path: Path
     name: str
@@ -107,6 +121,7 @@ class Project:
     train: TrainSettings = field(default_factory=TrainSettings)
     experts: dict[str, ExpertWindow] = field(default_factory=lambda: {
         "high": ExpertWindow(BOUNDARY, 1000), "low": ExpertWindow(0, BOUNDARY)})
+    sample: SampleDuringTraining = field(default_factory=SampleDuringTraining)
 
     @property
     def run_dir(self) -> Path:
@@ -120,7 +135,7 @@ class Project:
         return self.models.high_noise if expert == "high" else self.models.low_noise
 
 
-TOP_KEYS = {"name", "author", "output_dir", "models", "dataset", "train", "experts"}
+TOP_KEYS = {"name", "author", "output_dir", "models", "dataset", "train", "experts", "sample"}
 MODEL_KEYS = {f.name for f in dataclasses.fields(Models)}
 TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings)}
 CHOICES = {
@@ -222,6 +237,27 @@ def _experts(raw: dict, path: Path, problems: list[str], warnings: list[str], re
     return experts
 
 
+def _sample(raw: dict, path: Path, problems: list[str], resolve) -> SampleDuringTraining:
+    out = SampleDuringTraining()
+    fields = {f.name for f in dataclasses.fields(SampleDuringTraining)}
+    for key, value in raw.items():
+        if key not in fields:
+            problems.append(_unknown(key, fields, "[sample]", path))
+        elif key == "prompts":
+            out.prompts = resolve(value)
+            if not out.prompts.is_file():
+                problems.append(f"{path}: [sample] prompts file {out.prompts} does not exist (one prompt per line).")
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            problems.append(f"{path}: [sample] {key} = {value!r} must be a non-negative integer.")
+        else:
+            setattr(out, key, value)
+    if (out.every_n_epochs or out.every_n_steps) and out.prompts is None:
+        problems.append(f"{path}: [sample] every_n_epochs/every_n_steps need prompts = \"prompts.txt\".")
+    if out.width % 16 or out.height % 16 or (out.frames - 1) % 4:
+        problems.append(f"{path}: [sample] width/height must be multiples of 16 and frames 4k+1.")
+    return out
+
+
 def load_project(path: str | Path) -> tuple[Project, list[str]]:
     """Parse and validate a project file. Returns the project and non-fatal warnings; all errors at once."""
     path, raw = read_toml(path, "Write a project file (`wanpair demo` writes an example to copy).")
@@ -252,12 +288,13 @@ def load_project(path: str | Path) -> tuple[Project, list[str]]:
         problems.append(f"{path}: [dataset] config is missing (path to your Musubi-style dataset.toml).")
     train = _train_settings(raw.get("train", {}), path, problems)
     experts = _experts(raw.get("experts", {}), path, problems, warnings, resolve)
+    sample = _sample(raw.get("sample", {}), path, problems, resolve)
     if problems:
         raise WanpairError("\n".join(problems))
     models = Models(**{k: resolve(v) for k, v in models_raw.items()})
     project = Project(
         path=path, name=name, models=models, dataset_config=resolve(dataset_raw["config"]),
         output_dir=resolve(raw.get("output_dir", "output")), author=str(raw.get("author", "")),
-        train=train, experts=experts,
+        train=train, experts=experts, sample=sample,
     )
     return project, warnings

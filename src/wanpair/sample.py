@@ -75,30 +75,41 @@ def _lora_note(loras: dict[str, Path | None]) -> str:
     return "+".join(f"{e}{'Lora' if loras.get(e) else 'Base'}" for e in ("high", "low"))
 
 
+def load_expert(project: Project, expert: str, lora_path: Path | None, strength: float, dtype: torch.dtype,
+                allow_mismatch: bool = False):
+    """One expert from its file, with its LoRA applied at `strength` (refused if made for the other expert)."""
+    from .export.formats import read_lora
+    from .export.merge import apply_lora, check_expert
+    from .models import load_dit
+
+    path = project.dit_path(expert)
+    model = load_dit(path, dtype=dtype, device="cpu")
+    if lora_path:
+        lora = read_lora(lora_path)
+        check_expert(lora, expert, f"the {expert}-noise slot ({path.name})", allow_mismatch)
+        apply_lora(model, lora, strength)
+        log.info("applied %s to the %s-noise expert at strength %s", lora_path, expert, strength)
+    return model
+
+
+def make_pipeline(project: Project, high, low, shift: float):
+    """diffusers' WanPipeline over two experts, switching at the T2V boundary; prompts come as embeddings."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    from .models import load_vae
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=shift)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=load_vae(project.models.vae, dtype=torch.float32),
+                       scheduler=scheduler, transformer=high, transformer_2=low, boundary_ratio=BOUNDARY / 1000)
+
+
 def build_pipeline(project: Project, loras: dict[str, Path | None], settings: SampleSettings, device: torch.device,
                    dtype: torch.dtype, allow_mismatch: bool = False):
     """A diffusers WanPipeline over both experts with their LoRAs applied (no text encoder)."""
-    from diffusers import UniPCMultistepScheduler, WanPipeline
-
-    from .export.formats import read_lora
-    from .export.merge import apply_lora, check_expert
-    from .models import load_dit, load_vae
-
-    experts = {}
-    for expert, strength in (("high", settings.strength_high), ("low", settings.strength_low)):
-        path = project.dit_path(expert)
-        model = load_dit(path, dtype=dtype, device="cpu")
-        if loras.get(expert):
-            lora = read_lora(loras[expert])
-            check_expert(lora, expert, f"the {expert}-noise slot ({path.name})", allow_mismatch)
-            apply_lora(model, lora, strength)
-            log.info("applied %s to the %s-noise expert at strength %s", loras[expert], expert, strength)
-        experts[expert] = model
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                        num_train_timesteps=1000, flow_shift=settings.shift)
-    vae = load_vae(project.models.vae, dtype=torch.float32)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=experts["high"],
-                       transformer_2=experts["low"], boundary_ratio=BOUNDARY / 1000)
+    experts = {e: load_expert(project, e, loras.get(e), getattr(settings, f"strength_{e}"), dtype, allow_mismatch)
+               for e in ("high", "low")}
+    pipe = make_pipeline(project, experts["high"], experts["low"], settings.shift)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         need = sum(p.numel() * p.element_size() for m in experts.values() for p in m.parameters())
@@ -162,6 +173,11 @@ def sample(project: Project, prompts: list[str], settings: SampleSettings, loras
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     embeds, negative = encode_prompts(project, prompts, settings.negative_prompt, device, dtype)
     pipe = build_pipeline(project, loras, settings, device, dtype, allow_mismatch)
+    return run_prompts(pipe, prompts, embeds, negative, settings, loras, out_dir, project, device, dtype, name_prefix)
+
+
+def run_prompts(pipe, prompts, embeds, negative, settings: SampleSettings, loras: dict, out_dir: Path, project: Project,
+                device: torch.device, dtype: torch.dtype, name_prefix: str = "") -> list[Path]:
     written = []
     for i, (prompt, emb) in enumerate(zip(prompts, embeds)):
         generator = torch.Generator().manual_seed(settings.seed + i)
@@ -175,3 +191,40 @@ def sample(project: Project, prompts: list[str], settings: SampleSettings, loras
         written.append(save_output(frames, out_dir / stem, info, settings.fps))
         print(f"wrote {written[-1]}")
     return written
+
+
+class TrainingSampler:
+    """Samples during training: the expert being trained (LoRA as it is now) with the other expert as it is,
+    or with its LoRA when this run already trained it. File names say which (e.g. `highLora+lowBase`)."""
+
+    def __init__(self, project: Project, prompts: list[str], settings: SampleSettings, device: torch.device,
+                 dtype: torch.dtype):
+        self.project, self.prompts, self.settings, self.device, self.dtype = project, prompts, settings, device, dtype
+        self.embeds, self.negative = encode_prompts(project, prompts, settings.negative_prompt, device, dtype)
+        self.others: dict[str, object] = {}
+
+    def __call__(self, model, expert: str, step: int, autocast, writer=None) -> list[Path]:
+        other = "low" if expert == "high" else "high"
+        other_lora = self.project.lora_path(other) if self.project.lora_path(other).exists() else None
+        key = f"{other}:{other_lora}"
+        if key not in self.others:
+            self.others = {key: load_expert(self.project, other, other_lora, 1.0, self.dtype)}
+        other_model = self.others[key].to(self.device)
+        pipe = make_pipeline(self.project, *((model, other_model) if expert == "high" else (other_model, model)),
+                             self.settings.shift).to(self.device)
+        loras = {expert: "training", other: other_lora}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), autocast():
+                written = run_prompts(pipe, self.prompts, self.embeds, self.negative, self.settings, loras,
+                                      self.project.run_dir / "samples", self.project, self.device, self.dtype,
+                                      name_prefix=f"{expert}-step{step:06d}_")
+        finally:
+            model.train(was_training)
+            self.others[key] = other_model.to("cpu")
+        if writer is not None:
+            for i, path in enumerate(written):
+                if path.suffix == ".png":
+                    writer.add_image(f"samples/{expert}/{i:02d}", np.asarray(Image.open(path)), step, dataformats="HWC")
+        return written

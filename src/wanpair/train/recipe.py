@@ -123,6 +123,7 @@ class LoraPairRecipe:
         self.t = project.train
         self.overwrite = overwrite
         self.items: list[Item] = []
+        self.sampler = None
         self.dits: dict[str, DitInfo] = {}
         self.device = torch.device("cuda" if self.t.device == "auto" and torch.cuda.is_available()
                                    else "cpu" if self.t.device == "auto" else self.t.device)
@@ -233,6 +234,18 @@ class LoraPairRecipe:
         if any(x is None for x in latents + texts):
             raise WanpairError("a cache entry vanished or became unreadable during the run; run again to re-encode it.")
         return latents, texts
+
+    def _sampler(self):
+        """Prompts are encoded once, before training, so the text encoder is not kept around."""
+        cfg = self.p.sample
+        if not (cfg.every_n_epochs or cfg.every_n_steps):
+            return None
+        from ..sample import SampleSettings, TrainingSampler
+
+        prompts = [x.strip() for x in cfg.prompts.read_text(encoding="utf-8").splitlines() if x.strip()]
+        settings = SampleSettings(width=cfg.width, height=cfg.height, frames=cfg.frames, steps=cfg.steps, seed=cfg.seed)
+        dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.t.mixed_precision]
+        return TrainingSampler(self.p, prompts, settings, self.device, dtype)
 
     # ---------------------------------------------------------------- training
     def _batches(self) -> list[list[int]]:
@@ -348,6 +361,12 @@ class LoraPairRecipe:
                     "smoothed": smoothed, "kept": [str(k) for k in kept]}
 
         metrics = MetricsLog(self.p.run_dir, expert, t.tensorboard)
+        sample_cfg = self.p.sample
+
+        def maybe_sample(every: int, count: int) -> None:
+            if self.sampler and every and count % every == 0:
+                self.sampler(accelerator.unwrap_model(model), expert, step, accelerator.autocast, metrics.writer)
+
         print(f"training the {expert}-noise expert ({self.dits[expert].path.name}) on timesteps "
               f"{window.min_timestep}-{window.max_timestep}: {len(self.items)} items, {epochs} epochs, {total_steps} steps")
         start = last = time.perf_counter()
@@ -404,11 +423,13 @@ class LoraPairRecipe:
                         self._save_intermediate(accelerator.unwrap_model(model), expert, step, epoch, kept)
                     if t.save_state_every_n_steps and step % t.save_state_every_n_steps == 0 and step < total_steps:
                         save_state(self.p.run_dir, expert, snapshot(epoch, pos), t.keep_states)
+                    maybe_sample(sample_cfg.every_n_steps, step)
                     if stop.signum:
                         bar.close()
                         metrics.close()
                         self._stop(accelerator.unwrap_model(model), expert, snapshot(epoch, pos), stop.signum)
                 epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
+                maybe_sample(sample_cfg.every_n_epochs, epoch)
                 if step >= total_steps:
                     break
                 if t.save_every_n_epochs and epoch % t.save_every_n_epochs == 0:
@@ -456,6 +477,7 @@ class LoraPairRecipe:
         with run_lock(self.p.output_dir, self.p.name):
             self.preflight(experts)
             self.prepare_caches()
+            self.sampler = self._sampler()
             results = []
             for e in experts:
                 results.append(self.train_expert(e, state if state and e == state["expert"] else None))
