@@ -135,6 +135,9 @@ class LoraPairRecipe:
             problems.append("[train] device = \"cuda\" but no CUDA GPU is visible; use device = \"auto\".")
         if self.device.type == "cpu" and self.t.mixed_precision == "fp16":
             problems.append("[train] mixed_precision = \"fp16\" needs a GPU; use \"bf16\" on the CPU.")
+        if self.device.type == "cuda" and self.t.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+            problems.append(f"[train] mixed_precision = \"bf16\" but {torch.cuda.get_device_name()} has no bf16; "
+                            "use \"fp16\" (the recipe's setting) on this GPU.")
         for expert in experts:
             out = self.p.lora_path(expert)
             if out.exists() and not self.overwrite:
@@ -296,6 +299,11 @@ class LoraPairRecipe:
             "wanpair.settings": json.dumps(asdict(t), sort_keys=True),
         }
 
+    @property
+    def saves_states(self) -> bool:
+        """States are written when asked for, and then also at every intermediate LoRA save."""
+        return bool(self.t.save_state_every_n_steps or self.t.save_state_every_n_epochs)
+
     def _save(self, model, expert: str, step: int, epochs: int, out: Path) -> int:
         sd = lora_state_dict(model, self.t.alpha, DTYPES[self.t.save_dtype])
         save_lora(out, sd, self._metadata(expert, step, epochs))
@@ -419,9 +427,11 @@ class LoraPairRecipe:
                     last, samples = now, 0
                     bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}")
                     bar.update()
-                    if t.save_every_n_steps and step % t.save_every_n_steps == 0 and step < total_steps:
+                    lora_save = t.save_every_n_steps and step % t.save_every_n_steps == 0 and step < total_steps
+                    if lora_save:
                         self._save_intermediate(accelerator.unwrap_model(model), expert, step, epoch, kept)
-                    if t.save_state_every_n_steps and step % t.save_state_every_n_steps == 0 and step < total_steps:
+                    state_save = t.save_state_every_n_steps and step % t.save_state_every_n_steps == 0
+                    if step < total_steps and (state_save or (lora_save and self.saves_states)):
                         save_state(self.p.run_dir, expert, snapshot(epoch, pos), t.keep_states)
                     maybe_sample(sample_cfg.every_n_steps, step)
                     if stop.signum:
@@ -432,9 +442,10 @@ class LoraPairRecipe:
                 maybe_sample(sample_cfg.every_n_epochs, epoch)
                 if step >= total_steps:
                     break
-                if t.save_every_n_epochs and epoch % t.save_every_n_epochs == 0:
+                lora_save = t.save_every_n_epochs and epoch % t.save_every_n_epochs == 0
+                if lora_save:
                     self._save_intermediate(accelerator.unwrap_model(model), expert, step, epoch, kept)
-                if t.save_state_every_n_epochs and epoch % t.save_state_every_n_epochs == 0:
+                if (t.save_state_every_n_epochs and epoch % t.save_state_every_n_epochs == 0) or (lora_save and self.saves_states):
                     losses = []
                     save_state(self.p.run_dir, expert, snapshot(epoch + 1, 0), t.keep_states)
         bar.close()
