@@ -196,8 +196,7 @@ class LoraPairRecipe:
         out = self.p.output_dir
         try:
             out.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=out):
-                pass
+            tempfile.NamedTemporaryFile(dir=out).close()  # can we create (and remove) a file there?
         except OSError as e:
             return [f"output_dir {out} is not writable ({e}); choose another output_dir."]
         if not self.items or not self.dits:
