@@ -20,6 +20,8 @@ Train the LoRA pair that Wan 2.2 T2V A14B needs -- one LoRA for the high-noise e
   wanpair check wanpair.toml        find dataset problems before spending GPU time
   wanpair cache wanpair.toml        encode latents + captions (train does this too)
   wanpair train wanpair.toml        check, cache, train both experts, save both LoRAs
+  wanpair sample wanpair.toml --prompt "..."   see what the pair does (both experts, like Wan 2.2)
+  wanpair inspect LORA / export / merge        which expert a LoRA is for; convert; bake into a base
 
 A project file (wanpair.toml) names your model files, your Musubi-style dataset.toml and a
 run name; every training setting defaults to the proven recipe. `wanpair demo` writes one
@@ -189,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanpair", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"wanpair {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded from where, in detail")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show the messages of diffusers, transformers, accelerate and peft")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="run the whole recipe on a tiny built-in example (no downloads, CPU)",
