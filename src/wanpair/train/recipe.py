@@ -95,7 +95,8 @@ def train_step(model, optimizer, scheduler, accelerator, params, x0, noise, t, t
         accelerator.backward(loss)
         if accelerator.sync_gradients and accelerator.mixed_precision != "fp16":
             grads = [p.grad for p in params if p.grad is not None]
-            ok = bool(torch.stack([g.isfinite().all() for g in grads] + [loss.detach().isfinite()]).all())
+            norms = torch._foreach_norm(grads) if grads else []  # one fused pass instead of a check per tensor
+            ok = bool(torch.stack([*norms, loss.detach()]).isfinite().all())
         if ok:
             if max_grad_norm > 0 and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, max_grad_norm)
