@@ -71,7 +71,12 @@ def test_check_reports_clips_and_broken_videos(tmp_path):
     assert "frames" in report.render()
 
 
-def test_video_dataset_trains_end_to_end(demo, tmp_path):
+def test_video_dataset_trains_end_to_end(demo, tmp_path, monkeypatch):
+    import wanpair.cache
+
+    decoded = []
+    real_read = wanpair.cache.read_frames
+    monkeypatch.setattr(wanpair.cache, "read_frames", lambda p: decoded.append(p) or real_read(p))
     make_videos(demo / "videos")
     text = (demo / "wanpair.toml").read_text().replace('config = "dataset/dataset.toml"', 'config = "videos/dataset.toml"')
     (demo / "wanpair.toml").write_text(text)
@@ -83,3 +88,4 @@ def test_video_dataset_trains_end_to_end(demo, tmp_path):
     latent = load_file(recipe.cache_plan.latent_paths[nine])["value"]
     assert latent.shape == (16, 3, 6, 8)  # (9 - 1) / 4 + 1 latent frames of 48x64 / 8
     assert results[0].steps == 5 and results[0].lora.exists()
+    assert sorted(p.name for p in decoded) == ["clip_a.mp4", "clip_b"]  # each video decoded once for all its clips

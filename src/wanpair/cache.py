@@ -9,8 +9,10 @@ unreadable entry is simply encoded again.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,8 @@ from .atomic import atomic_path
 from .data.buckets import resize_and_crop
 from .data.items import Item, load_rgb
 from .data.video import read_frames, resample
-from .models.files import fingerprint
+from .errors import WanpairError
+from .models.files import fingerprint, safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +93,35 @@ class CachePlan:
     missing_texts: list[int]
 
 
+def entry_ok(path: Path) -> bool:
+    """A cache entry exists and is whole: checked from its header and size, without reading the tensor."""
+    if not path.is_file():
+        return False
+    try:
+        safetensors_header(path)
+        return True
+    except WanpairError as e:
+        log.warning("cache entry %s is damaged (%s); encoding it again", path, e)
+        return False
+
+
 def plan(items: list[Item], cache_dirs: dict[int, Path], vae_fp: str, t5_fp: str, tokenizer_fp: str) -> CachePlan:
     lat = [cache_dirs[it.dataset] / f"latent_{latent_key(it, vae_fp)}.safetensors" for it in items]
     txt = [cache_dirs[it.dataset] / f"text_{text_key(it.caption, t5_fp, tokenizer_fp)}.safetensors" for it in items]
-    return CachePlan(lat, txt, [i for i, p in enumerate(lat) if read_entry(p) is None],
-                     [i for i, p in enumerate(txt) if read_entry(p) is None])
+    return CachePlan(lat, txt, [i for i, p in enumerate(lat) if not entry_ok(p)],
+                     [i for i, p in enumerate(txt) if not entry_ok(p)])
+
+
+@functools.lru_cache(maxsize=1)
+def _video_frames(path: Path, source_fps: float | None) -> list:
+    """Decoded once for all the clips cut from one video (`fill` encodes a video's clips back to back)."""
+    return resample(read_frames(path), source_fps)
 
 
 def pixels(item: Item) -> torch.Tensor:
     """The item's bucket-sized pixels as a [3, F, H, W] tensor in [-1, 1] (Wan's VAE input range)."""
     if item.is_video:
-        frames = resample(read_frames(item.image), item.source_fps)[item.start:item.start + item.frames]
+        frames = _video_frames(item.image, item.source_fps)[item.start:item.start + item.frames]
     else:
         frames = [load_rgb(item.image)]
     arr = np.stack([resize_and_crop(f, item.bucket) for f in frames])  # F, H, W, 3
@@ -125,11 +146,14 @@ def fill(items: list[Item], cplan: CachePlan, load_vae_fn, load_text_fn, batch_s
                        texts_reused=len(items) - len(cplan.missing_texts))
     if cplan.missing_latents:
         vae = load_vae_fn()
-        by_bucket: dict[tuple, list[int]] = {}
-        for i in cplan.missing_latents:
-            by_bucket.setdefault((items[i].bucket, items[i].frames), []).append(i)
+        # Batches hold one shape (bucket, frames). Images are ordered by shape; a video's clips stay
+        # together so the video is decoded once for all of them.
+        def batch_key(i: int) -> tuple:
+            return (str(items[i].image) if items[i].is_video else "", items[i].bucket, items[i].frames)
+
         with tqdm(total=len(cplan.missing_latents), desc="caching latents", unit="img") as bar:
-            for group in by_bucket.values():
+            for _, grouped in itertools.groupby(sorted(cplan.missing_latents, key=batch_key), key=batch_key):
+                group = list(grouped)
                 for start in range(0, len(group), batch_size):
                     chunk = group[start:start + batch_size]
                     latents = encode_latents(vae, torch.stack([pixels(items[i]) for i in chunk]))
@@ -138,6 +162,7 @@ def fill(items: list[Item], cplan: CachePlan, load_vae_fn, load_text_fn, batch_s
                         stats.latents_encoded += 1
                     bar.update(len(chunk))
         del vae
+        _video_frames.cache_clear()
         gc.collect()
     if cplan.missing_texts:
         te, tok = load_text_fn()

@@ -68,9 +68,11 @@ def cmd_check(args) -> int:
     from .data.items import check_dataset
     from .models.text_encoder import load_tokenizer
 
-    path = Path(args.file)
+    from .tomlfile import read_toml
+
+    path, raw = read_toml(args.file, "Give a wanpair.toml project or a Musubi dataset.toml.")
     tokenizer = None
-    if path.suffix == ".toml" and "[models]" in path.read_text(encoding="utf-8", errors="replace"):
+    if "models" in raw:  # a project file: check its dataset, with its tokenizer for caption lengths
         project = _project(args.file)
         dataset_config = project.dataset_config
         tokenizer = load_tokenizer(project.models.tokenizer)

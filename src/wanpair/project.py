@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .errors import WanpairError
 from .tomlfile import did_you_mean, read_toml
 
@@ -87,6 +89,11 @@ class TrainSettings:
     gradient_accumulation_steps: int = 1
     save_dtype: str = "bf16"
     device: str = "auto"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the frozen base computes in (and the experts load in)."""
+        return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.mixed_precision]
 
 
 @dataclass

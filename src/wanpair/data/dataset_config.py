@@ -7,7 +7,7 @@ error naming the closest valid key, because a typo (`num_repeat`) otherwise sile
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import WanpairError
@@ -47,7 +47,6 @@ class DatasetSpec:
     frame_sample: int = 1
     max_frames: int = 129
     source_fps: float | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def cache_dir(self) -> Path:

@@ -70,6 +70,7 @@ def merge_into_file(base: Path, lora: LoraWeights, out: Path, strength: float = 
         raise WanpairError(f"{base}: merge needs a .safetensors base model.")
     check_expert(lora, guess_expert(base, {}), str(base), allow_mismatch)
     header = safetensors_header(base)
+    header.pop("__data_start__")
     metadata = header.pop("__metadata__", None) or {}
     prefix = strip_prefix(tuple(header))
     targets = {prefix + m + ".weight": m for m in lora.modules}

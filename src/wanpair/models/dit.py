@@ -216,7 +216,8 @@ def load_dit(
     # (real weight = fp8 * scale_weight) and a `scaled_fp8` marker; the scales are applied here.
     extra = [k for k in info.file.keys if k.endswith((".scale_weight", ".scale_input")) or k == prefix + "scaled_fp8"]
     scales = dict(iter_tensors(info.path, [k for k in extra if k.endswith(".scale_weight")]))
-    keys = [k for k in info.file.keys if k not in set(extra)]
+    skip = set(extra)
+    keys = [k for k in info.file.keys if k not in skip]
     names = original_to_diffusers_names([k[len(prefix):] for k in keys])
     seen: set[str] = set()
     for key, tensor in tqdm(iter_tensors(info.path, keys), total=len(keys), desc="DiT", unit="tensor", leave=False):

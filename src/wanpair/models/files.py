@@ -61,6 +61,7 @@ def fingerprint(path: Path) -> str:
 
 
 def safetensors_header(path: Path) -> dict:
+    """The parsed header (with `__data_start__`, where tensor bytes begin), validated against the file size."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -82,6 +83,7 @@ def safetensors_header(path: Path) -> dict:
             f"{path} is truncated: its header describes {8 + n + data_end} bytes but the file has "
             f"{size}. The download or copy did not finish; download it again."
         )
+    header["__data_start__"] = 8 + n
     return header
 
 
@@ -95,6 +97,7 @@ def inspect_weight_file(path: str | Path) -> WeightFile:
     size = path.stat().st_size
     if path.suffix == ".safetensors":
         header = safetensors_header(path)
+        header.pop("__data_start__")
         meta = header.pop("__metadata__", None) or {}
         keys = tuple(header)
         dtypes = tuple(sorted({v["dtype"] for v in header.values()}))
@@ -132,7 +135,7 @@ def _read_safetensors(path: Path, keys) -> Iterator[tuple[str, torch.Tensor]]:
     """
     header = safetensors_header(path)
     header.pop("__metadata__", None)
-    start = 8 + struct.unpack("<Q", path.open("rb").read(8))[0]
+    start = header.pop("__data_start__")
     with open(path, "rb", buffering=0) as f:
         for key in keys if keys is not None else header:
             info = header[key]

@@ -247,8 +247,7 @@ class LoraPairRecipe:
 
         prompts = [x.strip() for x in cfg.prompts.read_text(encoding="utf-8").splitlines() if x.strip()]
         settings = SampleSettings(width=cfg.width, height=cfg.height, frames=cfg.frames, steps=cfg.steps, seed=cfg.seed)
-        dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.t.mixed_precision]
-        return TrainingSampler(self.p, prompts, settings, self.device, dtype)
+        return TrainingSampler(self.p, prompts, settings, self.device, self.t.compute_dtype)
 
     # ---------------------------------------------------------------- training
     def _batches(self) -> list[list[int]]:
@@ -319,7 +318,7 @@ class LoraPairRecipe:
 
     def train_expert(self, expert: str, resume: dict | None = None) -> ExpertResult:
         t, window = self.t, self.p.experts[expert]
-        compute_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.mixed_precision]
+        compute_dtype = t.compute_dtype
         random.seed(t.seed)
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
