@@ -82,10 +82,13 @@ class TrainSettings:
     logit_std: float = 1.0
     preserve_distribution_shape: bool = True
     mixed_precision: str = "bf16"
-    fp8_base: bool = True
+    fp8_base: bool = True  # block weights stored as fp8 (e4m3) with a scale per row
+    fp8_matmul: str = "auto"  # fp8 tensor-core matmuls for the frozen base (auto: GPUs that have them)
     gradient_checkpointing: bool = True
-    checkpoint_blocks: int = -1  # with gradient_checkpointing: how many blocks recompute (-1 = all)
-    compile: bool = False  # torch.compile the transformer block (GPU; first steps are slower)
+    checkpoint_blocks: int = -1  # how many blocks recompute activations (-1 = as many as memory needs; CPU: all)
+    compile: str = "auto"  # torch.compile the transformer block (auto: on a GPU; the first step is slower)
+    memory_mode: str = "auto"  # auto | fast (never stream blocks) | low (fit in 16 GiB, streaming blocks)
+    memory_budget_gb: float = 0.0  # GPU memory the run may use (0 = what the GPU has free)
     gradient_accumulation_steps: int = 1
     save_dtype: str = "bf16"
     device: str = "auto"
@@ -153,6 +156,9 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "optimizer": ("adamw", "adamw8bit", "adafactor", "prodigy"),
     "loss_weighting": ("none", "sigma_sqrt", "cosmap"),
+    "fp8_matmul": ("auto", "on", "off"),
+    "compile": ("auto", "on", "off"),
+    "memory_mode": ("auto", "fast", "low"),
 }
 
 
@@ -168,6 +174,8 @@ def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings
             problems.append(_unknown(key, TRAIN_FIELDS, "[train]", path))
             continue
         default = getattr(defaults, key)
+        if key in CHOICES and CHOICES[key][1:] == ("on", "off") and isinstance(value, bool):
+            value = "on" if value else "off"  # `compile = true` reads as well as "on"
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, float):
@@ -207,9 +215,13 @@ def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings
             problems.append(f"{path}: [train] {key} must be in [0, 1).")
     if t.logit_std <= 0:
         problems.append(f"{path}: [train] logit_std must be positive.")
-    if t.compile and t.fp8_base:
-        problems.append(f"{path}: [train] compile = true needs fp8_base = false: diffusers' fp8 layerwise casting "
-                        "casts weights back to fp8 before the compiled backward reads them.")
+    if t.memory_budget_gb < 0:
+        problems.append(f"{path}: [train] memory_budget_gb must not be negative (0 = what the GPU has).")
+    if t.fp8_matmul == "on" and not t.fp8_base:
+        problems.append(f"{path}: [train] fp8_matmul = \"on\" needs fp8_base = true (the weights it multiplies).")
+    if t.memory_mode == "low" and not (t.fp8_base and t.gradient_checkpointing):
+        problems.append(f"{path}: [train] memory_mode = \"low\" streams fp8 blocks with checkpointing; "
+                        "it needs fp8_base = true and gradient_checkpointing = true.")
     if t.fp8_base and t.mixed_precision == "no":
         problems.append(f"{path}: [train] fp8_base = true needs mixed_precision = \"bf16\" or \"fp16\" for compute.")
     return t

@@ -23,6 +23,7 @@ from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffu
 from tqdm.auto import tqdm
 
 from ..errors import WanpairError
+from .fp8 import Fp8Linear, to_fp8_linears
 from .files import WeightFile, fingerprint, inspect_weight_file, iter_tensors, strip_prefix
 from .kinds import identify
 
@@ -195,21 +196,29 @@ def load_dit(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     info: DitInfo | None = None,
+    fp8: bool = False,
 ) -> WanTransformer3DModel:
     """Load a Wan DiT into diffusers' `WanTransformer3DModel`, streaming tensor by tensor.
 
     The model is built on the meta device and each tensor is converted to `dtype` on `device` as it
     is read, so host memory never holds the whole checkpoint. Modules diffusers keeps in fp32
-    (time embedding, modulation tables, norms) stay fp32.
+    (time embedding, modulation tables, norms) stay fp32. With `fp8`, every block Linear becomes an
+    `Fp8Linear` and its weight is quantised as it arrives, so the device never holds the 28 GB bf16
+    form of a 14B expert (only its 14 GB fp8 form).
     """
     info = info or inspect_dit(path)
     if info.layout == "diffusers":
         log.info("loading DiT (diffusers folder) from %s", info.path)
         model = WanTransformer3DModel.from_pretrained(info.path, torch_dtype=dtype, local_files_only=True)
-        return model.to(device)
+        model = model.to(device)
+        if fp8:
+            to_fp8_linears(model, dtype)
+        return model.eval().requires_grad_(False)
     log.info("loading DiT from %s", info.file.describe())
     with init_empty_weights():
         model = WanTransformer3DModel(**info.config)
+    if fp8:
+        to_fp8_linears(model, dtype)
     expected = set(model.state_dict())
     prefix = strip_prefix(info.file.keys)
     # "scaled" fp8 files (ComfyUI's fp8_e4m3fn_scaled) keep a per-layer scale beside each fp8 weight
@@ -230,7 +239,13 @@ def load_dit(
         if scale is not None:
             value = value.float() * scale.to(device).float()
         # move first, convert on the device: a GPU converts 28 GB of fp16 in milliseconds, a CPU core in seconds
-        set_module_tensor_to_device(model, name, device, value=value.to(target), dtype=target)
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if leaf == "weight" and isinstance(module, Fp8Linear):
+            module.set_weight(value)
+            seen.add(f"{owner}.weight_scale")
+        else:
+            set_module_tensor_to_device(model, name, device, value=value.to(target), dtype=target)
         seen.add(name)
     missing = expected - seen
     if missing:

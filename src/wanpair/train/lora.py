@@ -42,6 +42,11 @@ def add_lora(model, rank: int, alpha: float, dropout: float = 0.0, include=(), e
     """Attach a peft LoRA (down: Kaiming-uniform, up: zeros, so it starts as a no-op); return its fp32 params."""
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True,
                                  target_modules=target_modules(model, include, exclude)))
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            # peft casts each layer's input to the LoRA's fp32 before the matmul (a full-size copy per
+            # layer, kept for backward); under autocast the matmul runs in bf16 anyway.
+            module.cast_input_dtype_enabled = False
     params = []
     for name, p in model.named_parameters():
         is_lora = ".lora_A." in name or ".lora_B." in name

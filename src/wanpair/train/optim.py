@@ -35,6 +35,8 @@ def build_optimizer(params, t: TrainSettings) -> torch.optim.Optimizer:
     name = t.optimizer
     try:
         if name == "adamw":
+            if all(p.is_cuda for p in params):
+                kwargs.setdefault("fused", True)  # one kernel for all ~800 LoRA tensors instead of foreach groups
             return torch.optim.AdamW(params, **kwargs)
         if name == "adafactor":
             from transformers.optimization import Adafactor

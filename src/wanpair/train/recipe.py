@@ -8,9 +8,11 @@ Stages are methods, in the order they run:
 - `train_expert`: one expert, one LoRA. Same data, caches and settings for both experts; only the base
   file and the timestep window differ -- the two things the manual recipe asks users to keep straight.
 
-Precision: the frozen base is held in the compute dtype (bf16) or, with `fp8_base`, stored as
-float8_e4m3fn and cast per layer at use (diffusers layerwise casting); LoRA weights and optimizer
-state stay fp32. Gradient checkpointing recomputes each block's activations in the backward pass.
+Precision: the frozen base is held in the compute dtype (bf16) or, with `fp8_base`, its block
+Linears are stored as float8_e4m3fn with a scale per row and multiplied in fp8 where the GPU can
+(`wanpair.models.fp8`); LoRA weights and optimizer state stay fp32. How many blocks recompute their
+activations, and whether some stream from host memory, is planned from the GPU's memory
+(`wanpair.train.memory_plan`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ..data.items import Item, check_dataset, require_clean
 from ..errors import WanpairError
 from ..models.dit import DitInfo, check_t2v_a14b, inspect_dit, load_dit
 from ..models.files import inspect_weight_file
+from ..models.fp8 import fp8_matmul_available, keep_transposed, to_fp8_linears, use_fp8_matmul
 from ..models.kinds import identify
 from ..models.text_encoder import TEXT_LEN, load_text_encoder, load_tokenizer
 from ..models.vae import load_vae
@@ -52,7 +55,9 @@ from ..export.merge import check_expert
 from .lora import DTYPES, add_lora, add_lora_dropouts, load_initial_lora, lora_state_dict, save_lora
 from .metrics import MetricsLog, plot_loss
 from .optim import build_optimizer, build_scheduler
+from .memory_plan import MemoryPlan, plan_memory
 from .speed import checkpoint_blocks, compile_blocks
+from .streaming import stream_blocks
 from .state import (StopFlag, StopRequested, capture_rngs, list_states, load_state, lora_params, restore_rngs,
                     run_lock, save_state)
 from .metrics import drop_metrics_after
@@ -61,24 +66,25 @@ from .timesteps import sample_timesteps
 log = logging.getLogger(__name__)
 
 EXPERT_TITLE = {"high": "HighNoise", "low": "LowNoise"}
-# Modules diffusers' layerwise casting must leave in high precision: its defaults (norms, embeddings)
-# plus the LoRA weights themselves, which must stay trainable fp32 (see shared NOTES on peft + fp8).
-_FP8_SKIP = ("patch_embedding", "pos_embed", "norm", "^proj_in$", "^proj_out$", "condition_embedder",
-             "scale_shift_table", "lora_A", "lora_B")
-
-
-def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype) -> list[torch.nn.Parameter]:
-    """LoRA on, base frozen (optionally stored in fp8), checkpointing as configured; returns the trainable params."""
+def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype,
+                   tokens: int = 0) -> tuple[list[torch.nn.Parameter], MemoryPlan]:
+    """LoRA on, base frozen (fp8 if asked), speed levers and the memory plan for `tokens` tokens per
+    batch applied; returns the trainable params and the plan."""
+    device = next(model.parameters()).device
+    if t.fp8_base:
+        to_fp8_linears(model, compute_dtype)  # nothing left to do when load_dit(fp8=True) already did
     params = add_lora(model, t.rank, t.alpha, t.lora_dropout, t.include_modules, t.exclude_modules)
     add_lora_dropouts(model, t.rank_dropout, t.module_dropout)
-    if t.fp8_base:
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
-                                       skip_modules_pattern=_FP8_SKIP)
-    if t.gradient_checkpointing:
-        checkpoint_blocks(model, t.checkpoint_blocks)
-    if t.compile:
+    fp8_matmuls = use_fp8_matmul(model, t.fp8_matmul == "on" or (t.fp8_matmul == "auto" and fp8_matmul_available(device)))
+    if t.compile == "on" or (t.compile == "auto" and device.type == "cuda"):
         compile_blocks(model)
-    return params
+    plan = plan_memory(model, tokens, t, device, sum(p.numel() * p.element_size() for p in params))
+    if plan.transposed:
+        keep_transposed(model)
+    stream_blocks(model, plan.streamed)
+    checkpoint_blocks(model, plan.checkpointed)
+    log.info("fp8 matmuls in %d layers; %s", fp8_matmuls, plan.describe())
+    return params, plan
 
 
 def train_step(model, optimizer, scheduler, accelerator, params, x0, noise, t, text, compute_dtype,
@@ -86,22 +92,34 @@ def train_step(model, optimizer, scheduler, accelerator, params, x0, noise, t, t
     """One micro-batch: loss, backward, and (when accumulation is complete) the optimizer step.
 
     Returns the loss and whether the update was applied. Non-finite gradients (a NaN/Inf loss makes
-    them so) skip the update instead of poisoning the LoRA; the check is one host sync per optimizer
-    step. In fp16 accelerate's loss scaler does this itself (and lowers the scale).
+    them so) skip the update instead of poisoning the LoRA. Fused AdamW (the GPU default) takes the
+    verdict as a device tensor and skips on the GPU, so the check costs no host sync in the middle
+    of the step; other optimizers need one sync per optimizer step. In fp16 accelerate's loss
+    scaler does this itself (and lowers the scale).
     """
     ok = True
     with accelerator.accumulate(model):
         loss = flow_matching_loss(model, x0, noise, t, text, compute_dtype, weighting)
         accelerator.backward(loss)
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        on_device = inner.defaults.get("fused", False)
         if accelerator.sync_gradients and accelerator.mixed_precision != "fp16":
             grads = [p.grad for p in params if p.grad is not None]
             norms = torch._foreach_norm(grads) if grads else []  # one fused pass instead of a check per tensor
-            ok = bool(torch.stack([*norms, loss.detach()]).isfinite().all())
+            finite = torch.stack([*norms, loss.detach()]).isfinite().all()
+            if on_device:
+                inner.found_inf = (~finite).float()
+            else:
+                ok = bool(finite)
         if ok:
             if max_grad_norm > 0 and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
-            scheduler.step()
+            if on_device and accelerator.sync_gradients and accelerator.mixed_precision != "fp16":
+                ok = bool(finite)  # the step is queued; this read waits for it, as the caller's loss.item() would
+                inner.found_inf = None
+            if ok:
+                scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return loss.detach(), ok
 
@@ -322,14 +340,18 @@ class LoraPairRecipe:
         random.seed(t.seed)
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
-        model = load_dit(self.dits[expert].path, dtype=compute_dtype, device=self.device, info=self.dits[expert])
-        params = prepare_expert(model, t, compute_dtype)
+        latents, texts = self._load_cached()
+        batches = self._batches()
+        tokens = max(sum(math.prod(latents[i].shape[1:]) // 4 for i in idx) for idx in batches)  # 1x2x2 patches
+        model = load_dit(self.dits[expert].path, dtype=compute_dtype, device=self.device, info=self.dits[expert],
+                         fp8=t.fp8_base)
+        params, plan = prepare_expert(model, t, compute_dtype, tokens)
+        print(plan.describe())
         if window.init_lora and resume is None:
             lora = read_lora(window.init_lora)
             check_expert(lora, expert, f"the {expert}-noise expert being trained", self.allow_expert_mismatch)
             print(f"continuing from {window.init_lora} ({load_initial_lora(model, lora, t.rank, t.alpha)} modules)")
         model.train()
-        batches = self._batches()
         steps_per_epoch = math.ceil(len(batches) / t.gradient_accumulation_steps)
         total_steps = steps_per_epoch * t.epochs if not t.max_steps else min(t.max_steps, steps_per_epoch * t.epochs)
         epochs = math.ceil(total_steps / steps_per_epoch)
@@ -341,7 +363,6 @@ class LoraPairRecipe:
         accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=self.device.type == "cpu",
                                   gradient_accumulation_steps=t.gradient_accumulation_steps)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        latents, texts = self._load_cached()
         gen = torch.Generator().manual_seed(t.seed)
         step, first_epoch, first_pos, epoch_losses, losses, smoothed, kept = 0, 1, 0, [], [], None, []
         if resume:

@@ -1,0 +1,116 @@
+"""Where a run spends GPU memory: how many blocks keep their activations, how many stream from the host.
+
+The choice is made once, after the expert is loaded with its LoRA, from the memory this process may
+use (the GPU's free memory, a per-process fraction, or `memory_budget_gb`) and the largest batch the
+dataset holds. In order of preference, because each step costs speed:
+1. every block resident and as few checkpointed as fit (a kept block saves one forward per step);
+2. every block checkpointed, and just enough blocks streamed from pinned host memory to fit
+   (`wanpair.train.streaming`; the copies hide behind compute).
+`memory_mode = "fast"` never streams (and says so when it cannot fit); `"low"` plans for 16 GiB
+(the card-sharing / 24 GB-card case) unless a budget is given.
+
+The per-token activation sizes below are in units of the model width `dim` (bytes per token per
+block / dim), measured on the H100 with the 14B expert at 3 600 tokens (docs/benchmarks.md); they
+scale with width and tokens, and attention (flash / cuDNN SDPA) is linear in tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import WanpairError
+from ..models.fp8 import Fp8Linear
+
+GIB = 2**30
+LOW_MODE_BUDGET_GIB = 16.0
+ACTIVATION_PER_TOKEN = 44  # x dim bytes: everything a non-checkpointed block keeps for backward
+WORKING_PER_TOKEN = 80  # x dim bytes: one block's recompute + backward in flight, plus the loss
+SLOTS = 2  # GPU buffers for streamed blocks: one computing, one arriving
+MARGIN_GIB = 1.0  # allocator fragmentation and the odd temporary
+
+
+@dataclass
+class MemoryPlan:
+    budget_gib: float
+    blocks: int
+    checkpointed: int  # the first N blocks recompute their activations in backward
+    streamed: list[int] = field(default_factory=list)  # blocks whose fp8 weights live on the host
+    estimate_gib: float = 0.0
+    transposed: bool = False  # keep W^T of every fp8 weight too (backward reads it instead of transposing)
+
+    def describe(self) -> str:
+        stream = (f"{len(self.streamed)} of {self.blocks} blocks streamed from pinned host memory"
+                  if self.streamed else "all blocks resident")
+        budget = f"; estimated peak {self.estimate_gib:.1f} of {self.budget_gib:.1f} GiB" if self.budget_gib else ""
+        extra = ", fp8 weights also kept transposed" if self.transposed else ""
+        return f"memory plan: {stream}, {self.checkpointed} of {self.blocks} checkpointed{extra}{budget}"
+
+
+def _budget_gib(device: torch.device, mode: str, budget_gb: float) -> float:
+    if budget_gb:
+        return budget_gb
+    free, total = torch.cuda.mem_get_info(device)
+    usable = (free + torch.cuda.memory_reserved(device)) / GIB  # what this process holds plus what is free
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    usable = min(usable, fraction * total / GIB)
+    return min(usable, LOW_MODE_BUDGET_GIB) if mode == "low" else usable
+
+
+def plan_memory(model, tokens: int, settings, device: torch.device, lora_bytes: int) -> MemoryPlan:
+    """Choose checkpointed and streamed blocks for `tokens` tokens per batch (see the module docstring)."""
+    blocks = len(model.blocks)
+    forced = settings.checkpoint_blocks if settings.gradient_checkpointing else 0
+    if device.type != "cuda":
+        return MemoryPlan(0.0, blocks, blocks if forced < 0 else min(forced, blocks))
+    dim = model.config.num_attention_heads * model.config.attention_head_dim
+    linears = [m for n, m in model.blocks[0].named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+    streamable = all(isinstance(m, Fp8Linear) for m in linears)
+    block_gib = sum(m.weight.numel() * m.weight.element_size() for m in linears) / GIB
+    transposed_gib = sum(m.weight.numel() for m in linears if getattr(m, "use_fp8_matmul", False)) / GIB
+    fixed = (torch.cuda.memory_allocated(device) / GIB  # weights and LoRA
+             + 3 * lora_bytes / GIB  # LoRA gradients + two AdamW moments
+             + blocks * tokens * dim * 2 / GIB  # each checkpoint's input
+             + WORKING_PER_TOKEN * dim * tokens / GIB + MARGIN_GIB)
+    return decide(blocks, _budget_gib(device, settings.memory_mode, settings.memory_budget_gb), fixed,
+                  ACTIVATION_PER_TOKEN * dim * tokens / GIB, block_gib if streamable else 0.0,
+                  settings.memory_mode, forced, tokens, transposed_gib)
+
+
+def decide(blocks: int, budget: float, fixed: float, activation: float, block_gib: float, mode: str,
+           forced: int, tokens: int, transposed_gib: float = 0.0) -> MemoryPlan:
+    """The choice itself, in GiB: `fixed` is the peak with every block resident and checkpointed,
+    `activation` what each un-checkpointed block adds, `block_gib` what each streamed block saves
+    (0 when blocks cannot stream: no fp8 base), `transposed_gib` what a transposed copy of one
+    block's fp8-matmul weights costs (0: none use fp8 matmuls). `forced` >= 0 fixes the
+    checkpointed count. Spare memory goes first to un-checkpointed blocks (~4.5 ms saved each on
+    the H100), then, if all of them fit, to transposed weights (~10 ms per step in all)."""
+    if mode != "low" and fixed <= budget:
+        kept = min(blocks, int((budget - fixed) / activation)) if forced < 0 else blocks - min(forced, blocks)
+        if forced >= 0 and fixed + kept * activation > budget:
+            raise WanpairError(
+                f"[train] checkpoint_blocks = {forced} needs about {fixed + kept * activation:.1f} GiB for {tokens} "
+                f"tokens per batch, more than the {budget:.1f} GiB available; set checkpoint_blocks = -1 (automatic).")
+        estimate = fixed + kept * activation
+        transposed = kept == blocks and estimate + blocks * transposed_gib <= budget
+        return MemoryPlan(budget, blocks, blocks - kept, [], estimate + transposed * blocks * transposed_gib, transposed)
+    if fixed <= budget:  # "low" asked for, and it fits without streaming
+        return MemoryPlan(budget, blocks, blocks, [], fixed)
+    if mode == "fast" or forced == 0 or not block_gib:
+        why = ("memory_mode = \"fast\" forbids" if mode == "fast" else
+               "gradient_checkpointing = false forbids" if forced == 0 else "fp8_base = false rules out")
+        raise WanpairError(
+            f"the expert needs about {fixed:.1f} GiB with every block resident ({tokens} tokens per batch), more than "
+            f"the {budget:.1f} GiB available, and {why} streaming blocks from the host. Use memory_mode = \"auto\" "
+            "with fp8_base = true (streams only what does not fit), or fewer tokens (smaller resolution / fewer frames).")
+    n = min(blocks, math.ceil((fixed - budget) / block_gib) + SLOTS)
+    estimate = fixed - (n - min(SLOTS, n)) * block_gib
+    if estimate > budget:
+        raise WanpairError(
+            f"the expert needs about {estimate:.1f} GiB even with all {blocks} blocks streamed from the host "
+            f"({tokens} tokens per batch); the budget is {budget:.1f} GiB. Train at a smaller resolution or fewer "
+            "frames, or raise memory_budget_gb if the GPU has more.")
+    streamed = sorted({round((k + 0.5) * blocks / n - 0.5) for k in range(n)})  # spread evenly between kept blocks
+    return MemoryPlan(budget, blocks, blocks, streamed, estimate)

@@ -1,0 +1,193 @@
+"""The speed levers keep the numbers right: fp8 weights and matmuls, block streaming, the memory plan,
+the device-side skip of a bad update. (Their speed is measured in bench/, not here.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from wanpair.errors import WanpairError
+from wanpair.models import load_dit
+from wanpair.models.fp8 import FP8_MAX, Fp8Linear, keep_transposed, quantize_rows, to_fp8_linears, use_fp8_matmul
+from wanpair.project import TrainSettings
+from wanpair.train.memory_plan import decide
+from wanpair.train.recipe import prepare_expert, train_step
+from wanpair.train.streaming import stream_blocks
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_row_scaled_fp8_keeps_every_row_including_small_ones():
+    w = torch.randn(64, 256) * torch.logspace(-4, 0, 64)[:, None]  # rows from 1e-4 to 1 in scale
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64, 1)
+    assert torch.equal(q.float().abs().amax(dim=1), torch.full((64,), FP8_MAX))  # each row uses the full range
+    per_row = ((q.float() * scale - w).norm(dim=1) / w.norm(dim=1))
+    assert per_row.max() < 0.04  # e4m3 has 3 mantissa bits: ~2.6 % relative error, in every row
+    plain = w.to(torch.float8_e4m3fn).float()  # no scale: the small rows vanish into subnormals / zero
+    assert ((plain - w).norm(dim=1) / w.norm(dim=1))[:8].min() > 0.5
+
+
+@pytest.mark.parametrize("rows", [37, 48])  # 37: not a multiple of 16, padded for _scaled_mm
+def test_fp8_matmul_matches_the_dequantised_weight_and_gives_input_gradients(rows):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(256, 128).bfloat16()
+    layer = Fp8Linear(256, 128, True, torch.bfloat16)
+    layer.set_weight(dense.weight.data, dense.bias.data)
+    x = torch.randn(2, rows, 256, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(2, rows, 128, dtype=torch.bfloat16)
+    results = {}
+    for mode in ("dequantised", "fp8 matmul", "fp8 matmul, W^T kept"):
+        layer.use_fp8_matmul = mode != "dequantised"
+        if mode.endswith("kept"):
+            keep_transposed(torch.nn.ModuleList([layer]))
+        out = layer(x)
+        out.backward(g)
+        results[mode] = out.detach(), x.grad.clone()
+        x.grad = None
+    ref_out = torch.nn.functional.linear(x, dense.weight, dense.bias).detach()
+    ref_grad = g @ dense.weight
+    for mode, (out, grad) in results.items():
+        assert out.shape == (2, rows, 128)
+        assert rel(out, ref_out) < 0.06 and rel(grad, ref_grad) < 0.06, mode  # fp8 error, not a wrong formula
+    assert torch.equal(results["fp8 matmul"][1], results["fp8 matmul, W^T kept"][1])
+
+
+def test_fp8_loading_quantises_as_it_reads_and_keeps_lora_in_fp32(demo_root):
+    path = demo_root / "models" / "wan2.2_t2v_high_noise_tiny_fp16.safetensors"
+    plain = load_dit(path, dtype=torch.bfloat16)
+    fp8 = load_dit(path, dtype=torch.bfloat16, fp8=True)
+    layers = [m for n, m in fp8.named_modules() if isinstance(m, Fp8Linear)]
+    assert len(layers) == 2 * 10 and all(m.weight.dtype == torch.float8_e4m3fn for m in layers)
+    params, _ = prepare_expert(fp8, TrainSettings(), torch.bfloat16)
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 1, 8, 8, generator=g), timestep=torch.tensor([900.0]),
+                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert rel(fp8(**inputs)[0], plain(**inputs)[0]) < 0.05
+
+
+def _tiny_fp8_model(layers: int):
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=128, in_channels=16,
+                                  out_channels=16, text_dim=32, freq_dim=32, ffn_dim=256, num_layers=layers,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+    torch.set_default_dtype(torch.float32)
+    model.requires_grad_(False)
+    to_fp8_linears(model, torch.bfloat16)
+    params, _ = prepare_expert(model, TrainSettings(checkpoint_blocks=0), torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model.train(), params
+
+
+def test_streamed_blocks_give_the_same_loss_and_gradients_in_any_call_order():
+    """Blocks 0, 2 and 3 of 4 stream through 2 slots (the schedule runs on the CPU with plain copies)."""
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 1, 8, 8, generator=g), timestep=torch.tensor([900.0]),
+                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)
+    resident, p_resident = _tiny_fp8_model(4)
+    streamed, p_streamed = _tiny_fp8_model(4)
+    streamer = stream_blocks(streamed, [0, 2, 3])
+    assert [n for n, _ in streamed.named_parameters()] == [n for n, _ in resident.named_parameters()]  # LoRA names kept
+    block_bytes = sum(m.host_weight.numel() for m in streamer.linears[0])
+    copies = []
+    for _ in range(2):
+        before = streamer.copied_bytes
+        for model, params in ((resident, p_resident), (streamed, p_streamed)):
+            for p in params:
+                p.grad = None
+            with torch.autocast("cpu", torch.bfloat16):
+                model(**inputs)[0].float().square().mean().backward()
+        copies.append((streamer.copied_bytes - before) // block_bytes)
+        for a, b in zip(p_resident, p_streamed):
+            assert torch.equal(a.grad, b.grad)
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):  # sampling between steps
+            assert torch.equal(resident(**inputs)[0], streamed(**inputs)[0])
+    # step 1: 0, 2, 3 in, then 0 again for backward (2 slots); step 2 starts after a sampling pass
+    # (0, 2, 3, then 0 again for the next forward) and brings back 2, 3 and 0
+    assert copies == [4, 3]
+    assert all(m.weight.numel() == 0 for i in streamer.order for m in streamer.linears[i])  # nothing left borrowed
+
+
+def test_memory_plan_spends_spare_memory_then_streams_only_what_does_not_fit():
+    # numbers of a 14B expert at 3 600 tokens (GiB): fixed 18.5, 0.75 per kept block, 0.327 per block's weights
+    h100 = decide(40, 78.4, 18.5, 0.75, 0.327, "auto", -1, 3600, 0.327)
+    assert (h100.checkpointed, h100.streamed, h100.transposed) == (0, [], True) and h100.estimate_gib <= 78.4
+    card24 = decide(40, 24.0, 18.5, 0.75, 0.327, "auto", -1, 3600, 0.327)
+    assert card24.streamed == [] and card24.checkpointed == 40 - int((24.0 - 18.5) / 0.75) and not card24.transposed
+    low = decide(40, 16.0, 18.5, 0.75, 0.327, "auto", -1, 3600, 0.327)
+    assert low.checkpointed == 40 and low.estimate_gib <= 16.0 and 8 <= len(low.streamed) <= 12
+    gaps = [b - a for a, b in zip(low.streamed, low.streamed[1:])]
+    assert min(gaps) >= 3  # spread out, so each copy hides behind resident blocks' compute
+    forced = decide(40, 78.4, 18.5, 0.75, 0.327, "low", -1, 3600, 0.327)
+    assert forced.checkpointed == 40 and forced.streamed == []  # "low" that fits needs no streaming
+    assert decide(40, 78.4, 18.5, 0.75, 0.327, "auto", 12, 3600, 0.327).checkpointed == 12
+    with pytest.raises(WanpairError, match="checkpoint_blocks = 0"):
+        decide(40, 24.0, 18.5, 0.75, 0.327, "auto", 0, 3600, 0.327)
+    with pytest.raises(WanpairError, match="memory_mode = \"fast\""):
+        decide(40, 16.0, 18.5, 0.75, 0.327, "fast", -1, 3600, 0.327)
+    with pytest.raises(WanpairError, match="fp8_base = false"):
+        decide(40, 16.0, 18.5, 0.75, 0.0, "auto", -1, 3600, 0.0)
+    with pytest.raises(WanpairError, match="even with all 40 blocks streamed"):
+        decide(40, 6.0, 18.5, 0.75, 0.327, "auto", -1, 3600, 0.327)
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_with_fused_adamw():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model = torch.nn.Linear(4, 4)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=0.1, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc = Accelerator(cpu=True)
+    model, opt, sched = acc.prepare(model, opt, sched)
+
+    class Fake(torch.nn.Module):  # flow_matching_loss calls model(hidden_states=..., ...)[0]
+        def __init__(self, inner, value):
+            super().__init__()
+            self.inner, self.value = inner, value
+
+        def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict):
+            return (self.inner(hidden_states) * self.value,)
+
+    x = torch.randn(1, 4)
+    before = [p.detach().clone() for p in params]
+    loss, ok = train_step(Fake(model, float("nan")), opt, sched, acc, params, x, x, torch.tensor([0.5]),
+                          torch.zeros(1, 1), torch.float32, 0.0)
+    assert not ok and all(torch.equal(a, b) for a, b in zip(before, params)) and sched.get_last_lr() == [0.1]
+    loss, ok = train_step(Fake(model, 1.0), opt, sched, acc, params, x, x, torch.tensor([0.5]),
+                          torch.zeros(1, 1), torch.float32, 0.0)
+    assert ok and not all(torch.equal(a, b) for a, b in zip(before, params)) and sched.get_last_lr() == [0.05]
+
+
+def test_speed_settings_read_naturally_and_bad_combinations_are_named(tmp_path):
+    from wanpair.project import _train_settings
+
+    problems: list[str] = []
+    t = _train_settings({"compile": True, "fp8_matmul": False, "memory_mode": "low", "memory_budget_gb": 12},
+                        tmp_path / "wanpair.toml", problems)
+    assert not problems and (t.compile, t.fp8_matmul, t.memory_mode, t.memory_budget_gb) == ("on", "off", "low", 12.0)
+    _train_settings({"memory_mode": "low", "fp8_base": False, "memory_budget_gb": -1, "fp8_matmul": "yes"},
+                    tmp_path / "wanpair.toml", problems)
+    text = "\n".join(problems)
+    assert "memory_mode = \"low\"" in text and "memory_budget_gb" in text and "fp8_matmul" in text
+
+
+def test_use_fp8_matmul_skips_layers_it_cannot_serve():
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Module()])
+    model.blocks[0].ok = torch.nn.Linear(32, 48)
+    model.blocks[0].odd = torch.nn.Linear(30, 48)  # 30 is not a multiple of 16
+    to_fp8_linears(model, torch.bfloat16)
+    assert use_fp8_matmul(model, True) == 1
+    assert model.blocks[0].ok.use_fp8_matmul and not model.blocks[0].odd.use_fp8_matmul
