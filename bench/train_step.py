@@ -58,6 +58,8 @@ VARIANTS = {  # TrainSettings overrides; "default" is exactly what `wanpair trai
     "fp8mm": dict(fp8_matmul="on", compile="off", **ALL_CKPT),
     "fp8mm-compile": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
     "default-no-transpose": {},  # the default without W^T stored beside W (see run_variant)
+    "default-cudagraphs": {},  # probe: the default with each block compiled in "reduce-overhead" mode (CUDA graphs)
+    "fp8mm-compile-cudagraphs": dict(fp8_matmul="on", compile="on", **ALL_CKPT),  # probe: all checkpointed, CUDA graphs
     "default-peftcast": {},  # the default with peft's fp32 cast of every LoRA input left on (see run_variant)
     "low": dict(memory_mode="low"),
     "low-14": dict(memory_mode="low", memory_budget_gb=14.0),  # plan for 14 GiB: more streamed, more headroom
@@ -139,6 +141,9 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
         for m in model.modules():
             if getattr(m, "weight_t", None) is not None:
                 m.weight_t = None
+    if name.endswith("-cudagraphs"):
+        for block in model.blocks._modules.values():
+            block.compile(mode="reduce-overhead")
     if name == "default-peftcast":
         for m in model.modules():
             if hasattr(m, "cast_input_dtype_enabled"):
@@ -239,7 +244,8 @@ def accuracy(cfg: dict, shape: tuple, device: torch.device) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=("a14b", "tiny"), default="a14b")
-    ap.add_argument("--input", choices=("image", "video"), default="image")
+    ap.add_argument("--input", choices=("image", "video", "tiny"), default="image",
+                    help="tiny: 16 tokens, so the step time is mostly the host's launch overhead")
     ap.add_argument("--variant", action="append", choices=list(VARIANTS), help="repeatable; default: default")
     ap.add_argument("--cap-gib", type=float, help="limit this process's GPU memory (per-process memory fraction)")
     ap.add_argument("--profile", action="store_true", help="after timing, print GPU kernel time by kind")

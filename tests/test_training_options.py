@@ -101,10 +101,12 @@ def test_timesteps_command(demo, capsys):
 
 
 def test_overfitting_one_image_drives_the_loss_down(demo):
-    """One image, high-noise window: the LoRA can learn v = (x_t - x0) / t, so the loss must collapse.
+    """One image, high-noise window: the LoRA has to learn v = (x_t - x0) / t, so the loss must fall far below its start.
 
-    The 2-block random DiT plateaus near 0.25 (from 1.33) however long it trains, so this asks for 4x;
-    a 10x drop was not reachable with this tiny model (see the issue's closing note)."""
+    It falls ~4-5x, not 10x: the 2-block random DiT plateaus near 0.25 (from 1.33) however long it
+    trains. Measured: training *every* weight of this model (not just a LoRA) on the same task
+    goes 1.36 -> 0.29 in 1500 steps, and a flat-colour image or opened residual gates do no
+    better, so the limit is the tiny architecture's, not the trainer's."""
     for p in (demo / "dataset").glob("img_*"):
         if not p.stem.endswith("01"):
             p.unlink()

@@ -66,6 +66,8 @@ from .timesteps import sample_timesteps
 log = logging.getLogger(__name__)
 
 EXPERT_TITLE = {"high": "HighNoise", "low": "LowNoise"}
+
+
 def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype,
                    tokens: int = 0) -> tuple[list[torch.nn.Parameter], MemoryPlan]:
     """LoRA on, base frozen (fp8 if asked), speed levers and the memory plan for `tokens` tokens per
@@ -345,8 +347,7 @@ class LoraPairRecipe:
         tokens = max(sum(math.prod(latents[i].shape[1:]) // 4 for i in idx) for idx in batches)  # 1x2x2 patches
         model = load_dit(self.dits[expert].path, dtype=compute_dtype, device=self.device, info=self.dits[expert],
                          fp8=t.fp8_base)
-        params, plan = prepare_expert(model, t, compute_dtype, tokens)
-        print(plan.describe())
+        params, _ = prepare_expert(model, t, compute_dtype, tokens)
         if window.init_lora and resume is None:
             lora = read_lora(window.init_lora)
             check_expert(lora, expert, f"the {expert}-noise expert being trained", self.allow_expert_mismatch)
