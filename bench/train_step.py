@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import statistics
@@ -174,8 +175,9 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
         elif i == 0:
             first = time.perf_counter() - s
     if profile and device.type == "cuda":
-        print_profile(lambda: train_step(model, optimizer, scheduler, acc, params, x0, noise, t, text, compute, 0.0))
-    copied = sum(s.copied_bytes for s in {c.streamer for c in getattr(model.blocks, "calls", {}).values()})
+        print_profile(functools.partial(train_step, model, optimizer, scheduler, acc, params, x0, noise, t, text,
+                                        compute, 0.0))
+    copied = sum(st.copied_bytes for st in {c.streamer for c in getattr(model.blocks, "calls", {}).values()})
     med = statistics.median(times)
     flops = useful_flops(cfg, f, h, w)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

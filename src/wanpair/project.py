@@ -160,6 +160,7 @@ CHOICES = {
     "compile": ("auto", "on", "off"),
     "memory_mode": ("auto", "fast", "low"),
 }
+ON_OFF = {"fp8_matmul", "compile"}  # also accept true / false
 
 
 def _unknown(key: str, valid, where: str, path: Path) -> str:
@@ -174,8 +175,8 @@ def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings
             problems.append(_unknown(key, TRAIN_FIELDS, "[train]", path))
             continue
         default = getattr(defaults, key)
-        if key in CHOICES and CHOICES[key][1:] == ("on", "off") and isinstance(value, bool):
-            value = "on" if value else "off"  # `compile = true` reads as well as "on"
+        if key in ON_OFF and isinstance(value, bool):
+            value = "on" if value else "off"
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, float):

@@ -204,7 +204,7 @@ def load_dit(
     is read, so host memory never holds the whole checkpoint. Modules diffusers keeps in fp32
     (time embedding, modulation tables, norms) stay fp32. With `fp8`, every block Linear becomes an
     `Fp8Linear` and its weight is quantised as it arrives, so the device never holds the 28 GB bf16
-    form of a 14B expert (only its 14 GB fp8 form).
+    form of a 14B expert (only its 14 GB fp8 form); a diffusers folder is converted after loading.
     """
     info = info or inspect_dit(path)
     if info.layout == "diffusers":

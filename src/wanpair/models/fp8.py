@@ -113,10 +113,9 @@ def block_linears(model) -> list[tuple[str, torch.nn.Module]]:
             if n.startswith("blocks.") and isinstance(m, torch.nn.Linear) and ".lora_" not in n]
 
 
-def to_fp8_linears(model, compute_dtype: torch.dtype) -> int:
+def to_fp8_linears(model, compute_dtype: torch.dtype) -> None:
     """Replace every block `nn.Linear` by an `Fp8Linear`, quantising its weight (meta modules stay
-    empty for a loader to fill with `set_weight`). Returns how many layers were replaced."""
-    count = 0
+    empty for a loader to fill with `set_weight`)."""
     for name, linear in block_linears(model):
         if isinstance(linear, Fp8Linear):
             continue
@@ -126,8 +125,6 @@ def to_fp8_linears(model, compute_dtype: torch.dtype) -> int:
         if device.type != "meta":
             fp8.set_weight(linear.weight.data, None if linear.bias is None else linear.bias.data)
         setattr(model.get_submodule(parent_name), child, fp8)
-        count += 1
-    return count
 
 
 def use_fp8_matmul(model, enabled: bool) -> int:
@@ -143,12 +140,9 @@ def use_fp8_matmul(model, enabled: bool) -> int:
     return n
 
 
-def keep_transposed(model) -> int:
+def keep_transposed(model) -> None:
     """Store W^T beside W for every layer using fp8 matmuls (memory for speed: the backward pass
-    then reads it instead of transposing W each step); returns the bytes added."""
-    added = 0
+    then reads it instead of transposing W each step)."""
     for module in model.modules():
         if isinstance(module, Fp8Linear) and module.use_fp8_matmul:
             module.weight_t = module.weight.t().contiguous()
-            added += module.weight_t.numel()
-    return added

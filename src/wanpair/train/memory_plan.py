@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import WanpairError
-from ..models.fp8 import Fp8Linear
+from ..models.fp8 import Fp8Linear, block_linears
+from .streaming import SLOTS
 
 GIB = 2**30
 LOW_MODE_BUDGET_GIB = 16.0
 ACTIVATION_PER_TOKEN = 44  # x dim bytes: everything a non-checkpointed block keeps for backward
 WORKING_PER_TOKEN = 80  # x dim bytes: one block's recompute + backward in flight, plus the loss
-SLOTS = 2  # GPU buffers for streamed blocks: one computing, one arriving
 MARGIN_GIB = 1.0  # allocator fragmentation and the odd temporary
 
 
@@ -66,7 +66,7 @@ def plan_memory(model, tokens: int, settings, device: torch.device, lora_bytes: 
     if device.type != "cuda":
         return MemoryPlan(0.0, blocks, blocks if forced < 0 else min(forced, blocks))
     dim = model.config.num_attention_heads * model.config.attention_head_dim
-    linears = [m for n, m in model.blocks[0].named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+    linears = [m for n, m in block_linears(model) if n.startswith("blocks.0.")]
     streamable = all(isinstance(m, Fp8Linear) for m in linears)
     block_gib = sum(m.weight.numel() * m.weight.element_size() for m in linears) / GIB
     transposed_gib = sum(m.weight.numel() for m in linears if getattr(m, "use_fp8_matmul", False)) / GIB

@@ -105,7 +105,8 @@ def train_step(model, optimizer, scheduler, accelerator, params, x0, noise, t, t
         accelerator.backward(loss)
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         on_device = inner.defaults.get("fused", False)
-        if accelerator.sync_gradients and accelerator.mixed_precision != "fp16":
+        check = accelerator.sync_gradients and accelerator.mixed_precision != "fp16"
+        if check:
             grads = [p.grad for p in params if p.grad is not None]
             norms = torch._foreach_norm(grads) if grads else []  # one fused pass instead of a check per tensor
             finite = torch.stack([*norms, loss.detach()]).isfinite().all()
@@ -117,7 +118,7 @@ def train_step(model, optimizer, scheduler, accelerator, params, x0, noise, t, t
             if max_grad_norm > 0 and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
-            if on_device and accelerator.sync_gradients and accelerator.mixed_precision != "fp16":
+            if on_device and check:
                 ok = bool(finite)  # the step is queued; this read waits for it, as the caller's loss.item() would
                 inner.found_inf = None
             if ok:
@@ -347,7 +348,10 @@ class LoraPairRecipe:
         tokens = max(sum(math.prod(latents[i].shape[1:]) // 4 for i in idx) for idx in batches)  # 1x2x2 patches
         model = load_dit(self.dits[expert].path, dtype=compute_dtype, device=self.device, info=self.dits[expert],
                          fp8=t.fp8_base)
-        params, _ = prepare_expert(model, t, compute_dtype, tokens)
+        try:
+            params, _ = prepare_expert(model, t, compute_dtype, tokens)
+        except WanpairError as e:  # the memory plan's verdicts are about this project's [train] settings
+            raise WanpairError(f"{self.p.path}: {e}") from None
         if window.init_lora and resume is None:
             lora = read_lora(window.init_lora)
             check_expert(lora, expert, f"the {expert}-noise expert being trained", self.allow_expert_mismatch)

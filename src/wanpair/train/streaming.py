@@ -26,6 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..models.fp8 import Fp8Linear
 
+SLOTS = 2  # GPU buffers for streamed blocks: one computing, one arriving
+
 
 class _OnBackward(torch.autograd.Function):
     """Identity whose backward first calls `callback` (a marker for "the gradient reached here")."""
@@ -41,36 +43,28 @@ class _OnBackward(torch.autograd.Function):
         return grad, None
 
 
-class _NoEvent:
-    """Stands in for a CUDA event on the CPU, where copies are synchronous (lets tests run the schedule)."""
-
-    def record(self, stream=None) -> None:
-        pass
-
-
 class BlockStreamer:
     """Owns the slots, the copy stream and which streamed block sits in which slot."""
 
-    def __init__(self, blocks, streamed: list[int], slots: int = 2):
+    def __init__(self, blocks, streamed: list[int], slots: int = SLOTS):
         self.order = sorted(streamed)
         self.linears = {i: [m for m in blocks[i].modules() if isinstance(m, Fp8Linear)] for i in self.order}
         first = self.linears[self.order[0]]
         device = first[0].weight.device
-        self.cuda = device.type == "cuda"
+        self.cuda = device.type == "cuda"  # on the CPU (tests) copies are synchronous: no streams, no events
+        self.placeholder = torch.empty(0, dtype=first[0].weight.dtype, device=device)  # between uses
         for i in self.order:
             for m in self.linears[i]:
                 host = torch.empty(m.weight.shape, dtype=m.weight.dtype, device="cpu", pin_memory=self.cuda)
                 host.copy_(m.weight)
                 m.host_weight = host
-                m.weight = torch.empty(0, dtype=m.weight.dtype, device=device)
-        self.placeholder = first[0].weight
+                m.weight = self.placeholder
         n_slots = min(slots, len(self.order))
         self.slots = [[torch.empty_like(m.host_weight, device=device) for m in first] for _ in range(n_slots)]
         self.holder: list[int | None] = [None] * n_slots  # block index in each slot
         self.last_use = [0] * n_slots
-        event = torch.cuda.Event if self.cuda else _NoEvent
-        self.ready = [event() for _ in range(n_slots)]
-        self.free = [event() for _ in range(n_slots)]
+        self.ready = [torch.cuda.Event() for _ in range(n_slots)] if self.cuda else []
+        self.free = [torch.cuda.Event() for _ in range(n_slots)] if self.cuda else []
         self.in_use: set[int] = set()
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.clock = 0
@@ -92,7 +86,8 @@ class BlockStreamer:
             for dst, m in zip(self.slots[k], self.linears[i]):
                 dst.copy_(m.host_weight, non_blocking=True)
                 self.copied_bytes += dst.numel() * dst.element_size()
-            self.ready[k].record(self.copy_stream)
+            if self.cuda:
+                self.ready[k].record(self.copy_stream)
         return k
 
     def acquire(self, i: int, backward: bool = False) -> None:
@@ -117,7 +112,8 @@ class BlockStreamer:
         self.in_use.discard(i)
         for m in self.linears[i]:
             m.weight = self.placeholder
-        self.free[k].record(torch.cuda.current_stream() if self.cuda else None)
+        if self.cuda:
+            self.free[k].record(torch.cuda.current_stream())
 
     def _next_use(self, i: int, backward: bool) -> int | None:
         pos = self.order.index(i)
@@ -162,7 +158,7 @@ class StreamingBlockList(torch.nn.ModuleList):
         return (self.calls.get(i, block) for i, block in enumerate(self._modules.values()))
 
 
-def stream_blocks(model, streamed: list[int], slots: int = 2) -> BlockStreamer | None:
+def stream_blocks(model, streamed: list[int], slots: int = SLOTS) -> BlockStreamer | None:
     """Move the fp8 weights of `model.blocks[i]` for i in `streamed` to pinned host memory and have
     those blocks fetched as they run. Call after LoRA is attached (the LoRA stays on the GPU)."""
     if not streamed:
