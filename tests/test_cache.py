@@ -53,13 +53,17 @@ def test_swapping_the_vae_re_encodes_every_latent(demo):
     assert (stats.latents_encoded, stats.texts_encoded) == (18, 0)
 
 
-def test_a_half_written_cache_file_is_never_read(demo):
+def test_a_half_written_cache_file_is_never_read(demo, caplog):
     recipe, _ = _cache(demo)
     victim = recipe.cache_plan.latent_paths[0]
     victim.write_bytes(victim.read_bytes()[:40])
     _, stats = _cache(demo)
     assert stats.latents_encoded == 1
     assert not list(victim.parent.glob(".*.tmp"))  # no temp files left behind
+    # the message says what happened and that wanpair rebuilds it; no advice meant for model files
+    (message,) = [r.getMessage() for r in caplog.records if victim.name in r.getMessage()]
+    assert "damaged" in message and "encoding it again" in message and "nothing for you to do" in message
+    assert "download" not in message.lower()
 
 
 def test_cached_latents_are_normalised_vae_means_of_the_bucket(demo):

@@ -1,4 +1,10 @@
-"""Write files so that a crash never leaves a half-written file under its final name."""
+"""Write files so that a crash never leaves a half-written file under its final name.
+
+A file is written to a temporary name in the same folder, flushed to disk, given the mode an ordinary
+`open(path, "w")` would have given it (0644 under the usual umask 022: a ComfyUI or inference server
+running as another user must be able to read a LoRA we report as saved), renamed over the final
+name, and then the folder itself is synced so that the rename survives a power cut.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,33 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (`/proc/self/status`)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (process-wide, but only for this instant)
+    os.umask(mask)
+    return mask
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a directory, so the names created or renamed in it are on disk (no-op where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -21,7 +54,9 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp made it 0600
         os.replace(tmp_path, final)
+        sync_folder(final.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -27,7 +27,7 @@ from .atomic import atomic_path
 from .data.buckets import resize_and_crop
 from .data.items import Item, load_rgb
 from .data.video import read_frames, resample
-from .errors import WanpairError
+from .errors import DamagedFile
 from .models.files import fingerprint, safetensors_header
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def read_entry(path: Path) -> torch.Tensor | None:
     try:
         return load_file(str(path))["value"]
     except (SafetensorError, OSError, KeyError, RuntimeError) as e:
-        log.warning("cache entry %s is unreadable (%s); encoding it again", path, e)
+        log.warning("cache entry %s is unreadable (%s); encoding it again -- nothing for you to do", path.name, e)
         return None
 
 
@@ -100,8 +100,8 @@ def entry_ok(path: Path) -> bool:
     try:
         safetensors_header(path)
         return True
-    except WanpairError as e:
-        log.warning("cache entry %s is damaged (%s); encoding it again", path, e)
+    except DamagedFile as e:
+        log.warning("cache entry %s is damaged (%s); encoding it again -- nothing for you to do", path.name, e.reason)
         return False
 
 

@@ -3,3 +3,13 @@
 
 class WanpairError(Exception):
     """A problem with the user's input that we can explain; the CLI prints it and exits non-zero."""
+
+
+class DamagedFile(WanpairError):
+    """A file whose bytes are not what its format says (truncated, corrupt header). `reason` is the bare
+    fact; the message adds the advice for a file the user brought (download it again). Files wanpair
+    makes itself (cache entries) are rebuilt instead, and their callers use `reason` alone."""
+
+    def __init__(self, reason: str, advice: str = "Download it again."):
+        super().__init__(f"{reason} {advice}")
+        self.reason = reason

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import WanpairError
+from ..errors import DamagedFile, WanpairError
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +66,19 @@ def safetensors_header(path: Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise WanpairError(f"{path} is not a safetensors file (only {size} bytes). Re-download it.")
+            raise DamagedFile(f"{path} is not a safetensors file (only {size} bytes).")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100 * 2**20:
-            raise WanpairError(
-                f"{path} is not a valid safetensors file (header claims {n} bytes, file has {size}). "
-                "It is truncated or not a safetensors file: re-download it."
-            )
+            raise DamagedFile(f"{path} is not a valid safetensors file (header claims {n} bytes, file has {size}): "
+                              "it is truncated or not a safetensors file.")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WanpairError(f"{path} has a corrupt safetensors header ({e}). Re-download it.") from None
+            raise DamagedFile(f"{path} has a corrupt safetensors header ({e}).") from None
     data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + data_end > size:
-        raise WanpairError(
-            f"{path} is truncated: its header describes {8 + n + data_end} bytes but the file has "
-            f"{size}. The download or copy did not finish; download it again."
-        )
+        raise DamagedFile(f"{path} is truncated: its header describes {8 + n + data_end} bytes but the file has "
+                          f"{size}; the download or copy did not finish.")
     header["__data_start__"] = 8 + n
     return header
 
@@ -114,7 +110,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises many types for corrupt archives
-        raise WanpairError(f"{path} could not be read as a PyTorch checkpoint ({e}). Re-download it.") from None
+        raise DamagedFile(f"{path} could not be read as a PyTorch checkpoint ({e}).") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
