@@ -234,17 +234,17 @@ def load_dit(
         if name not in expected:
             raise WanpairError(f"{info.path}: tensor {key!r} has no place in a Wan DiT; is this the right file?")
         target = torch.float32 if _keep_fp32(name) else dtype
+        # move first, convert on the device: a GPU converts 28 GB of fp16 in milliseconds, a CPU core in seconds
         value = tensor.to(device)
         scale = scales.get(key.removesuffix(".weight") + ".scale_weight")
-        if scale is not None:
-            value = value.float() * scale.to(device).float()
-        # move first, convert on the device: a GPU converts 28 GB of fp16 in milliseconds, a CPU core in seconds
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
         if leaf == "weight" and isinstance(module, Fp8Linear):
-            module.set_weight(value)
+            module.set_weight(value, tensor_scale=scale)  # an fp8 file's weights stay exactly as they are
             seen.add(f"{owner}.weight_scale")
         else:
+            if scale is not None:
+                value = value.float() * scale.to(device).float()
             set_module_tensor_to_device(model, name, device, value=value.to(target), dtype=target)
         seen.add(name)
     missing = expected - seen

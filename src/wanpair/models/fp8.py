@@ -28,10 +28,28 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 _ALIGN = 16  # torch._scaled_mm needs every matrix dimension to be a multiple of 16
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 values, fp32 scale per row) with x ~= values * scale; every row's largest |x| maps to 448."""
-    scale = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).to(FP8), scale
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def quantize_rows(x: torch.Tensor, tensor_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values, fp32 scale per row) with x * tensor_scale ~= values * scale.
+
+    High-precision weights: every row's largest |x| maps to 448. Weights that are already fp8 (plain
+    e4m3fn / e5m2 files, or ComfyUI "scaled" files whose real weight is x * tensor_scale) get row
+    scales that are powers of two instead, so re-quantising them loses nothing: an e4m3 value times
+    2^k is again an e4m3 value (e5m2 values too, unless 2^17 below their row's largest). Arithmetic is
+    done in fp32 because CUDA implements no `abs`/`amax`/division for fp8 tensors, only conversions.
+    """
+    xf = x.detach().float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    if x.dtype in FP8_DTYPES:
+        scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+    else:
+        scale = amax / FP8_MAX
+    values = (xf / scale).to(FP8)
+    if tensor_scale is not None:
+        scale = scale * tensor_scale.to(scale.device, torch.float32).reshape(-1)[0]
+    return values, scale
 
 
 def fp8_matmul_available(device: torch.device) -> bool:
@@ -81,9 +99,11 @@ class Fp8Linear(torch.nn.Linear):
         self.register_buffer("bias", torch.zeros(out_features, dtype=compute_dtype, device=device) if bias else None)
         self.weight_t: torch.Tensor | None = None
 
-    def set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """Quantise a high-precision weight (on whatever device it is) into this layer."""
-        self.weight, self.weight_scale = quantize_rows(weight)
+    def set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   tensor_scale: torch.Tensor | None = None) -> None:
+        """Quantise a weight (any float dtype, fp8 included; on whatever device it is) into this layer;
+        `tensor_scale` is a scaled-fp8 file's factor (real weight = weight * tensor_scale)."""
+        self.weight, self.weight_scale = quantize_rows(weight, tensor_scale)
         if bias is not None:
             self.bias = bias.to(self.compute_dtype)
 
