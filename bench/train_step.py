@@ -126,7 +126,8 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
 
     from wanpair.project import TrainSettings
     from wanpair.train.optim import build_optimizer
-    from wanpair.train.recipe import prepare_expert, train_step
+    from wanpair.train.model_setup import prepare_expert
+    from wanpair.train.step import train_step
 
     settings = dataclasses.replace(TrainSettings(), **VARIANTS[name])
     if settings.checkpoint_blocks > cfg["num_layers"]:
@@ -155,12 +156,13 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     AcceleratorState._reset_state(reset_partial_state=True)
     acc = Accelerator(mixed_precision="bf16", cpu=device.type == "cpu")
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    model, optimizer = acc.prepare(model, optimizer)
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(1, 16, f, h, w, generator=g, device=device)
     noise = torch.randn(1, 16, f, h, w, generator=g, device=device)
     text = torch.randn(1, 512, cfg["text_dim"], generator=g, device=device)
     t = torch.rand(1, generator=g, device=device)
+    batch = [(x0, noise, t, text)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
@@ -168,15 +170,14 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
         if device.type == "cuda":
             torch.cuda.synchronize()
         s = time.perf_counter()
-        loss, _ = train_step(model, optimizer, scheduler, acc, params, x0, noise, t, text, compute, 0.0)
+        loss, _ = train_step(model, optimizer, scheduler, acc, params, batch, compute, 0.0)
         losses.append(loss.item())  # syncs
         if i >= warmup:
             times.append(time.perf_counter() - s)
         elif i == 0:
             first = time.perf_counter() - s
     if profile and device.type == "cuda":
-        print_profile(functools.partial(train_step, model, optimizer, scheduler, acc, params, x0, noise, t, text,
-                                        compute, 0.0))
+        print_profile(functools.partial(train_step, model, optimizer, scheduler, acc, params, batch, compute, 0.0))
     copied = sum(st.copied_bytes for st in {c.streamer for c in getattr(model.blocks, "calls", {}).values()})
     med = statistics.median(times)
     flops = useful_flops(cfg, f, h, w)

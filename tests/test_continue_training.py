@@ -12,7 +12,8 @@ from wanpair.export.merge import apply_lora
 from wanpair.models import load_dit
 from wanpair.project import TrainSettings, load_project
 from wanpair.train.lora import load_initial_lora
-from wanpair.train.recipe import LoraPairRecipe, prepare_expert
+from wanpair.train.model_setup import prepare_expert
+from wanpair.train.recipe import LoraPairRecipe
 
 HIGH = "WAN2.2-HighNoise_demo_shapes_v1.safetensors"
 

@@ -78,10 +78,20 @@ def test_training_lowers_the_loss(demo):
     assert result.last_epoch_loss < 0.9 * result.first_epoch_loss
 
 
-def test_cli_train_one_expert_and_refuse_to_overwrite(demo, capsys):
+def test_cli_train_one_expert_keep_it_on_a_rerun_and_refuse_to_overwrite_another_runs(demo, capsys):
     set_train(demo / "wanpair.toml", epochs=1)
+    high = demo / "output" / "WAN2.2-HighNoise_demo_shapes_v1.safetensors"
     assert main(["train", str(demo / "wanpair.toml"), "--expert", "high"]) == 0
-    assert (demo / "output" / "WAN2.2-HighNoise_demo_shapes_v1.safetensors").exists()
-    assert not (demo / "output" / "WAN2.2-LowNoise_demo_shapes_v1.safetensors").exists()
+    assert high.exists() and not (demo / "output" / "WAN2.2-LowNoise_demo_shapes_v1.safetensors").exists()
+    made = high.stat().st_mtime_ns
+    capsys.readouterr()
+    # the same command again: this run's LoRA is kept, not trained again and not refused
+    assert main(["train", str(demo / "wanpair.toml"), "--expert", "high"]) == 0
+    assert "keeping WAN2.2-HighNoise_demo_shapes_v1.safetensors" in capsys.readouterr().out
+    assert high.stat().st_mtime_ns == made
+    # another run's LoRA under the same name is never replaced silently
+    set_train(demo / "wanpair.toml", epochs=1, learning_rate=1e-3)
     assert main(["train", str(demo / "wanpair.toml"), "--expert", "high"]) == 2
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already exists, made with a different [train] learning_rate; pass --overwrite" in err
+    assert high.stat().st_mtime_ns == made

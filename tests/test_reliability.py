@@ -99,14 +99,14 @@ def test_resume_refuses_changed_settings(demo):
     LoraPairRecipe(project).run(("high",))
     set_train(demo / "wanpair.toml", **{**SETTINGS, "epochs": 1, "learning_rate": 1e-3})
     project, _ = load_project(demo / "wanpair.toml")
-    with pytest.raises(WanpairError, match="settings changed since .* \\(learning_rate\\)"):
+    with pytest.raises(WanpairError, match=r"the run changed since .*high-step.*\(\[train\] learning_rate\)"):
         LoraPairRecipe(project, overwrite=True).run(resume="latest")
 
 
 def test_nan_steps_are_skipped_and_a_nan_run_stops_without_saving(demo, monkeypatch):
-    import wanpair.train.recipe as recipe_mod
+    import wanpair.train.step as step_mod
 
-    real = recipe_mod.flow_matching_loss
+    real = step_mod.flow_matching_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -114,14 +114,14 @@ def test_nan_steps_are_skipped_and_a_nan_run_stops_without_saving(demo, monkeypa
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] % 3 == 0 else loss
 
-    monkeypatch.setattr(recipe_mod, "flow_matching_loss", sometimes_nan)
+    monkeypatch.setattr(step_mod, "flow_matching_loss", sometimes_nan)
     set_train(demo / "wanpair.toml", epochs=1, tensorboard=False)
     project, _ = load_project(demo / "wanpair.toml")
     (r,) = LoraPairRecipe(project, overwrite=True).run(("high",))
     assert r.steps == 12  # 18 batches, every third skipped
     assert all(torch.isfinite(v.float()).all() for v in _tensors(r.lora).values())
 
-    monkeypatch.setattr(recipe_mod, "flow_matching_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    monkeypatch.setattr(step_mod, "flow_matching_loss", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(WanpairError, match="5 consecutive non-finite steps.*learning_rate"):
         LoraPairRecipe(project, overwrite=True).run(("low",))
     assert not project.lora_path("low").exists()

@@ -12,7 +12,8 @@ from wanpair.models import load_dit
 from wanpair.models.fp8 import FP8_MAX, Fp8Linear, keep_transposed, quantize_rows, to_fp8_linears, use_fp8_matmul
 from wanpair.project import TrainSettings
 from wanpair.train.memory_plan import decide
-from wanpair.train.recipe import prepare_expert, train_step
+from wanpair.train.model_setup import prepare_expert
+from wanpair.train.step import train_step
 from wanpair.train.streaming import stream_blocks
 
 
@@ -162,11 +163,10 @@ def test_a_non_finite_step_is_skipped_on_the_device_with_fused_adamw():
 
     x = torch.randn(1, 4)
     before = [p.detach().clone() for p in params]
-    loss, ok = train_step(Fake(model, float("nan")), opt, sched, acc, params, x, x, torch.tensor([0.5]),
-                          torch.zeros(1, 1), torch.float32, 0.0)
+    batch = [(x, x, torch.tensor([0.5]), torch.zeros(1, 1))]
+    loss, ok = train_step(Fake(model, float("nan")), opt, sched, acc, params, batch, torch.float32, 0.0)
     assert not ok and all(torch.equal(a, b) for a, b in zip(before, params)) and sched.get_last_lr() == [0.1]
-    loss, ok = train_step(Fake(model, 1.0), opt, sched, acc, params, x, x, torch.tensor([0.5]),
-                          torch.zeros(1, 1), torch.float32, 0.0)
+    loss, ok = train_step(Fake(model, 1.0), opt, sched, acc, params, batch, torch.float32, 0.0)
     assert ok and not all(torch.equal(a, b) for a, b in zip(before, params)) and sched.get_last_lr() == [0.05]
 
 

@@ -129,7 +129,7 @@ def test_logit_normal_conditioned_on_the_window():
 
 def test_rank_and_module_dropout_act_only_in_training(demo_root):
     from wanpair.models import load_dit
-    from wanpair.train.recipe import prepare_expert
+    from wanpair.train.model_setup import prepare_expert
 
     def build(**kw):
         torch.manual_seed(0)
@@ -165,7 +165,7 @@ def test_batches_repeats_accumulation_and_max_steps(demo):
     project, _ = load_project(demo / "wanpair.toml")
     recipe = LoraPairRecipe(project, overwrite=True)
     (r,) = recipe.run(("high",))
-    batches = recipe._batches()
+    batches = recipe.cached_data().batches()
     assert len(batches) == 18 and all(len(b) == 2 for b in batches)  # (12 + 6) images x 2 repeats / 2
     assert r.steps == 5
     rows = [json.loads(x) for x in (project.run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -14,7 +14,7 @@ import gc
 import hashlib
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +85,14 @@ def write_entry(path: Path, value: torch.Tensor, source: str) -> None:
 
 @dataclass(frozen=True)
 class CachePlan:
-    """Where each item's latent and text entry live, and which must be encoded."""
+    """Where each item's latent and text entry live, where the extra texts' entries live (prompts for
+    samples), and which must be encoded."""
 
     latent_paths: list[Path]
     text_paths: list[Path]
     missing_latents: list[int]
-    missing_texts: list[int]
+    missing_texts: dict[Path, str]  # entry -> the caption or prompt to encode into it
+    prompt_paths: list[Path] = field(default_factory=list)
 
 
 def entry_ok(path: Path) -> bool:
@@ -105,11 +107,15 @@ def entry_ok(path: Path) -> bool:
         return False
 
 
-def plan(items: list[Item], cache_dirs: dict[int, Path], vae_fp: str, t5_fp: str, tokenizer_fp: str) -> CachePlan:
+def plan(items: list[Item], cache_dirs: dict[int, Path], vae_fp: str, t5_fp: str, tokenizer_fp: str,
+         prompts: list[str] = (), prompt_dir: Path | None = None) -> CachePlan:
+    """Entries for every item, and for `prompts` (in `prompt_dir`), with those missing or damaged marked."""
     lat = [cache_dirs[it.dataset] / f"latent_{latent_key(it, vae_fp)}.safetensors" for it in items]
     txt = [cache_dirs[it.dataset] / f"text_{text_key(it.caption, t5_fp, tokenizer_fp)}.safetensors" for it in items]
+    extra = [prompt_dir / f"text_{text_key(p, t5_fp, tokenizer_fp)}.safetensors" for p in prompts] if prompts else []
+    texts = dict(zip(txt, (it.caption for it in items))) | dict(zip(extra, prompts))
     return CachePlan(lat, txt, [i for i, p in enumerate(lat) if not entry_ok(p)],
-                     [i for i, p in enumerate(txt) if not entry_ok(p)])
+                     {p: text for p, text in texts.items() if not entry_ok(p)}, extra)
 
 
 @functools.lru_cache(maxsize=1)
@@ -143,7 +149,7 @@ def fill(items: list[Item], cplan: CachePlan, load_vae_fn, load_text_fn, batch_s
     from .models.text_encoder import encode_text
 
     stats = CacheStats(latents_reused=len(items) - len(cplan.missing_latents),
-                       texts_reused=len(items) - len(cplan.missing_texts))
+                       texts_reused=len(set(cplan.text_paths) | set(cplan.prompt_paths)) - len(cplan.missing_texts))
     if cplan.missing_latents:
         vae = load_vae_fn()
         # Batches hold one shape (bucket, frames). Images are ordered by shape; a video's clips stay
@@ -166,10 +172,7 @@ def fill(items: list[Item], cplan: CachePlan, load_vae_fn, load_text_fn, batch_s
         gc.collect()
     if cplan.missing_texts:
         te, tok = load_text_fn()
-        unique = {}
-        for i in cplan.missing_texts:
-            unique.setdefault(cplan.text_paths[i], items[i].caption)
-        pending = list(unique.items())
+        pending = list(cplan.missing_texts.items())
         with tqdm(total=len(pending), desc="caching text", unit="caption") as bar:
             for start in range(0, len(pending), batch_size):
                 chunk = pending[start:start + batch_size]

@@ -197,10 +197,12 @@ class TrainingSampler:
     """Samples during training: the expert being trained (LoRA as it is now) with the other expert as it is,
     or with its LoRA when this run already trained it. File names say which (e.g. `highLora+lowBase`)."""
 
-    def __init__(self, project: Project, prompts: list[str], settings: SampleSettings, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(self, project: Project, prompts: list[str], embeds: list[torch.Tensor], negative: torch.Tensor,
+                 settings: SampleSettings, device: torch.device, dtype: torch.dtype):
+        from .train.flow_matching import pad_text
+
         self.project, self.prompts, self.settings, self.device, self.dtype = project, prompts, settings, device, dtype
-        self.embeds, self.negative = encode_prompts(project, prompts, settings.negative_prompt, device, dtype)
+        self.embeds, self.negative = [pad_text([e]) for e in embeds], pad_text([negative])
         self.others: dict[str, object] = {}
 
     def __call__(self, model, expert: str, step: int, autocast, writer=None) -> list[Path]:

@@ -9,6 +9,8 @@ timestep for each expert at the end.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import torch
@@ -17,31 +19,51 @@ from ..atomic import atomic_path
 
 
 class MetricsLog:
+    """Appends one JSON line per step. Each line is one `write()` on a file opened for appending, so the
+    two experts' processes can log into the same file side by side without tearing each other's lines."""
+
     def __init__(self, run_dir: Path, expert: str, tensorboard: bool):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.expert = expert
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_writer_thread_errors()
             self.writer = SummaryWriter(str(run_dir / "tensorboard" / expert))
 
     def log(self, row: dict) -> None:
         if torch.cuda.is_available():
             row["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        self.file.write(json.dumps({"expert": self.expert, **row}) + "\n")
-        self.file.flush()
+        os.write(self.fd, (json.dumps({"expert": self.expert, **row}) + "\n").encode())
         if self.writer:
             for key in ("loss", "smoothed_loss", "lr", "timestep", "s_per_step"):
                 if key in row:
                     self.writer.add_scalar(f"{key}", row[key], row["step"])
 
     def close(self) -> None:
-        self.file.close()
+        os.close(self.fd)
         if self.writer:
             self.writer.close()
+
+
+def _quiet_writer_thread_errors() -> None:
+    """TensorBoard writes events from a thread of its own; an OSError there (a full disk) would print a raw
+    traceback, and the same exception is raised again at the writer's next call in the training thread
+    (tensorboard `summary/writer/event_file_writer.py`, `_AsyncWriter._check_worker_status`), where the
+    run turns it into one clear message. So the thread's copy is not printed."""
+    previous = threading.excepthook
+    if getattr(previous, "wanpair", False):
+        return
+
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            previous(args)
+
+    hook.wanpair = True
+    threading.excepthook = hook
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -5,12 +5,17 @@ step / epoch / position in the epoch's (seeded) order, and every random generato
 torch CPU and CUDA, and the generator that draws noise and timesteps). Resuming from it on a CPU
 continues bit for bit as if the run had never stopped. States live in
 `<output_dir>/<name>/state/<expert>-step<N>.pt`, are written atomically, and the last
-`keep_states` are kept.
+`keep_states` of each expert are kept.
+
+States hold only tensors and plain Python values (the generators' states are converted to them), so
+they load with `torch.load(weights_only=True)`: `--resume PATH` accepts files from elsewhere, and
+unpickling one must not be able to run code.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import signal
@@ -37,13 +42,19 @@ def lora_params(model) -> dict[str, torch.Tensor]:
 
 
 def capture_rngs(gen: torch.Generator) -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "gen": gen.get_state()}
 
 
 def restore_rngs(rngs: dict, gen: torch.Generator) -> None:
-    random.setstate(rngs["python"])
-    np.random.set_state(rngs["numpy"])
+    version, internal, gauss = rngs["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = rngs["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(rngs["torch"])
     if rngs["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rngs["cuda"])
@@ -60,25 +71,28 @@ def save_state(run_dir: Path, expert: str, state: dict, keep: int) -> Path:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     if keep > 0:
-        for old in list_states(run_dir)[:-keep]:
+        for old in list_states(run_dir, expert)[:-keep]:
             old.unlink(missing_ok=True)
     return path
 
 
-def list_states(run_dir: Path) -> list[Path]:
-    """All states, oldest first (high-noise states come before low-noise ones: the run order)."""
+def list_states(run_dir: Path, expert: str | None = None) -> list[Path]:
+    """The states of one expert (or all: high-noise before low-noise), oldest first."""
     order = {"high": 0, "low": 1}
 
     def key(p: Path):
         m = re.match(r"(high|low)-step(\d+)\.pt$", p.name)
         return (order[m[1]], int(m[2])) if m else (9, 0)
 
-    return sorted((p for p in state_dir(run_dir).glob("*-step*.pt")), key=key)
+    return sorted((p for p in state_dir(run_dir).glob(f"{expert or '*'}-step*.pt")), key=key)
 
 
 def load_state(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain values
+        raise WanpairError(f"{path} is not a wanpair training state: it holds Python objects that wanpair's "
+                           f"states never contain, so it was not loaded ({str(e).splitlines()[0]}).") from None
     except Exception as e:  # a truncated or foreign file
         raise WanpairError(f"training state {path} cannot be read ({e}); resume from an older one or start over.") from None
     if not isinstance(state, dict) or "expert" not in state or "lora" not in state:

@@ -1,0 +1,73 @@
+"""The cached data one expert trains on: the items, where their latents and text embeddings are cached,
+and how they group into batches.
+
+It is made once by the recipe (after the caches are filled) and handed to each expert's training unit
+as it is, in the same process or -- written to a JSON file -- to a worker process, so a worker never
+re-checks the dataset or re-encodes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..cache import read_entry
+from ..data.items import Item
+from ..errors import WanpairError
+
+
+@dataclass
+class CachedData:
+    items: list[Item]
+    latent_paths: list[Path]
+    text_paths: list[Path]
+    batch_sizes: dict[int, int]  # dataset index -> batch_size of that [[datasets]] entry
+
+    def batches(self) -> list[list[int]]:
+        """Item indices grouped into batches of one bucket each, num_repeats honoured (a fixed order;
+        each epoch shuffles the batches, not their contents)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, it in enumerate(self.items):
+            groups.setdefault((it.dataset, it.bucket, it.frames), []).extend([i] * it.num_repeats)
+        return [idx[k:k + self.batch_sizes[ds]] for (ds, _, _), idx in sorted(groups.items())
+                for k in range(0, len(idx), self.batch_sizes[ds])]
+
+    def load(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every latent and text embedding, read once into host memory (a few MB per image)."""
+        latents = [read_entry(p) for p in self.latent_paths]
+        texts = [read_entry(p) for p in self.text_paths]
+        if any(x is None for x in latents + texts):
+            raise WanpairError("a cache entry vanished or became unreadable during the run; run again to re-encode it.")
+        return latents, texts
+
+    @staticmethod
+    def tokens(latent_shapes: list[tuple[int, ...]]) -> int:
+        """Transformer tokens of a batch of latents [C, F, H, W]: Wan patches them 1x2x2."""
+        return sum(math.prod(shape[1:]) // 4 for shape in latent_shapes)
+
+    def to_json(self) -> str:
+        return json.dumps({"items": [_item_to_json(it) for it in self.items],
+                           "latent_paths": [str(p) for p in self.latent_paths],
+                           "text_paths": [str(p) for p in self.text_paths],
+                           "batch_sizes": {str(k): v for k, v in self.batch_sizes.items()}})
+
+    @classmethod
+    def from_json(cls, text: str) -> "CachedData":
+        raw = json.loads(text)
+        return cls([_item_from_json(d) for d in raw["items"]], [Path(p) for p in raw["latent_paths"]],
+                   [Path(p) for p in raw["text_paths"]], {int(k): v for k, v in raw["batch_sizes"].items()})
+
+
+def _item_to_json(item: Item) -> dict:
+    d = dataclasses.asdict(item)
+    d["image"] = str(item.image)
+    return d
+
+
+def _item_from_json(d: dict) -> Item:
+    return Item(**{**d, "image": Path(d["image"]), "size": tuple(d["size"]), "bucket": tuple(d["bucket"])})

@@ -1,0 +1,358 @@
+"""One expert's LoRA, start to finish: the unit of work that a process, or a group of GPUs, owns.
+
+`ExpertTraining(...).run()` goes through its stages in order:
+- `setup_data`: the cached latents and text embeddings, the batches, the step count;
+- `setup_model`: load the expert and make it trainable and fast (`wanpair.train.model_setup`),
+  or start from an existing LoRA (`init_lora`);
+- `setup_optimizer`: AdamW (or another), the learning-rate schedule, accelerate (precision, DDP);
+- `resume`: continue from a saved state, bit for bit;
+- `train`: the loop -- one optimizer step per group of micro-batches (`step`), then what falls due at
+  that step: intermediate saves (`save_intermediate`, `save_state`), samples (`sample`);
+- `finish`: the final LoRA.
+Where it runs is the caller's choice: in the recipe's own process, or in a worker process (pair-
+parallel: one expert per GPU), or on every rank of a data-parallel group, where each rank takes
+every W-th micro-batch of a step, DDP averages the gradients, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState
+from tqdm.auto import tqdm
+
+from ..errors import WanpairError
+from ..export.formats import read_lora
+from ..export.merge import check_expert
+from ..models.dit import DitInfo, load_dit
+from ..project import Project
+from .data import CachedData
+from .flow_matching import pad_text
+from .lora import DTYPES, load_initial_lora, lora_state_dict, save_lora
+from .metadata import lora_metadata, run_identity
+from .metrics import MetricsLog
+from .model_setup import prepare_expert
+from .optim import build_optimizer, build_scheduler
+from .state import StopFlag, StopRequested, capture_rngs, lora_params, restore_rngs, save_state
+from .step import train_step
+from .timesteps import sample_timesteps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExpertResult:
+    expert: str
+    lora: Path
+    steps: int
+    seconds: float
+    first_epoch_loss: float
+    last_epoch_loss: float
+    epoch_losses: list[float]
+
+
+class ExpertTraining:
+    def __init__(self, project: Project, expert: str, dit: DitInfo, data: CachedData, device: torch.device,
+                 sampler=None, allow_expert_mismatch: bool = False, progress: bool = True):
+        self.p, self.t, self.expert, self.dit, self.data = project, project.train, expert, dit, data
+        self.window = project.experts[expert]
+        self.sampler = sampler
+        self.allow_expert_mismatch = allow_expert_mismatch
+        self.progress = progress
+        self.device = device
+        # accelerate keeps one process-wide state; a second unit in the same process (the next expert,
+        # tests) may use another precision, so every unit starts from a clean one.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)  # the frozen base is never sent anywhere
+        self.accelerator = Accelerator(mixed_precision=self.t.mixed_precision, cpu=device.type == "cpu",
+                                       kwargs_handlers=[ddp])
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.writes = self.accelerator.is_main_process  # only rank 0 writes LoRAs, states, metrics, samples
+
+    # ---------------------------------------------------------------- stages
+    def setup_data(self) -> None:
+        t = self.t
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+        torch.manual_seed(t.seed)
+        self.latents, self.texts = self.data.load()
+        self.batches = self.data.batches()
+        self.tokens = max(CachedData.tokens([self.latents[i].shape for i in idx]) for idx in self.batches)
+        self.per_step = t.gradient_accumulation_steps * self.world  # micro-batches per optimizer step
+        self.steps_per_epoch = math.ceil(len(self.batches) / self.per_step)
+        all_steps = self.steps_per_epoch * t.epochs
+        self.total_steps = min(t.max_steps, all_steps) if t.max_steps else all_steps
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def setup_model(self) -> None:
+        t = self.t
+        self.model = load_dit(self.dit.path, dtype=t.compute_dtype, device=self.accelerator.device, info=self.dit,
+                              fp8=t.fp8_base)
+        try:
+            self.params, self.plan = prepare_expert(self.model, t, t.compute_dtype, self.tokens)
+        except WanpairError as e:  # the memory plan's verdicts are about this project's [train] settings
+            raise WanpairError(f"{self.p.path}: {e}") from None
+        if self.world > 1:  # every rank built the same LoRA from the seed; from here on, per-rank randomness
+            torch.manual_seed(t.seed + 1_000_003 * self.rank)  # (LoRA / rank / module dropout)
+            frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
+            frozen += [n for n, _ in self.model.named_buffers()]
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, frozen)
+
+    def start_from_init_lora(self) -> None:
+        lora = read_lora(self.window.init_lora)
+        check_expert(lora, self.expert, f"the {self.expert}-noise expert being trained", self.allow_expert_mismatch)
+        n = load_initial_lora(self.model, lora, self.t.rank, self.t.alpha)
+        self.say(f"continuing from {self.window.init_lora} ({n} modules)")
+
+    def setup_optimizer(self) -> None:
+        t = self.t
+        self.model.train()
+        optimizer = build_optimizer(self.params, t)
+        # The schedule is stepped here once per optimizer step, so accelerate does not wrap it (it would
+        # step it once per process).
+        self.scheduler = build_scheduler(optimizer, t, self.total_steps)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.gen = torch.Generator().manual_seed(t.seed)  # noise and timesteps, the same stream on every rank
+        self.step_count, self.first_epoch, self.first_pos = 0, 1, 0
+        self.epoch_losses, self.losses, self.smoothed, self.kept = [], [], None, []
+
+    def resume(self, state: dict) -> None:
+        self.step_count, self.first_epoch, self.first_pos = state["step"], state["epoch"], state["pos"]
+        self.epoch_losses, self.losses, self.smoothed = state["epoch_losses"], state["losses"], state["smoothed"]
+        self.kept = [Path(k) for k in state["kept"]]
+        named = dict(self.unwrapped.named_parameters())
+        with torch.no_grad():
+            for name, value in state["lora"].items():
+                named[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        restore_rngs(state["rngs"], self.gen)
+        if self.world > 1:
+            torch.manual_seed(self.t.seed + 1_000_003 * self.rank + state["step"])
+        self.say(f"resuming the {self.expert}-noise expert at step {self.step_count} (epoch {self.first_epoch})")
+
+    # ---------------------------------------------------------------- the loop
+    def micro_batches(self, group: list[int]) -> tuple[list, torch.Tensor, tuple]:
+        """This rank's micro-batches of one optimizer step (on the device), the first one's timesteps, and
+        the first one itself (on the host).
+
+        Noise and timesteps are drawn for every micro-batch of the step in order, on every rank, so the
+        stream is the same whether one process runs them all or W processes share them."""
+        t, w, dev = self.t, self.window, self.accelerator.device
+        mine, first = [], None
+        for j, b in enumerate(group):
+            idx = self.batches[b]
+            x0 = torch.stack([self.latents[i] for i in idx]).float()
+            text = pad_text([self.texts[i].float() for i in idx])
+            noise = torch.randn(x0.shape, generator=self.gen)
+            tt = sample_timesteps(len(idx), t.timestep_sampling, (w.min_timestep, w.max_timestep),
+                                  shift=t.discrete_flow_shift, sigmoid_scale=t.sigmoid_scale, logit_mean=t.logit_mean,
+                                  logit_std=t.logit_std, preserve_shape=t.preserve_distribution_shape,
+                                  generator=self.gen)
+            first = first or (x0, noise, tt, text)
+            if j % self.world == self.rank:
+                mine.append(tuple(x.to(dev) for x in (x0, noise, tt, text)))
+        return mine, first[2], first
+
+    def step(self, group: list[int]) -> tuple[float, bool, float]:
+        """One optimizer step over a group of micro-batches (indices into `batches`): (loss, applied, timestep)."""
+        t = self.t
+        mine, first_t, first = self.micro_batches(group)
+        weight = self.world / len(group)
+        if not mine:  # fewer micro-batches than ranks at the end of an epoch: join the all-reduce with nothing
+            mine, weight = [tuple(x.to(self.accelerator.device) for x in first)], 0.0
+        loss, ok = train_step(self.model, self.optimizer, self.scheduler, self.accelerator, self.params, mine,
+                              t.compute_dtype, t.max_grad_norm, t.loss_weighting, weight)
+        if self.world > 1:
+            loss = self.accelerator.reduce(loss * weight * len(mine) / self.world, reduction="sum")
+        return loss.item(), ok, float(1000 * first_t[0])
+
+    def groups(self, epoch: int) -> list[list[int]]:
+        """The epoch's optimizer steps: its shuffled batches in groups of `per_step` (the last may be short)."""
+        order = list(range(len(self.batches)))
+        random.Random(self.t.seed * 100_003 + epoch).shuffle(order)  # new order per epoch, reproducible
+        return [order[k:k + self.per_step] for k in range(0, len(order), self.per_step)]
+
+    def train(self) -> None:
+        t, expert = self.t, self.expert
+        self.say(f"training the {expert}-noise expert ({self.dit.path.name}) on timesteps {self.window.min_timestep}-"
+                 f"{self.window.max_timestep}: {len(self.data.items)} items, {self.epochs} epochs, {self.total_steps} steps"
+                 + (f", data-parallel over {self.world} processes" if self.world > 1 else ""))
+        self.metrics = MetricsLog(self.p.run_dir, expert, t.tensorboard) if self.writes else None
+        bar = tqdm(total=self.total_steps, initial=self.step_count, desc=f"{expert}-noise", unit="step",
+                   disable=not (self.writes and self.progress))
+        bad, last = 0, time.perf_counter()
+        self.start = last
+        with StopFlag() as stop:
+            for epoch in range(self.first_epoch, self.epochs + 1):
+                groups = self.groups(epoch)
+                first = self.first_pos // self.per_step if epoch == self.first_epoch else 0
+                if epoch != self.first_epoch:
+                    self.losses = []
+                for g in range(first, len(groups)):
+                    if self.step_count >= self.total_steps:
+                        break
+                    loss, ok, timestep = self.step(groups[g])
+                    if not ok:
+                        bad += 1
+                        self.say(f"step {self.step_count + 1}: non-finite loss or gradients ({loss}); update skipped "
+                                 f"({bad} in a row)")
+                        if bad >= t.max_bad_steps:
+                            raise WanpairError(self.nan_diagnosis(bad))
+                        continue
+                    bad = 0
+                    self.losses.append(loss)
+                    self.step_count += 1
+                    now = time.perf_counter()
+                    self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+                    lr = self.scheduler.get_last_lr()[0]
+                    samples = sum(len(self.batches[b]) for b in groups[g])
+                    if self.metrics:
+                        self.metrics.log({"step": self.step_count, "epoch": epoch, "loss": loss,
+                                          "smoothed_loss": self.smoothed, "lr": lr, "timestep": timestep,
+                                          "s_per_step": round(now - last, 4),
+                                          "samples_per_s": round(samples / (now - last), 3)})
+                    last = now
+                    bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}")
+                    bar.update()
+                    self.after_step(epoch, pos=(g + 1) * self.per_step)
+                    if self.agree(stop.signum):
+                        bar.close()
+                        self.stop(epoch, (g + 1) * self.per_step, stop.signum)
+                self.epoch_losses.append(float(np.mean(self.losses)) if self.losses else float("nan"))
+                self.maybe_sample(self.p.sample.every_n_epochs, epoch)
+                if self.step_count >= self.total_steps:
+                    break
+                self.after_epoch(epoch)
+        bar.close()
+
+    def after_step(self, epoch: int, pos: int) -> None:
+        """What falls due after an optimizer step: intermediate LoRA, state, sample."""
+        t, step = self.t, self.step_count
+        lora_save = t.save_every_n_steps and step % t.save_every_n_steps == 0 and step < self.total_steps
+        if lora_save:
+            self.save_intermediate(epoch)
+        state_save = t.save_state_every_n_steps and step % t.save_state_every_n_steps == 0
+        if step < self.total_steps and (state_save or (lora_save and self.saves_states)):
+            self.save_state(epoch, pos)
+        self.maybe_sample(self.p.sample.every_n_steps, step)
+
+    def after_epoch(self, epoch: int) -> None:
+        t = self.t
+        lora_save = t.save_every_n_epochs and epoch % t.save_every_n_epochs == 0
+        if lora_save:
+            self.save_intermediate(epoch)
+        if (t.save_state_every_n_epochs and epoch % t.save_state_every_n_epochs == 0) or (lora_save and self.saves_states):
+            self.losses = []
+            self.save_state(epoch + 1, 0)
+
+    def agree(self, signum: int) -> bool:
+        """Stop now? On several ranks all must stop at the same step, or the others would wait forever."""
+        if self.world == 1:
+            return bool(signum)
+        flag = torch.tensor([float(bool(signum))], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item())
+
+    def nan_diagnosis(self, bad: int) -> str:
+        t = self.t
+        return (f"{bad} consecutive non-finite steps on the {self.expert}-noise expert; stopped without saving "
+                f"a broken LoRA. Likely causes: learning_rate {t.learning_rate} too high (try a third), "
+                + ("fp16 overflow (use mixed_precision = \"bf16\")." if t.mixed_precision == "fp16"
+                   else "or a corrupt cache entry (delete the cache folder and run again)."))
+
+    # ---------------------------------------------------------------- saving, sampling, stopping
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def saves_states(self) -> bool:
+        """States are written when asked for, and then also at every intermediate LoRA save."""
+        return bool(self.t.save_state_every_n_steps or self.t.save_state_every_n_epochs)
+
+    def save_lora(self, out: Path, extra: dict[str, str] | None = None) -> int:
+        """Write the LoRA as it is now (rank 0); returns how many modules it has."""
+        if not self.writes:
+            return 0
+        sd = lora_state_dict(self.unwrapped, self.t.alpha, DTYPES[self.t.save_dtype])
+        meta = lora_metadata(self.p, self.expert, self.dit, self.data.items, self.step_count, len(self.epoch_losses))
+        save_lora(out, sd, {**meta, **(extra or {})})
+        return len(sd) // 3
+
+    def save_intermediate(self, epoch: int) -> None:
+        final = self.p.lora_path(self.expert)
+        out = final.with_name(f"{final.stem}-step{self.step_count:06d}{final.suffix}")
+        self.save_lora(out)
+        self.kept.append(out)
+        while self.t.keep_last and len(self.kept) > self.t.keep_last:
+            old = self.kept.pop(0)
+            if self.writes:
+                old.unlink(missing_ok=True)
+
+    def snapshot(self, epoch: int, pos: int) -> dict:
+        return {"expert": self.expert, "step": self.step_count, "epoch": epoch, "pos": pos,
+                "settings": asdict(self.t), "identity": run_identity(self.p, self.expert, self.dit, self.data.items),
+                "lora": lora_params(self.unwrapped), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+                "rngs": capture_rngs(self.gen), "epoch_losses": self.epoch_losses, "losses": self.losses,
+                "smoothed": self.smoothed, "kept": [str(k) for k in self.kept]}
+
+    def save_state(self, epoch: int, pos: int) -> Path | None:
+        if not self.writes:
+            return None
+        return save_state(self.p.run_dir, self.expert, self.snapshot(epoch, pos), self.t.keep_states)
+
+    def maybe_sample(self, every: int, count: int) -> None:
+        if self.sampler and every and count % every == 0 and self.writes:
+            self.sampler(self.unwrapped, self.expert, self.step_count, self.accelerator.autocast,
+                         self.metrics.writer if self.metrics else None)
+
+    def stop(self, epoch: int, pos: int, signum: int) -> None:
+        """Ctrl-C / SIGTERM: save the state and the LoRA so far (marked partial), then stop."""
+        if self.metrics:
+            self.metrics.close()
+        path = self.save_state(epoch, pos)
+        final = self.p.lora_path(self.expert)
+        partial = final.with_name(f"{final.stem}-partial-step{self.step_count:06d}{final.suffix}")
+        self.save_lora(partial, {"wanpair.partial": "true"})
+        raise StopRequested(
+            f"stopped at step {self.step_count} of the {self.expert}-noise expert; saved {partial.name} and the "
+            f"training state {path}.\nResume with:  wanpair train {self.p.path} --resume", signum or 15)
+
+    def finish(self) -> ExpertResult:
+        if self.metrics:
+            self.metrics.close()
+        seconds = time.perf_counter() - self.start
+        out = self.p.lora_path(self.expert)
+        modules = self.save_lora(out)
+        losses = self.epoch_losses
+        self.say(f"saved {out}  ({modules} LoRA modules, {self.step_count} steps, {seconds:.1f} s; mean loss epoch 1 "
+                 f"{losses[0]:.4f} -> epoch {len(losses)} {losses[-1]:.4f})")
+        return ExpertResult(self.expert, out, self.step_count, seconds, losses[0], losses[-1], losses)
+
+    def say(self, message: str) -> None:
+        if self.writes:
+            print(message, flush=True)
+
+    # ---------------------------------------------------------------- all stages
+    def run(self, state: dict | None = None) -> ExpertResult:
+        self.setup_data()
+        self.setup_model()
+        if self.window.init_lora and state is None:
+            self.start_from_init_lora()
+        self.setup_optimizer()
+        if state is not None:
+            self.resume(state)
+        self.train()
+        return self.finish()

@@ -1,0 +1,125 @@
+"""Everything checked before any model loads, with every problem reported at once.
+
+The project's settings against the device; the weight files (kinds, the expert order, one file for
+both experts, I2V/TI2V files); `init_lora`s made for the other expert; the dataset (via `wanpair
+check`); a writable output folder with room for caches, LoRAs and states. A run that would fail
+after an hour of training fails here, in seconds, with the file and the fix named.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.dataset_config import DatasetSpec, load_dataset_config
+from ..data.items import Item, check_dataset, require_clean
+from ..errors import WanpairError
+from ..export.formats import read_lora
+from ..export.merge import check_expert
+from ..models.dit import DitInfo, check_t2v_a14b, inspect_dit
+from ..models.files import inspect_weight_file
+from ..models.kinds import identify
+from ..models.text_encoder import TEXT_LEN, load_tokenizer
+from ..project import Project
+from ..sizes import human_bytes
+
+
+@dataclass
+class Checked:
+    """What the preflight learned on the way: the dataset's specs and items, and both experts' files."""
+
+    specs: list[DatasetSpec] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
+    dits: dict[str, DitInfo] = field(default_factory=dict)
+
+
+def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
+              allow_expert_mismatch: bool = False, quiet: bool = False) -> Checked:
+    t, found, problems = project.train, Checked(), []
+    if device.type == "cuda" and not torch.cuda.is_available():
+        problems.append("[train] device = \"cuda\" but no CUDA GPU is visible; use device = \"auto\".")
+    if device.type == "cpu" and t.mixed_precision == "fp16":
+        problems.append("[train] mixed_precision = \"fp16\" needs a GPU; use \"bf16\" on the CPU.")
+    if device.type == "cuda" and t.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+        problems.append(f"[train] mixed_precision = \"bf16\" but {torch.cuda.get_device_name()} has no bf16; "
+                        "use \"fp16\" (the recipe's setting) on this GPU.")
+    for key, kind in (("vae", "vae"), ("t5", "t5")):
+        path = getattr(project.models, key)
+        try:
+            if not path.is_dir():
+                identify(inspect_weight_file(path), expected=kind)
+        except WanpairError as e:
+            problems.append(f"[models] {key}: {e}")
+    try:
+        tokenizer = load_tokenizer(project.models.tokenizer)
+    except WanpairError as e:
+        problems.append(f"[models] tokenizer: {e}")
+        tokenizer = None
+    for expert in ("high", "low"):
+        key = "high_noise" if expert == "high" else "low_noise"
+        try:
+            info = inspect_dit(project.dit_path(expert))
+            check_t2v_a14b(info)
+        except WanpairError as e:
+            problems.append(f"[models] {key}: {e}")
+            continue
+        if info.expert and info.expert != expert:
+            problems.append(
+                f"[models] {key} = {info.path} is named as the {info.expert}-noise expert. Swap high_noise and "
+                "low_noise: a LoRA trained on the wrong expert does nothing useful at inference."
+            )
+        found.dits[expert] = info
+    for expert in experts:
+        init = project.experts[expert].init_lora
+        if init:
+            try:
+                check_expert(read_lora(init), expert, f"the {expert}-noise expert being trained", allow_expert_mismatch)
+            except WanpairError as e:
+                problems.append(f"[experts.{expert}] init_lora {init}: {e}")
+    if len(found.dits) == 2 and found.dits["high"].fingerprint == found.dits["low"].fingerprint:
+        problems.append(
+            f"[models] high_noise and low_noise are the same file/content ({found.dits['high'].path}). Wan 2.2 "
+            "needs both experts: wan2.2_t2v_high_noise_14B_*.safetensors and wan2.2_t2v_low_noise_14B_*.safetensors."
+        )
+    try:
+        found.specs = load_dataset_config(project.dataset_config)
+        report = check_dataset(found.specs, tokenizer)
+        if not quiet:
+            print(report.render())
+        found.items = require_clean(report)
+    except WanpairError as e:
+        problems.append(str(e))
+    problems += check_disk(project, experts, found, quiet)
+    if problems:
+        raise WanpairError("cannot start training:\n" + "\n".join(f"- {p}" for p in problems))
+    return found
+
+
+def check_disk(project: Project, experts: tuple[str, ...], found: Checked, quiet: bool = False) -> list[str]:
+    """Is the output folder writable, and is there room for caches, LoRAs and states? (an estimate)"""
+    t, out = project.train, project.output_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=out).close()  # can we create (and remove) a file there?
+    except OSError as e:
+        return [f"output_dir {out} is not writable ({e}); choose another output_dir."]
+    if not found.items or not found.dits:
+        return []
+    cfg = next(iter(found.dits.values())).config
+    dim, ffn, blocks = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], cfg["num_layers"]
+    lora_params = blocks * t.rank * (8 * 2 * dim + 2 * (dim + ffn))
+    lora_bytes = lora_params * (4 if t.save_dtype == "fp32" else 2)
+    saves = 1 + (t.keep_last or (t.epochs if t.save_every_n_epochs or t.save_every_n_steps else 0))
+    states = (t.keep_states or 10) if (t.save_state_every_n_steps or t.save_state_every_n_epochs) else 0
+    cache = sum(16 * ((it.frames - 1) // 4 + 1) * (it.bucket[0] // 8) * (it.bucket[1] // 8) * 4
+                + TEXT_LEN * cfg["text_dim"] * 2 for it in found.items)
+    need = cache + len(experts) * (saves * lora_bytes + states * lora_params * 4 * 3)
+    free = shutil.disk_usage(out).free
+    if not quiet:
+        print(f"disk: about {human_bytes(need)} needed for caches, LoRAs and states; {human_bytes(free)} free in {out}")
+    if need > free:
+        return [f"not enough disk space in {out}: about {human_bytes(need)} needed, {human_bytes(free)} free."]
+    return []
