@@ -80,3 +80,20 @@ def test_cached_latents_are_normalised_vae_means_of_the_bucket(demo):
 def test_cache_cli(demo, capsys):
     assert main(["cache", str(demo / "wanpair.toml")]) == 0
     assert "latents: 18 encoded, 0 reused; text: 18 encoded, 0 reused" in capsys.readouterr().out
+
+
+def test_stale_entries_are_listed_and_pruned_and_nothing_else_is_touched(demo, capsys):
+    _cache(demo)
+    cache = demo / "dataset" / "cache"
+    (demo / "dataset" / "img_05.txt").write_text("a brand new caption\n")
+    (cache / ".text_abc.safetensors.x1y2.tmp").write_bytes(b"torn")  # a write that a kill interrupted
+    (cache / "notes.txt").write_text("mine")  # not wanpair's: never touched
+    before = set(cache.iterdir())
+    assert main(["cache", str(demo / "wanpair.toml")]) == 0
+    assert "2 stale cache entries" in capsys.readouterr().out  # the old caption's entry and the temp file
+    assert before <= set(cache.iterdir())  # listing removes nothing
+    assert main(["cache", str(demo / "wanpair.toml"), "--prune"]) == 0
+    assert "removed 2 stale cache entries" in capsys.readouterr().out
+    assert (cache / "notes.txt").exists() and not list(cache.glob(".*.tmp"))
+    _, stats = _cache(demo)
+    assert (stats.latents_encoded, stats.texts_encoded) == (0, 0)  # everything still in use stayed

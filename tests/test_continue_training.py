@@ -8,9 +8,9 @@ import torch
 from conftest import set_train
 from wanpair.errors import WanpairError
 from wanpair.export.formats import LoraWeights, read_lora, write_lora
-from wanpair.export.merge import apply_lora
 from wanpair.models import load_dit
 from wanpair.project import TrainSettings, load_project
+from wanpair.sample import lora_delta
 from wanpair.train.lora import load_initial_lora
 from wanpair.train.model_setup import prepare_expert
 from wanpair.train.recipe import LoraPairRecipe
@@ -32,13 +32,13 @@ def test_initial_lora_reproduces_the_files_effect_whatever_its_alpha(trained, tm
     # the same update stored with alpha 4 (scale 4/16): up weights four times larger
     other = LoraWeights({m: (d.float(), u.float() * 4, 4.0) for m, (d, u, _) in src.modules.items()}, src.metadata)
     path = write_lora(other, tmp_path / "init.safetensors", fmt)
-    reference = load_dit(base, dtype=torch.float32)
-    apply_lora(reference, src)
+    reference = load_dit(base, dtype=torch.float32, delta=lora_delta(src, 1.0))
     model = load_dit(base, dtype=torch.float32)
     settings = TrainSettings(fp8_base=False, mixed_precision="no", gradient_checkpointing=False)
     prepare_expert(model, settings, torch.float32)
     assert load_initial_lora(model, read_lora(path), settings.rank, settings.alpha) == 20
-    assert torch.allclose(_out(model), _out(reference), atol=1e-4)
+    # peft's side layers vs the merged weights, fp32 on outputs ~1: rounding only
+    assert torch.allclose(_out(model), _out(reference), rtol=0, atol=1e-4)
 
 
 def test_train_continues_from_init_lora_and_refuses_the_other_experts(trained, demo, tmp_path):

@@ -252,3 +252,22 @@ def test_the_cuda_rules_stand_in_catches_fp8_arithmetic():
     """The stand-in itself: it refuses what CUDA refuses (this is the op that crashed on the GPU)."""
     with Fp8LikeCuda(), pytest.raises(NotImplementedError, match="abs"):
         torch.ones(4, dtype=torch.float8_e4m3fn).abs()
+
+
+def test_a_tokenizer_folder_with_only_spiece_model_loads(tmp_path):
+    """Some umT5 tokenizer downloads are the bare SentencePiece model; it loads as umT5's T5Tokenizer and
+    encodes a prompt to the model's pieces plus EOS (id 1), as Wan tokenizes."""
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["a red circle on a white background", "a blue square, flat illustration"] * 50))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "spiece"), vocab_size=30, pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    folder = tmp_path / "umt5-tokenizer"
+    folder.mkdir()
+    (tmp_path / "spiece.model").rename(folder / "spiece.model")
+    from wanpair.models.text_encoder import load_tokenizer
+
+    tok = load_tokenizer(folder)
+    pieces = spm.SentencePieceProcessor(model_file=str(folder / "spiece.model")).encode("a red circle")
+    assert tok("a red circle").input_ids == pieces + [1] and tok.pad_token_id == 0

@@ -143,3 +143,102 @@ def test_a_second_writer_is_refused_and_a_stale_lock_is_cleared(demo, capsys):
     assert main(["train", str(demo / "wanpair.toml"), "--expert", "high"]) == 0  # the lock is stale now
     assert "removing a stale lock" in capsys.readouterr().out
     assert not lock.exists()
+
+
+def test_a_state_file_that_would_run_code_is_refused_not_unpickled(tmp_path):
+    """`--resume PATH` takes files from anywhere: loading one must not execute what it holds."""
+    import pickle
+
+    from wanpair.train.state import load_state
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "high-step00000004.pt"
+    torch.save({"expert": "high", "lora": {}, "x": Payload()}, evil, pickle_module=pickle)
+    with pytest.raises(WanpairError, match="not a wanpair training state.*not loaded"):
+        load_state(evil)
+    assert not marker.exists()
+
+
+def test_states_hold_only_tensors_and_plain_values(trained):
+    """A real state round-trips through weights_only loading (generators included)."""
+    import random
+
+    import numpy as np
+
+    from wanpair.train.state import capture_rngs, load_state, restore_rngs, save_state
+
+    gen = torch.Generator().manual_seed(3)
+    random.seed(1)
+    np.random.seed(2)
+    path = save_state(trained.parent / "run", "high", {"expert": "high", "step": 1, "lora": {}, "rngs": capture_rngs(gen)}, 0)
+    expected = (random.random(), np.random.rand(), torch.rand(1, generator=gen))
+    restore_rngs(load_state(path)["rngs"], gen)
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1, generator=gen), expected[2])
+
+
+# pytest turns a thread's unhandled exception (a traceback on a user's terminal) into this warning: fail on it
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_full_disk_mid_pair_gives_one_clear_error_and_the_same_command_finishes_the_pair(demo, monkeypatch, capfd):
+    """The disk fills right after the high-noise LoRA is saved; TensorBoard's writer thread is the first to
+    hit it. One message (no traceback) names the folder and what is saved; the same command then keeps
+    the finished LoRA and trains the other."""
+    import errno
+
+    import tensorboard.summary.writer.record_writer as record_writer
+
+    import wanpair.train.expert as expert_mod
+
+    set_train(demo / "wanpair.toml", epochs=1, tensorboard=True)
+    project, _ = load_project(demo / "wanpair.toml")
+    disk = {"full": False}
+    real_write, real_save = record_writer.RecordWriter.write, expert_mod.save_lora
+
+    def write(self, data):
+        if disk["full"]:
+            raise OSError(errno.ENOSPC, "No space left on device", str(project.run_dir / "tensorboard" / "low" / "events"))
+        return real_write(self, data)
+
+    def save(path, sd, metadata):
+        real_save(path, sd, metadata)
+        disk["full"] = disk["full"] or path == project.lora_path("high")
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+    monkeypatch.setattr(expert_mod, "save_lora", save)
+    assert main(["train", str(demo / "wanpair.toml")]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.count("No space left on device") == 1
+    assert f"writing to {project.run_dir / 'tensorboard' / 'low'} failed: No space left on device" in err
+    assert "Saved: WAN2.2-HighNoise_demo_shapes_v1.safetensors (finished)" in err and "run the same command again" in err
+    assert not project.lora_path("low").exists() and not list(project.output_dir.glob(".*.tmp"))
+
+    monkeypatch.undo()  # space freed
+    high_made = project.lora_path("high").stat().st_mtime_ns
+    assert main(["train", str(demo / "wanpair.toml")]) == 0
+    assert "keeping WAN2.2-HighNoise_demo_shapes_v1.safetensors" in capfd.readouterr().out
+    assert project.lora_path("high").stat().st_mtime_ns == high_made and project.lora_path("low").exists()
+    rows = [r for r in _metrics(project) if r["expert"] == "low"]
+    assert [r["step"] for r in rows] == list(range(1, 19))  # the stopped run's rows are gone, not doubled
+
+
+def test_a_plain_rerun_continues_from_this_runs_last_state(demo, reference):
+    """Killed without --resume in mind: the same command continues, and ends as the uninterrupted run."""
+    set_train(demo / "wanpair.toml", **SETTINGS)
+    project, _ = load_project(demo / "wanpair.toml")
+    proc = _start(demo / "wanpair.toml")
+    _wait_for_states(project.run_dir, "high", 2, proc)
+    proc.kill()
+    proc.wait()
+    assert main(["train", str(demo / "wanpair.toml")]) == 0
+    for expert in ("high", "low"):
+        assert _same(project.lora_path(expert), reference.lora_path(expert)), expert
+
+
+def _metrics(project):
+    import json
+
+    return [json.loads(x) for x in (project.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -50,7 +51,7 @@ def test_seed_reproduces_and_outputs_carry_their_settings(trained, tmp_path):
     (a,) = sample(project, ["a blue square"], s, _loras(trained), tmp_path / "a")
     (b,) = sample(project, ["a blue square"], s, _loras(trained), tmp_path / "b")
     (c,) = sample(project, ["a blue square"], SampleSettings(width=32, height=32, steps=4, seed=8), _loras(trained), tmp_path / "c")
-    pa, pb, pc = (torch.tensor(list(Image.open(p).getdata())) for p in (a, b, c))
+    pa, pb, pc = (torch.from_numpy(np.array(Image.open(p))) for p in (a, b, c))
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
     assert a.suffix == ".png" and "highLora+lowLora" in a.name
     info = Image.open(a).text
@@ -101,3 +102,44 @@ def test_samples_during_training_name_which_loras_ran(demo):
     events = EventAccumulator(str(project.run_dir / "tensorboard" / "low"))
     events.Reload()
     assert "samples/low/00" in events.Tags()["images"]
+
+
+def test_a_wrong_lora_is_refused_before_any_model_loads(trained, monkeypatch):
+    import wanpair.models as models
+
+    loaded = []
+    for name in ("load_dit", "load_text_encoder", "load_vae"):
+        real = getattr(models, name)
+        monkeypatch.setattr(models, name, lambda *a, _real=real, _name=name, **k: loaded.append(_name) or _real(*a, **k))
+    project, _ = load_project(trained / "wanpair.toml")
+    swapped = {"high": trained / "output" / LOW, "low": trained / "output" / HIGH}
+    with pytest.raises(WanpairError, match="trained on the low-noise expert but the high-noise slot"):
+        sample(project, ["a red circle"], SampleSettings(width=32, height=32, steps=2), swapped, trained.parent / "s")
+    assert loaded == []
+
+
+def test_prompts_are_encoded_once_and_then_read_from_the_cache(trained, tmp_path, monkeypatch):
+    import wanpair.models as models
+
+    project, _ = load_project(trained / "wanpair.toml")
+    calls = []
+    real = models.load_text_encoder
+    monkeypatch.setattr(models, "load_text_encoder", lambda *a, **k: calls.append(1) or real(*a, **k))
+    settings = SampleSettings(width=32, height=32, steps=2)
+    (a,) = sample(project, ["a purple triangle at dusk"], settings, _loras(trained), tmp_path / "a")
+    (b,) = sample(project, ["a purple triangle at dusk"], settings, _loras(trained), tmp_path / "b")
+    assert calls == [1]  # the second run found the prompt (and Wan's negative prompt) cached
+    assert Image.open(a).tobytes() == Image.open(b).tobytes()  # the cached embeddings give the same picture
+
+
+def test_experts_are_held_in_bf16_when_both_fit_else_fp8_else_one_at_a_time(monkeypatch):
+    import wanpair.sample as sample_mod
+
+    config = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40)  # a 14B expert
+    bf16 = sample_mod.expert_bytes(config, 2)
+    assert abs(bf16 / 2**30 - 26.2) < 0.1  # 14.05e9 block weights in bf16
+    cuda = torch.device("cuda")
+    for free, expected in ((2 * bf16 + 9 * 2**30, "bf16"), (bf16 + 9 * 2**30, "fp8"), (bf16 // 2, "offload")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * 2**30))
+        assert sample_mod.storage_for(cuda, [config, config]) == expected
+    assert sample_mod.storage_for(torch.device("cpu"), [config, config]) == "bf16"

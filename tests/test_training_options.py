@@ -98,6 +98,10 @@ def test_timesteps_command(demo, capsys):
     values = [float(v) for v in (run / "timesteps_high.csv").read_text().split()[1:]]
     assert len(values) == 5000 and min(values) >= 875 and max(values) <= 1000
     assert (run / "timesteps_high.png").read_bytes()[:4] == b"\x89PNG"
+    # with --png elsewhere, the CSV goes beside that plot, as the help says
+    png = demo / "plots" / "high.png"
+    assert main(["timesteps", str(demo / "wanpair.toml"), "--expert", "high", "-n", "100", "--png", str(png), "--csv"]) == 0
+    assert png.is_file() and len((demo / "plots" / "high.csv").read_text().split()) == 101
 
 
 def test_overfitting_one_image_drives_the_loss_down(demo):

@@ -185,3 +185,24 @@ def fill(items: list[Item], cplan: CachePlan, load_vae_fn, load_text_fn, batch_s
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return stats
+
+
+def cached_texts(texts: list[str], cache_dir: Path, t5_fp: str, tokenizer_fp: str, load_text_fn) -> list[torch.Tensor]:
+    """Embeddings of `texts` (sampling prompts) from the text cache, encoding only those not cached yet:
+    the text encoder is not even loaded when every prompt was seen before."""
+    cplan = plan([], {}, "", t5_fp, tokenizer_fp, texts, cache_dir)
+    fill([], cplan, load_vae_fn=None, load_text_fn=load_text_fn)
+    return [read_entry(p) for p in cplan.prompt_paths]
+
+
+def stale_entries(cache_dirs: set[Path], used: set[Path]) -> list[Path]:
+    """Entries in these cache folders that `used` does not name (left behind when a caption, an image or a
+    model changed), and temporary files of killed writes. Only files named as wanpair names its entries."""
+    found = []
+    for folder in sorted(cache_dirs):
+        if folder.is_dir():
+            found += [p for p in folder.iterdir()
+                      if p.is_file() and (p.name.startswith(("latent_", "text_")) and p.suffix == ".safetensors"
+                                          and p not in used or p.name.startswith((".latent_", ".text_"))
+                                          and p.name.endswith(".tmp"))]
+    return sorted(found)

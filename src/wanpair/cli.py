@@ -89,11 +89,25 @@ def cmd_check(args) -> int:
 
 
 def cmd_cache(args) -> int:
+    from .cache import stale_entries
+    from .sizes import human_bytes
     from .train.recipe import LoraPairRecipe
 
     recipe = LoraPairRecipe(_project(args.project), overwrite=True)
     recipe.preflight(())
     recipe.prepare_caches()
+    cplan = recipe.cache_plan
+    stale = stale_entries({s.cache_dir for s in recipe.checked.specs},
+                          set(cplan.latent_paths) | set(cplan.text_paths) | set(cplan.prompt_paths))
+    if stale:
+        size = human_bytes(sum(p.stat().st_size for p in stale))
+        if args.prune:
+            for p in stale:
+                p.unlink()
+            print(f"removed {len(stale)} stale cache entries ({size})")
+        else:
+            print(f"{len(stale)} stale cache entries ({size}) that this project no longer uses (a caption, image or "
+                  f"model changed); `wanpair cache {args.project} --prune` removes them")
     return 0
 
 
@@ -157,8 +171,8 @@ def cmd_timesteps(args) -> int:
     out = project.run_dir
     png = Path(args.png) if args.png else out / f"timesteps_{args.expert}.png"
     print(f"wrote {write_png(values, png, title, window)}")
-    if args.csv:
-        print(f"wrote {write_csv(values, out / f'timesteps_{args.expert}.csv')}")
+    if args.csv:  # the raw draws go beside the plot, wherever --png put it
+        print(f"wrote {write_csv(values, png.with_suffix('.csv'))}")
     return 0
 
 
@@ -217,8 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache", help="encode VAE latents and caption embeddings for a project",
                        description="Encode what is not cached yet. Entries are keyed by content (image bytes, "
-                                   "caption, bucket, model fingerprints), so edits re-encode exactly what changed.")
+                                   "caption, bucket, model fingerprints), so edits re-encode exactly what changed; "
+                                   "the entries they replace are listed as stale.")
     p.add_argument("project", help="the wanpair.toml project file")
+    p.add_argument("--prune", action="store_true",
+                   help="remove stale entries from this project's cache folders (in a folder several projects "
+                        "share, the others' entries go too; they are re-encoded when needed)")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("train", help="check, cache and train the high- and low-noise LoRAs",
@@ -317,10 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         tlog.set_verbosity_error()
         for noisy in ("accelerate", "peft"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # the libraries' deprecation chatter, for this command only
+            if not args.verbose:
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                warnings.filterwarnings("ignore", category=UserWarning)
+            return args.func(args)
     except WanpairError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

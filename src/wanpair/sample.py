@@ -9,10 +9,11 @@ freed before the experts run. LoRAs are applied by adding their weight update to
 
 from __future__ import annotations
 
-import gc
+import contextlib
 import json
 import logging
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,63 +76,136 @@ def _lora_note(loras: dict[str, Path | None]) -> str:
     return "+".join(f"{e}{'Lora' if loras.get(e) else 'Base'}" for e in ("high", "low"))
 
 
-def load_expert(project: Project, expert: str, lora_path: Path | None, strength: float, dtype: torch.dtype,
-                allow_mismatch: bool = False):
-    """One expert from its file, with its LoRA applied at `strength` (refused if made for the other expert)."""
+def checked_loras(project: Project, loras: dict[str, Path | None], allow_mismatch: bool = False) -> dict:
+    """Each LoRA read and checked against its slot -- the right expert, layers the base has -- before
+    any 28 GB base is loaded."""
     from .export.formats import read_lora
-    from .export.merge import apply_lora, check_expert
-    from .models import load_dit
+    from .export.merge import check_expert
+    from .models.dit import inspect_dit
+    from .models.files import strip_prefix
 
-    path = project.dit_path(expert)
-    model = load_dit(path, dtype=dtype, device="cpu")
-    if lora_path:
-        lora = read_lora(lora_path)
-        check_expert(lora, expert, f"the {expert}-noise slot ({path.name})", allow_mismatch)
-        apply_lora(model, lora, strength)
-        log.info("applied %s to the %s-noise expert at strength %s", lora_path, expert, strength)
+    checked = {}
+    for expert in ("high", "low"):
+        path = loras.get(expert)
+        if not path:
+            checked[expert] = None
+            continue
+        lora = read_lora(path)
+        dit = project.dit_path(expert)
+        check_expert(lora, expert, f"the {expert}-noise slot ({dit.name})", allow_mismatch)
+        info = inspect_dit(dit)
+        if info.file is not None:
+            prefix = strip_prefix(info.file.keys)
+            have = {k[len(prefix):].removesuffix(".weight") for k in info.file.keys}
+            unknown = sorted(set(lora.modules) - have)
+            if unknown:
+                raise WanpairError(f"{path}: LoRA module {unknown[0]} has no matching layer in {dit.name} "
+                                   "(is it a LoRA for Wan 2.2 A14B?).")
+        checked[expert] = lora
+    return checked
+
+
+def lora_delta(lora, strength: float):
+    """The update `load_dit(delta=...)` adds to each weight: strength * (alpha/rank) * up @ down."""
+    if lora is None or strength == 0:
+        return None
+
+    def delta(key: str):
+        module = key.removesuffix(".weight")
+        return strength * lora.delta(module) if key.endswith(".weight") and module in lora.modules else None
+
+    return delta
+
+
+def expert_bytes(config: dict, bytes_per_weight: int) -> int:
+    """Block weights of one expert (the rest is a few hundred MB): 8 attention projections and 2 FFN matrices."""
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    return config["num_layers"] * (8 * dim * dim + 2 * dim * config["ffn_dim"]) * bytes_per_weight
+
+
+SAMPLING_MARGIN = 8 * 2**30  # VAE decoding and the activations of one denoising step (81 frames at 832x480)
+
+
+def storage_for(device: torch.device, configs: list[dict]) -> str:
+    """How both experts are held for sampling: "bf16" on the GPU if both fit, else "fp8" (half the
+    memory) if both fit so, else "offload" (fp8, one expert on the GPU at a time)."""
+    if device.type != "cuda":
+        return "bf16"
+    free, _ = torch.cuda.mem_get_info(device)
+    if sum(expert_bytes(c, 2) for c in configs) + SAMPLING_MARGIN <= free:
+        return "bf16"
+    if sum(expert_bytes(c, 1) for c in configs) + SAMPLING_MARGIN <= free:
+        return "fp8"
+    return "offload"
+
+
+def load_expert(project: Project, expert: str, lora, strength: float, dtype: torch.dtype, device: torch.device,
+                fp8: bool = False):
+    """One expert straight from its file onto `device`, its LoRA merged in as the weights arrive
+    (before fp8 quantisation, when `fp8`)."""
+    from .models import load_dit
+    from .models.fp8 import fp8_matmul_available, use_fp8_matmul
+
+    model = load_dit(project.dit_path(expert), dtype=dtype, device=device, fp8=fp8, delta=lora_delta(lora, strength))
+    if fp8:
+        use_fp8_matmul(model, fp8_matmul_available(device))
+    if lora is not None:
+        log.info("merged the %s-noise LoRA into the %s-noise expert at strength %s",
+                 lora.metadata.get("wanpair.expert", "?"), expert, strength)
     return model
 
 
-def make_pipeline(project: Project, high, low, shift: float):
+def make_pipeline(vae, high, low, shift: float):
     """diffusers' WanPipeline over two experts, switching at the T2V boundary; prompts come as embeddings."""
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
-    from .models import load_vae
-
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=shift)
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=load_vae(project.models.vae, dtype=torch.float32),
-                       scheduler=scheduler, transformer=high, transformer_2=low, boundary_ratio=BOUNDARY / 1000)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=high,
+                       transformer_2=low, boundary_ratio=BOUNDARY / 1000)
 
 
 def build_pipeline(project: Project, loras: dict[str, Path | None], settings: SampleSettings, device: torch.device,
                    dtype: torch.dtype, allow_mismatch: bool = False):
-    """A diffusers WanPipeline over both experts with their LoRAs applied (no text encoder)."""
-    experts = {e: load_expert(project, e, loras.get(e), getattr(settings, f"strength_{e}"), dtype, allow_mismatch)
-               for e in ("high", "low")}
-    pipe = make_pipeline(project, experts["high"], experts["low"], settings.shift)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        need = sum(p.numel() * p.element_size() for m in experts.values() for p in m.parameters())
-        if need > 0.8 * free:  # both experts don't fit: keep only the active one on the GPU
-            pipe.enable_model_cpu_offload(device=device)
-            return pipe
+    """A diffusers WanPipeline over both experts with their LoRAs merged (no text encoder), the experts
+    loaded straight to the GPU in bf16, or fp8 (or one at a time) when memory is short."""
+    from .models import load_vae
+    from .models.dit import inspect_dit
+
+    checked = checked_loras(project, loras, allow_mismatch)
+    storage = storage_for(device, [inspect_dit(project.dit_path(e)).config for e in ("high", "low")])
+    if storage != "bf16":
+        log.info("sampling with the experts stored as fp8%s: both in bf16 do not fit in the GPU's free memory",
+                 ", one on the GPU at a time" if storage == "offload" else "")
+    experts = {}
+    for e in ("high", "low"):
+        experts[e] = load_expert(project, e, checked[e], getattr(settings, f"strength_{e}"), dtype, device,
+                                 fp8=storage != "bf16")
+        if storage == "offload":
+            experts[e].to("cpu")  # converted on the GPU (fast), kept on the host until its turn
+    vae = load_vae(project.models.vae, dtype=torch.float32)
+    pipe = make_pipeline(vae, experts["high"], experts["low"], settings.shift)
+    if storage == "offload":
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
 
 
-def encode_prompts(project: Project, prompts: list[str], negative: str, device: torch.device, dtype: torch.dtype):
+def prompt_embeddings(project: Project, prompts: list[str], negative: str, device: torch.device, dtype: torch.dtype):
+    """Padded umT5 embeddings of the prompts and the negative prompt, from the project's text cache
+    (content-keyed like the captions'): the text encoder loads only for prompts never encoded before."""
+    from .cache import cached_texts, folder_fingerprint
+    from .data.dataset_config import load_dataset_config
     from .models import load_text_encoder
-    from .models.text_encoder import encode_text
     from .train.flow_matching import pad_text
 
-    te, tok = load_text_encoder(project.models.t5, project.models.tokenizer, dtype=dtype, device=device)
-    embeds = [pad_text([e]) for e in encode_text(te, tok, prompts)]
-    negative_embeds = pad_text(encode_text(te, tok, [negative]))
-    del te, tok
-    gc.collect()
+    m = project.models
+    cache_dir = load_dataset_config(project.dataset_config)[0].cache_dir
+    texts = cached_texts(prompts + [negative], cache_dir, folder_fingerprint(m.t5), folder_fingerprint(m.tokenizer),
+                         lambda: load_text_encoder(m.t5, m.tokenizer, dtype=dtype, device=device))
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return embeds, negative_embeds
+    return [pad_text([e]) for e in texts[:-1]], pad_text([texts[-1]])
 
 
 def save_output(frames: np.ndarray, path: Path, info: dict, fps: int) -> Path:
@@ -166,14 +240,20 @@ def sample(project: Project, prompts: list[str], settings: SampleSettings, loras
            out_dir: Path, device: torch.device | None = None, allow_mismatch: bool = False,
            name_prefix: str = "") -> list[Path]:
     """Generate one image or clip per prompt with both experts; returns the files written."""
+    start = time.perf_counter()
     settings.check()
     if not prompts:
         raise WanpairError("no prompt given: use --prompt \"...\" or --prompts FILE (one prompt per line).")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    embeds, negative = encode_prompts(project, prompts, settings.negative_prompt, device, dtype)
+    checked_loras(project, loras, allow_mismatch)  # a wrong LoRA fails now, not after the prompts and experts load
+    embeds, negative = prompt_embeddings(project, prompts, settings.negative_prompt, device, dtype)
+    log.info("prompts ready after %.1f s", time.perf_counter() - start)
     pipe = build_pipeline(project, loras, settings, device, dtype, allow_mismatch)
-    return run_prompts(pipe, prompts, embeds, negative, settings, loras, out_dir, project, device, dtype, name_prefix)
+    log.info("both experts ready after %.1f s", time.perf_counter() - start)
+    written = run_prompts(pipe, prompts, embeds, negative, settings, loras, out_dir, project, device, dtype, name_prefix)
+    log.info("%d output(s) after %.1f s", len(written), time.perf_counter() - start)
+    return written
 
 
 def run_prompts(pipe, prompts, embeds, negative, settings: SampleSettings, loras: dict, out_dir: Path, project: Project,
@@ -194,8 +274,13 @@ def run_prompts(pipe, prompts, embeds, negative, settings: SampleSettings, loras
 
 
 class TrainingSampler:
-    """Samples during training: the expert being trained (LoRA as it is now) with the other expert as it is,
-    or with its LoRA when this run already trained it. File names say which (e.g. `highLora+lowBase`)."""
+    """Samples during training: the expert being trained (LoRA as it is now, the model already in memory)
+    with the other expert as it is, or with its LoRA when this run already trained it. File names say
+    which (e.g. `highLora+lowBase`).
+
+    The other expert is loaded once (fp8, its LoRA merged) and waits in host memory between samples; it
+    borrows the GPU memory that training's activations leave free between steps. If even that is too
+    little (a 16 GiB low-memory run), samples are skipped with a note instead of stopping the run."""
 
     def __init__(self, project: Project, prompts: list[str], embeds: list[torch.Tensor], negative: torch.Tensor,
                  settings: SampleSettings, device: torch.device, dtype: torch.dtype):
@@ -204,29 +289,66 @@ class TrainingSampler:
         self.project, self.prompts, self.settings, self.device, self.dtype = project, prompts, settings, device, dtype
         self.embeds, self.negative = [pad_text([e]) for e in embeds], pad_text([negative])
         self.others: dict[str, object] = {}
+        self.vae = None
+        self.skipping = False
+
+    def _other(self, other: str, lora_path: Path | None):
+        key = f"{other}:{lora_path}"
+        if key not in self.others:
+            lora = checked_loras(self.project, {other: lora_path})[other]
+            self.others = {key: load_expert(self.project, other, lora, 1.0, self.dtype, self.device,
+                                            fp8=self.device.type == "cuda").to("cpu")}
+        return self.others[key]
+
+    def _room_for(self, model) -> bool:
+        if self.device.type != "cuda":
+            return True
+        torch.cuda.empty_cache()
+        need = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) + 2**30
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if need <= free:
+            return True
+        print(f"note: samples during training are skipped: the other expert needs {need / 2**30:.1f} GiB and "
+              f"the GPU has {free / 2**30:.1f} GiB free between steps. Run `wanpair sample` after training instead.")
+        self.skipping = True
+        return False
 
     def __call__(self, model, expert: str, step: int, autocast, writer=None) -> list[Path]:
+        from .models import load_vae
+
+        if self.skipping:
+            return []
         other = "low" if expert == "high" else "high"
         other_lora = self.project.lora_path(other) if self.project.lora_path(other).exists() else None
-        key = f"{other}:{other_lora}"
-        if key not in self.others:
-            self.others = {key: load_expert(self.project, other, other_lora, 1.0, self.dtype)}
-        other_model = self.others[key].to(self.device)
-        pipe = make_pipeline(self.project, *((model, other_model) if expert == "high" else (other_model, model)),
+        other_model = self._other(other, other_lora)
+        if not self._room_for(other_model):
+            return []
+        other_model.to(self.device)
+        self.vae = self.vae or load_vae(self.project.models.vae, dtype=torch.float32)
+        pipe = make_pipeline(self.vae, *((model, other_model) if expert == "high" else (other_model, model)),
                              self.settings.shift).to(self.device)
         loras = {expert: "training", other: other_lora}
         was_training = model.training
         model.eval()
-        try:
-            with torch.no_grad(), autocast():
+        try:  # eager: the training graph was compiled for gradients, a sampling pass would compile another
+            with torch.no_grad(), autocast(), _eager():
                 written = run_prompts(pipe, self.prompts, self.embeds, self.negative, self.settings, loras,
                                       self.project.run_dir / "samples", self.project, self.device, self.dtype,
                                       name_prefix=f"{expert}-step{step:06d}_")
         finally:
             model.train(was_training)
-            self.others[key] = other_model.to("cpu")
+            other_model.to("cpu")
+            self.vae.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         if writer is not None:
             for i, path in enumerate(written):
                 if path.suffix == ".png":
                     writer.add_image(f"samples/{expert}/{i:02d}", np.asarray(Image.open(path)), step, dataformats="HWC")
         return written
+
+
+def _eager():
+    """Run compiled modules eagerly (torch >= 2.6); elsewhere nothing changes."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()

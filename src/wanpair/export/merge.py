@@ -1,4 +1,5 @@
-"""Applying a LoRA: in memory onto a loaded DiT, or merged into a base file streamed tensor by tensor.
+"""Merging a LoRA into a base file, streamed tensor by tensor (in memory, `load_dit(delta=...)` merges as it
+loads; see `wanpair.sample.lora_delta`).
 
 Both refuse a LoRA whose metadata names the other expert (wanpair writes `wanpair.expert`), since
 a HighNoise LoRA on the low-noise model is the recipe's most common silent mistake.
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
 from ..errors import WanpairError
-from ..models.dit import guess_expert, original_to_diffusers_names
+from ..models.dit import guess_expert
 from ..models.files import iter_tensors, safetensors_header, strip_prefix
 from .formats import LoraWeights
 
@@ -31,22 +32,6 @@ def check_expert(lora: LoraWeights, base_expert: str | None, what: str, allow_mi
             f"Use the {'HighNoise' if base_expert == 'high' else 'LowNoise'} LoRA here "
             "(or pass --allow-expert-mismatch if you really mean it)."
         )
-
-
-def apply_lora(model, lora: LoraWeights, strength: float = 1.0) -> int:
-    """Add strength * (alpha/rank) * up @ down to the weights of a loaded diffusers WanTransformer3DModel."""
-    names = original_to_diffusers_names([m + ".weight" for m in lora.modules])
-    params = dict(model.named_parameters())
-    for module in lora.modules:
-        name = names[module + ".weight"]
-        if name not in params:
-            raise WanpairError(f"LoRA module {module} has no matching layer in this model (is it for Wan 2.2 A14B?).")
-        p = params[name]
-        if p.shape != lora.delta(module).shape:
-            raise WanpairError(f"LoRA module {module} has shape {tuple(lora.delta(module).shape)}, the model {tuple(p.shape)}.")
-        with torch.no_grad():
-            p.copy_((p.float() + strength * lora.delta(module).to(p.device)).to(p.dtype))
-    return len(lora.modules)
 
 
 def _merged(base: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:

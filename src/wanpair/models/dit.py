@@ -14,6 +14,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import init_empty_weights
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import WanpairError
 from .fp8 import Fp8Linear, to_fp8_linears
-from .files import WeightFile, fingerprint, inspect_weight_file, iter_tensors, strip_prefix
+from .files import WeightFile, fingerprint, inspect_weight_file, iter_tensors, strip_prefix, tensors_to_device
 from .kinds import identify
 
 log = logging.getLogger(__name__)
@@ -197,20 +198,32 @@ def load_dit(
     device: str | torch.device = "cpu",
     info: DitInfo | None = None,
     fp8: bool = False,
+    delta: Callable[[str], torch.Tensor | None] | None = None,
 ) -> WanTransformer3DModel:
     """Load a Wan DiT into diffusers' `WanTransformer3DModel`, streaming tensor by tensor.
 
     The model is built on the meta device and each tensor is converted to `dtype` on `device` as it
-    is read, so host memory never holds the whole checkpoint. Modules diffusers keeps in fp32
-    (time embedding, modulation tables, norms) stay fp32. With `fp8`, every block Linear becomes an
-    `Fp8Linear` and its weight is quantised as it arrives, so the device never holds the 28 GB bf16
-    form of a 14B expert (only its 14 GB fp8 form); a diffusers folder is converted after loading.
+    is read (on a GPU: read ahead by several threads, `files.tensors_to_device`), so host memory never
+    holds the whole checkpoint. Modules diffusers keeps in fp32 (time embedding, modulation tables,
+    norms) stay fp32. With `fp8`, every block Linear becomes an `Fp8Linear` and its weight is quantised
+    as it arrives, so the device never holds the 28 GB bf16 form of a 14B expert (only its 14 GB fp8
+    form); a diffusers folder is converted after loading. `delta(name)` (original Wan key, e.g.
+    `blocks.0.self_attn.q.weight`) may return an update to add to that weight before it is stored: a
+    LoRA merged at full precision, before any fp8 quantisation.
     """
+    device = torch.device(device)
     info = info or inspect_dit(path)
     if info.layout == "diffusers":
         log.info("loading DiT (diffusers folder) from %s", info.path)
         model = WanTransformer3DModel.from_pretrained(info.path, torch_dtype=dtype, local_files_only=True)
         model = model.to(device)
+        if delta is not None:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, p in params.items():
+                    d = delta(to_original_name(name))
+                    if d is not None:
+                        p.copy_((p.float() + d.to(p.device)).to(p.dtype))
         if fp8:
             to_fp8_linears(model, dtype)
         return model.eval().requires_grad_(False)
@@ -229,14 +242,18 @@ def load_dit(
     keys = [k for k in info.file.keys if k not in skip]
     names = original_to_diffusers_names([k[len(prefix):] for k in keys])
     seen: set[str] = set()
-    for key, tensor in tqdm(iter_tensors(info.path, keys), total=len(keys), desc="DiT", unit="tensor", leave=False):
+    # move first, convert on the device: a GPU converts 28 GB of fp16 in milliseconds, a CPU core in seconds
+    stream = tensors_to_device(info.path, keys, device)
+    for key, value in tqdm(stream, total=len(keys), desc="DiT", unit="tensor", leave=False):
         name = names[key[len(prefix):]]
         if name not in expected:
             raise WanpairError(f"{info.path}: tensor {key!r} has no place in a Wan DiT; is this the right file?")
         target = torch.float32 if _keep_fp32(name) else dtype
-        # move first, convert on the device: a GPU converts 28 GB of fp16 in milliseconds, a CPU core in seconds
-        value = tensor.to(device)
         scale = scales.get(key.removesuffix(".weight") + ".scale_weight")
+        update = delta(key[len(prefix):]) if delta is not None else None
+        if update is not None:
+            value = value.float() * (scale.to(device).float() if scale is not None else 1.0) + update.to(device)
+            scale = None
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
         if leaf == "weight" and isinstance(module, Fp8Linear):

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from ..errors import WanpairError
 from .files import inspect_weight_file, iter_tensors
@@ -87,7 +87,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
             f"tokenizer {path} is not a folder. Give the umT5 tokenizer folder (with tokenizer.json "
             "and/or spiece.model), e.g. the `tokenizer/` folder of Wan2.2-T2V-A14B-Diffusers or google/umt5-xxl."
         )
+    configured = (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
     try:
+        if not configured and (path / "spiece.model").is_file():
+            # A bare SentencePiece model (some downloads carry only that): umT5's tokenizer is a T5Tokenizer
+            # (google/umt5-xxl's tokenizer_config.json, which Wan loads); without a config AutoTokenizer
+            # cannot tell which class to build.
+            return T5Tokenizer.from_pretrained(str(path), local_files_only=True)
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/... for unusable folders
         raise WanpairError(f"could not load a tokenizer from {path}: {e}") from None

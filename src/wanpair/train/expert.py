@@ -318,10 +318,19 @@ class ExpertTraining:
             self.sampler(self.unwrapped, self.expert, self.step_count, self.accelerator.autocast,
                          self.metrics.writer if self.metrics else None)
 
+    def close_metrics(self, quiet: bool = False) -> None:
+        """Close the metrics log once (`quiet`: a disk error while closing is not raised again)."""
+        metrics, self.metrics = getattr(self, "metrics", None), None
+        if metrics is not None:
+            try:
+                metrics.close()
+            except OSError:
+                if not quiet:
+                    raise
+
     def stop(self, epoch: int, pos: int, signum: int) -> None:
         """Ctrl-C / SIGTERM: save the state and the LoRA so far (marked partial), then stop."""
-        if self.metrics:
-            self.metrics.close()
+        self.close_metrics()
         path = self.save_state(epoch, pos)
         final = self.p.lora_path(self.expert)
         partial = final.with_name(f"{final.stem}-partial-step{self.step_count:06d}{final.suffix}")
@@ -331,8 +340,7 @@ class ExpertTraining:
             f"training state {path}.\nResume with:  wanpair train {self.p.path} --resume", signum or 15)
 
     def finish(self) -> ExpertResult:
-        if self.metrics:
-            self.metrics.close()
+        self.close_metrics()
         seconds = time.perf_counter() - self.start
         out = self.p.lora_path(self.expert)
         modules = self.save_lora(out)
@@ -354,5 +362,9 @@ class ExpertTraining:
         self.setup_optimizer()
         if state is not None:
             self.resume(state)
-        self.train()
-        return self.finish()
+        try:
+            self.train()
+            return self.finish()
+        except BaseException:
+            self.close_metrics(quiet=True)  # the error that stopped the run is the one to report
+            raise
