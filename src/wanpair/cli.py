@@ -114,9 +114,14 @@ def cmd_cache(args) -> int:
 def cmd_train(args) -> int:
     from .train.recipe import LoraPairRecipe
 
+    if int(os.environ.get("RANK", "0")) != 0:  # started by torchrun / accelerate launch: rank 0 speaks for all
+        sys.stdout = open(os.devnull, "w")
     experts = ("high", "low") if args.expert == "both" else (args.expert,)
-    results = LoraPairRecipe(_project(args.project), overwrite=args.overwrite,
-                             allow_expert_mismatch=args.allow_expert_mismatch).run(experts, resume=args.resume)
+    project = _project(args.project)
+    if args.experts_parallel:
+        project.train.experts_parallel = args.experts_parallel
+    results = LoraPairRecipe(project, overwrite=args.overwrite, allow_expert_mismatch=args.allow_expert_mismatch,
+                             gpus=args.gpus).run(experts, resume=args.resume)
     for r in results:
         print(f"{r.expert}-noise LoRA: {r.lora}")
     return 0
@@ -249,8 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-expert-mismatch", action="store_true",
                    help="continue from an init_lora even if its metadata names the other expert")
     p.add_argument("--resume", nargs="?", const="latest", metavar="STATE",
-                   help="continue a stopped run from its newest saved state (or the STATE file given); "
-                        "needs save_state_every_n_steps/_epochs, or a run stopped with Ctrl-C/SIGTERM")
+                   help="continue a stopped run from its newest saved state (or the STATE file given), and fail if "
+                        "there is none. Without it, the same command also continues a run of the same settings and "
+                        "data from its last state, and keeps a LoRA it already finished")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="use N GPUs (default: all visible). With 2 or more the experts train side by side, one "
+                        "GPU group each (see --experts-parallel); each group trains its expert data-parallel")
+    p.add_argument("--experts-parallel", choices=("auto", "on", "off"),
+                   help="train both experts at the same time (default: [train] experts_parallel, auto = when "
+                        "2+ GPUs have room); off = one after the other, each on all GPUs")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("timesteps", help="histogram of the timesteps an expert trains on, as configured",

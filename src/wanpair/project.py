@@ -92,6 +92,7 @@ class TrainSettings:
     gradient_accumulation_steps: int = 1
     save_dtype: str = "bf16"
     device: str = "auto"
+    experts_parallel: str = "auto"  # both experts at once, one per GPU (group): auto = with 2+ GPUs that have room
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -159,8 +160,11 @@ CHOICES = {
     "fp8_matmul": ("auto", "on", "off"),
     "compile": ("auto", "on", "off"),
     "memory_mode": ("auto", "fast", "low"),
+    "experts_parallel": ("auto", "on", "off"),
 }
-ON_OFF = {"fp8_matmul", "compile"}  # also accept true / false
+ON_OFF = {"fp8_matmul", "compile", "experts_parallel"}  # also accept true / false
+# Settings that decide where the work runs, not what is trained: a LoRA made one way is the same run's LoRA.
+PLACEMENT_ONLY = {"experts_parallel"}
 
 
 def _unknown(key: str, valid, where: str, path: Path) -> str:

@@ -63,6 +63,15 @@ class CachedData:
                    [Path(p) for p in raw["text_paths"]], {int(k): v for k, v in raw["batch_sizes"].items()})
 
 
+def step_counts(n_batches: int, accumulation: int, processes: int, epochs: int, max_steps: int) -> tuple[int, int, int]:
+    """(micro-batches per optimizer step, optimizer steps in all, epochs): an optimizer step takes
+    `accumulation` micro-batches on each of `processes` processes; the schedule counts optimizer steps."""
+    per_step = accumulation * processes
+    per_epoch = math.ceil(n_batches / per_step)
+    total = min(max_steps, per_epoch * epochs) if max_steps else per_epoch * epochs
+    return per_step, total, math.ceil(total / per_epoch)
+
+
 def _item_to_json(item: Item) -> dict:
     d = dataclasses.asdict(item)
     d["image"] = str(item.image)

@@ -17,7 +17,6 @@ every W-th micro-batch of a step, DDP averages the gradients, and only rank 0 wr
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -34,7 +33,7 @@ from ..export.formats import read_lora
 from ..export.merge import check_expert
 from ..models.dit import DitInfo, load_dit
 from ..project import Project
-from .data import CachedData
+from .data import CachedData, step_counts
 from .flow_matching import pad_text
 from .lora import DTYPES, load_initial_lora, lora_state_dict, save_lora
 from .metadata import lora_metadata, run_identity
@@ -86,11 +85,8 @@ class ExpertTraining:
         self.latents, self.texts = self.data.load()
         self.batches = self.data.batches()
         self.tokens = max(CachedData.tokens([self.latents[i].shape for i in idx]) for idx in self.batches)
-        self.per_step = t.gradient_accumulation_steps * self.world  # micro-batches per optimizer step
-        self.steps_per_epoch = math.ceil(len(self.batches) / self.per_step)
-        all_steps = self.steps_per_epoch * t.epochs
-        self.total_steps = min(t.max_steps, all_steps) if t.max_steps else all_steps
-        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.per_step, self.total_steps, self.epochs = step_counts(len(self.batches), t.gradient_accumulation_steps,
+                                                                   self.world, t.epochs, t.max_steps)
 
     def setup_model(self) -> None:
         t = self.t

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 
 from ..atomic import write_text_atomic
 from ..cache import CacheStats, fill, folder_fingerprint, plan, read_entry
@@ -28,12 +30,14 @@ from ..errors import WanpairError
 from ..models.text_encoder import load_text_encoder
 from ..models.vae import load_vae
 from ..project import Project
-from .data import CachedData
+from . import placement
+from .data import CachedData, step_counts
 from .expert import ExpertResult, ExpertTraining
 from .metadata import differences, finished_lora_differences, run_identity
 from .metrics import drop_metrics_after, plot_loss, read_metrics
 from .preflight import Checked, preflight
 from .state import list_states, load_state, run_lock
+from .worker import result_path
 
 # Errors of the disk the outputs go to, which a user fixes by freeing space or permissions and running again.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.EACCES}
@@ -48,11 +52,13 @@ class ExpertJob:
 
 
 class LoraPairRecipe:
-    def __init__(self, project: Project, overwrite: bool = False, allow_expert_mismatch: bool = False):
+    def __init__(self, project: Project, overwrite: bool = False, allow_expert_mismatch: bool = False,
+                 gpus: int | None = None):
         self.p = project
         self.t = project.train
         self.overwrite = overwrite
         self.allow_expert_mismatch = allow_expert_mismatch
+        self.gpus = gpus
         self.checked = Checked()
         self.device = torch.device("cuda" if self.t.device == "auto" and torch.cuda.is_available()
                                    else "cpu" if self.t.device == "auto" else self.t.device)
@@ -97,16 +103,7 @@ class LoraPairRecipe:
                           {s.index: s.batch_size for s in self.checked.specs})
 
     def sampler(self):
-        """Samples during training, from prompt embeddings cached with the captions (no text encoder kept)."""
-        prompts = self.sample_prompts()
-        if not prompts:
-            return None
-        from ..sample import SampleSettings, TrainingSampler
-
-        embeds = [read_entry(p) for p in self.cache_plan.prompt_paths]
-        cfg = self.p.sample
-        settings = SampleSettings(width=cfg.width, height=cfg.height, frames=cfg.frames, steps=cfg.steps, seed=cfg.seed)
-        return TrainingSampler(self.p, prompts, embeds[:-1], embeds[-1], settings, self.device, self.t.compute_dtype)
+        return make_sampler(self.p, self.sample_prompts(), self.cache_plan.prompt_paths, self.device)
 
     # ---------------------------------------------------------------- which experts, from where
     def plan_experts(self, experts: tuple[str, ...], resume: str | None) -> tuple[list[ExpertJob], list[str]]:
@@ -173,7 +170,28 @@ class LoraPairRecipe:
 
     # ---------------------------------------------------------------- training
     def train_experts(self, jobs: list[ExpertJob]) -> list[ExpertResult]:
-        """Each expert in turn, in this process (the placement for one device)."""
+        """Run each job's unit where `placement` says: here, one after the other, or in worker processes."""
+        if not jobs:
+            return []
+        waves = placement.choose([j.expert for j in jobs], self.device, self.t.experts_parallel, self.gpus)
+        if waves is None:
+            return self.train_here(jobs)
+        print(f"placement: {placement.describe(waves)}")
+        data = self.cached_data()
+        handoff = {"project": str(self.p.path), "device": self.device.type, "data": data.to_json(),
+                   "prompts": self.sample_prompts(), "prompt_paths": [str(p) for p in self.cache_plan.prompt_paths],
+                   "allow_expert_mismatch": self.allow_expert_mismatch}
+        states = {j.expert: j.state for j in jobs}
+        totals = {g.expert: step_counts(len(data.batches()), self.t.gradient_accumulation_steps, g.processes,
+                                        self.t.epochs, self.t.max_steps)[1] for wave in waves for g in wave}
+        for job in jobs:
+            result_path(self.p.run_dir, job.expert).unlink(missing_ok=True)
+        placement.run_waves(waves, handoff, self.p.run_dir, states, totals)
+        return [ExpertResult(**{**r, "lora": Path(r["lora"])}) for r in
+                (json.loads(result_path(self.p.run_dir, j.expert).read_text()) for j in jobs)]
+
+    def train_here(self, jobs: list[ExpertJob]) -> list[ExpertResult]:
+        """Each expert in turn, in this process (on every rank, under a launcher)."""
         data, sampler, results = self.cached_data(), self.sampler(), []
         for job in jobs:
             unit = ExpertTraining(self.p, job.expert, self.dits[job.expert], data, self.device, sampler,
@@ -195,19 +213,32 @@ class LoraPairRecipe:
                             losses[0], losses[-1], losses)
 
     def run(self, experts: tuple[str, ...] = ("high", "low"), resume: str | None = None) -> list[ExpertResult]:
-        """The whole recipe. `resume`: a state file, or "latest" for each expert's newest state of this run."""
-        with run_lock(self.p.output_dir, self.p.name):
+        """The whole recipe. `resume`: a state file, or "latest" for each expert's newest state of this run.
+
+        Started by torchrun / accelerate launch on several ranks, every rank runs it: all check and plan
+        alike, rank 0 holds the lock and writes, each node's first rank fills the caches before the others
+        read them, and each expert trains data-parallel over all ranks."""
+        ranks = PartialState(cpu=self.device.type == "cpu") if placement.launched_by_torchrun() else None
+        if ranks is not None:
+            self.device = ranks.device
+        first = ranks is None or ranks.is_main_process
+        with run_lock(self.p.output_dir, self.p.name) if first else contextlib.nullcontext():
             self.preflight(experts)
             jobs, kept = self.plan_experts(experts, resume)
-            self.forget_replaced_runs(jobs)
+            if ranks is not None:
+                ranks.wait_for_everyone()  # every rank has read the states before rank 0 tidies them
+            if first:
+                self.forget_replaced_runs(jobs)
             try:
-                self.prepare_caches()
+                with ranks.local_main_process_first() if ranks is not None else contextlib.nullcontext():
+                    self.prepare_caches()
                 trained = {r.expert: r for r in self.train_experts(jobs)}
                 results = [trained[e] if e in trained else self.kept_result(e) for e in experts]
-                print(f"loss plot: {plot_loss(self.p.run_dir / 'metrics.jsonl', self.p.run_dir / 'loss.png')}")
-                summary = {"project": str(self.p.path), "name": self.p.name, "device": str(self.device),
-                           "experts": [asdict(r) | {"lora": str(r.lora)} for r in results]}
-                write_text_atomic(self.p.run_dir / "summary.json", json.dumps(summary, indent=2))
+                if first:
+                    print(f"loss plot: {plot_loss(self.p.run_dir / 'metrics.jsonl', self.p.run_dir / 'loss.png')}")
+                    summary = {"project": str(self.p.path), "name": self.p.name, "device": str(self.device),
+                               "experts": [asdict(r) | {"lora": str(r.lora)} for r in results]}
+                    write_text_atomic(self.p.run_dir / "summary.json", json.dumps(summary, indent=2))
             except OSError as e:
                 if e.errno not in DISK_ERRNOS:
                     raise
@@ -222,3 +253,15 @@ class LoraPairRecipe:
         return (f"writing to {where} failed: {e.strerror}. Nothing half-written was left under a final name. "
                 f"Saved: {', '.join(saved) or 'no LoRA or state yet'}. Free space (or fix the disk) and run the same "
                 "command again: finished experts are kept and the others continue from their last state or start again.")
+
+
+def make_sampler(project: Project, prompts: list[str], prompt_paths: list[Path], device: torch.device):
+    """Samples during training, from prompt embeddings cached with the captions (no text encoder kept)."""
+    if not prompts:
+        return None
+    from ..sample import SampleSettings, TrainingSampler
+
+    embeds = [read_entry(p) for p in prompt_paths]
+    cfg = project.sample
+    settings = SampleSettings(width=cfg.width, height=cfg.height, frames=cfg.frames, steps=cfg.steps, seed=cfg.seed)
+    return TrainingSampler(project, prompts, embeds[:-1], embeds[-1], settings, device, project.train.compute_dtype)

@@ -1,0 +1,78 @@
+"""One expert's training in a process of its own: what `wanpair train` starts per expert (or per rank of an
+expert's data-parallel group, under torchrun) when the experts train side by side.
+
+    python -m wanpair.train.worker HANDOFF.json --expert high [--state STATE.pt] [--memory-share 0.5]
+
+HANDOFF.json is written by the recipe after its preflight and caches (`wanpair.train.placement`): the
+project file, the cached data and the sampling prompts' cache entries. The worker checks and encodes
+nothing; it trains its expert, and rank 0 writes the LoRA, states, metrics and `.result-<expert>.json`.
+Exit codes: 0 done, 2 an error it explained, 128 + signal after a clean stop (state and partial LoRA saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `wanpair train` sets it
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m wanpair.train.worker", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("handoff", type=Path)
+    ap.add_argument("--expert", choices=("high", "low"), required=True)
+    ap.add_argument("--state", type=Path, help="continue from this training state")
+    ap.add_argument("--memory-share", type=float, default=1.0,
+                    help="the fraction of the GPU this process may use (experts sharing one GPU)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from ..atomic import write_text_atomic
+    from ..errors import WanpairError
+    from ..models.dit import inspect_dit
+    from ..project import load_project
+    from .data import CachedData
+    from .expert import ExpertTraining
+    from .recipe import DISK_ERRNOS, make_sampler
+    from .state import StopRequested, load_state
+
+    handoff = json.loads(args.handoff.read_text(encoding="utf-8"))
+    project, _ = load_project(handoff["project"])
+    device = torch.device(handoff["device"])
+    if device.type == "cuda" and args.memory_share < 1.0:
+        torch.cuda.set_per_process_memory_fraction(args.memory_share)
+    data = CachedData.from_json(handoff["data"])
+    sampler = make_sampler(project, handoff["prompts"], [Path(p) for p in handoff["prompt_paths"]], device)
+    unit = ExpertTraining(project, args.expert, inspect_dit(project.dit_path(args.expert)), data, device, sampler,
+                          handoff["allow_expert_mismatch"], progress=False)
+    try:
+        result = unit.run(load_state(args.state) if args.state else None)
+    except StopRequested as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return e.exit_code
+    except WanpairError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        print(f"error: writing {e.filename or project.output_dir} failed: {e.strerror}", file=sys.stderr, flush=True)
+        return 2
+    if unit.writes:
+        write_text_atomic(result_path(project.run_dir, args.expert),
+                          json.dumps(asdict(result) | {"lora": str(result.lora)}))
+    return 0
+
+
+def result_path(run_dir: Path, expert: str) -> Path:
+    return run_dir / f".result-{expert}.json"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""More than one process: both experts side by side (pair-parallel), one expert data-parallel over ranks,
+and a run that loses one process ending cleanly and continuing with the same command.
+
+On a CPU the workers are CPU processes (one thread each: the machine's cores are shared) and the ranks
+talk over gloo; the same code places them on GPUs and NCCL. Results on a CPU depend on the thread count
+(it changes the order of float sums, and oneDNN keeps kernels chosen under an earlier count), so each
+reference runs as a fresh `wanpair train` process with one thread too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import set_train
+from wanpair.cli import main
+from wanpair.project import load_project
+from wanpair.train.recipe import LoraPairRecipe
+
+SETTINGS = dict(epochs=3, learning_rate=2e-3, save_dtype="fp32", tensorboard=False)
+
+
+def _train(project, *args):
+    """`wanpair train` in a fresh process with one thread, as each worker has."""
+    done = subprocess.run([sys.executable, "-m", "wanpair.cli", "train", str(project.path), *args],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _copy(demo, tmp_path, name, **settings):
+    """A copy of the demo, its cache filled once for all copies: latents encoded with another thread count
+    differ in their last bits, and the comparisons here are of training alone."""
+    if not (demo / "dataset" / "cache").is_dir():
+        assert main(["cache", str(demo / "wanpair.toml")]) == 0
+    root = tmp_path / name
+    shutil.copytree(demo, root)
+    set_train(root / "wanpair.toml", **{**SETTINGS, **settings})
+    project, _ = load_project(root / "wanpair.toml")
+    return project
+
+
+def _tensors(project, expert):
+    return load_file(str(project.lora_path(expert)))
+
+
+def _same(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pair_parallel_gives_the_same_loras_as_one_expert_after_the_other(demo, tmp_path):
+    reference = _copy(demo, tmp_path, "sequential")
+    _train(reference, "--experts-parallel", "off")
+    project = _copy(demo, tmp_path, "parallel", experts_parallel="on")
+    results = LoraPairRecipe(project).run()
+    assert [r.expert for r in results] == ["high", "low"] and all(r.steps == 54 for r in results)
+    for expert in ("high", "low"):
+        assert _same(_tensors(project, expert), _tensors(reference, expert)), expert
+    rows = (project.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 * 54  # both workers appended to the one metrics file, no line lost or torn
+
+
+def test_data_parallel_over_two_processes_equals_one_process_with_twice_the_accumulation(demo, tmp_path):
+    reference = _copy(demo, tmp_path, "one", gradient_accumulation_steps=2)
+    _train(reference, "--expert", "high")
+    project = _copy(demo, tmp_path, "two")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "wanpair.cli", "train", str(project.path), "--expert", "high"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    a, b = _tensors(reference, "high"), _tensors(project, "high")
+    # the same gradients, averaged by DDP across ranks instead of summed over micro-batches in one process:
+    # only the order of float32 additions differs
+    for k in a:
+        assert ((a[k] - b[k]).norm() / a[k].norm().clamp(min=1e-12)).item() < 1e-5, k
+    rows = (project.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 27  # 18 micro-batches per epoch, 2 per optimizer step, 3 epochs; only rank 0 logs
+    assert not list(project.output_dir.glob("*partial*"))
+
+
+def _worker(parent: subprocess.Popen, expert: str) -> psutil.Process:
+    end = time.time() + 60
+    while time.time() < end:
+        for p in psutil.Process(parent.pid).children(recursive=True):
+            if "wanpair.train.worker" in p.cmdline() and expert in p.cmdline():
+                return p
+        time.sleep(0.05)
+    raise AssertionError(f"no {expert}-noise worker appeared")
+
+
+def _wait_for_state(project, expert, parent, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        if list((project.run_dir / "state").glob(f"{expert}-step*.pt")):
+            return
+        assert parent.poll() is None, parent.stdout.read()
+        time.sleep(0.02)
+    raise AssertionError(f"no {expert}-noise state appeared")
+
+
+@pytest.fixture
+def reference(demo, tmp_path):
+    project = _copy(demo, tmp_path, "reference", epochs=6, save_state_every_n_steps=4)
+    _train(project)
+    return project
+
+
+def _start(project):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "wanpair.cli", "train", str(project.path), "--experts-parallel",
+                             "on"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_killed_expert_stops_the_other_which_saves_and_the_same_command_continues_both(demo, tmp_path, reference):
+    project = _copy(demo, tmp_path, "killed", epochs=6, save_state_every_n_steps=4, experts_parallel="on")
+    parent = _start(project)
+    low = _worker(parent, "low")
+    _wait_for_state(project, "low", parent)
+    low.kill()  # SIGKILL: a crash, an out-of-memory kill
+    out, _ = parent.communicate(timeout=120)
+    assert parent.returncode == 2, out
+    assert "the low-noise expert stopped with an error" in out and "the high-noise expert saved its state" in out
+    assert list(project.output_dir.glob("WAN2.2-HighNoise_*-partial-step*.safetensors"))
+    assert not project.lora_path("low").exists()
+    assert main(["train", str(project.path)]) == 0  # the same command: both continue from their states
+    for expert in ("high", "low"):
+        assert _same(_tensors(project, expert), _tensors(reference, expert)), expert
+
+
+def test_ctrl_c_stops_both_experts_and_the_same_command_continues_both(demo, tmp_path, reference):
+    project = _copy(demo, tmp_path, "interrupted", epochs=6, save_state_every_n_steps=4, experts_parallel="on")
+    parent = _start(project)
+    _wait_for_state(project, "low", parent)
+    _wait_for_state(project, "high", parent)
+    parent.send_signal(signal.SIGINT)
+    out, _ = parent.communicate(timeout=120)
+    assert parent.returncode == 130, out
+    for expert in ("High", "Low"):
+        assert list(project.output_dir.glob(f"WAN2.2-{expert}Noise_*-partial-step*.safetensors")), out
+    assert main(["train", str(project.path), "--resume"]) == 0
+    for expert in ("high", "low"):
+        assert _same(_tensors(project, expert), _tensors(reference, expert)), expert
