@@ -66,7 +66,7 @@ def test_pair_parallel_gives_the_same_loras_as_one_expert_after_the_other(demo, 
     for expert in ("high", "low"):
         assert _same(_tensors(project, expert), _tensors(reference, expert)), expert
     rows = (project.run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 2 * 54  # both workers appended to the one metrics file, no line lost or torn
+    assert len(rows) == 2 * (1 + 54)  # a validation row at step 0 and 54 steps each; both workers appended to the one metrics file, no line lost or torn
 
 
 def test_data_parallel_over_two_processes_equals_one_process_with_twice_the_accumulation(demo, tmp_path):
@@ -84,7 +84,7 @@ def test_data_parallel_over_two_processes_equals_one_process_with_twice_the_accu
     for k in a:
         assert ((a[k] - b[k]).norm() / a[k].norm().clamp(min=1e-12)).item() < 1e-5, k
     rows = (project.run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 27  # 18 micro-batches per epoch, 2 per optimizer step, 3 epochs; only rank 0 logs
+    assert len(rows) == 1 + 27  # validation at step 0; 18 micro-batches per epoch, 2 per optimizer step, 3 epochs; only rank 0 logs
     assert not list(project.output_dir.glob("*partial*"))
 
 

@@ -20,7 +20,8 @@ from wanpair.errors import WanpairError
 from wanpair.project import load_project
 from wanpair.train.recipe import LoraPairRecipe
 
-SETTINGS = dict(epochs=2, learning_rate=2e-3, save_state_every_n_steps=4, keep_states=2, tensorboard=False)
+SETTINGS = dict(epochs=2, learning_rate=2e-3, save_state_every_n_steps=4, keep_states=2, tensorboard=False,
+                validate_every_n_steps=5)
 
 
 def _start(project):
@@ -222,7 +223,7 @@ def test_a_full_disk_mid_pair_gives_one_clear_error_and_the_same_command_finishe
     assert "keeping WAN2.2-HighNoise_demo_shapes_v1.safetensors" in capfd.readouterr().out
     assert project.lora_path("high").stat().st_mtime_ns == high_made and project.lora_path("low").exists()
     rows = [r for r in _metrics(project) if r["expert"] == "low"]
-    assert [r["step"] for r in rows] == list(range(1, 19))  # the stopped run's rows are gone, not doubled
+    assert [r["step"] for r in rows] == list(range(0, 19))  # the stopped run's rows are gone, not doubled
 
 
 def test_a_plain_rerun_continues_from_this_runs_last_state(demo, reference):
@@ -236,6 +237,9 @@ def test_a_plain_rerun_continues_from_this_runs_last_state(demo, reference):
     assert main(["train", str(demo / "wanpair.toml")]) == 0
     for expert in ("high", "low"):
         assert _same(project.lora_path(expert), reference.lora_path(expert)), expert
+    # the validation loss continues too: the same steps, the same values (one computation, bit-equal)
+    validated = [[(r["expert"], r["step"], r["val_loss"]) for r in _metrics(p) if "val_loss" in r] for p in (project, reference)]
+    assert validated[0] == validated[1] and len(validated[0]) == 2 * 9  # step 0, every 5th of 36, and 36
 
 
 def _metrics(project):

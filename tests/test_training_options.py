@@ -84,8 +84,12 @@ def test_intermediate_saves_keep_the_last_k_and_metrics_are_complete(demo):
     assert saved == ["WAN2.2-LowNoise_demo_shapes_v1-step000020.safetensors",
                      "WAN2.2-LowNoise_demo_shapes_v1-step000030.safetensors"]
     rows = [json.loads(x) for x in (project.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"expert": "low", "step": 0, "val_loss": rows[0]["val_loss"], "val_kind": "fit"}  # before training
+    rows = rows[1:]
     assert len(rows) == 36 and rows[-1]["step"] == 36 and rows[-1]["epoch"] == 2
     assert {"loss", "smoothed_loss", "lr", "timestep", "s_per_step", "samples_per_s"} <= set(rows[0])
+    # validated where a LoRA was saved (steps 10, 20, 30 and the last), so each file's loss is in the log
+    assert [r["step"] for r in rows if "val_loss" in r] == [10, 20, 30, 36]
     assert list((project.run_dir / "tensorboard" / "low").glob("events.out.tfevents.*"))
     assert (project.run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -173,4 +177,4 @@ def test_batches_repeats_accumulation_and_max_steps(demo):
     assert len(batches) == 18 and all(len(b) == 2 for b in batches)  # (12 + 6) images x 2 repeats / 2
     assert r.steps == 5
     rows = [json.loads(x) for x in (project.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in rows] == [1, 2, 3, 4, 5] and rows[0]["samples_per_s"] > 0
+    assert [x["step"] for x in rows] == [0, 1, 2, 3, 4, 5] and rows[1]["samples_per_s"] > 0

@@ -93,6 +93,10 @@ class TrainSettings:
     save_dtype: str = "bf16"
     device: str = "auto"
     experts_parallel: str = "auto"  # both experts at once, one per GPU (group): auto = with 2+ GPUs that have room
+    validate_every_n_steps: int = 200  # validation loss per expert (also before the first step and at the end); 0 = off
+    validation_timesteps: int = 4  # fixed timesteps spread over each expert's window
+    validation_items: int = 4  # training items measured when dataset.toml has no [[validation]] (then: fit)
+    validation_split: float = 0.0  # hold out this fraction of the training media for validation instead
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -163,8 +167,9 @@ CHOICES = {
     "experts_parallel": ("auto", "on", "off"),
 }
 ON_OFF = {"fp8_matmul", "compile", "experts_parallel"}  # also accept true / false
-# Settings that decide where the work runs, not what is trained: a LoRA made one way is the same run's LoRA.
-PLACEMENT_ONLY = {"experts_parallel"}
+# Settings that decide where the work runs or what is measured, not what is trained: a LoRA made with
+# other values of these is still the same run's LoRA.
+SIDE_SETTINGS = {"experts_parallel", "validate_every_n_steps", "validation_timesteps", "validation_items"}
 
 
 def _unknown(key: str, valid, where: str, path: Path) -> str:
@@ -212,10 +217,14 @@ def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings
         if getattr(t, key) <= 0:
             problems.append(f"{path}: [train] {key} must be positive.")
     for key in ("lr_warmup_steps", "save_every_n_epochs", "save_every_n_steps", "keep_last", "max_steps",
-                "save_state_every_n_steps", "save_state_every_n_epochs", "keep_states", "max_bad_steps"):
+                "save_state_every_n_steps", "save_state_every_n_epochs", "keep_states", "max_bad_steps",
+                "validate_every_n_steps"):
         if getattr(t, key) < 0:
             problems.append(f"{path}: [train] {key} must not be negative.")
-    for key in ("lr_warmup_ratio", "lora_dropout", "rank_dropout", "module_dropout"):
+    for key in ("validation_timesteps", "validation_items"):
+        if getattr(t, key) < 1:
+            problems.append(f"{path}: [train] {key} must be at least 1.")
+    for key in ("lr_warmup_ratio", "lora_dropout", "rank_dropout", "module_dropout", "validation_split"):
         if not 0 <= getattr(t, key) < 1:
             problems.append(f"{path}: [train] {key} must be in [0, 1).")
     if t.logit_std <= 0:

@@ -9,7 +9,6 @@ freed before the experts run. LoRAs are applied by adding their weight update to
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -330,8 +329,10 @@ class TrainingSampler:
         loras = {expert: "training", other: other_lora}
         was_training = model.training
         model.eval()
-        try:  # eager: the training graph was compiled for gradients, a sampling pass would compile another
-            with torch.no_grad(), autocast(), _eager():
+        from .train.speed import eager
+
+        try:
+            with torch.no_grad(), autocast(), eager():
                 written = run_prompts(pipe, self.prompts, self.embeds, self.negative, self.settings, loras,
                                       self.project.run_dir / "samples", self.project, self.device, self.dtype,
                                       name_prefix=f"{expert}-step{step:06d}_")
@@ -347,8 +348,3 @@ class TrainingSampler:
                     writer.add_image(f"samples/{expert}/{i:02d}", np.asarray(Image.open(path)), step, dataformats="HWC")
         return written
 
-
-def _eager():
-    """Run compiled modules eagerly (torch >= 2.6); elsewhere nothing changes."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance else contextlib.nullcontext()

@@ -3,6 +3,9 @@
 Format (Musubi-Tuner `dataset/config_utils.py`): a `[general]` table whose keys are defaults for
 every `[[datasets]]` entry, and one entry per image or video dataset. Keys not in that format are an
 error naming the closest valid key, because a typo (`num_repeat`) otherwise silently does nothing.
+
+wanpair adds one table Musubi does not have: `[[validation]]`, with the same keys as `[[datasets]]`,
+for items held out of training on which each expert's validation loss is measured.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class DatasetSpec:
     frame_sample: int = 1
     max_frames: int = 129
     source_fps: float | None = None
+    validation: bool = False  # a [[validation]] entry: measured, never trained on
 
     @property
     def cache_dir(self) -> Path:
@@ -84,8 +88,9 @@ def load_dataset_config(path: str | Path) -> list[DatasetSpec]:
     path, raw = read_toml(path, "Point [dataset] config in your project at your Musubi dataset.toml.")
     problems: list[str] = []
     for key in raw:
-        if key not in ("general", "datasets"):
-            problems.append(f"{path}: unknown top-level table {key!r}.{did_you_mean(key, ['general', 'datasets'])}")
+        if key not in ("general", "datasets", "validation"):
+            problems.append(f"{path}: unknown top-level table {key!r}."
+                            f"{did_you_mean(key, ['general', 'datasets', 'validation'])}")
     general = raw.get("general", {})
     if not isinstance(general, dict):
         problems.append(f"{path}: [general] must be a table.")
@@ -95,9 +100,14 @@ def load_dataset_config(path: str | Path) -> list[DatasetSpec]:
     if not isinstance(entries, list) or not entries:
         problems.append(f"{path}: no [[datasets]] entry; add one with image_directory = \"...\".")
         entries = []
+    held_out = raw.get("validation", [])
+    if not isinstance(held_out, list):
+        problems.append(f"{path}: validation must be written [[validation]] (a list of tables, like [[datasets]]).")
+        held_out = []
     specs = []
-    for i, entry in enumerate(entries):
-        where = f"[[datasets]] #{i + 1}"
+    for i, entry in enumerate([*entries, *held_out]):
+        is_validation = i >= len(entries)
+        where = f"[[validation]] #{i - len(entries) + 1}" if is_validation else f"[[datasets]] #{i + 1}"
         if not isinstance(entry, dict):
             problems.append(f"{path}: {where} must be a table.")
             continue
@@ -135,7 +145,8 @@ def load_dataset_config(path: str | Path) -> list[DatasetSpec]:
                 problems.append(f"{path}: {where}.{key} must be at least 1.")
         if not kwargs["caption_extension"].startswith("."):
             kwargs["caption_extension"] = "." + kwargs["caption_extension"]
-        specs.append(DatasetSpec(i, "video" if is_video else "image", source, src_keys[0].endswith("jsonl_file"), resolution, **kwargs))
+        specs.append(DatasetSpec(i, "video" if is_video else "image", source, src_keys[0].endswith("jsonl_file"),
+                                 resolution, validation=is_validation, **kwargs))
     if problems:
         raise WanpairError("\n".join(problems))
     return specs

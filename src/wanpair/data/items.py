@@ -52,6 +52,7 @@ class Report:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     items: list[Item] = field(default_factory=list)
+    validation: set[int] = field(default_factory=set)  # indices of [[validation]] datasets
 
     def render(self) -> str:
         lines = []
@@ -59,7 +60,8 @@ class Report:
         if buckets:
             lines.append("dataset  bucket (w x h)  frames  items")
             for (ds, (w, h), f), n in sorted(buckets.items()):
-                lines.append(f"{ds + 1:>7}  {w:>6} x {h:<6}  {f:>6}  {n:>5}")
+                role = "  (validation)" if ds in self.validation else ""
+                lines.append(f"{ds + 1:>7}  {w:>6} x {h:<6}  {f:>6}  {n:>5}{role}")
         lines.append(f"{len(self.items)} items, {len(self.errors)} errors, {len(self.warnings)} warnings")
         lines += [f"ERROR   {e}" for e in self.errors]
         lines += [f"WARNING {w}" for w in self.warnings]
@@ -163,8 +165,8 @@ def check_dataset(specs: list[DatasetSpec], tokenizer=None, max_tokens: int = 51
     """Inspect every item of every dataset; collect all problems instead of stopping at the first."""
     from ..models.text_encoder import token_count
 
-    report = Report()
-    seen: dict[str, Path] = {}
+    report = Report(validation={s.index for s in specs if s.validation})
+    seen: dict[str, tuple[Path, bool]] = {}
     for spec in specs:
         for path, caption, cap_path in _pairs(spec, report):
             if caption is None:
@@ -179,9 +181,15 @@ def check_dataset(specs: list[DatasetSpec], tokenizer=None, max_tokens: int = 51
                                      f"({e}); re-export or remove it.")
                 continue
             if items and items[0].content_hash in seen:
-                report.warnings.append(f"{path}: same content as {seen[items[0].content_hash]}; it will be trained twice as often.")
+                other, other_validates = seen[items[0].content_hash]
+                if other_validates == spec.validation:
+                    report.warnings.append(f"{path}: same content as {other}; it will be "
+                                           + ("validated twice." if spec.validation else "trained twice as often."))
+                else:
+                    report.warnings.append(f"{path}: same content as {other}, but one is trained on and the other held "
+                                           "out for validation: its validation loss measures fit, not generalisation.")
             if items:
-                seen.setdefault(items[0].content_hash, path)
+                seen.setdefault(items[0].content_hash, (path, spec.validation))
             if tokenizer is not None and (n := token_count(tokenizer, caption)) > max_tokens:
                 report.warnings.append(f"{cap_path or path}: caption is {n} tokens; only the first {max_tokens} are used.")
             report.items.extend(items)

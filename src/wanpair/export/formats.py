@@ -182,6 +182,9 @@ def describe(lora: LoraWeights, path: Path) -> str:
         f"modules:     {len(lora.modules)} in {len(blocks)} blocks" + (f" ({blocks[0]}-{blocks[-1]})" if blocks else ""),
         f"targets:     {', '.join(kinds)}",
     ]
+    if "wanpair.validation_loss" in meta:
+        lines.append(f"validation:  loss {meta['wanpair.validation_loss']} at step {meta.get('wanpair.validation_step')} "
+                     f"({meta.get('wanpair.validation_kind')})")
     if meta:
         lines.append("metadata:")
         lines += [f"  {k} = {v if len(v) < 200 else v[:200] + '...'}" for k, v in sorted(meta.items())]

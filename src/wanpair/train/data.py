@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,12 +28,24 @@ class CachedData:
     latent_paths: list[Path]
     text_paths: list[Path]
     batch_sizes: dict[int, int]  # dataset index -> batch_size of that [[datasets]] entry
+    validation: list[int] = field(default_factory=list)  # items the validation loss is measured on
+    validation_kind: str = "fit"  # "held-out" (never trained on) or "fit" (training items)
+
+    @property
+    def trained(self) -> list[int]:
+        held_out = set(self.validation) if self.validation_kind == "held-out" else set()
+        return [i for i in range(len(self.items)) if i not in held_out]
+
+    @property
+    def training_items(self) -> list[Item]:
+        return [self.items[i] for i in self.trained]
 
     def batches(self) -> list[list[int]]:
         """Item indices grouped into batches of one bucket each, num_repeats honoured (a fixed order;
         each epoch shuffles the batches, not their contents)."""
         groups: dict[tuple, list[int]] = {}
-        for i, it in enumerate(self.items):
+        for i in self.trained:
+            it = self.items[i]
             groups.setdefault((it.dataset, it.bucket, it.frames), []).extend([i] * it.num_repeats)
         return [idx[k:k + self.batch_sizes[ds]] for (ds, _, _), idx in sorted(groups.items())
                 for k in range(0, len(idx), self.batch_sizes[ds])]
@@ -54,13 +67,34 @@ class CachedData:
         return json.dumps({"items": [_item_to_json(it) for it in self.items],
                            "latent_paths": [str(p) for p in self.latent_paths],
                            "text_paths": [str(p) for p in self.text_paths],
-                           "batch_sizes": {str(k): v for k, v in self.batch_sizes.items()}})
+                           "batch_sizes": {str(k): v for k, v in self.batch_sizes.items()},
+                           "validation": self.validation, "validation_kind": self.validation_kind})
 
     @classmethod
     def from_json(cls, text: str) -> "CachedData":
         raw = json.loads(text)
         return cls([_item_from_json(d) for d in raw["items"]], [Path(p) for p in raw["latent_paths"]],
-                   [Path(p) for p in raw["text_paths"]], {int(k): v for k, v in raw["batch_sizes"].items()})
+                   [Path(p) for p in raw["text_paths"]], {int(k): v for k, v in raw["batch_sizes"].items()},
+                   raw["validation"], raw["validation_kind"])
+
+
+def validation_set(items: list[Item], validation_datasets: set[int], split: float, count: int,
+                   seed: int) -> tuple[list[int], str]:
+    """The items each expert's validation loss is measured on, and what it measures.
+
+    [[validation]] datasets when there are any; else, with `split`, that fraction of the media (whole
+    videos, so no clip of a held-out video is trained on) chosen by the seed and held out of training;
+    else `count` training items spread over the dataset, which measures fit rather than generalisation."""
+    held = [i for i, it in enumerate(items) if it.dataset in validation_datasets]
+    if held:
+        return held, "held-out"
+    media = sorted({it.content_hash for it in items})
+    if split > 0 and len(media) > 1:
+        random.Random(seed).shuffle(media)
+        chosen = set(media[:min(len(media) - 1, max(1, round(split * len(media))))])
+        return [i for i, it in enumerate(items) if it.content_hash in chosen], "held-out"
+    n = min(count, len(items))
+    return sorted({k * len(items) // n for k in range(n)}), "fit"
 
 
 def step_counts(n_batches: int, accumulation: int, processes: int, epochs: int, max_steps: int) -> tuple[int, int, int]:

@@ -6,8 +6,10 @@
   or start from an existing LoRA (`init_lora`);
 - `setup_optimizer`: AdamW (or another), the learning-rate schedule, accelerate (precision, DDP);
 - `resume`: continue from a saved state, bit for bit;
+- `setup_validation`: the items, fixed timesteps and fixed noise of the validation loss;
 - `train`: the loop -- one optimizer step per group of micro-batches (`step`), then what falls due at
-  that step: intermediate saves (`save_intermediate`, `save_state`), samples (`sample`);
+  that step: the validation loss (`validate`), intermediate saves (`save_intermediate`, `save_state`),
+  samples (`sample`);
 - `finish`: the final LoRA.
 Where it runs is the caller's choice: in the recipe's own process, or in a worker process (pair-
 parallel: one expert per GPU), or on every rank of a data-parallel group, where each rank takes
@@ -34,7 +36,7 @@ from ..export.merge import check_expert
 from ..models.dit import DitInfo, load_dit
 from ..project import Project
 from .data import CachedData, step_counts
-from .flow_matching import pad_text
+from .flow_matching import flow_matching_loss, pad_text
 from .lora import DTYPES, load_initial_lora, lora_state_dict, save_lora
 from .metadata import lora_metadata, run_identity
 from .metrics import MetricsLog
@@ -42,9 +44,12 @@ from .model_setup import prepare_expert
 from .optim import build_optimizer, build_scheduler
 from .state import StopFlag, StopRequested, capture_rngs, lora_params, restore_rngs, save_state
 from .step import train_step
+from .speed import eager
 from .timesteps import sample_timesteps
 
 log = logging.getLogger(__name__)
+
+VALIDATION_SEED = 20_000_003  # the validation noise's own seed: the same whatever the training seed
 
 
 @dataclass
@@ -119,11 +124,13 @@ class ExpertTraining:
         self.gen = torch.Generator().manual_seed(t.seed)  # noise and timesteps, the same stream on every rank
         self.step_count, self.first_epoch, self.first_pos = 0, 1, 0
         self.epoch_losses, self.losses, self.smoothed, self.kept = [], [], None, []
+        self.last_val: tuple[int, float] | None = None
 
     def resume(self, state: dict) -> None:
         self.step_count, self.first_epoch, self.first_pos = state["step"], state["epoch"], state["pos"]
         self.epoch_losses, self.losses, self.smoothed = state["epoch_losses"], state["losses"], state["smoothed"]
         self.kept = [Path(k) for k in state["kept"]]
+        self.last_val = tuple(state["last_val"]) if state.get("last_val") else None
         named = dict(self.unwrapped.named_parameters())
         with torch.no_grad():
             for name, value in state["lora"].items():
@@ -136,6 +143,45 @@ class ExpertTraining:
         if self.world > 1:
             torch.manual_seed(self.t.seed + 1_000_003 * self.rank + state["step"])
         self.say(f"resuming the {self.expert}-noise expert at step {self.step_count} (epoch {self.first_epoch})")
+
+    def setup_validation(self) -> None:
+        """Fixed timesteps spread evenly over the window and fixed noise per item (its own generator, the
+        same at every evaluation and independent of training's), so the loss moves only with the LoRA."""
+        t, w = self.t, self.window
+        self.val_items = self.data.validation if t.validate_every_n_steps and self.writes else []
+        k = t.validation_timesteps
+        self.val_t = torch.tensor([(w.min_timestep + (j + 0.5) * (w.max_timestep - w.min_timestep) / k) / 1000
+                                   for j in range(k)])
+        gen = torch.Generator().manual_seed(VALIDATION_SEED)
+        self.val_noise = [torch.randn((k, *self.latents[i].shape), generator=gen) for i in self.val_items]
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean flow-matching loss over the validation items x the fixed timesteps, LoRA as it is now (eval
+        mode: no dropout; eager: no second compiled graph). Forwards carry at most a training step's tokens."""
+        model, dev, cd = self.unwrapped, self.accelerator.device, self.t.compute_dtype
+        was_training = model.training
+        model.eval()
+        total, n = 0.0, 0
+        with self.accelerator.autocast(), eager():
+            for i, noise in zip(self.val_items, self.val_noise):
+                x0, text = self.latents[i].float(), self.texts[i].float()
+                chunk = max(1, self.tokens // CachedData.tokens([x0.shape]))
+                for a in range(0, len(self.val_t), chunk):
+                    t = self.val_t[a:a + chunk]
+                    m = len(t)
+                    loss = flow_matching_loss(model, x0.expand(m, *x0.shape).to(dev), noise[a:a + chunk].to(dev),
+                                              t.to(dev), pad_text([text] * m).to(dev), cd)
+                    total += loss.item() * m  # every sample has the item's size: the batch mean is their mean
+                    n += m
+        model.train(was_training)
+        self.last_val = (self.step_count, total / n)
+        return total / n
+
+    def validation_due(self, lora_saved: bool) -> bool:
+        every = self.t.validate_every_n_steps
+        return bool(self.val_items) and (self.step_count % every == 0 or self.step_count == self.total_steps
+                                         or lora_saved)
 
     # ---------------------------------------------------------------- the loop
     def micro_batches(self, group: list[int]) -> tuple[list, torch.Tensor, tuple]:
@@ -182,11 +228,13 @@ class ExpertTraining:
     def train(self) -> None:
         t, expert = self.t, self.expert
         self.say(f"training the {expert}-noise expert ({self.dit.path.name}) on timesteps {self.window.min_timestep}-"
-                 f"{self.window.max_timestep}: {len(self.data.items)} items, {self.epochs} epochs, {self.total_steps} steps"
+                 f"{self.window.max_timestep}: {len(self.data.trained)} items, {self.epochs} epochs, {self.total_steps} steps"
                  + (f", data-parallel over {self.world} processes" if self.world > 1 else ""))
         self.metrics = MetricsLog(self.p.run_dir, expert, t.tensorboard) if self.writes else None
         bar = tqdm(total=self.total_steps, initial=self.step_count, desc=f"{expert}-noise", unit="step",
                    disable=not (self.writes and self.progress))
+        if self.val_items and self.step_count == 0 and self.metrics:
+            self.metrics.log({"step": 0, "val_loss": self.validate(), "val_kind": self.data.validation_kind})
         bad, last = 0, time.perf_counter()
         self.start = last
         with StopFlag() as stop:
@@ -213,12 +261,14 @@ class ExpertTraining:
                     self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
                     lr = self.scheduler.get_last_lr()[0]
                     samples = sum(len(self.batches[b]) for b in groups[g])
+                    row = {"step": self.step_count, "epoch": epoch, "loss": loss, "smoothed_loss": self.smoothed,
+                           "lr": lr, "timestep": timestep, "s_per_step": round(now - last, 4),
+                           "samples_per_s": round(samples / (now - last), 3)}
+                    if self.validation_due(self.saves_lora_now(g + 1 == len(groups) and epoch)):
+                        row |= {"val_loss": self.validate(), "val_kind": self.data.validation_kind}
                     if self.metrics:
-                        self.metrics.log({"step": self.step_count, "epoch": epoch, "loss": loss,
-                                          "smoothed_loss": self.smoothed, "lr": lr, "timestep": timestep,
-                                          "s_per_step": round(now - last, 4),
-                                          "samples_per_s": round(samples / (now - last), 3)})
-                    last = now
+                        self.metrics.log(row)
+                    last = time.perf_counter()  # the validation's time is not the step's
                     bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}")
                     bar.update()
                     self.after_step(epoch, pos=(g + 1) * self.per_step)
@@ -231,6 +281,14 @@ class ExpertTraining:
                     break
                 self.after_epoch(epoch)
         bar.close()
+
+    def saves_lora_now(self, epoch_end: int = 0) -> bool:
+        """Will an intermediate LoRA be saved after this step (and, at an epoch's end, after this epoch)?"""
+        t, step = self.t, self.step_count
+        by_step = bool(t.save_every_n_steps) and step % t.save_every_n_steps == 0 and step < self.total_steps
+        by_epoch = bool(epoch_end and t.save_every_n_epochs) and epoch_end % t.save_every_n_epochs == 0 \
+            and step < self.total_steps
+        return by_step or by_epoch
 
     def after_step(self, epoch: int, pos: int) -> None:
         """What falls due after an optimizer step: intermediate LoRA, state, sample."""
@@ -281,7 +339,11 @@ class ExpertTraining:
         if not self.writes:
             return 0
         sd = lora_state_dict(self.unwrapped, self.t.alpha, DTYPES[self.t.save_dtype])
-        meta = lora_metadata(self.p, self.expert, self.dit, self.data.items, self.step_count, len(self.epoch_losses))
+        meta = lora_metadata(self.p, self.expert, self.dit, self.data.training_items, self.step_count,
+                            len(self.epoch_losses))
+        if self.last_val is not None:
+            meta |= {"wanpair.validation_loss": f"{self.last_val[1]:.6g}", "wanpair.validation_step": str(self.last_val[0]),
+                     "wanpair.validation_kind": self.data.validation_kind}
         save_lora(out, sd, {**meta, **(extra or {})})
         return len(sd) // 3
 
@@ -297,7 +359,8 @@ class ExpertTraining:
 
     def snapshot(self, epoch: int, pos: int) -> dict:
         return {"expert": self.expert, "step": self.step_count, "epoch": epoch, "pos": pos,
-                "settings": asdict(self.t), "identity": run_identity(self.p, self.expert, self.dit, self.data.items),
+                "settings": asdict(self.t), "last_val": self.last_val,
+                "identity": run_identity(self.p, self.expert, self.dit, self.data.training_items),
                 "lora": lora_params(self.unwrapped), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
@@ -358,6 +421,7 @@ class ExpertTraining:
         self.setup_optimizer()
         if state is not None:
             self.resume(state)
+        self.setup_validation()
         try:
             self.train()
             return self.finish()

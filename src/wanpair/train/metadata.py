@@ -18,7 +18,7 @@ from safetensors import safe_open
 from .. import __version__
 from ..data.items import Item
 from ..models.dit import DitInfo
-from ..project import PLACEMENT_ONLY, Project
+from ..project import SIDE_SETTINGS, Project
 
 
 def dataset_fingerprint(items: list[Item]) -> str:
@@ -33,7 +33,7 @@ def run_identity(project: Project, expert: str, dit: DitInfo, items: list[Item])
         "wanpair.timestep_window": f"{window.min_timestep},{window.max_timestep}",
         "wanpair.base_fingerprint": dit.fingerprint,
         "wanpair.dataset_fingerprint": dataset_fingerprint(items),
-        "wanpair.settings": json.dumps({k: v for k, v in asdict(project.train).items() if k not in PLACEMENT_ONLY},
+        "wanpair.settings": json.dumps({k: v for k, v in asdict(project.train).items() if k not in SIDE_SETTINGS},
                                        sort_keys=True),
         "wanpair.init_lora": str(window.init_lora or ""),
     }

@@ -1,9 +1,10 @@
 """What a run shows: one metrics line per optimizer step (JSON lines + TensorBoard) and a loss plot.
 
 `<output_dir>/<name>/metrics.jsonl` gets {expert, step, epoch, loss, smoothed_loss, lr, timestep,
-s_per_step, samples_per_s, gpu_mem_gib}; TensorBoard event files go to `<output_dir>/<name>/tensorboard/`
-(`tensorboard --logdir output/<name>/tensorboard`); `loss.png` plots loss against step and against
-timestep for each expert at the end.
+s_per_step, samples_per_s, gpu_mem_gib}, and at validation steps val_loss and val_kind ("held-out" or
+"fit"; a row of step 0 holds the validation loss before training); TensorBoard event files go to
+`<output_dir>/<name>/tensorboard/` (`tensorboard --logdir output/<name>/tensorboard`); `loss.png` plots
+loss and validation loss against step and loss against timestep for each expert at the end.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class MetricsLog:
             row["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         os.write(self.fd, (json.dumps({"expert": self.expert, **row}) + "\n").encode())
         if self.writer:
-            for key in ("loss", "smoothed_loss", "lr", "timestep", "s_per_step"):
+            for key in ("loss", "smoothed_loss", "lr", "timestep", "s_per_step", "val_loss"):
                 if key in row:
                     self.writer.add_scalar(f"{key}", row[key], row["step"])
 
@@ -77,6 +78,15 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def best_validation(rows: list[dict], expert: str) -> tuple[int, float, str] | None:
+    """(step, lowest validation loss, kind) of one expert's logged rows, if any were validated."""
+    v = [r for r in rows if r.get("expert") == expert and "val_loss" in r]
+    if not v:
+        return None
+    best = min(v, key=lambda r: (r["val_loss"], r["step"]))
+    return best["step"], best["val_loss"], best.get("val_kind", "fit")
+
+
 def drop_metrics_after(path: Path, expert: str, step: int) -> None:
     """On resume: forget the rows a killed run logged after its last saved state (and any torn line)."""
     if not path.exists():
@@ -96,11 +106,15 @@ def plot_loss(metrics_path: Path, out: Path) -> Path:
     rows = read_metrics(metrics_path)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for expert, color in (("high", "tab:red"), ("low", "tab:blue")):
-        r = [x for x in rows if x["expert"] == expert]
-        if not r:
-            continue
-        a.plot([x["step"] for x in r], [x["smoothed_loss"] for x in r], color=color, label=f"{expert}-noise")
-        b.scatter([x["timestep"] for x in r], [x["loss"] for x in r], s=4, color=color, label=f"{expert}-noise")
+        r = [x for x in rows if x.get("expert") == expert and "loss" in x]
+        v = [x for x in rows if x.get("expert") == expert and "val_loss" in x]
+        if r:
+            a.plot([x["step"] for x in r], [x["smoothed_loss"] for x in r], color=color, label=f"{expert}-noise")
+            b.scatter([x["timestep"] for x in r], [x["loss"] for x in r], s=4, color=color, label=f"{expert}-noise")
+        if v:
+            what = "held-out" if v[-1].get("val_kind") == "held-out" else "fit: training items"
+            a.plot([x["step"] for x in v], [x["val_loss"] for x in v], color=color, ls="--", marker="o", ms=3,
+                   label=f"{expert}-noise validation ({what})")
     a.set(xlabel="step", ylabel="loss (smoothed)", title="loss against step")
     b.set(xlabel="timestep (0-1000)", ylabel="loss", title="loss against timestep")
     a.legend()

@@ -31,10 +31,10 @@ from ..models.text_encoder import load_text_encoder
 from ..models.vae import load_vae
 from ..project import Project
 from . import placement
-from .data import CachedData, step_counts
+from .data import CachedData, step_counts, validation_set
 from .expert import ExpertResult, ExpertTraining
 from .metadata import differences, finished_lora_differences, run_identity
-from .metrics import drop_metrics_after, plot_loss, read_metrics
+from .metrics import best_validation, drop_metrics_after, plot_loss, read_metrics
 from .preflight import Checked, preflight
 from .state import list_states, load_state, run_lock
 from .worker import result_path
@@ -73,6 +73,19 @@ class LoraPairRecipe:
 
     def preflight(self, experts: tuple[str, ...]) -> None:
         self.checked = preflight(self.p, experts, self.device, self.allow_expert_mismatch)
+        t = self.t
+        held_out = {s.index for s in self.checked.specs if s.validation}
+        self.validation, self.validation_kind = validation_set(self.items, held_out, t.validation_split,
+                                                               t.validation_items, t.seed)
+        if t.validate_every_n_steps:
+            print(f"validation: {len(self.validation)} " + (
+                "held-out items" if self.validation_kind == "held-out" else
+                "training items, so it measures fit, not generalisation (add [[validation]] to dataset.toml or set "
+                "validation_split)"))
+
+    @property
+    def training_items(self):
+        return self.cached_data(paths=False).training_items
 
     # ---------------------------------------------------------------- caches
     def sample_prompts(self) -> list[str]:
@@ -98,9 +111,10 @@ class LoraPairRecipe:
         print(f"cache: {stats}")
         return stats
 
-    def cached_data(self) -> CachedData:
-        return CachedData(self.items, self.cache_plan.latent_paths, self.cache_plan.text_paths,
-                          {s.index: s.batch_size for s in self.checked.specs})
+    def cached_data(self, paths: bool = True) -> CachedData:
+        return CachedData(self.items, self.cache_plan.latent_paths if paths else [],
+                          self.cache_plan.text_paths if paths else [], {s.index: s.batch_size for s in self.checked.specs},
+                          self.validation, self.validation_kind)
 
     def sampler(self):
         return make_sampler(self.p, self.sample_prompts(), self.cache_plan.prompt_paths, self.device)
@@ -113,7 +127,7 @@ class LoraPairRecipe:
         if explicit is not None and not explicit.is_file():
             raise WanpairError(f"--resume {explicit}: no such training state file.")
         for e in experts:
-            identity = run_identity(self.p, e, self.dits[e], self.items)
+            identity = run_identity(self.p, e, self.dits[e], self.training_items)
             final = self.p.lora_path(e)
             if self.overwrite and not resume:
                 jobs.append(ExpertJob(e))
@@ -205,7 +219,7 @@ class LoraPairRecipe:
 
     def kept_result(self, expert: str) -> ExpertResult:
         """A finished LoRA that is kept, described from the metrics its run logged."""
-        rows = [r for r in read_metrics(self.p.run_dir / "metrics.jsonl") if r.get("expert") == expert] \
+        rows = [r for r in read_metrics(self.p.run_dir / "metrics.jsonl") if r.get("expert") == expert and "loss" in r] \
             if (self.p.run_dir / "metrics.jsonl").exists() else []
         epochs = sorted({r["epoch"] for r in rows})
         losses = [float(np.mean([r["loss"] for r in rows if r["epoch"] == ep])) for ep in epochs] or [float("nan")]
@@ -237,13 +251,33 @@ class LoraPairRecipe:
                 if first:
                     print(f"loss plot: {plot_loss(self.p.run_dir / 'metrics.jsonl', self.p.run_dir / 'loss.png')}")
                     summary = {"project": str(self.p.path), "name": self.p.name, "device": str(self.device),
-                               "experts": [asdict(r) | {"lora": str(r.lora)} for r in results]}
+                               "experts": [asdict(r) | {"lora": str(r.lora)} | self.validation_summary(r.expert)
+                                           for r in results]}
                     write_text_atomic(self.p.run_dir / "summary.json", json.dumps(summary, indent=2))
             except OSError as e:
                 if e.errno not in DISK_ERRNOS:
                     raise
                 raise WanpairError(self.disk_error(e, experts)) from None
         return results
+
+    def validation_summary(self, expert: str) -> dict:
+        """The step with the lowest validation loss, and the saved LoRA nearest to it (printed, and kept in
+        summary.json): which of the intermediate saves to use."""
+        metrics = self.p.run_dir / "metrics.jsonl"
+        best = best_validation(read_metrics(metrics), expert) if metrics.exists() else None
+        if best is None:
+            return {}
+        step, value, kind = best
+        final = self.p.lora_path(expert)
+        saved = {int(p.stem.rsplit("-step", 1)[1]): p for p in final.parent.glob(f"{final.stem}-step*{final.suffix}")}
+        rows = [r for r in read_metrics(metrics) if r.get("expert") == expert and "loss" in r]
+        saved[max((r["step"] for r in rows), default=0)] = final
+        nearest = min(saved, key=lambda s: (abs(s - step), -s))
+        print(f"{expert}-noise: lowest validation loss {value:.4f} ({kind}) at step {step}; nearest saved LoRA: "
+              f"{saved[nearest].name}" + ("" if kind == "held-out" else
+                                          " (no held-out data: add [[validation]] to measure generalisation)"))
+        return {"best_validation_step": step, "best_validation_loss": value, "validation_kind": kind,
+                "nearest_saved_lora": str(saved[nearest])}
 
     def disk_error(self, e: OSError, experts: tuple[str, ...]) -> str:
         """One clear message for a full or failing disk: where, what is saved, and how to finish."""

@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch.utils.checkpoint import checkpoint
 
 from .streaming import StreamedCall
@@ -32,3 +35,10 @@ def compile_blocks(model) -> None:
     """torch.compile each transformer block in place (one graph, reused by all blocks)."""
     for block in model.blocks._modules.values():
         block.compile()
+
+
+def eager():
+    """Run compiled blocks eagerly for a while (torch >= 2.6; elsewhere nothing changes): a pass without
+    gradients (a sample, a validation loss) would otherwise compile a second graph of every block."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
