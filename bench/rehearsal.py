@@ -1,0 +1,379 @@
+"""Rehearse every user path at full size on the GPU machine, through the real CLI.
+
+    PYTHONPATH=src python bench/rehearsal.py WORK [--steps 24]
+    PYTHONPATH=src python bench/rehearsal.py WORK --tiny     # the same paths on tiny models, CPU: a dry run
+
+Writes full-size random inputs in the files users have -- Wan 2.2 T2V A14B experts as fp16, bf16,
+plain fp8 (e4m3fn, block matrices cast without scales) and ComfyUI scaled fp8 single files and as a
+diffusers folder; the Wan 2.1 VAE; the 24-layer umT5-XXL `.pth`; a tokenizer folder; 18 images in
+three aspect ratios with the recipe's `dataset.toml` -- and runs `wanpair` on them as a user would:
+
+  train (default memory mode), killed once a state is saved, then `train --resume`
+  sample (both experts with their LoRAs, two prompts: time to the first image and to the next)
+  export to every layout, inspect
+  train in `memory_mode = "low"` (bf16 high file, scaled fp8 low file)
+  train from a diffusers folder (high) and an fp8 file with `fp8_base = false` (low)
+  merge into an fp8 base and into an fp16 base
+
+One line per path (ok / FAILED, seconds, peak GPU memory of the command, notes) goes to stdout and
+`WORK/results.md`, ready for docs/rehearsal.md. A failed path does not stop the next unless it needs
+the failed one's output. The 64 GiB disk holds at most two experts and the text encoder at a time,
+so files are written just before the paths that need them and deleted after (see `STAGES`).
+Weights are random: the rehearsal proves loading, memory, speed and files, not image quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+# Wan 2.2 T2V A14B expert (the official config) and umT5-XXL encoder (Wan's T5: 24 layers, 4096 wide)
+A14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6)
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                layer_norm_epsilon=1e-6, dropout_rate=0.0, is_encoder_decoder=False)
+# ComfyUI's file names (Comfy-Org/Wan_2.2_ComfyUI_Repackaged); the expert is recognised from them
+NAMES = {"fp16": "wan2.2_t2v_{e}_noise_14B_fp16.safetensors", "bf16": "wan2.2_t2v_{e}_noise_14B_bf16.safetensors",
+         "fp8": "wan2.2_t2v_{e}_noise_14B_fp8_e4m3fn.safetensors",
+         "fp8-scaled": "wan2.2_t2v_{e}_noise_14B_fp8_scaled.safetensors", "diffusers": "Wan2.2-T2V-A14B-{e}/transformer"}
+SEEDS = {"high": 1, "low": 2}
+# --tiny: the same architecture at toy size on the CPU, to try the rehearsal itself before GPU time is spent
+TINY = os.environ.get("REHEARSAL_TINY") == "1"
+if TINY:
+    A14B |= dict(num_attention_heads=1, text_dim=64, ffn_dim=256, num_layers=2)
+    UMT5_XXL |= dict(d_model=64, d_kv=8, d_ff=128, num_layers=2, num_heads=8)
+DEVICE = "cpu" if TINY else "cuda"
+
+
+# ------------------------------------------------------------------ writers (each in its own process)
+def make_expert(layout: str, expert: str, dest: Path) -> None:
+    import torch
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    from wanpair.models.dit import to_original_name
+
+    torch.manual_seed(SEEDS[expert])
+    torch.set_default_dtype(torch.float16 if layout == "fp16" else torch.bfloat16)
+    with torch.device(DEVICE):
+        model = WanTransformer3DModel(**A14B)
+    if layout == "diffusers":
+        model.to("cpu").save_pretrained(str(dest), max_shard_size="10GB")
+        return
+    sd = {}
+    if layout == "fp8-scaled":  # ComfyUI's marker: weight = fp8 * scale_weight (a per-tensor scale)
+        sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    for name, value in model.state_dict().items():
+        key = to_original_name(name)
+        if layout.startswith("fp8") and value.dim() == 2 and key.startswith("blocks."):
+            if layout == "fp8-scaled":
+                scale = value.float().abs().amax() / 448
+                sd[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1).cpu()
+                value = value.float() / scale
+            value = value.to(torch.float8_e4m3fn)
+        sd[key] = value.to("cpu").contiguous()
+    del model
+    save_file(sd, str(dest), metadata={"format": "pt"})
+
+
+def make_text_encoder(dest: Path) -> None:
+    import torch
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from wanpair.models.text_encoder import to_wan_name
+
+    torch.manual_seed(3)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEVICE):
+        model = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
+    torch.save({to_wan_name(k): v.cpu() for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"},
+               str(dest))
+
+
+def make_small_inputs(root: Path) -> None:
+    """VAE (Wan 2.1's config), tokenizer folder, 18 images in three aspect ratios, dataset.toml."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKLWan
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from wanpair.demo import make_tokenizer
+    from wanpair.models.vae import to_original_name
+
+    torch.manual_seed(4)
+    vae = AutoencoderKLWan(**(dict(base_dim=8) if TINY else {}))  # diffusers' defaults are Wan 2.1's VAE
+    save_file({to_original_name(k): v.to(torch.bfloat16).contiguous() for k, v in vae.state_dict().items()},
+              str(root / "wan_2.1_vae.safetensors"))
+    data = root / "dataset"
+    data.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = ["a red fox", "a blue teapot", "a mountain lake", "an old tram", "a paper lantern", "a sleeping cat"]
+    captions = []
+    for i in range(18):
+        w, h = [(1024, 1024), (1280, 720), (720, 1280)][i % 3]
+        w, h = (w // 16, h // 16) if TINY else (w, h)
+        yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+        pixels = np.stack([np.sin(xx * rng.uniform(2, 9) + c) * np.cos(yy * rng.uniform(2, 9)) for c in range(3)], -1)
+        Image.fromarray(((pixels * 0.5 + 0.5) * 255).astype(np.uint8)).save(data / f"{i:02d}.png")
+        captions.append(f"zxq style, {words[i % len(words)]} in soft morning light, photo {i}")
+        (data / f"{i:02d}.txt").write_text(captions[-1] + "\n")
+    (data / "dataset.toml").write_text(  # the recipe's dataset.toml
+        f'[general]\nresolution = [{64 if TINY else 960}, {64 if TINY else 960}]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = true\n'
+        'bucket_no_upscale = false\n\n[[datasets]]\nimage_directory = "."\ncache_directory = "cache"\nnum_repeats = 1\n')
+    make_tokenizer(root / "umt5-tokenizer", captions + ["a cat", "a fox", "zxq style"])
+
+
+# ------------------------------------------------------------------ running and measuring
+class GpuPeak:
+    """Peak GPU memory in use while a command runs, from nvidia-smi (all processes: the CLI's workers too),
+    minus what was in use before it started."""
+
+    def __init__(self):
+        self.base = self.peak = self._used()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    @staticmethod
+    def _used() -> float:
+        if TINY:
+            return 0.0
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True).stdout
+        return float(out.split()[0]) / 1024 if out.strip() else 0.0
+
+    def _poll(self):
+        while not self._stop.wait(0.25):
+            self.peak = max(self.peak, self._used())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def gib(self) -> float:
+        return self.peak - self.base
+
+
+class Rehearsal:
+    def __init__(self, work: Path, steps: int):
+        self.work, self.steps, self.rows = work, steps, []
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def record(self, path: str, ok: bool, seconds: float, gib: float | None, note: str = "") -> bool:
+        row = {"path": path, "ok": ok, "seconds": round(seconds, 1), "peak_gpu_gib": None if gib is None else round(gib, 1),
+               "note": note}
+        self.rows.append(row)
+        print(f"{'ok    ' if ok else 'FAILED'} {path:<58} {seconds:7.1f} s  "
+              f"{'' if gib is None else f'{gib:5.1f} GiB'}  {note}", flush=True)
+        (self.work / "results.json").write_text(json.dumps(self.rows, indent=1))
+        return ok
+
+    def make(self, what: str, *args: str) -> bool:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, __file__, "--make", what, *args], env=self.env, capture_output=True,
+                              text=True)
+        (self.logs / f"make-{what}-{Path(args[-1]).name}.log").write_text(done.stdout + done.stderr)
+        size = sum(f.stat().st_size for f in Path(args[-1]).rglob("*")) if Path(args[-1]).is_dir() else \
+            Path(args[-1]).stat().st_size if Path(args[-1]).exists() else 0
+        return self.record(f"write {what} {' '.join(args[:-1])}", done.returncode == 0, time.perf_counter() - start,
+                           None, f"{size / 1e9:.1f} GB" if done.returncode == 0 else done.stderr[-300:].replace("\n", " | "))
+
+    def cli(self, path: str, *argv: str, kill_when=None) -> tuple[bool, list[tuple[float, str]], float, float]:
+        """Run `wanpair ARGV`; returns (ok, [(seconds, line)], seconds, peak GiB). `kill_when()` true: SIGKILL."""
+        start = time.perf_counter()
+        lines: list[tuple[float, str]] = []
+        log = open(self.logs / f"{re.sub(r'[^a-z0-9]+', '-', path.lower())}.log", "w")
+        with GpuPeak() as peak:
+            proc = subprocess.Popen([sys.executable, "-m", "wanpair.cli", *argv], env=self.env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+            killer = None
+            if kill_when:
+                def watch():
+                    while proc.poll() is None:
+                        if kill_when():
+                            proc.send_signal(signal.SIGKILL)
+                            return
+                        time.sleep(0.2)
+                killer = threading.Thread(target=watch, daemon=True)
+                killer.start()
+            for line in proc.stdout:
+                lines.append((time.perf_counter() - start, line.rstrip()))
+                log.write(f"{lines[-1][0]:8.1f} {line}")
+            proc.wait()
+        log.close()
+        ok = proc.returncode == 0 or (kill_when is not None and proc.returncode == -signal.SIGKILL)
+        return ok, lines, time.perf_counter() - start, peak.gib
+
+    def project(self, name: str, high: str, low: str, train: str) -> Path:
+        path = self.work / f"{name}.toml"
+        path.write_text(
+            f'name = "rehearsal_{name}"\noutput_dir = "out-{name}"\n\n[models]\n'
+            f'high_noise = "{high}"\nlow_noise = "{low}"\nvae = "wan_2.1_vae.safetensors"\n'
+            f't5 = "models_t5_umt5-xxl-enc-bf16.pth"\ntokenizer = "umt5-tokenizer"\n\n'
+            f'[dataset]\nconfig = "dataset/dataset.toml"\n\n[train]\n{train}')
+        return path
+
+    def train(self, path: str, project: Path, *extra: str, kill_when=None) -> bool:
+        ok, lines, seconds, gib = self.cli(path, "train", str(project), *extra, kill_when=kill_when)
+        text = "\n".join(line for _, line in lines)
+        note = "" if ok else _error(lines)
+        if ok and kill_when is None:
+            note = training_note(text, project)
+        elif ok:
+            note = "killed: " + ", ".join(sorted(p.name for p in state_dir(project).glob("*.pt")))
+        return self.record(path, ok, seconds, gib, note)
+
+
+def state_dir(project: Path) -> Path:
+    name = re.search(r'name = "(.+)"', project.read_text()).group(1)
+    return project.parent / f"out-{project.stem}" / name / "state"
+
+
+def training_note(text: str, project: Path) -> str:
+    """Median s/step of each expert (steps 3+), the plan's estimate, the measured peak, what was loaded."""
+    metrics = state_dir(project).parent / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    parts = []
+    for expert in ("high", "low"):
+        mine = [r for r in rows if r.get("expert") == expert and "s_per_step" in r]
+        if mine:
+            steps = [r["s_per_step"] for r in mine if r["step"] >= 3] or [r["s_per_step"] for r in mine]
+            parts.append(f"{expert}: {len(mine)} steps, median {statistics.median(steps):.3f} s/step, "
+                         f"peak allocated {max(r.get('gpu_mem_gib', 0) for r in mine):.1f} GiB")
+    estimates = re.findall(r"estimated peak ([\d.]+) of ([\d.]+) GiB", text)
+    if estimates:
+        parts.append("plan: " + ", ".join(f"{a} of {b} GiB" for a, b in estimates))
+    return "; ".join(parts)
+
+
+def _error(lines) -> str:
+    tail = [line for _, line in lines if line.strip()][-3:]
+    return " | ".join(tail)[-400:]
+
+
+def rm(*paths: Path) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def rehearse(work: Path, steps: int) -> list[dict]:
+    r = Rehearsal(work, steps)
+    t5 = work / "models_t5_umt5-xxl-enc-bf16.pth"
+    f = {(layout, e): work / NAMES[layout].format(e=e) for layout in NAMES for e in ("high", "low")}
+    for d in {f[k].parent for k in f if k[0] == "diffusers"}:
+        d.mkdir(parents=True, exist_ok=True)
+    rel = {k: str(v.relative_to(work)) for k, v in f.items()}
+    recipe = ("save_state_every_n_steps = 8\nkeep_states = 2\nvalidate_every_n_steps = 8\n"
+              f"max_steps = {steps}\n")
+
+    # 1. inputs, and the default run: fp16 high, plain fp8 low
+    r.make("small", str(work))
+    r.make("t5", str(t5))
+    r.make("expert", "fp16", "high", str(f["fp16", "high"]))
+    r.make("expert", "fp8", "low", str(f["fp8", "low"]))
+    default = r.project("default", rel["fp16", "high"], rel["fp8", "low"], recipe)
+    states = state_dir(default)
+    killed = r.train("train (default), SIGKILL after the first state", default,
+                     kill_when=lambda: any(states.glob("high-step*.pt")))
+    resumed = killed and r.train("train --resume (fp16 high, plain fp8 low)", default, "--resume")
+    if resumed:
+        prompts = ["a red fox in the snow", "a blue teapot on a table"]
+        ok, lines, seconds, gib = r.cli("sample", "sample", str(default), *sum((["--prompt", p] for p in prompts), []),
+                                        "--steps", "8", *(["--width", "64", "--height", "64"] if TINY else []), "--out", str(work / "samples"))
+        wrote = [t for t, line in lines if line.startswith("wrote ")]
+        note = (f"832x480, 8 steps: first image after {wrote[0]:.1f} s, second {wrote[1] - wrote[0]:.1f} s later"
+                if ok and len(wrote) == 2 else _error(lines))
+        r.record("sample (both experts + LoRAs, 2 prompts)", ok and len(wrote) == 2, seconds, gib, note)
+        loras = sorted((work / "out-default").glob("WAN2.2-*Noise_rehearsal_default.safetensors"))
+        for fmt in ("musubi", "comfy", "diffusers", "peft"):
+            results = [r.cli(f"export {fmt}", "export", str(lo), "--format", fmt, "--overwrite") for lo in loras]
+            r.record(f"export --format {fmt} (both LoRAs)", all(x[0] for x in results) and len(loras) == 2,
+                     sum(x[2] for x in results), None, "" if all(x[0] for x in results) else _error(results[0][1]))
+        ok, lines, seconds, _ = r.cli("inspect", "inspect", str(loras[0]))
+        r.record("inspect", ok and any("expert:" in line for _, line in lines), seconds, None,
+                 next((line.strip() for _, line in lines if line.startswith("expert:")), _error(lines)))
+
+    # 2. low memory mode: bf16 high, scaled fp8 low
+    rm(f["fp16", "high"], f["fp8", "low"])
+    r.make("expert", "bf16", "high", str(f["bf16", "high"]))
+    r.make("expert", "fp8-scaled", "low", str(f["fp8-scaled", "low"]))
+    low = r.project("low", rel["bf16", "high"], rel["fp8-scaled", "low"], recipe + 'memory_mode = "low"\n')
+    r.train('train memory_mode = "low" (bf16 high, scaled fp8 low)', low)
+
+    # 3. a diffusers folder (high), and an fp8 file widened to bf16 (low)
+    rm(f["bf16", "high"])
+    r.make("expert", "diffusers", "high", str(f["diffusers", "high"]))
+    folder = r.project("folder", rel["diffusers", "high"], rel["fp8-scaled", "low"],
+                       f"max_steps = {max(4, steps // 3)}\nfp8_base = false\nvalidate_every_n_steps = 0\n")
+    r.train("train (diffusers folder high; scaled fp8 low, fp8_base = false)", folder)
+
+    # 4. merges (the text encoder is not needed any more: room for a base and its merged copy)
+    rm(f["diffusers", "high"].parent, t5)
+    if resumed:
+        low_lora = work / "out-default" / "WAN2.2-LowNoise_rehearsal_default.safetensors"
+        merged = work / "merged_low_fp8_scaled.safetensors"
+        ok, lines, seconds, gib = r.cli("merge fp8", "merge", "--base", str(f["fp8-scaled", "low"]), "--lora",
+                                        str(low_lora), "--out", str(merged))
+        r.record("merge LowNoise LoRA into the scaled fp8 low base", ok, seconds, gib,
+                 f"{merged.stat().st_size / 1e9:.1f} GB written" if ok else _error(lines))
+        rm(merged, f["fp8-scaled", "low"])
+        r.make("expert", "fp16", "high", str(f["fp16", "high"]))
+        merged = work / "merged_high_fp16.safetensors"
+        ok, lines, seconds, gib = r.cli("merge fp16", "merge", "--base", str(f["fp16", "high"]), "--lora",
+                                        str(work / "out-default" / "WAN2.2-HighNoise_rehearsal_default.safetensors"),
+                                        "--out", str(merged))
+        r.record("merge HighNoise LoRA into the fp16 high base", ok, seconds, gib,
+                 f"{merged.stat().st_size / 1e9:.1f} GB written" if ok else _error(lines))
+        rm(merged)
+    return r.rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("work", type=Path, nargs="?", help="an empty folder on a disk with ~60 GB free")
+    ap.add_argument("--steps", type=int, default=24, help="optimizer steps per expert in the train paths")
+    ap.add_argument("--tiny", action="store_true", help="toy-size models on the CPU: try the rehearsal itself")
+    ap.add_argument("--make", nargs="+", help=argparse.SUPPRESS)  # internal: one writer, in its own process
+    args = ap.parse_args()
+    if args.tiny and not TINY:
+        os.environ["REHEARSAL_TINY"] = "1"
+        return subprocess.run([sys.executable, __file__, *sys.argv[1:]]).returncode
+    if args.make:
+        what, *rest = args.make
+        {"expert": lambda: make_expert(rest[0], rest[1], Path(rest[2])), "t5": lambda: make_text_encoder(Path(rest[0])),
+         "small": lambda: make_small_inputs(Path(rest[0]))}[what]()
+        return 0
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = rehearse(args.work.resolve(), args.steps)
+    lines = ["| path | result | s | peak GPU GiB | notes |", "|---|---|---|---|---|"]
+    lines += [f"| {x['path']} | {'ok' if x['ok'] else 'FAILED'} | {x['seconds']} | {x['peak_gpu_gib'] or ''} | "
+              f"{x['note']} |" for x in rows]
+    (args.work / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all(x["ok"] for x in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
