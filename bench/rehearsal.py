@@ -14,6 +14,7 @@ three aspect ratios with the recipe's `dataset.toml` -- and runs `wanpair` on th
   train in `memory_mode = "low"` (bf16 high file, scaled fp8 low file)
   train from a diffusers folder (high) and an fp8 file with `fp8_base = false` (low)
   merge into an fp8 base and into an fp16 base
+Stages (`--stages`): default (train, resume, sample), export, low, folder, merge; each fits in one 10-minute command on an H100.
 
 One line per path (ok / FAILED, seconds, peak GPU memory of the command, notes) goes to stdout and
 `WORK/results.md`, ready for docs/rehearsal.md. A failed path does not stop the next unless it needs
@@ -278,35 +279,42 @@ def rm(*paths: Path) -> None:
             p.unlink()
 
 
-def rehearse(work: Path, steps: int) -> list[dict]:
+STAGES = ("default", "export", "low", "folder", "merge")
+
+
+def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES) -> list[dict]:
+    """The stages in order; each writes the files it needs (unless already there) and deletes the
+    experts it does not, so at most two experts and the text encoder share the disk."""
     r = Rehearsal(work, steps)
     t5 = work / "models_t5_umt5-xxl-enc-bf16.pth"
     f = {(layout, e): work / NAMES[layout].format(e=e) for layout in NAMES for e in ("high", "low")}
-    for d in {f[k].parent for k in f if k[0] == "diffusers"}:
-        d.mkdir(parents=True, exist_ok=True)
     rel = {k: str(v.relative_to(work)) for k, v in f.items()}
-    recipe = ("save_state_every_n_steps = 8\nkeep_states = 2\nvalidate_every_n_steps = 8\n"
-              f"max_steps = {steps}\n")
+    every = max(1, min(8, steps // 2))
+    recipe = f"save_state_every_n_steps = {every}\nkeep_states = 2\nvalidate_every_n_steps = 8\nmax_steps = {steps}\n"
 
-    # 1. inputs, and the default run: fp16 high, plain fp8 low
-    r.make("small", str(work))
-    r.make("t5", str(t5))
-    r.make("expert", "fp16", "high", str(f["fp16", "high"]))
-    r.make("expert", "fp8", "low", str(f["fp8", "low"]))
-    default = r.project("default", rel["fp16", "high"], rel["fp8", "low"], recipe)
-    states = state_dir(default)
-    killed = r.train("train (default), SIGKILL after the first state", default,
-                     kill_when=lambda: any(states.glob("high-step*.pt")))
-    resumed = killed and r.train("train --resume (fp16 high, plain fp8 low)", default, "--resume")
-    if resumed:
-        prompts = ["a red fox in the snow", "a blue teapot on a table"]
-        ok, lines, seconds, gib = r.cli("sample", "sample", str(default), *sum((["--prompt", p] for p in prompts), []),
-                                        "--steps", "8", *(["--width", "64", "--height", "64"] if TINY else []), "--out", str(work / "samples"))
-        wrote = [t for t, line in lines if line.startswith("wrote ")]
-        note = (f"832x480, 8 steps: first image after {wrote[0]:.1f} s, second {wrote[1] - wrote[0]:.1f} s later"
-                if ok and len(wrote) == 2 else _error(lines))
-        r.record("sample (both experts + LoRAs, 2 prompts)", ok and len(wrote) == 2, seconds, gib, note)
-        loras = sorted((work / "out-default").glob("WAN2.2-*Noise_rehearsal_default.safetensors"))
+    def need(*files: tuple[str, str]) -> bool:
+        """Delete the other experts, write these (and the small inputs and text encoder) if missing."""
+        for key, path in f.items():
+            if key not in files:
+                rm(path.parent if key[0] == "diffusers" else path)
+        ok = (work / "dataset").is_dir() or r.make("small", str(work))
+        ok = (t5.exists() or r.make("t5", str(t5))) and ok
+        for layout, e in files:
+            if layout == "diffusers":
+                f[layout, e].parent.mkdir(parents=True, exist_ok=True)
+            ok = (f[layout, e].exists() or r.make("expert", layout, e, str(f[layout, e]))) and ok
+        return ok
+
+    if "default" in stages and need(("fp16", "high"), ("fp8", "low")):  # fp16 high, plain fp8 low
+        default = r.project("default", rel["fp16", "high"], rel["fp8", "low"], recipe)
+        states = state_dir(default)
+        killed = r.train("train (default), SIGKILL after the first state", default,
+                         kill_when=lambda: any(states.glob("high-step*.pt")))
+        if killed and r.train("train --resume (fp16 high, plain fp8 low)", default, "--resume"):
+            sample(r, default)
+
+    loras = sorted((work / "out-default").glob("WAN2.2-*Noise_rehearsal_default.safetensors"))
+    if "export" in stages and loras:
         for fmt in ("musubi", "comfy", "diffusers", "peft"):
             results = [r.cli(f"export {fmt}", "export", str(lo), "--format", fmt, "--overwrite") for lo in loras]
             r.record(f"export --format {fmt} (both LoRAs)", all(x[0] for x in results) and len(loras) == 2,
@@ -315,45 +323,59 @@ def rehearse(work: Path, steps: int) -> list[dict]:
         r.record("inspect", ok and any("expert:" in line for _, line in lines), seconds, None,
                  next((line.strip() for _, line in lines if line.startswith("expert:")), _error(lines)))
 
-    # 2. low memory mode: bf16 high, scaled fp8 low
-    rm(f["fp16", "high"], f["fp8", "low"])
-    r.make("expert", "bf16", "high", str(f["bf16", "high"]))
-    r.make("expert", "fp8-scaled", "low", str(f["fp8-scaled", "low"]))
-    low = r.project("low", rel["bf16", "high"], rel["fp8-scaled", "low"], recipe + 'memory_mode = "low"\n')
-    r.train('train memory_mode = "low" (bf16 high, scaled fp8 low)', low)
+    if "low" in stages and need(("bf16", "high"), ("fp8-scaled", "low")):  # low memory mode
+        low = r.project("low", rel["bf16", "high"], rel["fp8-scaled", "low"], recipe + 'memory_mode = "low"\n')
+        r.train('train memory_mode = "low" (bf16 high, scaled fp8 low)', low)
 
-    # 3. a diffusers folder (high), and an fp8 file widened to bf16 (low)
-    rm(f["bf16", "high"])
-    r.make("expert", "diffusers", "high", str(f["diffusers", "high"]))
-    folder = r.project("folder", rel["diffusers", "high"], rel["fp8-scaled", "low"],
-                       f"max_steps = {max(4, steps // 3)}\nfp8_base = false\nvalidate_every_n_steps = 0\n")
-    r.train("train (diffusers folder high; scaled fp8 low, fp8_base = false)", folder)
+    if "folder" in stages and need(("diffusers", "high"), ("fp8-scaled", "low")):
+        folder = r.project("folder", rel["diffusers", "high"], rel["fp8-scaled", "low"],
+                           f"max_steps = {max(4, steps // 3)}\nfp8_base = false\nvalidate_every_n_steps = 0\n")
+        r.train("train (diffusers folder high; scaled fp8 low, fp8_base = false)", folder)
 
-    # 4. merges (the text encoder is not needed any more: room for a base and its merged copy)
-    rm(f["diffusers", "high"].parent, t5)
-    if resumed:
-        low_lora = work / "out-default" / "WAN2.2-LowNoise_rehearsal_default.safetensors"
-        merged = work / "merged_low_fp8_scaled.safetensors"
-        ok, lines, seconds, gib = r.cli("merge fp8", "merge", "--base", str(f["fp8-scaled", "low"]), "--lora",
-                                        str(low_lora), "--out", str(merged))
-        r.record("merge LowNoise LoRA into the scaled fp8 low base", ok, seconds, gib,
-                 f"{merged.stat().st_size / 1e9:.1f} GB written" if ok else _error(lines))
-        rm(merged, f["fp8-scaled", "low"])
-        r.make("expert", "fp16", "high", str(f["fp16", "high"]))
-        merged = work / "merged_high_fp16.safetensors"
-        ok, lines, seconds, gib = r.cli("merge fp16", "merge", "--base", str(f["fp16", "high"]), "--lora",
-                                        str(work / "out-default" / "WAN2.2-HighNoise_rehearsal_default.safetensors"),
-                                        "--out", str(merged))
-        r.record("merge HighNoise LoRA into the fp16 high base", ok, seconds, gib,
-                 f"{merged.stat().st_size / 1e9:.1f} GB written" if ok else _error(lines))
-        rm(merged)
+    if "merge" in stages:  # the text encoder is not needed any more: room for a base and its merged copy
+        rm(t5)
+        low_base = ("fp8", "low") if f["fp8", "low"].exists() else ("fp8-scaled", "low")
+        for expert, base in (("high", ("fp16", "high")), ("low", low_base)):
+            layout_note = f"the {base[0]} {expert} base"
+            name = f"WAN2.2-{expert.capitalize()}Noise_rehearsal_*.safetensors"
+            lora = next((p for d in ("out-default", "out-folder", "out-low") for p in sorted((work / d).glob(name))), None)
+            if lora is None:
+                r.record(f"merge {expert}", False, 0.0, None, "no LoRA: run a train stage first")
+                continue
+            for key, path in f.items():
+                if key != base:
+                    rm(path.parent if key[0] == "diffusers" else path)
+            if not (f[base].exists() or r.make("expert", *base, str(f[base]))):
+                continue
+            merged = work / f"merged_{expert}.safetensors"
+            ok, lines, seconds, gib = r.cli(f"merge {expert}", "merge", "--base", str(f[base]), "--lora", str(lora),
+                                            "--out", str(merged), "--overwrite")
+            r.record(f"merge {lora.name} into {layout_note}", ok, seconds, gib,
+                     f"{merged.stat().st_size / 1e9:.1f} GB written" if ok else _error(lines))
+            rm(merged)
     return r.rows
+
+
+def sample(r: Rehearsal, project: Path) -> None:
+    """Two prompts with both experts and their LoRAs: the time to the first image (what a user waits
+    for, process start included) and to the next, with the log's own timings."""
+    prompts = ["a red fox in the snow", "a blue teapot on a table"]
+    ok, lines, seconds, gib = r.cli("sample", "sample", str(project), *sum((["--prompt", p] for p in prompts), []),
+                                    "--steps", "8", *(["--width", "64", "--height", "64"] if TINY else []),
+                                    "--out", str(r.work / "samples"))
+    wrote = [t for t, line in lines if line.startswith("wrote ")]
+    marks = [f"{m.group(1)} {t:.1f} s" for t, line in lines
+             if (m := re.search(r"(prompts ready|both experts ready|loading DiT|loading text encoder)", line))]
+    note = (f"832x480, 8 steps: first image after {wrote[0]:.1f} s, second {wrote[1] - wrote[0]:.1f} s later "
+            f"({', '.join(marks)})" if ok and len(wrote) == 2 else _error(lines))
+    r.record("sample (both experts + LoRAs, 2 prompts)", ok and len(wrote) == 2, seconds, gib, note)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("work", type=Path, nargs="?", help="an empty folder on a disk with ~60 GB free")
     ap.add_argument("--steps", type=int, default=24, help="optimizer steps per expert in the train paths")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
     ap.add_argument("--tiny", action="store_true", help="toy-size models on the CPU: try the rehearsal itself")
     ap.add_argument("--make", nargs="+", help=argparse.SUPPRESS)  # internal: one writer, in its own process
     args = ap.parse_args()
@@ -366,7 +388,7 @@ def main() -> int:
          "small": lambda: make_small_inputs(Path(rest[0]))}[what]()
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = rehearse(args.work.resolve(), args.steps)
+    rows = rehearse(args.work.resolve(), args.steps, tuple(args.stages.split(",")))
     lines = ["| path | result | s | peak GPU GiB | notes |", "|---|---|---|---|---|"]
     lines += [f"| {x['path']} | {'ok' if x['ok'] else 'FAILED'} | {x['seconds']} | {x['peak_gpu_gib'] or ''} | "
               f"{x['note']} |" for x in rows]

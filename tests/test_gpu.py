@@ -103,6 +103,16 @@ def _grads(model, params, inputs):
     return loss.detach(), [p.grad.clone() for p in params]
 
 
+def _trainable(layers: int, settings: TrainSettings):
+    """A tiny expert with LoRA whose B matrices are non-zero (so gradients reach A too); the same seed
+    gives the same base and the same LoRA."""
+    model = _expert(layers)
+    torch.manual_seed(1)
+    params, _ = prepare_expert(model, settings, torch.bfloat16)
+    _lora_b_nonzero(model)
+    return model, params
+
+
 def _lora_b_nonzero(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -114,11 +124,8 @@ def test_streamed_blocks_on_the_gpu_give_the_resident_loss_and_gradients():
     """Blocks 0, 2, 3 of 4 fetched from pinned host memory on a copy stream: the same bytes reach the same
     kernels, so only nondeterministic kernels (attention backward) may differ, far below bf16 noise."""
     settings = TrainSettings(checkpoint_blocks=0, compile="off")
-    resident, streamed = _expert(4), _expert(4)
-    p_resident, _ = prepare_expert(resident, settings, torch.bfloat16)
-    p_streamed, _ = prepare_expert(streamed, settings, torch.bfloat16)
-    for m in (resident, streamed):
-        _lora_b_nonzero(m)
+    resident, p_resident = _trainable(4, settings)
+    streamed, p_streamed = _trainable(4, settings)
     streamer = stream_blocks(streamed, [0, 2, 3])
     inputs = _inputs()
     for _ in range(2):  # the second step fetches blocks the first one left in the slots
@@ -128,12 +135,9 @@ def test_streamed_blocks_on_the_gpu_give_the_resident_loss_and_gradients():
 
 
 def test_the_compiled_block_gives_the_eager_loss_and_gradients():
-    eager, compiled = _expert(2), _expert(2)
-    p_eager, _ = prepare_expert(eager, TrainSettings(checkpoint_blocks=0, compile="off"), torch.bfloat16)
-    p_compiled, _ = prepare_expert(compiled, TrainSettings(checkpoint_blocks=0, compile="off"), torch.bfloat16)
+    eager, p_eager = _trainable(2, TrainSettings(checkpoint_blocks=0, compile="off"))
+    compiled, p_compiled = _trainable(2, TrainSettings(checkpoint_blocks=0, compile="off"))
     compile_blocks(compiled)
-    for m in (eager, compiled):
-        _lora_b_nonzero(m)
     inputs = _inputs()
     (la, ga), (lb, gb) = _grads(eager, p_eager, inputs), _grads(compiled, p_compiled, inputs)
     # inductor fuses and reorders bf16 arithmetic: equal up to bf16 rounding (~0.4 % per op)

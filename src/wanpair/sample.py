@@ -104,14 +104,15 @@ def checked_loras(project: Project, loras: dict[str, Path | None], allow_mismatc
     return checked
 
 
-def lora_delta(lora, strength: float):
-    """The update `load_dit(delta=...)` adds to each weight: strength * (alpha/rank) * up @ down."""
+def lora_delta(lora, strength: float, device: torch.device | str = "cpu"):
+    """The update `load_dit(delta=...)` adds to each weight: strength * (alpha/rank) * up @ down, made on
+    the device the expert loads to."""
     if lora is None or strength == 0:
         return None
 
     def delta(key: str):
         module = key.removesuffix(".weight")
-        return strength * lora.delta(module) if key.endswith(".weight") and module in lora.modules else None
+        return strength * lora.delta(module, device) if key.endswith(".weight") and module in lora.modules else None
 
     return delta
 
@@ -145,7 +146,7 @@ def load_expert(project: Project, expert: str, lora, strength: float, dtype: tor
     from .models import load_dit
     from .models.fp8 import fp8_matmul_available, use_fp8_matmul
 
-    model = load_dit(project.dit_path(expert), dtype=dtype, device=device, fp8=fp8, delta=lora_delta(lora, strength))
+    model = load_dit(project.dit_path(expert), dtype=dtype, device=device, fp8=fp8, delta=lora_delta(lora, strength, device))
     if fp8:
         use_fp8_matmul(model, fp8_matmul_available(device))
     if lora is not None:

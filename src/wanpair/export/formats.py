@@ -43,10 +43,11 @@ class LoraWeights:
         down, _, alpha = self.modules[module]
         return alpha / down.shape[0]
 
-    def delta(self, module: str) -> torch.Tensor:
-        """The weight update this LoRA adds to `module` at strength 1: (alpha / rank) * up @ down."""
+    def delta(self, module: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The weight update this LoRA adds to `module` at strength 1: (alpha / rank) * up @ down, made
+        on `device` (a 5120 x 13824 update is 283 MB of fp32: made on the GPU, it never crosses the bus)."""
         down, up, _ = self.modules[module]
-        return self.scale(module) * (up.float() @ down.float())
+        return self.scale(module) * (up.to(device).float() @ down.to(device).float())
 
 
 def _kohya_to_module(name: str) -> str:
