@@ -15,6 +15,9 @@ three aspect ratios with the recipe's `dataset.toml` -- and runs `wanpair` on th
   train from a diffusers folder (high) and an fp8 file with `fp8_base = false` (low)
   merge into an fp8 base and into an fp16 base
 Stages (`--stages`): default (train, resume, sample), export, low, folder, merge; each fits in one 10-minute command on an H100.
+`--stages smoke` is the shortest full-size proof, for a short lease: both experts from plain fp8 files (the
+layout that crashed a first run on CUDA) trained a few steps in the default memory mode, then sampled.
+`--write-only` writes the inputs the stages need and stops, so that writing can overlap other work.
 
 One line per path (ok / FAILED, seconds, peak GPU memory of the command, notes) goes to stdout and
 `WORK/results.md`, ready for docs/rehearsal.md. A failed path does not stop the next unless it needs
@@ -173,9 +176,9 @@ class GpuPeak:
 
 
 class Rehearsal:
-    def __init__(self, work: Path, steps: int):
+    def __init__(self, work: Path, steps: int, logs: Path | None = None):
         self.work, self.steps, self.rows = work, steps, []
-        self.logs = work / "logs"
+        self.logs = logs or work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -258,8 +261,11 @@ def training_note(text: str, project: Path) -> str:
         mine = [r for r in rows if r.get("expert") == expert and "s_per_step" in r]
         if mine:
             steps = [r["s_per_step"] for r in mine if r["step"] >= 3] or [r["s_per_step"] for r in mine]
-            parts.append(f"{expert}: {len(mine)} steps, median {statistics.median(steps):.3f} s/step, "
-                         f"peak allocated {max(r.get('gpu_mem_gib', 0) for r in mine):.1f} GiB")
+            val = [r["val_seconds"] for r in rows if r.get("expert") == expert and "val_seconds" in r]
+            parts.append(f"{expert}: {len(mine)} steps, median {statistics.median(steps):.3f} s/step "
+                         f"(first {mine[0]['s_per_step']:.1f} s), peak allocated "
+                         f"{max(r.get('gpu_mem_gib', 0) for r in mine):.1f} GiB"
+                         + (f", validation {statistics.median(val):.2f} s per evaluation" if val else ""))
     estimates = re.findall(r"estimated peak ([\d.]+) of ([\d.]+) GiB", text)
     if estimates:
         parts.append("plan: " + ", ".join(f"{a} of {b} GiB" for a, b in estimates))
@@ -279,13 +285,15 @@ def rm(*paths: Path) -> None:
             p.unlink()
 
 
-STAGES = ("default", "export", "low", "folder", "merge")
+STAGES = ("default", "export", "low", "folder", "merge")  # every user path: the full rehearsal
+QUICK = ("smoke",)  # the short proof, chosen by name only
 
 
-def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES) -> list[dict]:
+def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES, write_only: bool = False,
+             logs: Path | None = None) -> list[dict]:
     """The stages in order; each writes the files it needs (unless already there) and deletes the
     experts it does not, so at most two experts and the text encoder share the disk."""
-    r = Rehearsal(work, steps)
+    r = Rehearsal(work, steps, logs)
     t5 = work / "models_t5_umt5-xxl-enc-bf16.pth"
     f = {(layout, e): work / NAMES[layout].format(e=e) for layout in NAMES for e in ("high", "low")}
     rel = {k: str(v.relative_to(work)) for k, v in f.items()}
@@ -303,7 +311,12 @@ def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES) -> list[d
             if layout == "diffusers":
                 f[layout, e].parent.mkdir(parents=True, exist_ok=True)
             ok = (f[layout, e].exists() or r.make("expert", layout, e, str(f[layout, e]))) and ok
-        return ok
+        return ok and not write_only
+
+    if "smoke" in stages and need(("fp8", "high"), ("fp8", "low")):
+        smoke = r.project("smoke", rel["fp8", "high"], rel["fp8", "low"], f"max_steps = {steps}\n")
+        if r.train("train both experts from plain fp8 files (e4m3fn, no scales)", smoke):
+            sample(r, smoke)
 
     if "default" in stages and need(("fp16", "high"), ("fp8", "low")):  # fp16 high, plain fp8 low
         default = r.project("default", rel["fp16", "high"], rel["fp8", "low"], recipe)
@@ -314,7 +327,7 @@ def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES) -> list[d
             sample(r, default)
 
     loras = sorted((work / "out-default").glob("WAN2.2-*Noise_rehearsal_default.safetensors"))
-    if "export" in stages and loras:
+    if "export" in stages and loras and not write_only:
         for fmt in ("musubi", "comfy", "diffusers", "peft"):
             results = [r.cli(f"export {fmt}", "export", str(lo), "--format", fmt, "--overwrite") for lo in loras]
             r.record(f"export --format {fmt} (both LoRAs)", all(x[0] for x in results) and len(loras) == 2,
@@ -332,7 +345,7 @@ def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES) -> list[d
                            f"max_steps = {max(4, steps // 3)}\nfp8_base = false\nvalidate_every_n_steps = 0\n")
         r.train("train (diffusers folder high; scaled fp8 low, fp8_base = false)", folder)
 
-    if "merge" in stages:  # the text encoder is not needed any more: room for a base and its merged copy
+    if "merge" in stages and not write_only:  # the text encoder is not needed any more: room for a base and its merged copy
         rm(t5)
         low_base = ("fp8", "low") if f["fp8", "low"].exists() else ("fp8-scaled", "low")
         for expert, base in (("high", ("fp16", "high")), ("low", low_base)):
@@ -375,7 +388,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("work", type=Path, nargs="?", help="an empty folder on a disk with ~60 GB free")
     ap.add_argument("--steps", type=int, default=24, help="optimizer steps per expert in the train paths")
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(QUICK + STAGES)}")
+    ap.add_argument("--write-only", action="store_true", help="write the inputs of the stages, run nothing")
+    ap.add_argument("--logs", type=Path, help="where each command's log goes (default: WORK/logs)")
     ap.add_argument("--tiny", action="store_true", help="toy-size models on the CPU: try the rehearsal itself")
     ap.add_argument("--make", nargs="+", help=argparse.SUPPRESS)  # internal: one writer, in its own process
     args = ap.parse_args()
@@ -388,7 +403,7 @@ def main() -> int:
          "small": lambda: make_small_inputs(Path(rest[0]))}[what]()
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = rehearse(args.work.resolve(), args.steps, tuple(args.stages.split(",")))
+    rows = rehearse(args.work.resolve(), args.steps, tuple(args.stages.split(",")), args.write_only, args.logs)
     lines = ["| path | result | s | peak GPU GiB | notes |", "|---|---|---|---|---|"]
     lines += [f"| {x['path']} | {'ok' if x['ok'] else 'FAILED'} | {x['seconds']} | {x['peak_gpu_gib'] or ''} | "
               f"{x['note']} |" for x in rows]

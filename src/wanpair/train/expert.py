@@ -178,6 +178,13 @@ class ExpertTraining:
         self.last_val = (self.step_count, total / n)
         return total / n
 
+    def validation_row(self) -> dict:
+        """The validation loss for the metrics, with the seconds it took (its share of the run's time)."""
+        start = time.perf_counter()
+        loss = self.validate()
+        return {"val_loss": loss, "val_kind": self.data.validation_kind,
+                "val_seconds": round(time.perf_counter() - start, 3)}
+
     def validation_due(self, lora_saved: bool) -> bool:
         every = self.t.validate_every_n_steps
         return bool(self.val_items) and (self.step_count % every == 0 or self.step_count == self.total_steps
@@ -234,7 +241,7 @@ class ExpertTraining:
         bar = tqdm(total=self.total_steps, initial=self.step_count, desc=f"{expert}-noise", unit="step",
                    disable=not (self.writes and self.progress))
         if self.val_items and self.step_count == 0 and self.metrics:
-            self.metrics.log({"step": 0, "val_loss": self.validate(), "val_kind": self.data.validation_kind})
+            self.metrics.log({"step": 0, **self.validation_row()})
         bad, last = 0, time.perf_counter()
         self.start = last
         with StopFlag() as stop:
@@ -265,7 +272,7 @@ class ExpertTraining:
                            "lr": lr, "timestep": timestep, "s_per_step": round(now - last, 4),
                            "samples_per_s": round(samples / (now - last), 3)}
                     if self.validation_due(self.saves_lora_now(g + 1 == len(groups) and epoch)):
-                        row |= {"val_loss": self.validate(), "val_kind": self.data.validation_kind}
+                        row |= self.validation_row()
                     if self.metrics:
                         self.metrics.log(row)
                     last = time.perf_counter()  # the validation's time is not the step's

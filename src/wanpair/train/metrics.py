@@ -1,10 +1,11 @@
 """What a run shows: one metrics line per optimizer step (JSON lines + TensorBoard) and a loss plot.
 
 `<output_dir>/<name>/metrics.jsonl` gets {expert, step, epoch, loss, smoothed_loss, lr, timestep,
-s_per_step, samples_per_s, gpu_mem_gib}, and at validation steps val_loss and val_kind ("held-out" or
-"fit"; a row of step 0 holds the validation loss before training); TensorBoard event files go to
-`<output_dir>/<name>/tensorboard/` (`tensorboard --logdir output/<name>/tensorboard`); `loss.png` plots
-loss and validation loss against step and loss against timestep for each expert at the end.
+s_per_step, samples_per_s, gpu_mem_gib}, and at validation steps val_loss, val_kind ("held-out" or
+"fit") and val_seconds (the evaluation's time, kept out of s_per_step); a row of step 0 holds the
+validation loss before training. TensorBoard event files go to `<output_dir>/<name>/tensorboard/`
+(`tensorboard --logdir output/<name>/tensorboard`); `loss.png` plots loss and validation loss against
+step and loss against timestep for each expert at the end.
 """
 
 from __future__ import annotations
