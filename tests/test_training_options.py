@@ -84,7 +84,10 @@ def test_intermediate_saves_keep_the_last_k_and_metrics_are_complete(demo):
     assert saved == ["WAN2.2-LowNoise_demo_shapes_v1-step000020.safetensors",
                      "WAN2.2-LowNoise_demo_shapes_v1-step000030.safetensors"]
     rows = [json.loads(x) for x in (project.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0] == {"expert": "low", "step": 0, "val_loss": rows[0]["val_loss"], "val_kind": "fit"}  # before training
+    # before training: the validation loss alone, with the time it took
+    assert rows[0].keys() == {"expert", "time", "total_steps", "device", "step", "val_loss", "val_kind", "val_seconds"}
+    assert rows[0]["total_steps"] == 36 and rows[0]["device"] == "cpu"
+    assert rows[0]["step"] == 0 and rows[0]["val_kind"] == "fit" and rows[0]["val_seconds"] >= 0
     rows = rows[1:]
     assert len(rows) == 36 and rows[-1]["step"] == 36 and rows[-1]["epoch"] == 2
     assert {"loss", "smoothed_loss", "lr", "timestep", "s_per_step", "samples_per_s"} <= set(rows[0])

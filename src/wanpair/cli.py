@@ -22,11 +22,19 @@ Train the LoRA pair that Wan 2.2 T2V A14B needs -- one LoRA for the high-noise e
 (timesteps 875-1000) and one for the low-noise expert (0-875) -- from one project file.
 
   wanpair demo                      try everything on a tiny built-in example (CPU, ~1 minute)
+
+On a fresh GPU machine:
+  wanpair download                  fetch the recipe's weight files (the only command that uses the network)
+  wanpair init my_dataset/          write dataset.toml + wanpair.toml for a folder of images and captions
+  wanpair doctor wanpair.toml       check the machine and the project before a long run
+
+Then:
   wanpair check wanpair.toml        find dataset problems before spending GPU time
   wanpair cache wanpair.toml        encode latents + captions (train does this too)
   wanpair train wanpair.toml        check, cache, train both experts, save both LoRAs
   wanpair sample wanpair.toml --prompt "..."   see what the pair does (both experts, like Wan 2.2)
   wanpair inspect LORA / export / merge        which expert a LoRA is for; convert; bake into a base
+  wanpair dashboard                 watch and compare runs in the browser (local, read-only)
 
 A project file (wanpair.toml) names your model files, your Musubi-style dataset.toml and a
 run name; every training setting defaults to the proven recipe. `wanpair demo` writes one
@@ -65,6 +73,52 @@ def cmd_demo(args) -> int:
         print("     mean loss per epoch: " + " ".join(f"{x:.3f}" for x in r.epoch_losses))
     print(f"Sample (tiny random models, so expect noise, not art): {picture}")
     print(f"\nProject file: {project_file}  (copy it and point [models] at your real weights)")
+    print(f"Watch the run in the browser: wanpair dashboard {root}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .setup.download import download
+    from .setup.scaffold import set_models_table
+
+    paths = download(Path(args.dir).resolve(), args.variant)
+    print(f"all {len(paths)} model entries are in {Path(args.dir).resolve()} and verified")
+    print(set_models_table(Path(args.project).resolve(), paths))
+    return 0
+
+
+def cmd_init(args) -> int:
+    from .data.dataset_config import load_dataset_config
+    from .data.items import check_dataset
+    from .setup.scaffold import init
+
+    project = Path(args.project).resolve()
+    for line in init(Path(args.dataset_dir), project, args.name, Path(args.models).resolve(), args.force):
+        print(line)
+    report = check_dataset(load_dataset_config(Path(args.dataset_dir).resolve() / "dataset.toml"))
+    print(report.render())
+    print(f"\nnext: wanpair doctor {args.project}   then: wanpair train {args.project}")
+    return 1 if report.errors else 0
+
+
+def cmd_doctor(args) -> int:
+    from .setup.doctor import doctor
+
+    checks, ok = doctor(Path(args.project) if args.project else None)
+    for c in checks:
+        print(c.render())
+    print("\n" + ("ready: `wanpair train` would start." if ok else "not ready: fix the ✗ lines above."))
+    return 0 if ok else 1
+
+
+def cmd_dashboard(args) -> int:
+    from .dashboard.app import serve
+
+    roots = [Path(d) for d in (args.dirs or ["."])]
+    for root in roots:
+        if not root.is_dir():
+            raise WanpairError(f"{root} is not a folder; give the output folders your runs write to (default: .).")
+    serve(roots, args.host, args.port)
     return 0
 
 
@@ -225,6 +279,52 @@ def build_parser() -> argparse.ArgumentParser:
                                    "file formats, then train the LoRA pair on them with the normal train path.")
     p.add_argument("--dir", default="wanpair-demo", help="where to write the demo (default: ./wanpair-demo)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("download", help="fetch the recipe's weight files from the hub (resumable, verified)",
+                       description="Download exactly the files of the recipe with huggingface_hub: both Wan 2.2 T2V "
+                                   "A14B experts (Comfy-Org repackaged), wan_2.1_vae.safetensors, "
+                                   "models_t5_umt5-xxl-enc-bf16.pth and the umT5 tokenizer (Wan-AI). Files already "
+                                   "there are checked against the hub's hashes and kept; a broken transfer resumes. "
+                                   "Uses HF_TOKEN or your `hf auth login`, and HF_ENDPOINT for a mirror. Writes the "
+                                   "[models] table of the project file.")
+    p.add_argument("--dir", default="models", help="where the files go (default: ./models)")
+    p.add_argument("--variant", choices=("fp16", "fp8"), default="fp16",
+                   help="fp16: the recipe's experts (2 x 28.6 GB); fp8: ComfyUI's scaled fp8 experts (2 x 14.3 GB). "
+                        "wanpair trains on fp8 weights either way")
+    p.add_argument("--project", default="wanpair.toml",
+                   help="the project file whose [models] table is written (created if missing; default ./wanpair.toml)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("init", help="write dataset.toml and wanpair.toml for a folder of images (or videos) and captions",
+                       description="Write the recipe's dataset.toml into DATASET_DIR (960x960 buckets, .txt captions, "
+                                   "batch 1; 81-frame clips for videos) and a wanpair.toml with every training setting "
+                                   "shown at its default, models taken from the file `wanpair download` wrote or found "
+                                   "under --models; then check the dataset. Existing files are kept unless --force.")
+    p.add_argument("dataset_dir", help="the folder with your images (or videos) and same-name .txt captions")
+    p.add_argument("--name", help="run name (default: the folder's name)")
+    p.add_argument("--models", default="models", help="where to look for the weight files (default: ./models)")
+    p.add_argument("--project", default="wanpair.toml", help="the project file to write (default: ./wanpair.toml)")
+    p.add_argument("--force", action="store_true", help="replace an existing dataset.toml / project file")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("doctor", help="checklist: will training start here, with what memory plan and speed",
+                       description="Check Python, torch and its CUDA build, the GPUs, bf16/fp8 support, and for a "
+                                   "project: the models (kinds and experts), the dataset, the tokenizer, caches, disk, "
+                                   "the memory plan this GPU would get with its expected s/step, and host RAM for "
+                                   "streamed blocks. Exit 0 when training would start, 1 otherwise.")
+    p.add_argument("project", nargs="?", help="a wanpair.toml (without it: only the machine is checked)")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("dashboard", help="watch and compare LoRA-pair runs in the browser (local, read-only)",
+                       description="Serve a web page over the runs under the given folders (each run: "
+                                   "<output_dir>/<name>/metrics.jsonl): state, steps and ETA of both experts, loss, "
+                                   "validation loss, learning rate, speed and memory of the pair side by side and live, "
+                                   "the samples in a grid, the LoRA files and the command that samples a chosen pair. "
+                                   "Works offline; serves nothing outside the run folders.")
+    p.add_argument("dirs", nargs="*", metavar="DIR", help="folders to look for runs in (default: the current folder)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("check", help="report dataset problems (missing captions, broken images, ...)",
                        description="Check a dataset without loading any model: images without captions, captions "

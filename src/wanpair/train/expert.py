@@ -237,7 +237,10 @@ class ExpertTraining:
         self.say(f"training the {expert}-noise expert ({self.dit.path.name}) on timesteps {self.window.min_timestep}-"
                  f"{self.window.max_timestep}: {len(self.data.trained)} items, {self.epochs} epochs, {self.total_steps} steps"
                  + (f", data-parallel over {self.world} processes" if self.world > 1 else ""))
-        self.metrics = MetricsLog(self.p.run_dir, expert, t.tensorboard) if self.writes else None
+        dev = self.accelerator.device
+        header = {"total_steps": self.total_steps,
+                  "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type}
+        self.metrics = MetricsLog(self.p.run_dir, expert, t.tensorboard, header) if self.writes else None
         bar = tqdm(total=self.total_steps, initial=self.step_count, desc=f"{expert}-noise", unit="step",
                    disable=not (self.writes and self.progress))
         if self.val_items and self.step_count == 0 and self.metrics:

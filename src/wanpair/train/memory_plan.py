@@ -70,13 +70,44 @@ def plan_memory(model, tokens: int, settings, device: torch.device, lora_bytes: 
     streamable = all(isinstance(m, Fp8Linear) for m in linears)
     block_gib = sum(m.weight.numel() * m.weight.element_size() for m in linears) / GIB
     transposed_gib = sum(m.weight.numel() for m in linears if getattr(m, "use_fp8_matmul", False)) / GIB
-    fixed = (torch.cuda.memory_allocated(device) / GIB  # weights and LoRA
+    resident = torch.cuda.memory_allocated(device) / GIB  # weights and LoRA
+    return plan_for(blocks, dim, tokens, resident, lora_bytes, block_gib if streamable else 0.0, transposed_gib,
+                    _budget_gib(device, settings.memory_mode, settings.memory_budget_gb), settings)
+
+
+def plan_for(blocks: int, dim: int, tokens: int, resident_gib: float, lora_bytes: int, block_gib: float,
+             transposed_gib: float, budget: float, settings) -> MemoryPlan:
+    """The plan from sizes alone: `resident_gib` = weights + LoRA on the GPU, `block_gib` = one block's
+    streamable fp8 weights (0: not streamable), `transposed_gib` = one block's W^T (0: no fp8 matmuls).
+    `plan_memory` measures these on the loaded model; `wanpair doctor` estimates them from the file."""
+    forced = settings.checkpoint_blocks if settings.gradient_checkpointing else 0
+    fixed = (resident_gib
              + 3 * lora_bytes / GIB  # LoRA gradients + two AdamW moments
              + blocks * tokens * dim * 2 / GIB  # each checkpoint's input
              + WORKING_PER_TOKEN * dim * tokens / GIB + MARGIN_GIB)
-    return decide(blocks, _budget_gib(device, settings.memory_mode, settings.memory_budget_gb), fixed,
-                  ACTIVATION_PER_TOKEN * dim * tokens / GIB, block_gib if streamable else 0.0,
-                  settings.memory_mode, forced, tokens, transposed_gib)
+    return decide(blocks, budget, fixed, ACTIVATION_PER_TOKEN * dim * tokens / GIB, block_gib, settings.memory_mode,
+                  forced, tokens, transposed_gib)
+
+
+def block_linear_params(config: dict) -> tuple[int, int]:
+    """(weights, LoRA parameters per unit of rank) of one block's Linear layers, from a DiT config: the
+    eight attention projections (dim x dim) and the feed-forward pair (dim x ffn, ffn x dim)."""
+    dim, ffn = config["num_attention_heads"] * config["attention_head_dim"], config["ffn_dim"]
+    return 8 * dim * dim + 2 * dim * ffn, 8 * 2 * dim + 2 * (dim + ffn)
+
+
+def plan_from_config(config: dict, tokens: int, settings, budget: float, fp8_matmul: bool) -> MemoryPlan:
+    """An estimate of the plan before loading anything (for `wanpair doctor`): the weights' sizes from
+    the architecture instead of the allocator. The run's own plan, measured, is logged when it starts."""
+    blocks, dim = config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"]
+    weights, per_rank = block_linear_params(config)
+    block_bytes = weights * (1 if settings.fp8_base else 2)
+    # the rest, in bf16: text and time embeddings, the time projection (6 x dim), norms and biases
+    other = 2 * (config["text_dim"] * dim + 8 * dim * dim + config["freq_dim"] * dim + blocks * 20 * dim)
+    lora_bytes = blocks * settings.rank * per_rank * 4
+    resident = (blocks * block_bytes + other + lora_bytes) / GIB
+    return plan_for(blocks, dim, tokens, resident, lora_bytes, block_bytes / GIB if settings.fp8_base else 0.0,
+                    weights / GIB if settings.fp8_base and fp8_matmul else 0.0, budget, settings)
 
 
 def decide(blocks: int, budget: float, fixed: float, activation: float, block_gib: float, mode: str,

@@ -1,7 +1,8 @@
 """What a run shows: one metrics line per optimizer step (JSON lines + TensorBoard) and a loss plot.
 
-`<output_dir>/<name>/metrics.jsonl` gets {expert, step, epoch, loss, smoothed_loss, lr, timestep,
-s_per_step, samples_per_s, gpu_mem_gib}, and at validation steps val_loss, val_kind ("held-out" or
+`<output_dir>/<name>/metrics.jsonl` gets {expert, time, step, epoch, loss, smoothed_loss, lr, timestep,
+s_per_step, samples_per_s, gpu_mem_gib} (the first row of each training process also total_steps and
+device), and at validation steps val_loss, val_kind ("held-out" or
 "fit") and val_seconds (the evaluation's time, kept out of s_per_step); a row of step 0 holds the
 validation loss before training. TensorBoard event files go to `<output_dir>/<name>/tensorboard/`
 (`tensorboard --logdir output/<name>/tensorboard`); `loss.png` plots loss and validation loss against
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -24,10 +26,11 @@ class MetricsLog:
     """Appends one JSON line per step. Each line is one `write()` on a file opened for appending, so the
     two experts' processes can log into the same file side by side without tearing each other's lines."""
 
-    def __init__(self, run_dir: Path, expert: str, tensorboard: bool):
+    def __init__(self, run_dir: Path, expert: str, tensorboard: bool, header: dict | None = None):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.expert = expert
+        self.header = header or {}  # goes into the first row only: what a reader needs once (total steps, device)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         self.writer = None
         if tensorboard:
@@ -39,7 +42,9 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         if torch.cuda.is_available():
             row["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        os.write(self.fd, (json.dumps({"expert": self.expert, **row}) + "\n").encode())
+        line = {"expert": self.expert, "time": round(time.time(), 3), **self.header, **row}
+        self.header = {}
+        os.write(self.fd, (json.dumps(line) + "\n").encode())
         if self.writer:
             for key in ("loss", "smoothed_loss", "lr", "timestep", "s_per_step", "val_loss"):
                 if key in row:

@@ -25,6 +25,7 @@ from ..models.kinds import identify
 from ..models.text_encoder import TEXT_LEN, load_tokenizer
 from ..project import Project
 from ..sizes import human_bytes
+from .memory_plan import block_linear_params
 
 
 @dataclass
@@ -109,8 +110,7 @@ def check_disk(project: Project, experts: tuple[str, ...], found: Checked, quiet
     if not found.items or not found.dits:
         return []
     cfg = next(iter(found.dits.values())).config
-    dim, ffn, blocks = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], cfg["num_layers"]
-    lora_params = blocks * t.rank * (8 * 2 * dim + 2 * (dim + ffn))
+    lora_params = cfg["num_layers"] * t.rank * block_linear_params(cfg)[1]
     lora_bytes = lora_params * (4 if t.save_dtype == "fp32" else 2)
     saves = 1 + (t.keep_last or (t.epochs if t.save_every_n_epochs or t.save_every_n_steps else 0))
     states = (t.keep_states or 10) if (t.save_state_every_n_steps or t.save_state_every_n_epochs) else 0

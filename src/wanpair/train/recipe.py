@@ -25,7 +25,7 @@ import torch
 from accelerate import PartialState
 
 from ..atomic import write_text_atomic
-from ..cache import CacheStats, fill, folder_fingerprint, plan, read_entry
+from ..cache import CachePlan, CacheStats, fill, folder_fingerprint, plan, read_entry
 from ..errors import WanpairError
 from ..models.text_encoder import load_text_encoder
 from ..models.vae import load_vae
@@ -94,7 +94,8 @@ class LoraPairRecipe:
             return []
         return [x.strip() for x in cfg.prompts.read_text(encoding="utf-8").splitlines() if x.strip()]
 
-    def prepare_caches(self) -> CacheStats:
+    def plan_caches(self) -> CachePlan:
+        """Which cache entries the checked items (and sampling prompts) need, and which are missing."""
         from ..sample import WAN_NEGATIVE_PROMPT
 
         m, specs = self.p.models, self.checked.specs
@@ -102,6 +103,11 @@ class LoraPairRecipe:
         prompts = self.sample_prompts()
         self.cache_plan = plan(self.items, {s.index: s.cache_dir for s in specs}, vae_fp, t5_fp, tok_fp,
                                prompts + [WAN_NEGATIVE_PROMPT] if prompts else [], specs[0].cache_dir)
+        return self.cache_plan
+
+    def prepare_caches(self) -> CacheStats:
+        m = self.p.models
+        self.plan_caches()
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         stats = fill(
             self.items, self.cache_plan,

@@ -1,0 +1,191 @@
+"""What the dashboard shows, read from run folders as training leaves them (read-only, any moment).
+
+A run is a folder `<output_dir>/<name>/` holding `metrics.jsonl`. Its state comes from the lock file
+training holds (`<output_dir>/.<name>.lock`, with the pid), `summary.json` (written at the end) and
+saved states or partial LoRAs (a stop that can be resumed). Files may be half-written while they are
+read: a metrics line without its newline is left for the next read, a torn JSON line is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import WanpairError
+from ..models.files import safetensors_header
+
+EXPERTS = ("high", "low")
+MEDIA = {".png", ".jpg", ".jpeg", ".webp", ".mp4", ".webm"}
+SAMPLE_NAME = re.compile(r"^(high|low)-step(\d+)_(\d+)_(.*)_(high(?:Lora|Base)\+low(?:Lora|Base))$")
+SEARCH_DEPTH = 4  # metrics.jsonl at most this many folders below a given directory
+ACTIVE_S = 120  # an expert that logged within this many seconds is progressing now
+
+
+@dataclass(frozen=True)
+class Run:
+    run_dir: Path
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha1(str(self.run_dir).encode()).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    @property
+    def output_dir(self) -> Path:
+        return self.run_dir.parent
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+def find_runs(roots: list[Path]) -> list[Run]:
+    runs = set()
+    for root in roots:
+        root = root.resolve()
+        for dirpath, dirnames, filenames in os.walk(root):
+            depth = len(Path(dirpath).relative_to(root).parts)
+            dirnames[:] = [d for d in dirnames if depth < SEARCH_DEPTH and not d.startswith(".")
+                           and d not in ("cache", "state", "samples", "tensorboard")]
+            if "metrics.jsonl" in filenames:
+                runs.add(Run(Path(dirpath)))
+    return sorted(runs, key=lambda r: -r.metrics.stat().st_mtime)
+
+
+def read_rows(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """Complete rows from byte `offset` on, and the offset after the last complete line."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except OSError:
+        return [], offset
+    end = chunk.rfind(b"\n") + 1  # a last line still being written waits for the next read
+    rows = []
+    for line in chunk[:end].splitlines():
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # torn by a killed run
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows, offset + end
+
+
+def _pid_alive(lock: Path) -> bool:
+    try:
+        pid = int(lock.read_text().strip() or 0)
+        if pid <= 0:
+            return False
+        os.kill(pid, 0)
+        return True
+    except PermissionError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def state_of(run: Run) -> str:
+    lock = run.output_dir / f".{run.name}.lock"
+    if lock.exists() and _pid_alive(lock):
+        return "running"
+    summary = run.run_dir / "summary.json"
+    if summary.exists() and summary.stat().st_mtime >= run.metrics.stat().st_mtime - 1:
+        return "finished"
+    if list((run.run_dir / "state").glob("*.pt")) or list(run.output_dir.glob(f"*_{run.name}-partial-step*.safetensors")):
+        return "stopped"
+    return "failed"
+
+
+def progress(rows: list[dict], now: float | None = None) -> dict:
+    """Per expert: steps done, of how many, median s/step of the last 20, ETA; the run's ETA (the
+    experts' remaining times added, or the longest when they progress side by side)."""
+    now = now or time.time()
+    out, remaining, active = {}, [], 0
+    for e in EXPERTS:
+        mine = [r for r in rows if r.get("expert") == e]
+        steps = [r for r in mine if "loss" in r]
+        total = next((r["total_steps"] for r in reversed(mine) if "total_steps" in r), None)
+        done = steps[-1]["step"] if steps else 0
+        recent = [r["s_per_step"] for r in steps[-20:] if "s_per_step" in r]
+        s = statistics.median(recent) if recent else None
+        left = (total - done) * s if total and s is not None else None
+        out[e] = {"done": done, "total": total, "s_per_step": s, "eta_s": left,
+                  "device": next((r["device"] for r in reversed(mine) if "device" in r), None)}
+        if left:
+            remaining.append(left)
+            active += bool(mine) and now - mine[-1].get("time", 0) < ACTIVE_S
+    eta = (max(remaining) if active > 1 else sum(remaining)) if remaining else None
+    started = min((r["time"] for r in rows if "time" in r), default=None)
+    return {"experts": out, "eta_s": eta, "started": started}
+
+
+def summary_of(run: Run) -> dict:
+    rows, _ = read_rows(run.metrics)
+    p = progress(rows)
+    device = next((x["device"] for x in p["experts"].values() if x["device"]), None)
+    if device is None and (run.run_dir / "summary.json").exists():
+        try:
+            device = json.loads((run.run_dir / "summary.json").read_text()).get("device")
+        except (OSError, ValueError):
+            pass
+    return {"id": run.id, "name": run.name, "folder": str(run.run_dir), "state": state_of(run), **p, "device": device}
+
+
+def samples_of(run: Run) -> list[dict]:
+    """Images and videos under samples/: expert, step, prompt (from the .json beside, else the name), combination."""
+    out = []
+    for path in sorted((run.run_dir / "samples").glob("*")):
+        if path.suffix.lower() not in MEDIA or not path.is_file():
+            continue
+        m = SAMPLE_NAME.match(path.stem)
+        prompt = m.group(4).replace("_", " ") if m else path.stem
+        try:
+            prompt = json.loads(path.with_suffix(".json").read_text()).get("prompt", prompt)
+        except (OSError, ValueError, AttributeError):
+            pass
+        out.append({"file": f"samples/{path.name}", "video": path.suffix.lower() in (".mp4", ".webm"),
+                    "expert": m.group(1) if m else None, "step": int(m.group(2)) if m else None,
+                    "prompt": prompt, "combination": m.group(5) if m else ""})
+    return out
+
+
+def loras_of(run: Run) -> list[dict]:
+    """The run's final and intermediate LoRAs with what `wanpair inspect` tells of them (header only)."""
+    out = []
+    for path in sorted(run.output_dir.glob(f"WAN2.2-*Noise_{run.name}*.safetensors")):
+        try:
+            meta = safetensors_header(path).get("__metadata__", {})
+        except (OSError, WanpairError):  # being written, or damaged: listed without facts
+            meta = {}
+        out.append({"file": path.name, "path": str(path), "expert": meta.get("wanpair.expert"),
+                    "window": meta.get("wanpair.timestep_window"), "rank": meta.get("ss_network_dim"),
+                    "steps": meta.get("ss_steps"), "base": meta.get("wanpair.base_fingerprint"),
+                    "val_loss": meta.get("wanpair.validation_loss"), "partial": meta.get("wanpair.partial") == "true",
+                    "size_mb": round(path.stat().st_size / 2**20, 1)})
+    return out
+
+
+def project_of(run: Run) -> str | None:
+    try:
+        return json.loads((run.run_dir / "summary.json").read_text()).get("project")
+    except (OSError, ValueError):
+        return None
+
+
+def safe_file(run: Run, rel: str) -> Path | None:
+    """A media file inside the run folder, or None: nothing outside it (no `..`, no link leading out)."""
+    path = (run.run_dir / rel).resolve()
+    root = run.run_dir.resolve()
+    if root not in path.parents or not path.is_file() or path.suffix.lower() not in MEDIA | {".json"}:
+        return None
+    return path

@@ -1,0 +1,155 @@
+"""`wanpair doctor`: will a training start on this machine, and how fast will it go? A checklist.
+
+Each line is ✓ (fine), ✗ (training would not start, or would fail: the fix is printed) or · (worth
+knowing, not a failure). The project's own checks are the training's preflight (models, dataset,
+tokenizer, output folder, disk), so the doctor cannot pass a project that `train` would refuse.
+Nothing is loaded but file headers, the dataset's images and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import WanpairError
+
+GIB = 2**30
+# s/step of the 14B expert at 960x960 (3 600 tokens), rank 16, measured on Hopper (docs/benchmarks.md):
+# the real loop with every block resident (H200, 2026-12-01), the step with every block checkpointed
+# and with low-memory streaming (H100 benchmark, 2026-11-24). Other GPUs and sizes: not measured.
+MEASURED_TOKENS = 3600
+S_PER_STEP_RESIDENT, S_PER_STEP_ALL_CHECKPOINTED, S_PER_STEP_STREAMED = 0.389, 0.569, 0.649
+MEASURED_GPUS = ("H100", "H200")
+CPU_PARAMS_LIMIT = 2e9  # above this an expert is not for training on the CPU (the demo's tiny models are far below)
+HOST_RAM_SPARE_GIB = 8  # besides the pinned blocks: the interpreter, the data, the OS
+
+
+@dataclass
+class Check:
+    ok: bool | None  # None: information
+    what: str
+    fix: str = ""
+
+    def render(self) -> str:
+        mark = {True: "✓", False: "✗", None: "·"}[self.ok]
+        return f"{mark} {self.what}" + (f"\n    fix: {self.fix}" if self.fix and self.ok is False else "")
+
+
+def machine_checks() -> list[Check]:
+    checks = [Check(sys.version_info >= (3, 10), f"Python {platform.python_version()}",
+                    "wanpair needs Python 3.10 or newer.")]
+    cuda = torch.version.cuda
+    nvidia = Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
+    checks.append(Check(bool(cuda) or not nvidia,
+                        f"torch {torch.__version__}" + (f", built for CUDA {cuda}" if cuda else ", a CPU build"),
+                        "this machine has an NVIDIA GPU but torch cannot use it: install the CUDA build of torch for "
+                        "your driver, e.g. `pip install torch --index-url https://download.pytorch.org/whl/cu128`, "
+                        "then `pip install -e .` again."))
+    if not torch.cuda.is_available():
+        if cuda or nvidia:
+            checks.append(Check(False, "no CUDA GPU visible to torch",
+                                "check `nvidia-smi`, the driver and CUDA_VISIBLE_DEVICES."))
+        return checks
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        free, total = torch.cuda.mem_get_info(i)
+        checks.append(Check(True, f"GPU {i}: {props.name}, {total / GIB:.1f} GiB ({free / GIB:.1f} GiB free), "
+                                  f"compute capability {props.major}.{props.minor}"))
+    return checks
+
+
+def _ram_available_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return None
+
+
+def expected_s_per_step(plan, tokens: int, gpu: str) -> str:
+    """What the benchmark table says this plan costs, scaled by tokens; only for the GPUs it was measured on."""
+    if not any(g in gpu for g in MEASURED_GPUS):
+        return f"speed on {gpu}: not measured (H100/H200: docs/benchmarks.md)"
+    if plan.streamed:
+        s = S_PER_STEP_STREAMED
+    else:
+        s = S_PER_STEP_RESIDENT + (S_PER_STEP_ALL_CHECKPOINTED - S_PER_STEP_RESIDENT) * plan.checkpointed / plan.blocks
+    return f"expected ≈ {s * tokens / MEASURED_TOKENS:.2f} s/step (measured on H100/H200 at 960×960, scaled to {tokens} tokens)"
+
+
+def project_checks(project_path: Path) -> list[Check]:
+    from ..models.fp8 import fp8_matmul_available
+    from ..project import load_project
+    from ..train.memory_plan import LOW_MODE_BUDGET_GIB, block_linear_params, plan_from_config
+    from ..train.preflight import preflight
+    from ..train.recipe import LoraPairRecipe
+
+    try:
+        project, _ = load_project(project_path)
+    except WanpairError as e:
+        return [Check(False, f"project {project_path}", str(e))]
+    checks = [Check(True, f"project {project.path} (run {project.name!r})")]
+    recipe = LoraPairRecipe(project)
+    device = recipe.device
+    t = project.train
+    if device.type == "cuda" and t.mixed_precision == "bf16":
+        checks.append(Check(torch.cuda.is_bf16_supported(), "bf16 on this GPU",
+                            'set [train] mixed_precision = "fp16" (the recipe\'s setting) for this GPU.'))
+    if device.type == "cuda":
+        fp8 = fp8_matmul_available(device)
+        checks.append(Check(None, "fp8 tensor cores: " + ("yes, fp8 matmuls for the frozen base" if fp8 else
+                                                          "no (fp8 storage only; matmuls in bf16, slower)")))
+    try:
+        recipe.checked = preflight(project, ("high", "low"), device, quiet=True)
+    except WanpairError as e:
+        return checks + [Check(False, "models, dataset, tokenizer, output folder and disk", str(e))]
+    checks.append(Check(True, f"models: {', '.join(f'{k} {d.path.name}' for k, d in recipe.dits.items())}; VAE, "
+                              "text encoder and tokenizer of the right kinds"))
+    checks.append(Check(True, f"dataset: {len(recipe.items)} items, clean; output folder writable with room"))
+    cplan = recipe.plan_caches()
+    todo = len(cplan.missing_latents) + len(cplan.missing_texts)
+    entries = len(cplan.latent_paths) + len(cplan.text_paths) + len(cplan.prompt_paths)
+    checks.append(Check(None if todo else True, f"caches: {entries - todo} of {entries} entries up to date"
+                        + (f"; {len(cplan.missing_latents)} latents and {len(cplan.missing_texts)} captions will be "
+                           "encoded when training starts" if todo else "")))
+    if device.type != "cuda":
+        params = recipe.dits["high"].config["num_layers"] * block_linear_params(recipe.dits["high"].config)[0]
+        checks.append(Check(params < CPU_PARAMS_LIMIT, f"no GPU: training runs on the CPU ({params / 1e6:,.1f} M "
+                                                         "block parameters per expert)",
+                            "a 14B expert takes days per epoch on a CPU: run on a machine with a CUDA GPU."))
+        return checks
+    specs = {s.index: s.batch_size for s in recipe.checked.specs}
+    tokens = max(((it.frames - 1) // 4 + 1) * (it.bucket[0] // 16) * (it.bucket[1] // 16) * specs[it.dataset]
+                 for it in recipe.items)
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = t.memory_budget_gb or (min(free / GIB, LOW_MODE_BUDGET_GIB) if t.memory_mode == "low" else free / GIB)
+    config = recipe.dits["high"].config
+    try:
+        plan = plan_from_config(config, tokens, t, budget, fp8_matmul_available(device))
+    except WanpairError as e:
+        return checks + [Check(False, f"memory plan for {tokens} tokens per batch", f"{project.path}: {e}")]
+    checks.append(Check(True, f"{plan.describe()} (estimated before loading); "
+                              + expected_s_per_step(plan, tokens, torch.cuda.get_device_name(device))))
+    if plan.streamed:  # their fp8 weights live in pinned host memory
+        pinned = len(plan.streamed) * block_linear_params(config)[0] / GIB
+        ram = _ram_available_gib()
+        if ram is not None:
+            checks.append(Check(ram >= pinned + HOST_RAM_SPARE_GIB,
+                                f"host RAM: {ram:.1f} GiB available for {pinned:.1f} GiB of streamed blocks (pinned)",
+                                "free host memory, or give the run more GPU memory (memory_budget_gb) so fewer "
+                                "blocks stream."))
+    return checks
+
+
+def doctor(project: Path | None) -> tuple[list[Check], bool]:
+    checks = machine_checks()
+    if project is not None:
+        checks += project_checks(project)
+    return checks, all(c.ok is not False for c in checks)

@@ -1,0 +1,178 @@
+"""`wanpair init`: the recipe's `dataset.toml` and a commented `wanpair.toml` for a folder of media.
+
+The project file is written from the settings' own defaults (`TrainSettings`), so what it shows as
+the recipe is what training does. Model paths come from an existing `[models]` table (the one
+`wanpair download` writes), else from the recipe's file names found under the models folder.
+Nothing a user wrote is replaced without `--force`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from ..atomic import write_text_atomic
+from ..data.items import IMAGE_EXTENSIONS
+from ..data.video import is_video
+from ..errors import WanpairError
+from ..project import MODEL_KEYS, TrainSettings
+from ..tomlfile import read_toml
+
+# What each [models] key looks like on disk (the Comfy-Org / Wan-AI names of the recipe), best first.
+MODEL_PATTERNS = {
+    "high_noise": ["wan2.2_t2v_high_noise_14B_fp16.safetensors", "wan2.2_t2v_high_noise_14B_bf16.safetensors",
+                   "wan2.2_t2v_high_noise_14B_fp8*.safetensors", "*t2v*high_noise*.safetensors"],
+    "low_noise": ["wan2.2_t2v_low_noise_14B_fp16.safetensors", "wan2.2_t2v_low_noise_14B_bf16.safetensors",
+                  "wan2.2_t2v_low_noise_14B_fp8*.safetensors", "*t2v*low_noise*.safetensors"],
+    "vae": ["wan_2.1_vae.safetensors", "Wan2.1_VAE.pth"],
+    "t5": ["models_t5_umt5-xxl-enc-bf16.pth"],
+    "tokenizer": ["spiece.model", "tokenizer.json"],  # the folder holding it
+}
+MODEL_ORDER = ("high_noise", "low_noise", "vae", "t5", "tokenizer")
+MODELS_ONLY_HEADER = "# written by `wanpair download`; `wanpair init DATASET_DIR` adds the rest\n"
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, Path)):
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def relative(path: Path, base: Path) -> str:
+    """A path as the project file writes it: relative to the project's folder when inside it."""
+    try:
+        return path.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def models_table(paths: dict[str, Path | None], base: Path) -> str:
+    lines = ["[models]"]
+    for key in MODEL_ORDER:
+        path = paths.get(key)
+        lines.append(f"{key:<10} = {toml_value(relative(path, base))}" if path else
+                     f'{key:<10} = ""  # not found: `wanpair download`, or the path to your file')
+    return "\n".join(lines) + "\n"
+
+
+def set_models_table(project: Path, paths: dict[str, Path]) -> str:
+    """Write `paths` as the [models] table of `project`: replace the table in an existing file (the rest
+    of it kept as written), or start a file holding just that table. Returns what was done."""
+    base = project.parent
+    table = models_table(paths, base)
+    if not project.exists():
+        write_text_atomic(project, MODELS_ONLY_HEADER + table)
+        return f"wrote {project} ([models] only; `wanpair init DATASET_DIR` adds the dataset and settings)"
+    read_toml(project, "")  # refuse to edit a file that is not valid TOML
+    lines = project.read_text(encoding="utf-8").splitlines(keepends=True)
+    start = next((i for i, x in enumerate(lines) if x.strip() == "[models]"), None)
+    if start is None:
+        if any(re.match(r"\s*models\s*=", x) or x.strip().startswith("[models.") for x in lines):
+            raise WanpairError(f"{project} writes its models in a form this command does not edit; set these under "
+                               f"[models] yourself:\n{table}")
+        text = "".join(lines).rstrip("\n") + "\n\n" + table
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+        while end > start + 1 and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
+            end -= 1  # blank lines and comments before the next table belong to it
+        text = "".join(lines[:start]) + table + "".join(lines[end:])
+    write_text_atomic(project, text)
+    return f"updated [models] in {project}"
+
+
+def find_models(folder: Path) -> dict[str, Path]:
+    """The recipe's files under `folder` (any depth), by their usual names."""
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for key in MODEL_ORDER:
+        for pattern in MODEL_PATTERNS[key]:
+            hits = sorted(p for p in folder.rglob(pattern) if p.is_file() and "/.cache/" not in p.as_posix())
+            if hits:
+                found[key] = hits[0].parent if key == "tokenizer" else hits[0]
+                break
+    return found
+
+
+def media_kind(folder: Path) -> str:
+    """'image' or 'video', from what the folder holds (the reference trainer's extensions)."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name != "cache"]
+    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    videos = [p for p in entries if is_video(p)]
+    if images and videos:
+        raise WanpairError(f"{folder} holds both images ({len(images)}) and videos ({len(videos)}); put them in two "
+                           "folders and list both under [[datasets]] in one dataset.toml.")
+    if not images and not videos:
+        raise WanpairError(f"{folder} holds no images (png, jpg, jpeg, webp, bmp) or videos; point init at the folder "
+                           "with your media and their .txt captions.")
+    return "video" if videos else "image"
+
+
+def dataset_toml(kind: str) -> str:
+    """The recipe's dataset.toml (section 1 of the recipe); for videos, Wan's 81-frame clips at 832x480."""
+    if kind == "image":
+        return ('# The recipe\'s dataset (Musubi-Tuner format): 960x960 area buckets, one .txt caption per image\n'
+                '[general]\nresolution = [960, 960]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = true\n'
+                'bucket_no_upscale = false\n\n[[datasets]]\nimage_directory = "."\ncache_directory = "cache"\n'
+                'num_repeats = 1\n')
+    return ('# Video clips (Musubi-Tuner format): Wan\'s 81 frames at 16 fps, 832x480 area buckets\n'
+            '[general]\nresolution = [832, 480]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = true\n'
+            'bucket_no_upscale = false\n\n[[datasets]]\nvideo_directory = "."\ncache_directory = "cache"\n'
+            'target_frames = [81]\nframe_extraction = "head"\nnum_repeats = 1\n')
+
+
+def train_defaults() -> str:
+    """Every [train] setting with its default, commented out: the recipe, visible and editable."""
+    lines = ["[train]", "# The recipe's settings are the defaults; uncomment a line to change it (README: every key)."]
+    for f in dataclasses.fields(TrainSettings):
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"# {f.name} = {toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def project_text(name: str, models: str, dataset: Path, project: Path) -> str:
+    return (f"# wanpair project: `wanpair doctor {project.name}` checks it, `wanpair train {project.name}` runs it\n"
+            f"name = {toml_value(name)}  # LoRAs: WAN2.2-{{HighNoise,LowNoise}}_{name}.safetensors\n"
+            f'author = ""\noutput_dir = "output"\n\n{models}\n[dataset]\n'
+            f"config = {toml_value(relative(dataset, project.parent))}\n\n{train_defaults()}")
+
+
+def _existing_models(project: Path) -> dict[str, Path] | None:
+    """The [models] of a file `wanpair download` started (models only); None if it is a whole project."""
+    path, raw = read_toml(project, "")
+    if set(raw) - {"models"}:
+        return None
+    return {k: (path.parent / v).resolve() for k, v in raw.get("models", {}).items() if k in MODEL_KEYS and v}
+
+
+def init(dataset_dir: Path, project: Path, name: str | None, models_dir: Path, force: bool) -> list[str]:
+    """Write dataset.toml (unless there is one) and the project; returns what was done, line by line."""
+    dataset_dir = dataset_dir.resolve()
+    if not dataset_dir.is_dir():
+        raise WanpairError(f"{dataset_dir} is not a folder; give the folder with your images (or videos) and captions.")
+    done = []
+    dataset = dataset_dir / "dataset.toml"
+    if dataset.exists() and not force:
+        done.append(f"kept {dataset} (it exists; --force writes the recipe's instead)")
+    else:
+        write_text_atomic(dataset, dataset_toml(media_kind(dataset_dir)))
+        done.append(f"wrote {dataset}")
+    models = _existing_models(project) if project.exists() else {}
+    if models is None and not force:
+        raise WanpairError(f"{project} already exists; pass --force to replace it, or --project to write another file.")
+    found = models or find_models(models_dir)
+    name = name or re.sub(r"[^\w.\-]+", "_", dataset_dir.name).strip("_") or "my_lora"
+    if not re.fullmatch(r"[\w.\-]+", name):
+        raise WanpairError(f"--name {name!r} must be file-name safe (letters, digits, _ . -).")
+    write_text_atomic(project, project_text(name, models_table(found, project.parent), dataset, project))
+    done.append(f"wrote {project} (name = {name!r})")
+    missing = [k for k in MODEL_ORDER if k not in found]
+    if missing:
+        done.append(f"not found under {models_dir}: {', '.join(missing)}; run `wanpair download --project {project}` "
+                    "or set the paths under [models]")
+    return done

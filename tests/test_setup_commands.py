@@ -1,0 +1,195 @@
+"""From a bare box to a project: `wanpair download` against a stand-in hub on 127.0.0.1 (the real
+huggingface_hub client, the hub's protocol), `wanpair init` on a folder of captioned images, and
+`wanpair doctor`'s checklist and exit code."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections import namedtuple
+
+import pytest
+
+from hub_standin import Hub, running
+from wanpair.cli import main
+from wanpair.project import load_project
+from wanpair.setup import download as dl
+from wanpair.setup.download import COMFY_WAN22, RECIPE_FILES, files_for
+from wanpair.setup.scaffold import find_models, set_models_table
+from wanpair.train.memory_plan import plan_from_config
+from wanpair.project import TrainSettings
+
+BIG = 12 << 20  # over huggingface_hub's 10 MiB download chunk, so a dropped connection leaves bytes to resume from
+
+
+def _hub_files(big: int = 4096) -> dict[str, dict[str, bytes]]:
+    """Every recipe file as distinct bytes: the weight files 'large' (served as LFS), the tokenizer small."""
+    repos: dict[str, dict[str, bytes]] = {}
+    for i, f in enumerate(RECIPE_FILES):
+        size = big if f.path.endswith((".safetensors", ".pth")) else 200
+        repos.setdefault(f.repo, {})[f.path] = hashlib.sha256(f.path.encode()).digest() * (size // 32) + bytes([i])
+    return repos
+
+
+@pytest.fixture
+def hub_env(tmp_path, monkeypatch):
+    """A clean huggingface_hub home (no stored token), and the stand-in hub's address once started."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+    def serve(hub):
+        ctx = running(hub)
+        url = ctx.__enter__()
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        return ctx
+    return serve
+
+
+def _resolves(hub: Hub, method: str = "GET") -> list[str]:
+    return [p.split("/resolve/main/")[1] for m, p, _ in hub.requests if m == method and "/resolve/" in p]
+
+
+def test_download_fetches_the_recipe_files_writes_the_models_table_and_skips_them_next_time(tmp_path, hub_env, capsys):
+    hub = Hub(_hub_files())
+    ctx = hub_env(hub)
+    try:
+        models, project = tmp_path / "models", tmp_path / "wanpair.toml"
+        assert main(["download", "--dir", str(models), "--project", str(project)]) == 0
+        for f in files_for("fp16"):
+            assert (models / f.path).read_bytes() == hub.repos[f.repo][f.path]
+        assert not any("fp8" in p for p in _resolves(hub))  # only the variant asked for
+        text = project.read_text()
+        assert 'high_noise = "models/split_files/diffusion_models/wan2.2_t2v_high_noise_14B_fp16.safetensors"' in text
+        assert 'tokenizer  = "models/google/umt5-xxl"' in text
+        hub.requests.clear()
+        assert main(["download", "--dir", str(models), "--project", str(project)]) == 0
+        assert _resolves(hub) == [] and _resolves(hub, "HEAD") == []  # nothing fetched twice
+        assert "verified before, unchanged" in capsys.readouterr().out
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_a_dropped_connection_resumes_and_a_corrupted_file_is_fetched_again(tmp_path, hub_env, capsys):
+    high = next(f for f in RECIPE_FILES if f.role == "high_noise" and f.variant == "fp16")
+    hub = Hub(_hub_files(BIG), cut_first_get={high.path: BIG - (1 << 20)})
+    ctx = hub_env(hub)
+    try:
+        models = tmp_path / "models"
+        assert main(["download", "--dir", str(models), "--project", str(tmp_path / "p.toml")]) == 0
+        resumed = [r for m, p, r in hub.requests if m == "GET" and p.endswith(high.path) and r]
+        assert resumed and int(resumed[0].split("=")[1].rstrip("-")) > 0  # asked for the rest, not from byte 0
+        local = models / high.path
+        assert local.read_bytes() == hub.repos[COMFY_WAN22][high.path]
+        with open(local, "r+b") as f:  # a flipped byte, same size: only the hash can tell
+            f.seek(1000)
+            f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+        hub.requests.clear()
+        assert main(["download", "--dir", str(models), "--project", str(tmp_path / "p.toml")]) == 0
+        assert _resolves(hub) == [high.path]  # that file alone, again
+        assert local.read_bytes() == hub.repos[COMFY_WAN22][high.path]
+        assert f"damaged {high.path}" in capsys.readouterr().out
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_hub_refusals_are_said_as_what_to_do(tmp_path, hub_env, monkeypatch, capsys):
+    files = _hub_files()
+    hub = Hub(files, token="hf_right")
+    ctx = hub_env(hub)
+    try:
+        args = ["download", "--dir", str(tmp_path / "m"), "--project", str(tmp_path / "p.toml")]
+        assert main(args) == 2
+        assert "HF_TOKEN" in capsys.readouterr().err
+        monkeypatch.setenv("HF_TOKEN", "hf_right")  # the usual place for a token
+        hub.gated = {COMFY_WAN22}
+        assert main(args) == 2
+        assert f"{COMFY_WAN22} is gated: accept its terms" in capsys.readouterr().err
+        hub.gated = set()
+        del files[COMFY_WAN22]["split_files/diffusion_models/wan2.2_t2v_low_noise_14B_fp16.safetensors"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "wan2.2_t2v_low_noise_14B_fp16.safetensors is no longer in" in err and "[models] low_noise" in err
+        assert _resolves(hub) == []  # refused before anything was fetched
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_no_network_and_a_full_disk_fail_before_the_first_byte(tmp_path, hub_env, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    args = ["download", "--dir", str(tmp_path / "m"), "--project", str(tmp_path / "p.toml")]
+    assert main(args) == 2
+    assert "Check the network connection (or HF_ENDPOINT" in capsys.readouterr().err
+    hub = Hub(_hub_files())
+    ctx = hub_env(hub)
+    try:
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(dl.shutil, "disk_usage", lambda _: usage(10 << 30, 10 << 30, 5 << 20))
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "not enough disk space" in err and "5.0 MiB is free" in err
+        assert _resolves(hub) == [] and not (tmp_path / "p.toml").exists()
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_the_models_table_is_replaced_in_place_keeping_the_rest(tmp_path):
+    project = tmp_path / "wanpair.toml"
+    project.write_text('name = "x"  # mine\n\n[models]\nhigh_noise = "old"\nvae = "old"\n\n# mine too\n[train]\nrank = 32\n')
+    paths = {k: tmp_path / "models" / f"{k}.bin" for k in ("high_noise", "low_noise", "vae", "t5", "tokenizer")}
+    set_models_table(project, paths)
+    text = project.read_text()
+    assert text.startswith('name = "x"  # mine\n') and text.endswith("\n\n# mine too\n[train]\nrank = 32\n")
+    assert 'high_noise = "models/high_noise.bin"' in text and '"old"' not in text
+
+
+def _captioned_folder(demo_root, tmp_path):
+    data = tmp_path / "my_subject"
+    shutil.copytree(demo_root / "dataset", data)
+    (data / "dataset.toml").unlink()
+    return data
+
+
+def test_init_writes_a_project_that_loads_and_never_overwrites(demo_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = _captioned_folder(demo_root, tmp_path)
+    shutil.copytree(demo_root / "models", tmp_path / "models")
+    for pattern, recipe_name in (("*vae*", "wan_2.1_vae.safetensors"), ("*t5*", "models_t5_umt5-xxl-enc-bf16.pth")):
+        next((tmp_path / "models").glob(pattern)).rename(tmp_path / "models" / recipe_name)  # the recipe's names
+    assert main(["init", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "18 items, 0 errors" in out and "next: wanpair doctor wanpair.toml" in out
+    project, _ = load_project(tmp_path / "wanpair.toml")  # every path filled, every setting valid
+    assert project.name == "my_subject" and project.train == TrainSettings()
+    assert project.models.vae.name == "wan_2.1_vae.safetensors"
+    assert "# learning_rate = 0.0003" in (tmp_path / "wanpair.toml").read_text()
+    before = (tmp_path / "wanpair.toml").read_text()
+    assert main(["init", str(data)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "wanpair.toml").read_text() == before
+    assert main(["doctor", "wanpair.toml"]) == 0
+    assert "ready: `wanpair train` would start." in capsys.readouterr().out
+
+
+def test_init_completes_the_file_download_started(demo_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = _captioned_folder(demo_root, tmp_path)
+    paths = find_models(demo_root / "models")
+    set_models_table(tmp_path / "wanpair.toml", {**paths, "vae": demo_root / "models" / "missing-vae.safetensors"})
+    assert main(["init", str(data), "--name", "v1"]) == 0
+    project_text = (tmp_path / "wanpair.toml").read_text()
+    assert 'name = "v1"' in project_text and "missing-vae.safetensors" in project_text  # its [models] kept
+    assert main(["doctor", "wanpair.toml"]) == 1  # and the doctor names what is wrong
+    out = capsys.readouterr().out
+    assert "✗ models, dataset" in out and "missing-vae.safetensors" in out
+
+
+def test_doctor_estimates_the_plan_the_loaded_expert_got_on_the_h200():
+    """The estimate from the file's shapes, against the plan the real run logged on an H200 (139.1 GiB
+    free, 3 600 tokens; docs/rehearsal.md): all blocks resident, none checkpointed, W^T kept, 61.8 GiB."""
+    a14b = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096, freq_dim=256)
+    plan = plan_from_config(a14b, 3600, TrainSettings(), 139.1, fp8_matmul=True)
+    assert (plan.checkpointed, plan.streamed, plan.transposed) == (0, [], True)
+    assert abs(plan.estimate_gib - 61.8) < 0.05 * 61.8  # within 5 % of the measured model's estimate
+    low = plan_from_config(a14b, 3600, TrainSettings(memory_mode="low"), 16.0, fp8_matmul=True)
+    assert low.streamed and low.checkpointed == 40 and low.estimate_gib <= 16.0
