@@ -108,9 +108,18 @@ def _wait_for_state(project, expert, parent, timeout=120):
     raise AssertionError(f"no {expert}-noise state appeared")
 
 
-@pytest.fixture
-def reference(demo, tmp_path):
-    project = _copy(demo, tmp_path, "reference", epochs=6, save_state_every_n_steps=4)
+@pytest.fixture(scope="module")
+def shared_demo(demo_root, tmp_path_factory):
+    """One demo copy (and so one cache) for the module: `_copy` only reads it, and the references of the
+    interruption tests below are the same run, trained once."""
+    dst = tmp_path_factory.mktemp("parallel") / "demo"
+    shutil.copytree(demo_root, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def reference(shared_demo, tmp_path_factory):
+    project = _copy(shared_demo, tmp_path_factory.mktemp("reference"), "reference", epochs=6, save_state_every_n_steps=4)
     _train(project)
     return project
 
@@ -121,15 +130,17 @@ def _start(project):
                              "on"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_a_killed_expert_stops_the_other_which_saves_and_the_same_command_continues_both(demo, tmp_path, reference):
-    project = _copy(demo, tmp_path, "killed", epochs=6, save_state_every_n_steps=4, experts_parallel="on")
+def test_a_killed_expert_stops_the_other_which_saves_and_the_same_command_continues_both(shared_demo, tmp_path, reference):
+    project = _copy(shared_demo, tmp_path, "killed", epochs=6, save_state_every_n_steps=4, experts_parallel="on")
     parent = _start(project)
     low = _worker(parent, "low")
     _wait_for_state(project, "low", parent)
+    _wait_for_state(project, "high", parent)  # both in their loops (a worker still setting up has nothing to save)
     low.kill()  # SIGKILL: a crash, an out-of-memory kill
     out, _ = parent.communicate(timeout=120)
     assert parent.returncode == 2, out
-    assert "the low-noise expert stopped with an error" in out and "the high-noise expert saved its state" in out
+    assert "the low-noise expert stopped with an error" in out
+    assert "the high-noise expert saved its state and a partial LoRA" in out
     assert list(project.output_dir.glob("WAN2.2-HighNoise_*-partial-step*.safetensors"))
     assert not project.lora_path("low").exists()
     assert main(["train", str(project.path)]) == 0  # the same command: both continue from their states
@@ -137,8 +148,8 @@ def test_a_killed_expert_stops_the_other_which_saves_and_the_same_command_contin
         assert _same(_tensors(project, expert), _tensors(reference, expert)), expert
 
 
-def test_ctrl_c_stops_both_experts_and_the_same_command_continues_both(demo, tmp_path, reference):
-    project = _copy(demo, tmp_path, "interrupted", epochs=6, save_state_every_n_steps=4, experts_parallel="on")
+def test_ctrl_c_stops_both_experts_and_the_same_command_continues_both(shared_demo, tmp_path, reference):
+    project = _copy(shared_demo, tmp_path, "interrupted", epochs=6, save_state_every_n_steps=4, experts_parallel="on")
     parent = _start(project)
     _wait_for_state(project, "low", parent)
     _wait_for_state(project, "high", parent)
@@ -150,3 +161,13 @@ def test_ctrl_c_stops_both_experts_and_the_same_command_continues_both(demo, tmp
     assert main(["train", str(project.path), "--resume"]) == 0
     for expert in ("high", "low"):
         assert _same(_tensors(project, expert), _tensors(reference, expert)), expert
+
+
+def test_the_other_expert_is_described_as_it_really_ended():
+    """When one expert fails, the message says what the other did: saved (a clean stop), finished first, or
+    was still setting up (killed by the signal with nothing to save) -- never 'saved' when it did not."""
+    from wanpair.train.placement import _how_it_ended
+
+    assert _how_it_ended(128 + signal.SIGTERM) == "saved its state and a partial LoRA and stopped"
+    assert _how_it_ended(0) == "had finished"
+    assert _how_it_ended(-signal.SIGTERM) == "was stopped before its first step, with nothing to save yet"

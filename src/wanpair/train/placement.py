@@ -159,15 +159,25 @@ def _run_wave(wave: list[Group], handoff: Path, metrics: Path, states: dict, tot
     failed = [w for w in workers if w.failed]
     if failed:
         names = " and ".join(f"{w.group.expert}-noise" for w in failed)
-        others = " and ".join(f"{w.group.expert}-noise" for w in workers if w not in failed)
+        others = "".join(f"; the {w.group.expert}-noise expert {_how_it_ended(w.proc.returncode)}"
+                         for w in workers if w not in failed)
         raise WanpairError(
             f"the {names} expert stopped with an error (exit code {', '.join(str(w.proc.returncode) for w in failed)};"
-            " its messages are above)" + (f"; the {others} expert saved its state and stopped" if others else "")
-            + ". Fix the cause and run the same command again: finished experts are kept, the others continue "
-              "from their last state.")
+            f" its messages are above){others}. Fix the cause and run the same command again: finished experts "
+            "are kept, the others continue from their last state.")
     if any(w.proc.returncode for w in workers):
         raise StopRequested("stopped; the experts saved their state and a partial LoRA. Run the same command "
                             "again (or with --resume) to continue.", stopping[0] if stopping else signal.SIGTERM)
+
+
+def _how_it_ended(returncode: int) -> str:
+    """What a worker that was asked to stop did: a clean stop saves (exit 128 + signal), a worker still
+    setting up when the signal came had nothing to save yet, and one may have finished first."""
+    if returncode == 0:
+        return "had finished"
+    if returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+        return "saved its state and a partial LoRA and stopped"
+    return "was stopped before its first step, with nothing to save yet"
 
 
 def _state_step(state: Path | None) -> int:
