@@ -101,13 +101,18 @@ class Verified:
         st = path.stat()
         return [st.st_size, st.st_mtime_ns]
 
-    def matches(self, path: Path, key: str, expected: str) -> bool:
+    def matches(self, path: Path, key: str, expected: str | None = None) -> bool:
+        """Hashed before (to `expected`, when the hub's hash is known) and not changed since."""
         row = self.rows.get(key)
-        return bool(row) and row["hash"] == expected and row["stamp"] == self._stamp(path)
+        return bool(row) and path.is_file() and expected in (None, row["hash"]) and row["stamp"] == self._stamp(path)
 
     def remember(self, path: Path, key: str, digest: str) -> None:
         self.rows[key] = {"hash": digest, "stamp": self._stamp(path)}
         write_text_atomic(self.path, json.dumps(self.rows, indent=1))
+
+
+class HubUnreachable(WanpairError):
+    """The hub (or the network) did not answer, as opposed to answering no."""
 
 
 def _hub_error(e: Exception, f: HubFile, endpoint: str) -> WanpairError:
@@ -130,7 +135,7 @@ def _hub_error(e: Exception, f: HubFile, endpoint: str) -> WanpairError:
     if isinstance(e, HfHubHTTPError) and status in (401, 403):
         return WanpairError(f"the hub refused {f.repo}/{f.path} ({status}): your token is missing, wrong or expired. "
                             "Set HF_TOKEN or run `hf auth login`.")
-    return WanpairError(f"cannot fetch {f.path} from {endpoint} ({type(e).__name__}: {e}). Check the network "
+    return HubUnreachable(f"cannot fetch {f.path} from {endpoint} ({type(e).__name__}: {e}). Check the network "
                         "connection (or HF_ENDPOINT, if you use a mirror) and run the same command again: finished files "
                         "are kept and a partial one resumes.")
 
@@ -166,8 +171,14 @@ def download(folder: Path, variant: str = "fp16") -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")  # a mirror, if the user set one
     files = files_for(variant)
-    remote = _remote_info(files, endpoint)
     verified = Verified(folder)
+    try:
+        remote = _remote_info(files, endpoint)
+    except HubUnreachable:
+        if not all(verified.matches(folder / f.path, f.path) for f in files):
+            raise
+        print(f"the hub is not reachable; all {len(files)} files in {folder} were verified before and are unchanged")
+        return model_paths(folder, variant)
     todo = []
     for f in files:
         local, expected = folder / f.path, remote[f].sha256 or remote[f].git_oid
