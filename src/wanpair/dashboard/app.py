@@ -68,7 +68,10 @@ def _plotly_js() -> str:
 
 
 def serve(roots: list[Path], host: str, port: int) -> None:
+    import logging
+
     from werkzeug.serving import run_simple
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request: the page polls every 2 s
     print(f"wanpair dashboard: http://{host}:{port}/  (runs under {', '.join(str(r) for r in roots)}; Ctrl-C stops)")
     run_simple(host, port, create_app(roots), threaded=True)
