@@ -2,9 +2,8 @@
 
 `<output_dir>/<name>/metrics.jsonl` gets {expert, time, step, epoch, loss, smoothed_loss, lr, timestep,
 s_per_step, samples_per_s, gpu_mem_gib} (the first row of each training process also total_steps and
-device), and at validation steps val_loss, val_kind ("held-out" or
-"fit") and val_seconds (the evaluation's time, kept out of s_per_step); a row of step 0 holds the
-validation loss before training. TensorBoard event files go to `<output_dir>/<name>/tensorboard/`
+device), and at validation steps val_loss, val_kind ("held-out" or "fit") and val_seconds (the
+evaluation's time, kept out of s_per_step); a row of step 0 holds the validation loss before training. TensorBoard event files go to `<output_dir>/<name>/tensorboard/`
 (`tensorboard --logdir output/<name>/tensorboard`); `loss.png` plots loss and validation loss against
 step and loss against timestep for each expert at the end.
 """
