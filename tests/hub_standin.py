@@ -37,8 +37,8 @@ def make_handler(hub: Hub):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, *args):  # quiet
-            pass
+        def log_message(self, *args):
+            """Quiet: the tests read `hub.requests` instead."""
 
         def _refuse(self, status: int, code: str | None, body: bytes = b"{}") -> None:
             self.send_response(status)

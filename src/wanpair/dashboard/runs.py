@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import WanpairError
 from ..models.files import safetensors_header
+from ..train.state import lock_holder, lock_path, pid_alive
 
 EXPERTS = ("high", "low")
 MEDIA = {".png", ".jpg", ".jpeg", ".webp", ".mp4", ".webm"}
@@ -81,22 +82,18 @@ def read_rows(path: Path, offset: int = 0) -> tuple[list[dict], int]:
     return rows, offset + end
 
 
-def _pid_alive(lock: Path) -> bool:
+def read_json(path: Path) -> dict:
+    """A JSON object file, or {} while it is missing, half-written or not an object."""
     try:
-        pid = int(lock.read_text().strip() or 0)
-        if pid <= 0:
-            return False
-        os.kill(pid, 0)
-        return True
-    except PermissionError:
-        return True
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def state_of(run: Run) -> str:
-    lock = run.output_dir / f".{run.name}.lock"
-    if lock.exists() and _pid_alive(lock):
+    lock = lock_path(run.output_dir, run.name)
+    if lock.exists() and pid_alive(lock_holder(lock)):
         return "running"
     summary = run.run_dir / "summary.json"
     if summary.exists() and summary.stat().st_mtime >= run.metrics.stat().st_mtime - 1:
@@ -132,12 +129,8 @@ def progress(rows: list[dict], now: float | None = None) -> dict:
 def summary_of(run: Run) -> dict:
     rows, _ = read_rows(run.metrics)
     p = progress(rows)
-    device = next((x["device"] for x in p["experts"].values() if x["device"]), None)
-    if device is None and (run.run_dir / "summary.json").exists():
-        try:
-            device = json.loads((run.run_dir / "summary.json").read_text()).get("device")
-        except (OSError, ValueError):
-            pass
+    device = next((x["device"] for x in p["experts"].values() if x["device"]), None) \
+        or read_json(run.run_dir / "summary.json").get("device")
     return {"id": run.id, "name": run.name, "folder": str(run.run_dir), "state": state_of(run), **p, "device": device}
 
 
@@ -148,11 +141,7 @@ def samples_of(run: Run) -> list[dict]:
         if path.suffix.lower() not in MEDIA or not path.is_file():
             continue
         m = SAMPLE_NAME.match(path.stem)
-        prompt = m.group(4).replace("_", " ") if m else path.stem
-        try:
-            prompt = json.loads(path.with_suffix(".json").read_text()).get("prompt", prompt)
-        except (OSError, ValueError, AttributeError):
-            pass
+        prompt = read_json(path.with_suffix(".json")).get("prompt") or (m.group(4).replace("_", " ") if m else path.stem)
         out.append({"file": f"samples/{path.name}", "video": path.suffix.lower() in (".mp4", ".webm"),
                     "expert": m.group(1) if m else None, "step": int(m.group(2)) if m else None,
                     "prompt": prompt, "combination": m.group(5) if m else ""})
@@ -176,10 +165,7 @@ def loras_of(run: Run) -> list[dict]:
 
 
 def project_of(run: Run) -> str | None:
-    try:
-        return json.loads((run.run_dir / "summary.json").read_text()).get("project")
-    except (OSError, ValueError):
-        return None
+    return read_json(run.run_dir / "summary.json").get("project")
 
 
 def safe_file(run: Run, rel: str) -> Path | None:

@@ -65,12 +65,10 @@ def machine_checks() -> list[Check]:
 
 def _ram_available_gib() -> float | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 / GIB
-    except OSError:
-        pass
-    return None
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:  # not Linux: the check is left out
+        return None
+    return next((int(x.split()[1]) * 1024 / GIB for x in lines if x.startswith("MemAvailable:")), None)
 
 
 def expected_s_per_step(plan, tokens: int, gpu: str) -> str:

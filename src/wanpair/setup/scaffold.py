@@ -16,7 +16,7 @@ from ..atomic import write_text_atomic
 from ..data.items import IMAGE_EXTENSIONS
 from ..data.video import is_video
 from ..errors import WanpairError
-from ..project import MODEL_KEYS, TrainSettings
+from ..project import MODEL_KEYS, Models, TrainSettings
 from ..tomlfile import read_toml
 
 # What each [models] key looks like on disk (the Comfy-Org / Wan-AI names of the recipe), best first.
@@ -29,7 +29,7 @@ MODEL_PATTERNS = {
     "t5": ["models_t5_umt5-xxl-enc-bf16.pth"],
     "tokenizer": ["spiece.model", "tokenizer.json"],  # the folder holding it
 }
-MODEL_ORDER = ("high_noise", "low_noise", "vae", "t5", "tokenizer")
+MODEL_ORDER = tuple(f.name for f in dataclasses.fields(Models))  # the [models] keys, in the project's order
 MODELS_ONLY_HEADER = "# written by `wanpair download`; `wanpair init DATASET_DIR` adds the rest\n"
 
 

@@ -100,26 +100,39 @@ def load_state(path: Path) -> dict:
     return state
 
 
+def lock_path(output_dir: Path, name: str) -> Path:
+    return output_dir / f".{name}.lock"
+
+
+def lock_holder(lock: Path) -> int:
+    """The pid written in a run's lock file (0 if none can be read)."""
+    try:
+        return max(0, int(lock.read_text().strip() or 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` running (one of another user's counts: it exists)?"""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def run_lock(output_dir: Path, name: str):
     """One writer per output name: a second run refuses to start while the first is alive."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    lock = output_dir / f".{name}.lock"
+    lock = lock_path(output_dir, name)
     if lock.exists():
-        try:
-            pid = int(lock.read_text().strip() or 0)
-        except ValueError:
-            pid = 0
-        alive = False
-        if pid > 0:
-            try:
-                os.kill(pid, 0)
-                alive = pid != os.getpid()
-            except ProcessLookupError:
-                alive = False
-            except PermissionError:
-                alive = True
-        if alive:
+        pid = lock_holder(lock)
+        if pid != os.getpid() and pid_alive(pid):
             raise WanpairError(f"another wanpair run (pid {pid}) is writing {output_dir}/{name}; wait for it, or "
                                f"give this run another name. (Lock file: {lock})")
         print(f"note: removing a stale lock {lock} left by pid {pid}")
