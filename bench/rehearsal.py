@@ -9,12 +9,15 @@ diffusers folder; the Wan 2.1 VAE; the 24-layer umT5-XXL `.pth`; a tokenizer fol
 three aspect ratios with the recipe's `dataset.toml` -- and runs `wanpair` on them as a user would:
 
   train (default memory mode), killed once a state is saved, then `train --resume`
+  train both experts at once on one GPU, `wanpair train` killed outright, the same command again, sample
   sample (both experts with their LoRAs, two prompts: time to the first image and to the next)
   export to every layout, inspect
   train in `memory_mode = "low"` (bf16 high file, scaled fp8 low file)
   train from a diffusers folder (high) and an fp8 file with `fp8_base = false` (low)
   merge into an fp8 base and into an fp16 base
-Stages (`--stages`): default (train, resume, sample), export, low, folder, merge; each fits in one 10-minute command on an H100.
+Stages (`--stages`): default (train, resume, sample), pair (both experts at once on one GPU, `wanpair train`
+killed outright, the same command again, sample, then the same pair one after the other for the ratio),
+export, low, folder, merge; each fits in one 10-minute command on an H100.
 `--stages smoke` is the shortest full-size proof, for a short lease: both experts from plain fp8 files (the
 layout that crashed a first run on CUDA) trained a few steps in the default memory mode, then sampled.
 `--write-only` writes the inputs the stages need and stops, so that writing can overlap other work.
@@ -247,6 +250,19 @@ class Rehearsal:
         return self.record(path, ok, seconds, gib, note)
 
 
+    def orphans_saved(self, project: Path) -> bool:
+        """After `wanpair train` was killed outright: its workers stop themselves, saving; how long it took."""
+        from wanpair.train.state import lock_holder, lock_path
+
+        start = time.perf_counter()
+        lock = lock_path(project.parent / f"out-{project.stem}", f"rehearsal_{project.stem}")
+        while lock_holder(lock) and time.perf_counter() - start < 120:
+            time.sleep(0.2)
+        partial = sorted(p.name for p in (project.parent / f"out-{project.stem}").glob("*partial*.safetensors"))
+        return self.record("its workers notice, save and stop", not lock_holder(lock) and len(partial) == 2,
+                           time.perf_counter() - start, None, ", ".join(partial))
+
+
 def state_dir(project: Path) -> Path:
     name = re.search(r'name = "(.+)"', project.read_text()).group(1)
     return project.parent / f"out-{project.stem}" / name / "state"
@@ -258,12 +274,17 @@ def training_note(text: str, project: Path) -> str:
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
     parts = []
     for expert in ("high", "low"):
-        mine = [r for r in rows if r.get("expert") == expert and "s_per_step" in r]
+        ours = [r for r in rows if r.get("expert") == expert]
+        runs = [i for i, r in enumerate(ours) if "total_steps" in r]  # each training process's first row
+        this_run = [r for r in ours[runs[-1] if runs else 0:] if "s_per_step" in r]
+        mine = [r for r in ours if "s_per_step" in r]
         if mine:
             steps = [r["s_per_step"] for r in mine if r["step"] >= 3] or [r["s_per_step"] for r in mine]
-            val = [r["val_seconds"] for r in rows if r.get("expert") == expert and "val_seconds" in r]
+            val = [r["val_seconds"] for r in ours if "val_seconds" in r]
+            first = f"first {mine[0]['s_per_step']:.1f} s" + (
+                f", first of this run {this_run[0]['s_per_step']:.1f} s" if len(runs) > 1 and this_run else "")
             parts.append(f"{expert}: {len(mine)} steps, median {statistics.median(steps):.3f} s/step "
-                         f"(first {mine[0]['s_per_step']:.1f} s), peak allocated "
+                         f"({first}), peak allocated "
                          f"{max(r.get('gpu_mem_gib', 0) for r in mine):.1f} GiB"
                          + (f", validation {statistics.median(val):.2f} s per evaluation" if val else ""))
     estimates = re.findall(r"estimated peak ([\d.]+) of ([\d.]+) GiB", text)
@@ -285,7 +306,7 @@ def rm(*paths: Path) -> None:
             p.unlink()
 
 
-STAGES = ("default", "export", "low", "folder", "merge")  # every user path: the full rehearsal
+STAGES = ("default", "pair", "export", "low", "folder", "merge")  # every user path: the full rehearsal
 QUICK = ("smoke",)  # the short proof, chosen by name only
 
 
@@ -325,6 +346,16 @@ def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES, write_onl
                          kill_when=lambda: any(states.glob("high-step*.pt")))
         if killed and r.train("train --resume (fp16 high, plain fp8 low)", default, "--resume"):
             sample(r, default)
+
+    if "pair" in stages and need(("fp16", "high"), ("fp8", "low")):  # both experts at once, sharing the GPU
+        pair = r.project("pair", rel["fp16", "high"], rel["fp8", "low"], recipe + 'experts_parallel = "on"\n')
+        states = state_dir(pair)
+        killed = r.train("train both experts at once on one GPU, SIGKILL of `wanpair train`", pair,
+                         kill_when=lambda: all(any(states.glob(f"{e}-step*.pt")) for e in ("high", "low")))
+        if killed and r.orphans_saved(pair) and r.train("the same command again: both continue", pair):
+            sample(r, pair)
+            seq = r.project("pair-seq", rel["fp16", "high"], rel["fp8", "low"], recipe)
+            r.train("the same pair one expert after the other (for the ratio)", seq, "--experts-parallel", "off")
 
     loras = sorted((work / "out-default").glob("WAN2.2-*Noise_rehearsal_default.safetensors"))
     if "export" in stages and loras and not write_only:

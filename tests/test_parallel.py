@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from conftest import set_train
 from wanpair.cli import main
+from wanpair.errors import WanpairError
 from wanpair.project import load_project
 from wanpair.train.recipe import LoraPairRecipe
 
@@ -159,6 +160,33 @@ def test_ctrl_c_stops_both_experts_and_the_same_command_continues_both(shared_de
     for expert in ("High", "Low"):
         assert list(project.output_dir.glob(f"WAN2.2-{expert}Noise_*-partial-step*.safetensors")), out
     assert main(["train", str(project.path), "--resume"]) == 0
+    for expert in ("high", "low"):
+        assert _same(_tensors(project, expert), _tensors(reference, expert)), expert
+
+
+def test_killing_wanpair_train_outright_stops_both_workers_which_save_and_the_same_command_continues(
+        shared_demo, tmp_path, reference):
+    """SIGKILL (the OOM killer, `kill -9`) of the parent cannot be forwarded: the workers notice it is gone,
+    save like on Ctrl-C and exit; until then the run's lock names them, so a new run does not race them."""
+    from wanpair.train.state import lock_holder, lock_path
+
+    project = _copy(shared_demo, tmp_path, "orphaned", epochs=6, save_state_every_n_steps=4, experts_parallel="on")
+    parent = _start(project)
+    workers = [_worker(parent, "high"), _worker(parent, "low")]
+    _wait_for_state(project, "low", parent)
+    _wait_for_state(project, "high", parent)
+    parent.kill()
+    parent.wait()
+    lock = lock_path(project.output_dir, project.name)
+    assert lock_holder(lock) in {w.pid for w in workers}  # the run still counts as running while they save
+    with pytest.raises(WanpairError, match="another wanpair run"):
+        LoraPairRecipe(project).run()
+    _, alive = psutil.wait_procs(workers, timeout=120)
+    assert not alive
+    assert lock_holder(lock) == 0
+    for expert in ("High", "Low"):  # each stopped cleanly: its partial LoRA was written
+        assert list(project.output_dir.glob(f"WAN2.2-{expert}Noise_*-partial-step*.safetensors"))
+    assert main(["train", str(project.path)]) == 0
     for expert in ("high", "low"):
         assert _same(_tensors(project, expert), _tensors(reference, expert)), expert
 

@@ -12,6 +12,11 @@ from pathlib import Path
 # Before torch touches the GPU: growable allocator segments waste less memory to fragmentation when
 # block streaming and checkpointing allocate and free many differently sized buffers.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# torch.compile's caches (inductor's compiled graphs and kernels) where they outlive a reboot, so that the
+# second run's first step reuses the first run's kernels instead of compiling again (inductor's default,
+# /tmp/torchinductor_<user>, is often emptied at boot).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                                                     / "wanpair" / "torch-compile"))
 
 from . import __version__
 from .errors import WanpairError

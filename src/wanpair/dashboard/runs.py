@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import WanpairError
 from ..models.files import safetensors_header
-from ..train.state import lock_holder, lock_path, pid_alive
+from ..train.state import lock_holder, lock_path
 
 EXPERTS = ("high", "low")
 MEDIA = {".png", ".jpg", ".jpeg", ".webp", ".mp4", ".webm"}
@@ -93,7 +93,7 @@ def read_json(path: Path) -> dict:
 
 def state_of(run: Run) -> str:
     lock = lock_path(run.output_dir, run.name)
-    if lock.exists() and pid_alive(lock_holder(lock)):
+    if lock.exists() and lock_holder(lock):
         return "running"
     summary = run.run_dir / "summary.json"
     if summary.exists() and summary.stat().st_mtime >= run.metrics.stat().st_mtime - 1:

@@ -34,8 +34,11 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_text_atomic
 from ..errors import WanpairError
-from .state import StopRequested
+from .state import StopRequested, add_lock_holders
 
+# The worker's environment names the `wanpair train` process: killed outright (SIGKILL, the OOM killer) it
+# cannot pass a stop on, so each worker watches it and stops itself, saving (`wanpair.train.worker`).
+PARENT_PID = "WANPAIR_PARENT_PID"
 # Below this much free GPU memory a GPU has no room for an expert's plan even in low-memory mode.
 ROOM_GIB = 16.0
 
@@ -105,12 +108,13 @@ def worker_command(group: Group, handoff: Path, state: Path | None) -> list[str]
 
 
 def run_waves(waves: list[list[Group]], handoff: dict, run_dir: Path, states: dict[str, Path | None],
-              totals: dict[str, int]) -> None:
-    """Run every wave's groups side by side; returns when all finished, raises if any did not."""
+              totals: dict[str, int], lock: Path) -> None:
+    """Run every wave's groups side by side; returns when all finished, raises if any did not.
+    The workers' pids join the run's `lock`, so that a new run waits for workers still saving."""
     path = run_dir / ".handoff.json"
     write_text_atomic(path, json.dumps(handoff))
     for wave in waves:
-        _run_wave(wave, path, run_dir / "metrics.jsonl", states, totals)
+        _run_wave(wave, path, run_dir / "metrics.jsonl", states, totals, lock)
 
 
 @dataclass
@@ -126,7 +130,7 @@ class _Worker:
         return self.proc.returncode not in (None, 0) and not self.signalled
 
 
-def _run_wave(wave: list[Group], handoff: Path, metrics: Path, states: dict, totals: dict) -> None:
+def _run_wave(wave: list[Group], handoff: Path, metrics: Path, states: dict, totals: dict, lock: Path) -> None:
     workers: list[_Worker] = []
     bars = {g.expert: tqdm(total=totals[g.expert], initial=_state_step(states.get(g.expert)), desc=f"{g.expert}-noise",
                            unit="step", position=i, dynamic_ncols=True) for i, g in enumerate(wave)}
@@ -137,7 +141,8 @@ def _run_wave(wave: list[Group], handoff: Path, metrics: Path, states: dict, tot
         for group in wave:
             # each process gets its share of the cores: OpenMP threads of processes that share cores spin
             # against each other (seen: 20x slower steps on a 2-core machine with 2 threads each)
-            env = {"OMP_NUM_THREADS": threads, **os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+            env = {"OMP_NUM_THREADS": threads, **os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1",
+                   PARENT_PID: str(os.getpid())}
             if group.gpus is not None:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in group.gpus)
             proc = subprocess.Popen(worker_command(group, handoff, states.get(group.expert)), env=env,
@@ -146,6 +151,7 @@ def _run_wave(wave: list[Group], handoff: Path, metrics: Path, states: dict, tot
             reader = threading.Thread(target=_forward_output, args=(proc, group.expert), daemon=True)
             reader.start()
             workers.append(_Worker(group, proc, reader))
+        add_lock_holders(lock, [w.proc.pid for w in workers])
         while any(w.proc.poll() is None for w in workers):
             time.sleep(0.5)
             tail.update(bars)

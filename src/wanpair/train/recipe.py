@@ -36,7 +36,7 @@ from .expert import ExpertResult, ExpertTraining
 from .metadata import differences, finished_lora_differences, run_identity
 from .metrics import best_validation, drop_metrics_after, plot_loss, read_metrics
 from .preflight import Checked, preflight
-from .state import list_states, load_state, run_lock
+from .state import list_states, load_state, lock_path, run_lock
 from .worker import result_path
 
 # Errors of the disk the outputs go to, which a user fixes by freeing space or permissions and running again.
@@ -206,7 +206,8 @@ class LoraPairRecipe:
                                         self.t.epochs, self.t.max_steps)[1] for wave in waves for g in wave}
         for job in jobs:
             result_path(self.p.run_dir, job.expert).unlink(missing_ok=True)
-        placement.run_waves(waves, handoff, self.p.run_dir, states, totals)
+        lock = lock_path(self.p.output_dir, self.p.name)
+        placement.run_waves(waves, handoff, self.p.run_dir, states, totals, lock)
         return [ExpertResult(**{**r, "lora": Path(r["lora"])}) for r in
                 (json.loads(result_path(self.p.run_dir, j.expert).read_text()) for j in jobs)]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_text_atomic
 from ..errors import WanpairError
 
 
@@ -105,15 +105,24 @@ def lock_path(output_dir: Path, name: str) -> Path:
 
 
 def lock_holder(lock: Path) -> int:
-    """The pid written in a run's lock file (0 if none can be read)."""
+    """A still-running process of the run whose lock this is (0 if none): the lock file lists the run's own
+    pid first, then the pids of its worker processes (`add_lock_holders`), which may outlive it for the
+    seconds they take to save after it was killed."""
     try:
-        return max(0, int(lock.read_text().strip() or 0))
+        pids = [int(x) for x in lock.read_text().split()]
     except (OSError, ValueError):
         return 0
+    return next((pid for pid in pids if pid_alive(pid)), 0)
+
+
+def add_lock_holders(lock: Path, pids: list[int]) -> None:
+    """Worker processes write for the run too: while one of them lives, the run counts as running."""
+    write_text_atomic(lock, " ".join(lock.read_text().split() + [str(p) for p in pids]))
 
 
 def pid_alive(pid: int) -> bool:
-    """Is process `pid` running (one of another user's counts: it exists)?"""
+    """Is process `pid` running (one of another user's counts: it exists)? A killed process that its parent
+    has not reaped yet (a zombie, state Z in /proc on Linux) is not."""
     if pid <= 0:
         return False
     try:
@@ -122,7 +131,10 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # /proc/PID/stat: "pid (name) state ..."; the name may hold spaces and parentheses
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @contextmanager
@@ -132,10 +144,10 @@ def run_lock(output_dir: Path, name: str):
     lock = lock_path(output_dir, name)
     if lock.exists():
         pid = lock_holder(lock)
-        if pid != os.getpid() and pid_alive(pid):
+        if pid and pid != os.getpid():
             raise WanpairError(f"another wanpair run (pid {pid}) is writing {output_dir}/{name}; wait for it, or "
                                f"give this run another name. (Lock file: {lock})")
-        print(f"note: removing a stale lock {lock} left by pid {pid}")
+        print(f"note: removing a stale lock {lock} left by an earlier run that is no longer running")
     lock.write_text(str(os.getpid()))
     try:
         yield

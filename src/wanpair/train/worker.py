@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from .recipe import DISK_ERRNOS, make_sampler
     from .state import StopRequested, load_state
 
+    stop_when_orphaned()
     handoff = json.loads(args.handoff.read_text(encoding="utf-8"))
     project, _ = load_project(handoff["project"])
     device = torch.device(handoff["device"])
@@ -68,6 +72,31 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(result_path(project.run_dir, args.expert),
                           json.dumps(asdict(result) | {"lora": str(result.lora)}))
     return 0
+
+
+def stop_when_orphaned() -> None:
+    """Stop as on Ctrl-C -- state and partial LoRA saved -- once the `wanpair train` that started this worker
+    is gone: killed outright (SIGKILL, the OOM killer), it could not pass the stop on itself, and a worker
+    left training would hold the GPU and race the user's next run. A thread, not the kernel's parent-death
+    signal, because under torchrun the parent is torchrun; every rank watches, and the ranks agree on the
+    step to stop at as they do for a forwarded Ctrl-C."""
+    from .placement import PARENT_PID
+    from .state import pid_alive
+
+    parent = int(os.environ.get(PARENT_PID, "0"))
+    if not parent:
+        return
+
+    def watch():
+        while pid_alive(parent):
+            time.sleep(1.0)
+        # our output went to the parent, so the pipe is broken: a print would now raise, not save
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def result_path(run_dir: Path, expert: str) -> Path:
