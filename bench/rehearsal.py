@@ -10,6 +10,7 @@ three aspect ratios with the recipe's `dataset.toml` -- and runs `wanpair` on th
 
   train (default memory mode), killed once a state is saved, then `train --resume`
   train both experts at once on one GPU, `wanpair train` killed outright, the same command again, sample
+  train the I2V A14B pair (36-channel experts) on video clips, sample a clip from a first frame
   sample (both experts with their LoRAs, two prompts: time to the first image and to the next)
   export to every layout, inspect
   train in `memory_mode = "low"` (bf16 high file, scaled fp8 low file)
@@ -17,7 +18,8 @@ three aspect ratios with the recipe's `dataset.toml` -- and runs `wanpair` on th
   merge into an fp8 base and into an fp16 base
 Stages (`--stages`): default (train, resume, sample), pair (both experts at once on one GPU, `wanpair train`
 killed outright, the same command again, sample, then the same pair one after the other for the ratio),
-export, low, folder, merge; each fits in one 10-minute command on an H100.
+i2v (the image-to-video pair from 17-frame 832x480 clips, then sampled from a first frame), export, low,
+folder, merge; each fits in one 10-minute command on an H100.
 `--stages smoke` is the shortest full-size proof, for a short lease: both experts from plain fp8 files (the
 layout that crashed a first run on CUDA) trained a few steps in the default memory mode, then sampled.
 `--write-only` writes the inputs the stages need and stops, so that writing can overlap other work.
@@ -54,7 +56,9 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
 # ComfyUI's file names (Comfy-Org/Wan_2.2_ComfyUI_Repackaged); the expert is recognised from them
 NAMES = {"fp16": "wan2.2_t2v_{e}_noise_14B_fp16.safetensors", "bf16": "wan2.2_t2v_{e}_noise_14B_bf16.safetensors",
          "fp8": "wan2.2_t2v_{e}_noise_14B_fp8_e4m3fn.safetensors",
-         "fp8-scaled": "wan2.2_t2v_{e}_noise_14B_fp8_scaled.safetensors", "diffusers": "Wan2.2-T2V-A14B-{e}/transformer"}
+         "fp8-scaled": "wan2.2_t2v_{e}_noise_14B_fp8_scaled.safetensors", "diffusers": "Wan2.2-T2V-A14B-{e}/transformer",
+         "i2v-fp8": "wan2.2_i2v_{e}_noise_14B_fp8_e4m3fn.safetensors"}  # the image-to-video pair: 36 input channels
+I2V_CLIP = (832, 480, 17)  # width, height, frames of the I2V stage's clips (the recipe's size, 17 of its 81 frames)
 SEEDS = {"high": 1, "low": 2}
 # --tiny: the same architecture at toy size on the CPU, to try the rehearsal itself before GPU time is spent
 TINY = os.environ.get("REHEARSAL_TINY") == "1"
@@ -74,8 +78,10 @@ def make_expert(layout: str, expert: str, dest: Path) -> None:
 
     torch.manual_seed(SEEDS[expert])
     torch.set_default_dtype(torch.float16 if layout == "fp16" else torch.bfloat16)
+    i2v = layout.startswith("i2v-")
+    layout = layout.removeprefix("i2v-")
     with torch.device(DEVICE):
-        model = WanTransformer3DModel(**A14B)
+        model = WanTransformer3DModel(**{**A14B, "in_channels": 36 if i2v else 16})
     if layout == "diffusers":
         model.to("cpu").save_pretrained(str(dest), max_shard_size="10GB")
         return
@@ -141,6 +147,30 @@ def make_small_inputs(root: Path) -> None:
         f'[general]\nresolution = [{64 if TINY else 960}, {64 if TINY else 960}]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = true\n'
         'bucket_no_upscale = false\n\n[[datasets]]\nimage_directory = "."\ncache_directory = "cache"\nnum_repeats = 1\n')
     make_tokenizer(root / "umt5-tokenizer", captions + ["a cat", "a fox", "zxq style"])
+
+
+def make_clips(root: Path) -> None:
+    """18 clips (folders of PNG frames, a shape crossing a gradient) with captions, and their dataset.toml."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    w, h, frames = I2V_CLIP
+    w, h = (w // 13, h // 10) if TINY else (w, h)  # 64x48 on the CPU
+    videos = root / "videos"
+    videos.mkdir(exist_ok=True)
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    for i in range(18):
+        (videos / f"clip_{i:02d}").mkdir(exist_ok=True)
+        ground = ((np.stack([np.sin(xx * (3 + i % 5) + c) for c in range(3)], -1) * 0.5 + 0.5) * 255).astype(np.uint8)
+        for f in range(frames):
+            im = Image.fromarray(ground)
+            x, r = w // 6 + (2 * w // 3) * f // (frames - 1), h // 6
+            ImageDraw.Draw(im).ellipse((x - r, h // 2 - r, x + r, h // 2 + r), fill=(200, 40 + 10 * i, 60))
+            im.save(videos / f"clip_{i:02d}" / f"{f:03d}.png")
+        (videos / f"clip_{i:02d}.txt").write_text(f"zxq style, a red ball rolling to the right, clip {i}\n")
+    (videos / "dataset.toml").write_text(
+        f'[general]\nresolution = [{w}, {h}]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = true\n\n'
+        f'[[datasets]]\nvideo_directory = "."\ncache_directory = "cache"\ntarget_frames = [{frames}]\n')
 
 
 # ------------------------------------------------------------------ running and measuring
@@ -230,13 +260,13 @@ class Rehearsal:
         ok = proc.returncode == 0 or (kill_when is not None and proc.returncode == -signal.SIGKILL)
         return ok, lines, time.perf_counter() - start, peak.gib
 
-    def project(self, name: str, high: str, low: str, train: str) -> Path:
+    def project(self, name: str, high: str, low: str, train: str, dataset: str = "dataset") -> Path:
         path = self.work / f"{name}.toml"
         path.write_text(
             f'name = "rehearsal_{name}"\noutput_dir = "out-{name}"\n\n[models]\n'
             f'high_noise = "{high}"\nlow_noise = "{low}"\nvae = "wan_2.1_vae.safetensors"\n'
             f't5 = "models_t5_umt5-xxl-enc-bf16.pth"\ntokenizer = "umt5-tokenizer"\n\n'
-            f'[dataset]\nconfig = "dataset/dataset.toml"\n\n[train]\n{train}')
+            f'[dataset]\nconfig = "{dataset}/dataset.toml"\n\n[train]\n{train}')
         return path
 
     def train(self, path: str, project: Path, *extra: str, kill_when=None) -> bool:
@@ -306,7 +336,7 @@ def rm(*paths: Path) -> None:
             p.unlink()
 
 
-STAGES = ("default", "pair", "export", "low", "folder", "merge")  # every user path: the full rehearsal
+STAGES = ("default", "pair", "i2v", "export", "low", "folder", "merge")  # every user path: the full rehearsal
 QUICK = ("smoke",)  # the short proof, chosen by name only
 
 
@@ -357,6 +387,14 @@ def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES, write_onl
             seq = r.project("pair-seq", rel["fp16", "high"], rel["fp8", "low"], recipe)
             r.train("the same pair one expert after the other (for the ratio)", seq, "--experts-parallel", "off")
 
+    if "i2v" in stages:  # the image-to-video pair, from video clips
+        clips = (work / "videos").is_dir() or r.make("clips", str(work))
+        if need(("i2v-fp8", "high"), ("i2v-fp8", "low")) and clips:
+            i2v = r.project("i2v", rel["i2v-fp8", "high"], rel["i2v-fp8", "low"], f"max_steps = {steps}\n"
+                            "validate_every_n_steps = 8\n", dataset="videos")
+            if r.train(f"train the I2V pair (plain fp8 files, {I2V_CLIP[2]}-frame clips)", i2v):
+                sample(r, i2v, image=work / "videos" / "clip_00" / "000.png", frames=I2V_CLIP[2])
+
     loras = sorted((work / "out-default").glob("WAN2.2-*Noise_rehearsal_default.safetensors"))
     if "export" in stages and loras and not write_only:
         for fmt in ("musubi", "comfy", "diffusers", "peft"):
@@ -400,19 +438,22 @@ def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES, write_onl
     return r.rows
 
 
-def sample(r: Rehearsal, project: Path) -> None:
+def sample(r: Rehearsal, project: Path, image: Path | None = None, frames: int = 1) -> None:
     """Two prompts with both experts and their LoRAs: the time to the first image (what a user waits
-    for, process start included) and to the next, with the log's own timings."""
+    for, process start included) and to the next, with the log's own timings. `image`: the I2V pair's
+    first frame, for clips of `frames` frames."""
     prompts = ["a red fox in the snow", "a blue teapot on a table"]
+    i2v = ["--image", str(image), "--frames", str(frames)] if image else []
     ok, lines, seconds, gib = r.cli("sample", "sample", str(project), *sum((["--prompt", p] for p in prompts), []),
-                                    "--steps", "8", *(["--width", "64", "--height", "64"] if TINY else []),
+                                    "--steps", "8", *(["--width", "64", "--height", "64"] if TINY else []), *i2v,
                                     "--out", str(r.work / "samples"))
     wrote = [t for t, line in lines if line.startswith("wrote ")]
     marks = [f"{m.group(1)} {t:.1f} s" for t, line in lines
              if (m := re.search(r"(prompts ready|both experts ready|loading DiT|loading text encoder)", line))]
-    note = (f"832x480, 8 steps: first image after {wrote[0]:.1f} s, second {wrote[1] - wrote[0]:.1f} s later "
+    note = (f"832x480{f', {frames} frames' if image else ''}, 8 steps: first output after {wrote[0]:.1f} s, second {wrote[1] - wrote[0]:.1f} s later "
             f"({', '.join(marks)})" if ok and len(wrote) == 2 else _error(lines))
-    r.record("sample (both experts + LoRAs, 2 prompts)", ok and len(wrote) == 2, seconds, gib, note)
+    r.record(f"sample (both experts + LoRAs, 2 prompts{', from a first frame' if image else ''})", ok and len(wrote) == 2,
+             seconds, gib, note)
 
 
 def main() -> int:
@@ -431,7 +472,7 @@ def main() -> int:
     if args.make:
         what, *rest = args.make
         {"expert": lambda: make_expert(rest[0], rest[1], Path(rest[2])), "t5": lambda: make_text_encoder(Path(rest[0])),
-         "small": lambda: make_small_inputs(Path(rest[0]))}[what]()
+         "small": lambda: make_small_inputs(Path(rest[0])), "clips": lambda: make_clips(Path(rest[0]))}[what]()
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     rows = rehearse(args.work.resolve(), args.steps, tuple(args.stages.split(",")), args.write_only, args.logs)

@@ -162,7 +162,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     noise = torch.randn(1, 16, f, h, w, generator=g, device=device)
     text = torch.randn(1, 512, cfg["text_dim"], generator=g, device=device)
     t = torch.rand(1, generator=g, device=device)
-    batch = [(x0, noise, t, text)]
+    batch = [(x0, noise, t, text, None)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []

@@ -199,3 +199,14 @@ def test_the_other_expert_is_described_as_it_really_ended():
     assert _how_it_ended(128 + signal.SIGTERM) == "saved its state and a partial LoRA and stopped"
     assert _how_it_ended(0) == "had finished"
     assert _how_it_ended(-signal.SIGTERM) == "was stopped before its first step, with nothing to save yet"
+
+
+def test_the_placement_line_names_where_each_expert_runs():
+    from wanpair.train.placement import Group, describe
+
+    assert describe([[Group("high", 1, [0], 0.5), Group("low", 1, [0], 0.5)]]) == \
+        "high-noise and low-noise on GPU 0 at the same time, half its memory each"
+    assert describe([[Group("high", 2, [0, 1]), Group("low", 2, [2, 3])]]) == \
+        "high-noise on GPU 0,1 (data-parallel over 2) and low-noise on GPU 2,3 (data-parallel over 2) at the same time"
+    assert describe([[Group("high", 2, [0, 1])], [Group("low", 2, [0, 1])]]) == \
+        "high-noise on GPU 0,1 (data-parallel over 2); then low-noise on GPU 0,1 (data-parallel over 2)"

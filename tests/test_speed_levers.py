@@ -163,7 +163,7 @@ def test_a_non_finite_step_is_skipped_on_the_device_with_fused_adamw():
 
     x = torch.randn(1, 4)
     before = [p.detach().clone() for p in params]
-    batch = [(x, x, torch.tensor([0.5]), torch.zeros(1, 1))]
+    batch = [(x, x, torch.tensor([0.5]), torch.zeros(1, 1), None)]
     loss, ok = train_step(Fake(model, float("nan")), opt, sched, acc, params, batch, torch.float32, 0.0)
     assert not ok and all(torch.equal(a, b) for a, b in zip(before, params)) and sched.get_last_lr() == [0.1]
     loss, ok = train_step(Fake(model, 1.0), opt, sched, acc, params, batch, torch.float32, 0.0)

@@ -28,6 +28,7 @@ from .data.buckets import resize_and_crop
 from .data.items import Item, load_rgb
 from .data.video import read_frames, resample
 from .errors import DamagedFile
+from .models.i2v import condition_pixels
 from .models.files import fingerprint, safetensors_header
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,10 @@ def folder_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def latent_key(item: Item, vae_fp: str) -> str:
+def latent_key(item: Item, vae_fp: str, conditioned: bool = False) -> str:
     clip = f"{item.start}+{item.frames}@{item.source_fps}" if item.is_video else "image"
-    return hashlib.sha256(f"{FORMAT}|latent|{item.content_hash}|{item.bucket}|{clip}|{vae_fp}".encode()).hexdigest()[:32]
+    kind = "latent+first-frame" if conditioned else "latent"
+    return hashlib.sha256(f"{FORMAT}|{kind}|{item.content_hash}|{item.bucket}|{clip}|{vae_fp}".encode()).hexdigest()[:32]
 
 
 def text_key(caption: str, t5_fp: str, tokenizer_fp: str) -> str:
@@ -86,13 +88,16 @@ def write_entry(path: Path, value: torch.Tensor, source: str) -> None:
 @dataclass(frozen=True)
 class CachePlan:
     """Where each item's latent and text entry live, where the extra texts' entries live (prompts for
-    samples), and which must be encoded."""
+    samples), and which must be encoded. `conditioned` (the I2V pair): each latent entry holds the clip's
+    latent and, after it on the channel axis, the latent of its first frame followed by zeros
+    (`wanpair.models.i2v`), encoded together so they cannot come from different files."""
 
     latent_paths: list[Path]
     text_paths: list[Path]
     missing_latents: list[int]
     missing_texts: dict[Path, str]  # entry -> the caption or prompt to encode into it
     prompt_paths: list[Path] = field(default_factory=list)
+    conditioned: bool = False
 
 
 def entry_ok(path: Path) -> bool:
@@ -108,14 +113,14 @@ def entry_ok(path: Path) -> bool:
 
 
 def plan(items: list[Item], cache_dirs: dict[int, Path], vae_fp: str, t5_fp: str, tokenizer_fp: str,
-         prompts: list[str] = (), prompt_dir: Path | None = None) -> CachePlan:
+         prompts: list[str] = (), prompt_dir: Path | None = None, conditioned: bool = False) -> CachePlan:
     """Entries for every item, and for `prompts` (in `prompt_dir`), with those missing or damaged marked."""
-    lat = [cache_dirs[it.dataset] / f"latent_{latent_key(it, vae_fp)}.safetensors" for it in items]
+    lat = [cache_dirs[it.dataset] / f"latent_{latent_key(it, vae_fp, conditioned)}.safetensors" for it in items]
     txt = [cache_dirs[it.dataset] / f"text_{text_key(it.caption, t5_fp, tokenizer_fp)}.safetensors" for it in items]
     extra = [prompt_dir / f"text_{text_key(p, t5_fp, tokenizer_fp)}.safetensors" for p in prompts] if prompts else []
     texts = dict(zip(txt, (it.caption for it in items))) | dict(zip(extra, prompts))
     return CachePlan(lat, txt, [i for i, p in enumerate(lat) if not entry_ok(p)],
-                     {p: text for p, text in texts.items() if not entry_ok(p)}, extra)
+                     {p: text for p, text in texts.items() if not entry_ok(p)}, extra, conditioned)
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,7 +167,11 @@ def fill(items: list[Item], cplan: CachePlan, load_vae_fn, load_text_fn, batch_s
                 group = list(grouped)
                 for start in range(0, len(group), batch_size):
                     chunk = group[start:start + batch_size]
-                    latents = encode_latents(vae, torch.stack([pixels(items[i]) for i in chunk]))
+                    clips = torch.stack([pixels(items[i]) for i in chunk])
+                    latents = encode_latents(vae, clips)
+                    if cplan.conditioned:
+                        firsts = torch.stack([condition_pixels(c) for c in clips])
+                        latents = torch.cat([latents, encode_latents(vae, firsts)], dim=1)
                     for i, lat in zip(chunk, latents):
                         write_entry(cplan.latent_paths[i], lat, str(items[i].image))
                         stats.latents_encoded += 1

@@ -20,6 +20,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(os.environ.get("XDG_CA
 
 from . import __version__
 from .errors import WanpairError
+from .models.tasks import TASKS
 from .train.state import StopRequested
 
 DESCRIPTION = """\
@@ -62,16 +63,22 @@ def cmd_demo(args) -> int:
     from .train.recipe import LoraPairRecipe
 
     root = Path(args.dir).resolve()
-    print(f"writing the demo dataset, tiny random models and project to {root}")
-    project_file = make_demo(root)
+    task = TASKS[args.model]
+    print(f"writing the demo dataset, tiny random models ({task.title}) and project to {root}")
+    project_file = make_demo(root, task)
     project, _ = load_project(project_file)
     results = LoraPairRecipe(project, overwrite=True).run()
     from .sample import SampleSettings, sample
 
-    prompt = (root / "dataset" / "img_01.txt").read_text().strip()
+    if task.conditioned:  # a clip from the first frame of a training clip
+        prompt = (root / "dataset" / "clip_01.txt").read_text().strip()
+        settings = SampleSettings.for_task(task, width=64, height=48, frames=9, steps=10,
+                                           image=str(root / "dataset" / "clip_01" / "000.png"))
+    else:
+        prompt = (root / "dataset" / "img_01.txt").read_text().strip()
+        settings = SampleSettings.for_task(task, width=64, height=64, steps=10)
     print(f"\nsampling '{prompt}' with both experts and their LoRAs")
-    (picture,) = sample(project, [prompt], SampleSettings(width=64, height=64, steps=10),
-                        {r.expert: r.lora for r in results}, project.run_dir / "samples")
+    (picture,) = sample(project, [prompt], settings, {r.expert: r.lora for r in results}, project.run_dir / "samples")
     print("\nDemo finished. The LoRA pair:")
     for r in results:
         print(f"  {r.expert}-noise: {r.lora}")
@@ -210,13 +217,16 @@ def cmd_export(args) -> int:
 def cmd_merge(args) -> int:
     from .export.formats import read_lora
     from .export.merge import merge_into_file
-    from .models.dit import check_t2v_a14b, inspect_dit
+    from .models.dit import inspect_dit
+    from .models.tasks import T2V, check_task, task_of_channels
 
     base, out = Path(args.base), Path(args.out)
     if out.exists() and not args.overwrite:
         raise WanpairError(f"{out} already exists; pass --overwrite to replace it.")
-    check_t2v_a14b(inspect_dit(base))
-    n = merge_into_file(base, read_lora(args.lora), out, args.strength, args.allow_expert_mismatch)
+    info = inspect_dit(base)
+    task = task_of_channels(info.config["in_channels"]) or T2V
+    check_task(info.config, base, task)  # refuses what is neither pair, naming it
+    n = merge_into_file(base, read_lora(args.lora), out, task, args.strength, args.allow_expert_mismatch)
     print(f"wrote {out}: {n} layers merged at strength {args.strength}")
     return 0
 
@@ -266,7 +276,8 @@ def cmd_sample(args) -> int:
             print(f"note: {path.name} not found; the {expert}-noise expert runs without a LoRA")
             path = None
         loras[expert] = path
-    settings = SampleSettings(**{k: v for k, v in vars(args).items() if k in SampleSettings.__dataclass_fields__ and v is not None})
+    settings = SampleSettings.for_task(project.task, **{k: v for k, v in vars(args).items()
+                                                        if k in SampleSettings.__dataclass_fields__ and v is not None})
     out = Path(args.out) if args.out else project.run_dir / "samples"
     sample(project, _prompts(args), settings, loras, out, allow_mismatch=args.allow_expert_mismatch)
     return 0
@@ -283,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate 18 small images with captions and tiny random Wan models in the real "
                                    "file formats, then train the LoRA pair on them with the normal train path.")
     p.add_argument("--dir", default="wanpair-demo", help="where to write the demo (default: ./wanpair-demo)")
+    p.add_argument("--model", choices=list(TASKS), default="t2v-A14B",
+                   help="which pair: t2v-A14B (images, the default) or i2v-A14B (short video clips)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("download", help="fetch the recipe's weight files from the hub (resumable, verified)",
@@ -412,22 +425,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = SampleSettings()
     p = sub.add_parser("sample", help="generate with both experts and the LoRA pair (PNG for 1 frame, MP4 for video)",
-                       description="Generate the way Wan 2.2 T2V runs: the high-noise expert with the HighNoise LoRA "
-                                   "for t >= 875, the low-noise expert with the LowNoise LoRA below. Defaults are "
-                                   "Wan's: 40 steps, shift 12, guidance 4.0 (high) / 3.0 (low), Wan's negative "
-                                   "prompt. Users of rank-16 pairs often prefer LoRA strengths of 0.5-0.8.")
+                       description="Generate the way Wan 2.2 runs: the high-noise expert with the HighNoise LoRA "
+                                   "for t >= 875 (I2V: 900), the low-noise expert with the LowNoise LoRA below. "
+                                   "Defaults are Wan's: 40 steps and Wan's negative prompt; text to video: shift 12, "
+                                   "guidance 4.0 (high) / 3.0 (low), 1 frame; image to video (an i2v-A14B project, "
+                                   "--image required): shift 5, guidance 3.5 / 3.5, 81 frames. Users of rank-16 pairs "
+                                   "often prefer LoRA strengths of 0.5-0.8.")
     p.add_argument("project", help="the wanpair.toml project (models, and default LoRA paths)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", dest="negative_prompt", help="default: Wan's own negative prompt")
+    p.add_argument("--image", help="i2v-A14B projects: the first frame (scaled and centre-cropped to width x height)")
     p.add_argument("--width", type=int, help=f"default {d.width}")
     p.add_argument("--height", type=int, help=f"default {d.height}")
-    p.add_argument("--frames", type=int, help=f"1 = image (PNG); 4k+1 = video (MP4); default {d.frames}")
+    p.add_argument("--frames", type=int, help=f"1 = image (PNG); 4k+1 = video (MP4); default {d.frames} (I2V: 81)")
     p.add_argument("--fps", type=int, help=f"video frame rate, default {d.fps}")
     p.add_argument("--steps", type=int, help=f"denoising steps, default {d.steps}")
-    p.add_argument("--shift", type=float, help=f"flow shift of the sampler, default {d.shift}")
-    p.add_argument("--guidance-high", dest="guidance_high", type=float, help=f"CFG scale on the high-noise expert, default {d.guidance_high}")
-    p.add_argument("--guidance-low", dest="guidance_low", type=float, help=f"CFG scale on the low-noise expert, default {d.guidance_low}")
+    p.add_argument("--shift", type=float, help=f"flow shift of the sampler, default {d.shift} (I2V: 5.0)")
+    p.add_argument("--guidance-high", dest="guidance_high", type=float, help=f"CFG scale on the high-noise expert, default {d.guidance_high} (I2V: 3.5)")
+    p.add_argument("--guidance-low", dest="guidance_low", type=float, help=f"CFG scale on the low-noise expert, default {d.guidance_low} (I2V: 3.5)")
     p.add_argument("--seed", type=int, help=f"seed of the first prompt (next prompts +1, +2, ...), default {d.seed}")
     p.add_argument("--strength-high", dest="strength_high", type=float, help="HighNoise LoRA strength, default 1.0")
     p.add_argument("--strength-low", dest="strength_low", type=float, help="LowNoise LoRA strength, default 1.0")
@@ -440,11 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("wanpair").setLevel(logging.INFO)  # what was loaded from where is always logged
-    if not args.verbose:
+def configure_logging(verbose: bool) -> None:
+    """wanpair's own INFO lines (what was loaded from where, the memory plan) always; the libraries' only
+    with --verbose. Training workers log the same way."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("wanpair").setLevel(logging.INFO)
+    if not verbose:
         import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog
 
@@ -452,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         tlog.set_verbosity_error()
         for noisy in ("accelerate", "peft"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
     try:
         with warnings.catch_warnings():  # the libraries' deprecation chatter, for this command only
             if not args.verbose:

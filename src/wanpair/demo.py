@@ -1,7 +1,8 @@
 """The built-in demo: a tiny dataset and tiny random models of the real architectures, in the real files.
 
-Everything is generated deterministically (no downloads): 18 small images with captions, a Musubi
-`dataset.toml`, two 2-block Wan DiTs (high- and low-noise) saved as original-layout single-file
+Everything is generated deterministically (no downloads): 18 small images with captions (for the
+image-to-video pair, `--model i2v-A14B`: 12 short clips of moving shapes, as folders of frames), a
+Musubi `dataset.toml`, two 2-block Wan DiTs (high- and low-noise) saved as original-layout single-file
 safetensors like the Comfy-Org files, a small Wan 2.1-layout VAE saved the same way, a small umT5
 saved as a Wan-format `.pth`, and a word-level tokenizer built from the captions. The demo then runs
 the ordinary `train` path on a generated `wanpair.toml`, so it exercises the code a real run uses.
@@ -17,6 +18,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from .models.dit import to_original_name as dit_original_name
+from .models.tasks import T2V, Task
 from .models.text_encoder import to_wan_name
 from .models.vae import to_original_name as vae_original_name
 
@@ -48,13 +50,7 @@ def make_dataset(root: Path, n: int = 18, size: int = 64) -> Path:
         im = Image.new("RGB", (w, h), BACKGROUNDS[bg])
         d = ImageDraw.Draw(im)
         cx, cy, r = w // 2 + int(rng.integers(-6, 7)), h // 2 + int(rng.integers(-6, 7)), size // 4
-        box = (cx - r, cy - r, cx + r, cy + r)
-        if shape == "circle":
-            d.ellipse(box, fill=COLORS[color])
-        elif shape == "square":
-            d.rectangle(box, fill=COLORS[color])
-        else:
-            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
+        _draw(d, shape, cx, cy, r, COLORS[color])
         stem = f"img_{i + 1:02d}"
         im.save(images / f"{stem}.png")
         (images / f"{stem}.txt").write_text(f"a {color} {shape} on a {bg} background, flat illustration\n")
@@ -74,6 +70,51 @@ def make_dataset(root: Path, n: int = 18, size: int = 64) -> Path:
     return images / "dataset.toml"
 
 
+def make_clips(root: Path, n: int = 12, frames: int = 9, size: tuple[int, int] = (64, 48)) -> Path:
+    """`n` clips of a coloured shape moving across a background (each a folder of PNG frames, a form of
+    video the dataset reader takes) with captions, and a Musubi-style dataset.toml of `frames`-frame clips."""
+    videos = root / "dataset"
+    videos.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    for i in range(n):
+        color, shape = list(COLORS)[i % len(COLORS)], SHAPES[i % len(SHAPES)]
+        bg = list(BACKGROUNDS)[(i // len(SHAPES)) % len(BACKGROUNDS)]
+        direction = ("left", "right")[i % 2]
+        stem = f"clip_{i + 1:02d}"
+        (videos / stem).mkdir(exist_ok=True)
+        r = h // 4
+        for f in range(frames):
+            x = r + (w - 2 * r) * f // (frames - 1)
+            cx, cy = (x if direction == "right" else w - x), h // 2
+            im = Image.new("RGB", (w, h), BACKGROUNDS[bg])
+            _draw(ImageDraw.Draw(im), shape, cx, cy, r, COLORS[color])
+            im.save(videos / stem / f"{f:03d}.png")
+        (videos / f"{stem}.txt").write_text(f"a {color} {shape} moving {direction} on a {bg} background\n")
+    (videos / "dataset.toml").write_text(
+        "# Musubi-Tuner dataset config for video clips (resolution and length scaled down for the demo).\n"
+        "[general]\n"
+        f"resolution = [{w}, {h}]\n"
+        'caption_extension = ".txt"\n'
+        "batch_size = 1\n"
+        "enable_bucket = true\n\n"
+        "[[datasets]]\n"
+        'video_directory = "."\n'
+        'cache_directory = "cache"\n'
+        f"target_frames = [{frames}]\n"
+    )
+    return videos / "dataset.toml"
+
+
+def _draw(d: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int, fill) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif shape == "square":
+        d.rectangle(box, fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+
 def make_tokenizer(folder: Path, captions: list[str]) -> Path:
     """A word-level tokenizer over the captions with umT5's special-token ids (pad 0, eos 1, unk 2)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -90,7 +131,7 @@ def make_tokenizer(folder: Path, captions: list[str]) -> Path:
     return folder
 
 
-def make_models(folder: Path, vocab_size: int, dtype: torch.dtype = torch.float16) -> dict[str, Path]:
+def make_models(folder: Path, vocab_size: int, dtype: torch.dtype = torch.float16, task: Task = T2V) -> dict[str, Path]:
     """Random tiny models of the real architectures, written in the real files' formats and key names."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -99,9 +140,9 @@ def make_models(folder: Path, vocab_size: int, dtype: torch.dtype = torch.float1
     paths = {}
     for seed, expert in ((1, "high"), (2, "low")):
         torch.manual_seed(seed)
-        dit = WanTransformer3DModel(**TINY_DIT)
+        dit = WanTransformer3DModel(**{**TINY_DIT, "in_channels": task.in_channels})
         sd = {dit_original_name(k): v.to(dtype).contiguous() for k, v in dit.state_dict().items()}
-        paths[expert] = folder / f"wan2.2_t2v_{expert}_noise_tiny_fp16.safetensors"
+        paths[expert] = folder / f"wan2.2_{task.file_word}_{expert}_noise_tiny_fp16.safetensors"
         save_file(sd, str(paths[expert]), metadata={"format": "pt"})
     torch.manual_seed(3)
     vae = AutoencoderKLWan(**TINY_VAE)
@@ -118,21 +159,22 @@ def make_models(folder: Path, vocab_size: int, dtype: torch.dtype = torch.float1
     return paths
 
 
-def make_demo(root: Path) -> Path:
+def make_demo(root: Path, task: Task = T2V) -> Path:
     """Write the whole demo (dataset, models, tokenizer, project) under `root`; return the project file."""
     root = Path(root)
-    dataset_toml = make_dataset(root)
+    dataset_toml = make_clips(root) if task.conditioned else make_dataset(root)
     captions = [p.read_text() for p in sorted(dataset_toml.parent.glob("*.txt"))]
     tokenizer = make_tokenizer(root / "models" / "umt5-tiny-tokenizer", captions)
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(str(tokenizer)))
-    models = make_models(root / "models", vocab_size=vocab)
+    models = make_models(root / "models", vocab_size=vocab, task=task)
     project = root / "wanpair.toml"
     rel = {k: v.relative_to(root).as_posix() for k, v in models.items()}
     project.write_text(
         "# wanpair project for the built-in demo. Run: wanpair train wanpair.toml\n"
-        'name = "demo_shapes_v1"\n'
+        f'name = "demo_{"moving_" if task.conditioned else ""}shapes_v1"\n'
+        f'model = "{task.name}"\n'
         'author = "wanpair demo"\n'
         'output_dir = "output"\n\n'
         "[models]\n"

@@ -27,11 +27,8 @@ from pathlib import Path
 import torch
 
 from .errors import WanpairError
+from .models.tasks import T2V, TASKS, Task, detect_task
 from .tomlfile import did_you_mean, read_toml
-
-# The Wan 2.2 T2V A14B expert boundary: the high-noise expert runs for t >= 0.875 (Wan2.2
-# `wan/configs/wan_t2v_A14B.py`: boundary = 0.875), on the 0..1000 timestep scale 875.
-BOUNDARY = 875
 
 
 @dataclass
@@ -136,9 +133,9 @@ class Project:
     output_dir: Path
     author: str = ""
     train: TrainSettings = field(default_factory=TrainSettings)
-    experts: dict[str, ExpertWindow] = field(default_factory=lambda: {
-        "high": ExpertWindow(BOUNDARY, 1000), "low": ExpertWindow(0, BOUNDARY)})
+    experts: dict[str, ExpertWindow] = field(default_factory=lambda: default_windows(T2V))
     sample: SampleDuringTraining = field(default_factory=SampleDuringTraining)
+    task: Task = T2V  # which pair: `model = "i2v-A14B"`, or what the high-noise file is
 
     @property
     def run_dir(self) -> Path:
@@ -152,7 +149,7 @@ class Project:
         return self.models.high_noise if expert == "high" else self.models.low_noise
 
 
-TOP_KEYS = {"name", "author", "output_dir", "models", "dataset", "train", "experts", "sample"}
+TOP_KEYS = {"name", "model", "author", "output_dir", "models", "dataset", "train", "experts", "sample"}
 MODEL_KEYS = {f.name for f in dataclasses.fields(Models)}
 TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings)}
 CHOICES = {
@@ -243,8 +240,15 @@ def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings
     return t
 
 
-def _experts(raw: dict, path: Path, problems: list[str], warnings: list[str], resolve) -> dict[str, ExpertWindow]:
-    experts = {"high": ExpertWindow(BOUNDARY, 1000), "low": ExpertWindow(0, BOUNDARY)}
+def default_windows(task: Task) -> dict[str, ExpertWindow]:
+    """The timestep windows each expert is trained on: its side of the pair's boundary."""
+    return {"high": ExpertWindow(task.boundary, 1000), "low": ExpertWindow(0, task.boundary)}
+
+
+def _experts(raw: dict, path: Path, problems: list[str], warnings: list[str], resolve,
+             task: Task) -> dict[str, ExpertWindow]:
+    experts = default_windows(task)
+    boundary = task.boundary
     for name, table in raw.items():
         if name not in experts:
             problems.append(_unknown(name, experts, "[experts]", path))
@@ -264,10 +268,10 @@ def _experts(raw: dict, path: Path, problems: list[str], warnings: list[str], re
         if w.min_timestep >= w.max_timestep:
             problems.append(f"{path}: [experts.{name}] min_timestep {w.min_timestep} must be below max_timestep {w.max_timestep}.")
     hi, lo = experts["high"], experts["low"]
-    if hi.min_timestep != BOUNDARY or lo.max_timestep != BOUNDARY:
+    if hi.min_timestep != boundary or lo.max_timestep != boundary:
         warnings.append(
             f"expert windows high {hi.min_timestep}-{hi.max_timestep}, low {lo.min_timestep}-{lo.max_timestep} do not meet "
-            f"at the T2V boundary {BOUNDARY}: at inference each expert runs on its own side of {BOUNDARY}."
+            f"at the {task.name} boundary {boundary}: at inference each expert runs on its own side of {boundary}."
         )
     return experts
 
@@ -291,6 +295,19 @@ def _sample(raw: dict, path: Path, problems: list[str], resolve) -> SampleDuring
     if out.width % 16 or out.height % 16 or (out.frames - 1) % 4:
         problems.append(f"{path}: [sample] width/height must be multiples of 16 and frames 4k+1.")
     return out
+
+
+def _task(value, models_raw: dict, path: Path, problems: list[str], resolve) -> Task:
+    """`model = "t2v-A14B" | "i2v-A14B"`; unset, what the high-noise file is (read from its header), else T2V."""
+    if value is None:
+        high = models_raw.get("high_noise")
+        return (detect_task(resolve(high)) if isinstance(high, str) else None) or T2V
+    by_name = {name.lower(): task for name, task in TASKS.items()}
+    if str(value).lower() not in by_name:
+        problems.append(f"{path}: model = {value!r} is not one wanpair trains; use one of "
+                        f"{', '.join(repr(t) for t in TASKS)}.")
+        return T2V
+    return by_name[str(value).lower()]
 
 
 def load_project(path: str | Path) -> tuple[Project, list[str]]:
@@ -322,14 +339,19 @@ def load_project(path: str | Path) -> tuple[Project, list[str]]:
     if "config" not in dataset_raw:
         problems.append(f"{path}: [dataset] config is missing (path to your Musubi-style dataset.toml).")
     train = _train_settings(raw.get("train", {}), path, problems)
-    experts = _experts(raw.get("experts", {}), path, problems, warnings, resolve)
+    task = _task(raw.get("model"), models_raw, path, problems, resolve)
+    experts = _experts(raw.get("experts", {}), path, problems, warnings, resolve, task)
     sample = _sample(raw.get("sample", {}), path, problems, resolve)
+    if task.conditioned and (sample.every_n_epochs or sample.every_n_steps):
+        problems.append(f"{path}: [sample] during training is for text-to-video; an {task.name} sample needs a first "
+                        "frame. Remove every_n_epochs/every_n_steps and run `wanpair sample --image FRAME.png` "
+                        "after training.")
     if problems:
         raise WanpairError("\n".join(problems))
     models = Models(**{k: resolve(v) for k, v in models_raw.items()})
     project = Project(
         path=path, name=name, models=models, dataset_config=resolve(dataset_raw["config"]),
         output_dir=resolve(raw.get("output_dir", "output")), author=str(raw.get("author", "")),
-        train=train, experts=experts, sample=sample,
+        train=train, experts=experts, sample=sample, task=task,
     )
     return project, warnings

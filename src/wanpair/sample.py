@@ -1,7 +1,8 @@
-"""Two-expert sampling with the LoRA pair, the way Wan 2.2 T2V runs.
+"""Two-expert sampling with the LoRA pair, the way Wan 2.2 runs.
 
-The high-noise expert (with the HighNoise LoRA) denoises while t >= 0.875 * 1000, the low-noise
-expert (with the LowNoise LoRA) below; diffusers' `WanPipeline` does the switching (its
+The high-noise expert (with the HighNoise LoRA) denoises while t >= the pair's boundary (875 for T2V,
+900 for I2V), the low-noise expert (with the LowNoise LoRA) below; diffusers' `WanPipeline` (text to
+video) or `WanImageToVideoPipeline` (from a first frame, `--image`) does the switching (its
 `boundary_ratio`), with Wan's UniPC flow solver. Prompts are encoded first and the text encoder is
 freed before the experts run. LoRAs are applied by adding their weight update to the expert
 (the same result as diffusers' own LoRA loading; see tests/test_export.py).
@@ -23,16 +24,15 @@ from PIL.PngImagePlugin import PngInfo
 
 from .atomic import atomic_path, write_text_atomic
 from .errors import WanpairError
-from .project import BOUNDARY, Project
+from .models.tasks import T2V, Task
+from .project import Project
 
 log = logging.getLogger(__name__)
 
-# Wan 2.2 T2V A14B sampling defaults (Wan2.2 `wan/configs/wan_t2v_A14B.py`: sample_shift 12.0,
-# sample_steps 40, sample_guide_scale (3.0 low, 4.0 high), and the shared sample_neg_prompt).
-DEFAULT_SHIFT = 12.0
+# Wan 2.2 A14B sampling defaults: 40 steps for both pairs, and the shared sample_neg_prompt (Wan2.2
+# `wan/configs/shared_config.py`); shift and guidance differ per pair (`wanpair.models.tasks`).
 DEFAULT_STEPS = 40
-DEFAULT_GUIDANCE_HIGH = 4.0
-DEFAULT_GUIDANCE_LOW = 3.0
+I2V_FRAMES = 81  # an image-to-video sample is a clip (Wan2.2 `wan/image2video.py`: frame_num = 81)
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
     "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
@@ -47,16 +47,33 @@ class SampleSettings:
     frames: int = 1
     fps: int = 16
     steps: int = DEFAULT_STEPS
-    shift: float = DEFAULT_SHIFT
-    guidance_high: float = DEFAULT_GUIDANCE_HIGH
-    guidance_low: float = DEFAULT_GUIDANCE_LOW
+    shift: float = T2V.sample_shift
+    guidance_high: float = T2V.guidance_high
+    guidance_low: float = T2V.guidance_low
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     seed: int = 42
     strength_high: float = 1.0
     strength_low: float = 1.0
+    image: str = ""  # the first frame (image-to-video pair)
 
-    def check(self) -> None:
+    @classmethod
+    def for_task(cls, task: Task, **given) -> "SampleSettings":
+        """The pair's own defaults (shift, guidance; I2V: an 81-frame clip), then what the user gave."""
+        defaults = dict(shift=task.sample_shift, guidance_high=task.guidance_high, guidance_low=task.guidance_low)
+        if task.conditioned:
+            defaults["frames"] = I2V_FRAMES
+        return cls(**{**defaults, **given})
+
+    def check(self, task: Task = T2V) -> None:
         problems = []
+        if task.conditioned and not self.image:
+            problems.append(f"the {task.name} pair makes a clip from a first frame: pass --image FRAME.png.")
+        elif self.image and not task.conditioned:
+            problems.append(f"--image is for the image-to-video pair (i2v-A14B); this project's experts are {task.title}.")
+        elif self.image and not Path(self.image).is_file():
+            problems.append(f"--image {self.image}: no such file.")
+        if task.conditioned and self.frames == 1:
+            problems.append("frames = 1 with --image would only give back the image: use 4k+1 > 1 (default 81).")
         if self.width % 16 or self.height % 16 or self.width < 16 or self.height < 16:
             problems.append(f"width/height {self.width}x{self.height} must be multiples of 16.")
         if self.frames < 1 or (self.frames - 1) % 4:
@@ -76,10 +93,10 @@ def _lora_note(loras: dict[str, Path | None]) -> str:
 
 
 def checked_loras(project: Project, loras: dict[str, Path | None], allow_mismatch: bool = False) -> dict:
-    """Each LoRA read and checked against its slot -- the right expert, layers the base has -- before
-    any 28 GB base is loaded."""
+    """Each LoRA read and checked against its slot -- the right expert and pair, layers the base has --
+    before any 28 GB base is loaded."""
     from .export.formats import read_lora
-    from .export.merge import check_expert
+    from .export.merge import check_expert, check_task
     from .models.dit import inspect_dit
     from .models.files import strip_prefix
 
@@ -92,6 +109,7 @@ def checked_loras(project: Project, loras: dict[str, Path | None], allow_mismatc
         lora = read_lora(path)
         dit = project.dit_path(expert)
         check_expert(lora, expert, f"the {expert}-noise slot ({dit.name})", allow_mismatch)
+        check_task(lora, project.task, f"the {expert}-noise slot ({dit.name})", allow_mismatch)
         info = inspect_dit(dit)
         if info.file is not None:
             prefix = strip_prefix(info.file.keys)
@@ -155,14 +173,19 @@ def load_expert(project: Project, expert: str, lora, strength: float, dtype: tor
     return model
 
 
-def make_pipeline(vae, high, low, shift: float):
-    """diffusers' WanPipeline over two experts, switching at the T2V boundary; prompts come as embeddings."""
-    from diffusers import UniPCMultistepScheduler, WanPipeline
+def make_pipeline(vae, high, low, shift: float, task: Task = T2V):
+    """diffusers' pipeline of the pair (WanPipeline, or WanImageToVideoPipeline for I2V) over two experts,
+    switching at the pair's boundary; prompts come as embeddings (no text encoder), and the Wan 2.2 I2V
+    experts take no CLIP image embedding (no image encoder)."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=shift)
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=high,
-                       transformer_2=low, boundary_ratio=BOUNDARY / 1000)
+    parts = dict(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=high, transformer_2=low,
+                 boundary_ratio=task.boundary / 1000)
+    if task.conditioned:
+        return WanImageToVideoPipeline(image_processor=None, image_encoder=None, **parts)
+    return WanPipeline(**parts)
 
 
 def build_pipeline(project: Project, loras: dict[str, Path | None], settings: SampleSettings, device: torch.device,
@@ -184,7 +207,7 @@ def build_pipeline(project: Project, loras: dict[str, Path | None], settings: Sa
         if storage == "offload":
             experts[e].to("cpu")  # converted on the GPU (fast), kept on the host until its turn
     vae = load_vae(project.models.vae, dtype=torch.float32)
-    pipe = make_pipeline(vae, experts["high"], experts["low"], settings.shift)
+    pipe = make_pipeline(vae, experts["high"], experts["low"], settings.shift, project.task)
     if storage == "offload":
         pipe.enable_model_cpu_offload(device=device)
         return pipe
@@ -241,7 +264,7 @@ def sample(project: Project, prompts: list[str], settings: SampleSettings, loras
            name_prefix: str = "") -> list[Path]:
     """Generate one image or clip per prompt with both experts; returns the files written."""
     start = time.perf_counter()
-    settings.check()
+    settings.check(project.task)
     if not prompts:
         raise WanpairError("no prompt given: use --prompt \"...\" or --prompts FILE (one prompt per line).")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,9 +282,10 @@ def sample(project: Project, prompts: list[str], settings: SampleSettings, loras
 def run_prompts(pipe, prompts, embeds, negative, settings: SampleSettings, loras: dict, out_dir: Path, project: Project,
                 device: torch.device, dtype: torch.dtype, name_prefix: str = "") -> list[Path]:
     written = []
+    first_frame = {"image": first_frame_image(settings)} if settings.image else {}
     for i, (prompt, emb) in enumerate(zip(prompts, embeds)):
         generator = torch.Generator().manual_seed(settings.seed + i)
-        frames = pipe(prompt_embeds=emb.to(device, dtype), negative_prompt_embeds=negative.to(device, dtype),
+        frames = pipe(**first_frame, prompt_embeds=emb.to(device, dtype), negative_prompt_embeds=negative.to(device, dtype),
                       height=settings.height, width=settings.width, num_frames=settings.frames,
                       num_inference_steps=settings.steps, guidance_scale=settings.guidance_high,
                       guidance_scale_2=settings.guidance_low, generator=generator, output_type="np").frames[0]
@@ -271,6 +295,14 @@ def run_prompts(pipe, prompts, embeds, negative, settings: SampleSettings, loras
         written.append(save_output(frames, out_dir / stem, info, settings.fps))
         print(f"wrote {written[-1]}")
     return written
+
+
+def first_frame_image(settings: SampleSettings) -> Image.Image:
+    """`--image` scaled to cover width x height and centre-cropped, as training items are to their bucket."""
+    from .data.buckets import resize_and_crop
+    from .data.items import load_rgb
+
+    return Image.fromarray(resize_and_crop(load_rgb(Path(settings.image)), (settings.width, settings.height)))
 
 
 class TrainingSampler:
@@ -326,7 +358,7 @@ class TrainingSampler:
         other_model.to(self.device)
         self.vae = self.vae or load_vae(self.project.models.vae, dtype=torch.float32)
         pipe = make_pipeline(self.vae, *((model, other_model) if expert == "high" else (other_model, model)),
-                             self.settings.shift).to(self.device)
+                             self.settings.shift, self.project.task).to(self.device)
         loras = {expert: "training", other: other_lora}
         was_training = model.training
         model.eval()

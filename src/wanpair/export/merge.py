@@ -2,7 +2,8 @@
 loads; see `wanpair.sample.lora_delta`).
 
 Both refuse a LoRA whose metadata names the other expert (wanpair writes `wanpair.expert`), since
-a HighNoise LoRA on the low-noise model is the recipe's most common silent mistake.
+a HighNoise LoRA on the low-noise model is the recipe's most common silent mistake, and one trained on
+the other pair (text- vs image-to-video, `wanpair.architecture`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..atomic import atomic_path
 from ..errors import WanpairError
 from ..models.dit import guess_expert
 from ..models.files import iter_tensors, safetensors_header, strip_prefix
+from ..models.tasks import TASKS, Task
 from .formats import LoraWeights
 
 _FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
@@ -34,6 +36,16 @@ def check_expert(lora: LoraWeights, base_expert: str | None, what: str, allow_mi
         )
 
 
+def check_task(lora: LoraWeights, task: Task, what: str, allow_mismatch: bool = False) -> None:
+    """Refuse a LoRA trained on the other pair (text- vs image-to-video): the two pairs' layers have the
+    same names and shapes, so only the metadata tells them apart (wanpair writes `wanpair.architecture`)."""
+    trained = next((t for t in TASKS.values() if t.architecture == lora.metadata.get("wanpair.architecture")), None)
+    if trained and trained is not task and not allow_mismatch:
+        raise WanpairError(
+            f"this LoRA was trained on the {trained.title} pair but {what} belongs to {task.title}. Use a LoRA "
+            f"trained on {task.name} experts (or pass --allow-expert-mismatch if you really mean it).")
+
+
 def _merged(base: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """base + delta in float32, returned in the base's dtype (fp8: re-quantised with the same scale)."""
     w = base.float() * (scale.float() if scale is not None else 1.0) + delta
@@ -44,7 +56,7 @@ def _merged(base: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor | None)
     return w.to(base.dtype)
 
 
-def merge_into_file(base: Path, lora: LoraWeights, out: Path, strength: float = 1.0,
+def merge_into_file(base: Path, lora: LoraWeights, out: Path, task: Task, strength: float = 1.0,
                     allow_mismatch: bool = False) -> int:
     """Write base + LoRA as a single file in the base's own key layout and dtypes.
 
@@ -54,6 +66,7 @@ def merge_into_file(base: Path, lora: LoraWeights, out: Path, strength: float = 
     if base.suffix != ".safetensors":
         raise WanpairError(f"{base}: merge needs a .safetensors base model.")
     check_expert(lora, guess_expert(base, {}), str(base), allow_mismatch)
+    check_task(lora, task, str(base), allow_mismatch)
     header = safetensors_header(base)
     header.pop("__data_start__")
     metadata = header.pop("__metadata__", None) or {}

@@ -172,21 +172,6 @@ def inspect_dit(path: str | Path) -> DitInfo:
     return DitInfo(wf, path, config, layout, guess_expert(path, wf.metadata))
 
 
-def check_t2v_a14b(info: DitInfo) -> None:
-    """Refuse DiTs of another task or size before any training starts."""
-    c = info.config
-    if c.get("image_dim") or c.get("added_kv_proj_dim") or c["in_channels"] == 36:
-        raise WanpairError(
-            f"{info.path} is an image-to-video (I2V) expert ({c['in_channels']} input channels); "
-            "wanpair trains the text-to-video pair. Use wan2.2_t2v_{high,low}_noise_14B files."
-        )
-    if c["in_channels"] != 16:
-        raise WanpairError(
-            f"{info.path} takes {c['in_channels']} latent channels: it is the Wan 2.2 TI2V-5B model, "
-            "which pairs with the 48-channel Wan 2.2 VAE. The T2V A14B experts take 16 channels."
-        )
-
-
 def _keep_fp32(name: str) -> bool:
     keep = getattr(WanTransformer3DModel, "_keep_in_fp32_modules", None) or []
     return any(re.search(rf"(^|\.){re.escape(m)}(\.|$)", name) for m in keep)

@@ -20,6 +20,7 @@ import torch
 from ..cache import read_entry
 from ..data.items import Item
 from ..errors import WanpairError
+from ..models.i2v import LATENT_CHANNELS, conditioning
 
 
 @dataclass
@@ -30,6 +31,7 @@ class CachedData:
     batch_sizes: dict[int, int]  # dataset index -> batch_size of that [[datasets]] entry
     validation: list[int] = field(default_factory=list)  # items the validation loss is measured on
     validation_kind: str = "fit"  # "held-out" (never trained on) or "fit" (training items)
+    conditioned: bool = False  # the I2V pair: each entry also holds its first-frame condition latent
 
     @property
     def trained(self) -> list[int]:
@@ -50,13 +52,17 @@ class CachedData:
         return [idx[k:k + self.batch_sizes[ds]] for (ds, _, _), idx in sorted(groups.items())
                 for k in range(0, len(idx), self.batch_sizes[ds])]
 
-    def load(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every latent and text embedding, read once into host memory (a few MB per image)."""
-        latents = [read_entry(p) for p in self.latent_paths]
+    def load(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
+        """Every latent, text embedding and (I2V) conditioning, read once into host memory (a few MB per
+        image); the conditioning is the 20 channels the I2V experts take beside the noisy latent."""
+        entries = [read_entry(p) for p in self.latent_paths]
         texts = [read_entry(p) for p in self.text_paths]
-        if any(x is None for x in latents + texts):
+        if any(x is None for x in entries + texts):
             raise WanpairError("a cache entry vanished or became unreadable during the run; run again to re-encode it.")
-        return latents, texts
+        if not self.conditioned:
+            return entries, texts, [None] * len(entries)
+        return ([e[:LATENT_CHANNELS] for e in entries], texts,
+                [conditioning(e[LATENT_CHANNELS:]) for e in entries])
 
     @staticmethod
     def tokens(latent_shapes: list[tuple[int, ...]]) -> int:
@@ -68,14 +74,15 @@ class CachedData:
                            "latent_paths": [str(p) for p in self.latent_paths],
                            "text_paths": [str(p) for p in self.text_paths],
                            "batch_sizes": {str(k): v for k, v in self.batch_sizes.items()},
-                           "validation": self.validation, "validation_kind": self.validation_kind})
+                           "validation": self.validation, "validation_kind": self.validation_kind,
+                           "conditioned": self.conditioned})
 
     @classmethod
     def from_json(cls, text: str) -> "CachedData":
         raw = json.loads(text)
         return cls([_item_from_json(d) for d in raw["items"]], [Path(p) for p in raw["latent_paths"]],
                    [Path(p) for p in raw["text_paths"]], {int(k): v for k, v in raw["batch_sizes"].items()},
-                   raw["validation"], raw["validation_kind"])
+                   raw["validation"], raw["validation_kind"], raw["conditioned"])
 
 
 def validation_set(items: list[Item], validation_datasets: set[int], split: float, count: int,

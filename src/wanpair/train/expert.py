@@ -87,7 +87,7 @@ class ExpertTraining:
         random.seed(t.seed)
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
-        self.latents, self.texts = self.data.load()
+        self.latents, self.texts, self.conds = self.data.load()
         self.batches = self.data.batches()
         self.tokens = max(CachedData.tokens([self.latents[i].shape for i in idx]) for idx in self.batches)
         self.per_step, self.total_steps, self.epochs = step_counts(len(self.batches), t.gradient_accumulation_steps,
@@ -165,13 +165,14 @@ class ExpertTraining:
         total, n = 0.0, 0
         with self.accelerator.autocast(), eager():
             for i, noise in zip(self.val_items, self.val_noise):
-                x0, text = self.latents[i].float(), self.texts[i].float()
+                x0, text, cond = self.latents[i].float(), self.texts[i].float(), self.conds[i]
                 chunk = max(1, self.tokens // CachedData.tokens([x0.shape]))
                 for a in range(0, len(self.val_t), chunk):
                     t = self.val_t[a:a + chunk]
                     m = len(t)
                     loss = flow_matching_loss(model, x0.expand(m, *x0.shape).to(dev), noise[a:a + chunk].to(dev),
-                                              t.to(dev), pad_text([text] * m).to(dev), cd)
+                                              t.to(dev), pad_text([text] * m).to(dev), cd,
+                                              cond=None if cond is None else cond.float().expand(m, *cond.shape).to(dev))
                     total += loss.item() * m  # every sample has the item's size: the batch mean is their mean
                     n += m
         model.train(was_training)
@@ -203,14 +204,15 @@ class ExpertTraining:
             idx = self.batches[b]
             x0 = torch.stack([self.latents[i] for i in idx]).float()
             text = pad_text([self.texts[i].float() for i in idx])
+            cond = torch.stack([self.conds[i] for i in idx]).float() if self.data.conditioned else None
             noise = torch.randn(x0.shape, generator=self.gen)
             tt = sample_timesteps(len(idx), t.timestep_sampling, (w.min_timestep, w.max_timestep),
                                   shift=t.discrete_flow_shift, sigmoid_scale=t.sigmoid_scale, logit_mean=t.logit_mean,
                                   logit_std=t.logit_std, preserve_shape=t.preserve_distribution_shape,
                                   generator=self.gen)
-            first = first or (x0, noise, tt, text)
+            first = first or (x0, noise, tt, text, cond)
             if j % self.world == self.rank:
-                mine.append(tuple(x.to(dev) for x in (x0, noise, tt, text)))
+                mine.append(_on(dev, (x0, noise, tt, text, cond)))
         return mine, first[2], first
 
     def step(self, group: list[int]) -> tuple[float, bool, float]:
@@ -219,7 +221,7 @@ class ExpertTraining:
         mine, first_t, first = self.micro_batches(group)
         weight = self.world / len(group)
         if not mine:  # fewer micro-batches than ranks at the end of an epoch: join the all-reduce with nothing
-            mine, weight = [tuple(x.to(self.accelerator.device) for x in first)], 0.0
+            mine, weight = [_on(self.accelerator.device, first)], 0.0
         loss, ok = train_step(self.model, self.optimizer, self.scheduler, self.accelerator, self.params, mine,
                               t.compute_dtype, t.max_grad_norm, t.loss_weighting, weight)
         if self.world > 1:
@@ -438,3 +440,8 @@ class ExpertTraining:
         except BaseException:
             self.close_metrics(quiet=True)  # the error that stopped the run is the one to report
             raise
+
+
+def _on(device: torch.device, batch: tuple) -> tuple:
+    """A micro-batch moved to the device (its conditioning is None for the text-to-video pair)."""
+    return tuple(None if x is None else x.to(device) for x in batch)

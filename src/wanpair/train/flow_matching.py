@@ -29,13 +29,20 @@ def noisy_input(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch
 
 
 def flow_matching_loss(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                       compute_dtype: torch.dtype, weighting: str = "none") -> torch.Tensor:
+                       compute_dtype: torch.dtype, weighting: str = "none", cond: torch.Tensor | None = None
+                       ) -> torch.Tensor:
     """One forward pass of the expert and the MSE against the velocity target eps - x0.
+
+    `cond` (the I2V pair): the mask and first-frame latent the expert sees beside the noisy latent, on the
+    channel axis (`wanpair.models.i2v`); it is given, never noised, and the loss is over the 16 latent
+    channels the expert predicts.
 
     `weighting` (off by default) scales each sample's error by an SD3-style function of t
     (diffusers' `compute_loss_weighting_for_sd3`: "sigma_sqrt" = 1/t^2, "cosmap").
     """
     x_t = noisy_input(x0, noise, t)
+    if cond is not None:
+        x_t = torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
     pred = model(hidden_states=x_t.to(compute_dtype), timestep=1000 * t.float(),
                  encoder_hidden_states=text.to(compute_dtype), return_dict=False)[0]
     if weighting == "none":

@@ -48,7 +48,7 @@ def lora_metadata(project: Project, expert: str, dit: DitInfo, items: list[Item]
     return {
         # modelspec.* / ss_* are the keys ComfyUI, A1111-style tools and Musubi-Tuner display.
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "wan2.2-t2v-a14b/lora",
+        "modelspec.architecture": f"{project.task.architecture}/lora",
         "modelspec.implementation": "https://github.com/Wan-Video/Wan2.2",
         "modelspec.title": project.lora_path(expert).stem,
         "modelspec.author": project.author,
@@ -57,7 +57,7 @@ def lora_metadata(project: Project, expert: str, dit: DitInfo, items: list[Item]
         "ss_network_module": "networks.lora_wan",
         "ss_network_dim": str(t.rank),
         "ss_network_alpha": str(t.alpha),
-        "ss_base_model_version": "wan2.2_t2v_a14b",
+        "ss_base_model_version": project.task.architecture.replace("-", "_"),
         "ss_output_name": project.lora_path(expert).stem,
         "ss_learning_rate": str(t.learning_rate),
         "ss_lr_scheduler": t.lr_scheduler,
@@ -69,7 +69,7 @@ def lora_metadata(project: Project, expert: str, dit: DitInfo, items: list[Item]
         "ss_min_timestep": str(window.min_timestep),
         "ss_max_timestep": str(window.max_timestep),
         "wanpair.version": __version__,
-        "wanpair.architecture": "wan2.2-t2v-a14b",
+        "wanpair.architecture": project.task.architecture,
         "wanpair.base_model": dit.path.name,
         **identity,
     }

@@ -85,14 +85,20 @@ def _room(gpus) -> bool:
 
 
 def describe(waves: list[list[Group]]) -> str:
-    def one(g: Group) -> str:
-        where = f"GPU {','.join(map(str, g.gpus))}" if g.gpus else f"{g.processes} CPU process(es)"
-        share = ", half its memory each" if g.memory_share < 1 else ""
+    """E.g. "high-noise on GPU 0 and low-noise on GPU 1 at the same time"; experts sharing a device are named
+    together: "high-noise and low-noise on GPU 0 at the same time, half its memory each"."""
+    def where(g: Group) -> str:
         dp = f" (data-parallel over {g.processes})" if g.processes > 1 else ""
-        return f"{g.expert}-noise on {where}{dp}{share}"
+        return (f"on GPU {','.join(map(str, g.gpus))}" if g.gpus else
+                f"in {'a CPU process' if g.processes == 1 else f'{g.processes} CPU processes'}") + dp
 
-    return "; then ".join(" and ".join(one(g) for g in wave) + (" at the same time" if len(wave) > 1 else "")
-                          for wave in waves)
+    def one_wave(wave: list[Group]) -> str:
+        if len(wave) > 1 and all(g.memory_share < 1 for g in wave):  # the experts share one GPU
+            return (" and ".join(f"{g.expert}-noise" for g in wave) + f" {where(wave[0])} at the same time, "
+                    "half its memory each")
+        return " and ".join(f"{g.expert}-noise {where(g)}" for g in wave) + (" at the same time" if len(wave) > 1 else "")
+
+    return "; then ".join(one_wave(wave) for wave in waves)
 
 
 def worker_command(group: Group, handoff: Path, state: Path | None) -> list[str]:

@@ -18,10 +18,11 @@ from ..data.dataset_config import DatasetSpec, load_dataset_config
 from ..data.items import Item, check_dataset, require_clean
 from ..errors import WanpairError
 from ..export.formats import read_lora
-from ..export.merge import check_expert
-from ..models.dit import DitInfo, check_t2v_a14b, inspect_dit
+from ..export.merge import check_expert, check_task as check_lora_task
+from ..models.dit import DitInfo, inspect_dit
 from ..models.files import inspect_weight_file
 from ..models.kinds import identify
+from ..models.tasks import check_task
 from ..models.text_encoder import TEXT_LEN, load_tokenizer
 from ..project import Project
 from ..sizes import human_bytes
@@ -63,7 +64,7 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
         key = "high_noise" if expert == "high" else "low_noise"
         try:
             info = inspect_dit(project.dit_path(expert))
-            check_t2v_a14b(info)
+            check_task(info.config, info.path, project.task)
         except WanpairError as e:
             problems.append(f"[models] {key}: {e}")
             continue
@@ -77,13 +78,16 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
         init = project.experts[expert].init_lora
         if init:
             try:
-                check_expert(read_lora(init), expert, f"the {expert}-noise expert being trained", allow_expert_mismatch)
+                lora, what = read_lora(init), f"the {expert}-noise expert being trained"
+                check_expert(lora, expert, what, allow_expert_mismatch)
+                check_lora_task(lora, project.task, what, allow_expert_mismatch)
             except WanpairError as e:
                 problems.append(f"[experts.{expert}] init_lora {init}: {e}")
     if len(found.dits) == 2 and found.dits["high"].fingerprint == found.dits["low"].fingerprint:
         problems.append(
             f"[models] high_noise and low_noise are the same file/content ({found.dits['high'].path}). Wan 2.2 "
-            "needs both experts: wan2.2_t2v_high_noise_14B_*.safetensors and wan2.2_t2v_low_noise_14B_*.safetensors."
+            f"needs both experts: wan2.2_{project.task.file_word}_high_noise_14B_*.safetensors and "
+            f"wan2.2_{project.task.file_word}_low_noise_14B_*.safetensors."
         )
     try:
         found.specs = load_dataset_config(project.dataset_config)
@@ -93,6 +97,12 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
         found.items = require_clean(report)
     except WanpairError as e:
         problems.append(str(e))
+    stills = [it for it in found.items if it.frames == 1]
+    if project.task.conditioned and stills:
+        problems.append(
+            f"{project.task.name} learns how a clip goes on from its first frame, and a still image is its own first "
+            f"frame: there is nothing to learn from {len(stills)} image item(s) (e.g. {stills[0].image}). Use video "
+            "clips (video_directory in dataset.toml), or train the t2v-A14B pair on the images.")
     problems += check_disk(project, experts, found, quiet)
     if problems:
         raise WanpairError("cannot start training:\n" + "\n".join(f"- {p}" for p in problems))
@@ -114,7 +124,8 @@ def check_disk(project: Project, experts: tuple[str, ...], found: Checked, quiet
     lora_bytes = lora_params * (4 if t.save_dtype == "fp32" else 2)
     saves = 1 + (t.keep_last or (t.epochs if t.save_every_n_epochs or t.save_every_n_steps else 0))
     states = (t.keep_states or 10) if (t.save_state_every_n_steps or t.save_state_every_n_epochs) else 0
-    cache = sum(16 * ((it.frames - 1) // 4 + 1) * (it.bucket[0] // 8) * (it.bucket[1] // 8) * 4
+    channels = 32 if project.task.conditioned else 16  # I2V entries also hold the first frame's latent
+    cache = sum(channels * ((it.frames - 1) // 4 + 1) * (it.bucket[0] // 8) * (it.bucket[1] // 8) * 4
                 + TEXT_LEN * cfg["text_dim"] * 2 for it in found.items)
     need = cache + len(experts) * (saves * lora_bytes + states * lora_params * 4 * 3)
     free = shutil.disk_usage(out).free

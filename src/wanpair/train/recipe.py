@@ -102,7 +102,8 @@ class LoraPairRecipe:
         vae_fp, t5_fp, tok_fp = folder_fingerprint(m.vae), folder_fingerprint(m.t5), folder_fingerprint(m.tokenizer)
         prompts = self.sample_prompts()
         self.cache_plan = plan(self.items, {s.index: s.cache_dir for s in specs}, vae_fp, t5_fp, tok_fp,
-                               prompts + [WAN_NEGATIVE_PROMPT] if prompts else [], specs[0].cache_dir)
+                               prompts + [WAN_NEGATIVE_PROMPT] if prompts else [], specs[0].cache_dir,
+                               conditioned=self.p.task.conditioned)
         return self.cache_plan
 
     def prepare_caches(self) -> CacheStats:
@@ -120,7 +121,7 @@ class LoraPairRecipe:
     def cached_data(self, paths: bool = True) -> CachedData:
         return CachedData(self.items, self.cache_plan.latent_paths if paths else [],
                           self.cache_plan.text_paths if paths else [], {s.index: s.batch_size for s in self.checked.specs},
-                          self.validation, self.validation_kind)
+                          self.validation, self.validation_kind, self.p.task.conditioned)
 
     def sampler(self):
         return make_sampler(self.p, self.sample_prompts(), self.cache_plan.prompt_paths, self.device)

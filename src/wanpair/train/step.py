@@ -18,7 +18,8 @@ import torch
 
 from .flow_matching import flow_matching_loss
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # x0, noise, t, text (on the device)
+# x0, noise, t, text, and the I2V experts' first-frame conditioning (None for T2V), on the device
+MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 def train_step(model, optimizer, scheduler, accelerator, params, micro_batches: list[MicroBatch],
@@ -33,9 +34,9 @@ def train_step(model, optimizer, scheduler, accelerator, params, micro_batches: 
     this itself (and lowers the scale). Gradients are all-reduced only after the last micro-batch.
     """
     losses = []
-    for k, (x0, noise, t, text) in enumerate(micro_batches):
+    for k, (x0, noise, t, text, cond) in enumerate(micro_batches):
         with accelerator.no_sync(model) if k < len(micro_batches) - 1 else nullcontext():
-            loss = flow_matching_loss(model, x0, noise, t, text, compute_dtype, weighting)
+            loss = flow_matching_loss(model, x0, noise, t, text, compute_dtype, weighting, cond)
             accelerator.backward(loss if loss_weight == 1.0 else loss * loss_weight)
         losses.append(loss.detach())
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer

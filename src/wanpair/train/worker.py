@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     from .recipe import DISK_ERRNOS, make_sampler
     from .state import StopRequested, load_state
 
+    from ..cli import configure_logging
+
+    configure_logging(verbose=False)
     stop_when_orphaned()
     handoff = json.loads(args.handoff.read_text(encoding="utf-8"))
     project, _ = load_project(handoff["project"])
