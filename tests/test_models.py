@@ -148,17 +148,6 @@ def test_wan22_5b_vae_is_refused_with_the_right_file_named(tmp_path):
         load_vae(path)
 
 
-def test_i2v_and_5b_experts_are_refused(tmp_path):
-    from wanpair.models.dit import check_t2v_a14b
-
-    i2v = inspect_dit(_save_original_dit(_dit(in_channels=36), tmp_path / "i2v.safetensors"))
-    with pytest.raises(WanpairError, match="image-to-video"):
-        check_t2v_a14b(i2v)
-    ti2v = inspect_dit(_save_original_dit(_dit(in_channels=48, out_channels=48), tmp_path / "ti2v.safetensors"))
-    with pytest.raises(WanpairError, match="TI2V-5B"):
-        check_t2v_a14b(ti2v)
-
-
 def test_truncated_and_missing_files_are_reported(tmp_path):
     path = _save_original_dit(_dit(), tmp_path / "dit.safetensors")
     data = path.read_bytes()

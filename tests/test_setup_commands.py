@@ -59,7 +59,7 @@ def test_download_fetches_the_recipe_files_writes_the_models_table_and_skips_the
         assert main(["download", "--dir", str(models), "--project", str(project)]) == 0
         for f in files_for("fp16"):
             assert (models / f.path).read_bytes() == hub.repos[f.repo][f.path]
-        assert not any("fp8" in p for p in _resolves(hub))  # only the variant asked for
+        assert not any("fp8" in p or "i2v" in p for p in _resolves(hub))  # only the variant and pair asked for
         text = project.read_text()
         assert 'high_noise = "models/split_files/diffusion_models/wan2.2_t2v_high_noise_14B_fp16.safetensors"' in text
         assert 'tokenizer  = "models/google/umt5-xxl"' in text
@@ -73,6 +73,23 @@ def test_download_fetches_the_recipe_files_writes_the_models_table_and_skips_the
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     assert main(["download", "--dir", str(models), "--project", str(project)]) == 0
     assert "the hub is not reachable; all 8 files" in capsys.readouterr().out
+
+
+def test_download_of_the_i2v_pair_fetches_its_experts_and_the_shared_files(tmp_path, hub_env):
+    hub = Hub(_hub_files())
+    ctx = hub_env(hub)
+    try:
+        models, project = tmp_path / "models", tmp_path / "wanpair.toml"
+        assert main(["download", "--model", "i2v-A14B", "--variant", "fp8", "--dir", str(models),
+                     "--project", str(project)]) == 0
+        experts = sorted(p.rsplit("/", 1)[1] for p in _resolves(hub) if "diffusion_models" in p)
+        assert experts == ["wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors",
+                           "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors"]
+        text = project.read_text()
+        assert 'high_noise = "models/split_files/diffusion_models/wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"' in text
+        assert 'vae        = "models/split_files/vae/wan_2.1_vae.safetensors"' in text
+    finally:
+        ctx.__exit__(None, None, None)
 
 
 def test_a_dropped_connection_resumes_and_a_corrupted_file_is_fetched_again(tmp_path, hub_env, capsys):

@@ -93,7 +93,7 @@ def cmd_download(args) -> int:
     from .setup.download import download
     from .setup.scaffold import set_models_table
 
-    paths = download(Path(args.dir).resolve(), args.variant)
+    paths = download(Path(args.dir).resolve(), args.variant, args.model)
     print(f"all {len(paths)} model entries are in {Path(args.dir).resolve()} and verified")
     print(set_models_table(Path(args.project).resolve(), paths))
     return 0
@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Uses HF_TOKEN or your `hf auth login`, and HF_ENDPOINT for a mirror. Writes the "
                                    "[models] table of the project file.")
     p.add_argument("--dir", default="models", help="where the files go (default: ./models)")
+    p.add_argument("--model", choices=list(TASKS), default="t2v-A14B",
+                   help="which pair's experts: t2v-A14B (text to video, default) or i2v-A14B (image to video)")
     p.add_argument("--variant", choices=("fp16", "fp8"), default="fp16",
                    help="fp16: the recipe's experts (2 x 28.6 GB); fp8: ComfyUI's scaled fp8 experts (2 x 14.3 GB). "
                         "wanpair trains on fp8 weights either way")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..errors import WanpairError
+from ..models.tasks import T2V, TASKS
 from ..sizes import human_bytes
 
 # Where the recipe's files live (../shared/reference/wan22-lora-recipe.md, section 3). The tokenizer is the
@@ -38,13 +39,14 @@ class HubFile:
     repo: str
     path: str
     variant: str = ""  # "" = every variant
+    model: str = ""  # "" = every pair (`wanpair.models.tasks`)
 
 
 RECIPE_FILES = (
-    HubFile("high_noise", COMFY_WAN22, "split_files/diffusion_models/wan2.2_t2v_high_noise_14B_fp16.safetensors", "fp16"),
-    HubFile("low_noise", COMFY_WAN22, "split_files/diffusion_models/wan2.2_t2v_low_noise_14B_fp16.safetensors", "fp16"),
-    HubFile("high_noise", COMFY_WAN22, "split_files/diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "fp8"),
-    HubFile("low_noise", COMFY_WAN22, "split_files/diffusion_models/wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors", "fp8"),
+    # the experts of each pair (Comfy-Org's names: wan2.2_{t2v,i2v}_{high,low}_noise_14B_{fp16,fp8_scaled})
+    *(HubFile(f"{e}_noise", COMFY_WAN22, f"split_files/diffusion_models/wan2.2_{t.file_word}_{e}_noise_14B_{kind}.safetensors",
+              variant, t.name)
+      for t in TASKS.values() for variant, kind in (("fp16", "fp16"), ("fp8", "fp8_scaled")) for e in ("high", "low")),
     HubFile("vae", COMFY_WAN21, "split_files/vae/wan_2.1_vae.safetensors"),
     HubFile("t5", WAN_I2V, "models_t5_umt5-xxl-enc-bf16.pth"),
     *(HubFile("tokenizer", WAN_I2V, f"{TOKENIZER_DIR}/{name}")
@@ -55,14 +57,14 @@ VERIFIED = ".wanpair-verified.json"  # in the models folder: what was hashed, at
 DISK_MARGIN = 1 << 30  # keep 1 GiB free beyond what the files need
 
 
-def files_for(variant: str) -> list[HubFile]:
-    return [f for f in RECIPE_FILES if f.variant in ("", variant)]
+def files_for(variant: str, model: str = T2V.name) -> list[HubFile]:
+    return [f for f in RECIPE_FILES if f.variant in ("", variant) and f.model in ("", model)]
 
 
-def model_paths(folder: Path, variant: str) -> dict[str, Path]:
+def model_paths(folder: Path, variant: str, model: str = T2V.name) -> dict[str, Path]:
     """The `[models]` table the files of `variant` make, once downloaded into `folder`."""
     paths = {}
-    for f in files_for(variant):
+    for f in files_for(variant, model):
         local = folder / f.path
         paths[f.role] = local.parent if f.role == "tokenizer" else local
     return paths
@@ -161,16 +163,18 @@ def _remote_info(files: list[HubFile], endpoint: str) -> dict[HubFile, Remote]:
     return info
 
 
-def download(folder: Path, variant: str = "fp16") -> dict[str, Path]:
-    """Fetch the recipe's files of `variant` into `folder`; returns the `[models]` paths. Files already
-    there and matching the hub's hash are kept; everything is checked before and after."""
+def download(folder: Path, variant: str = "fp16", model: str = T2V.name) -> dict[str, Path]:
+    """Fetch the recipe's files of `variant` for the `model` pair into `folder`; returns the `[models]`
+    paths. Files already there and matching the hub's hash are kept; everything is checked before and after."""
     from huggingface_hub import constants, hf_hub_download
 
     if variant not in VARIANTS:
         raise WanpairError(f"--variant {variant!r}: choose one of {', '.join(VARIANTS)}.")
+    if model not in TASKS:
+        raise WanpairError(f"--model {model!r}: choose one of {', '.join(TASKS)}.")
     folder.mkdir(parents=True, exist_ok=True)
     endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")  # a mirror, if the user set one
-    files = files_for(variant)
+    files = files_for(variant, model)
     verified = Verified(folder)
     try:
         remote = _remote_info(files, endpoint)
@@ -178,7 +182,7 @@ def download(folder: Path, variant: str = "fp16") -> dict[str, Path]:
         if not all(verified.matches(folder / f.path, f.path) for f in files):
             raise
         print(f"the hub is not reachable; all {len(files)} files in {folder} were verified before and are unchanged")
-        return model_paths(folder, variant)
+        return model_paths(folder, variant, model)
     todo = []
     for f in files:
         local, expected = folder / f.path, remote[f].sha256 or remote[f].git_oid
@@ -220,4 +224,4 @@ def download(folder: Path, variant: str = "fp16") -> dict[str, Path]:
             raise WanpairError(f"{f.path} arrived damaged (its hash is not the hub's); it was removed. Run the same "
                                "command again to fetch it once more.")
         verified.remember(local, f.path, digest)
-    return model_paths(folder, variant)
+    return model_paths(folder, variant, model)
