@@ -18,7 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -215,3 +215,19 @@ def test_doctor_estimates_the_plan_the_loaded_expert_got_on_the_h200():
     assert abs(plan.estimate_gib - 61.8) < 0.05 * 61.8  # within 5 % of the measured model's estimate
     low = plan_from_config(a14b, 3600, TrainSettings(memory_mode="low"), 16.0, fp8_matmul=True)
     assert low.streamed and low.checkpointed == 40 and low.estimate_gib <= 16.0
+
+
+def test_init_for_the_i2v_pair_finds_its_experts_and_names_the_pair(tmp_path, monkeypatch):
+    from wanpair.demo import make_demo
+    from wanpair.models.tasks import I2V
+
+    demo = tmp_path / "i2v-demo"
+    make_demo(demo, I2V)
+    clips = tmp_path / "clips"
+    shutil.copytree(demo / "dataset", clips, ignore=shutil.ignore_patterns("dataset.toml", "cache"))
+    monkeypatch.chdir(tmp_path)
+    main(["init", str(clips), "--model", "i2v-A14B", "--models", str(demo / "models")])
+    text = (tmp_path / "wanpair.toml").read_text()
+    assert 'model = "i2v-A14B"' in text
+    assert "wan2.2_i2v_high_noise_tiny_fp16.safetensors" in text and "wan2.2_i2v_low_noise_tiny_fp16.safetensors" in text
+    assert "video_directory" in (clips / "dataset.toml").read_text()

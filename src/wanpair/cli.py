@@ -105,7 +105,8 @@ def cmd_init(args) -> int:
     from .setup.scaffold import init
 
     project = Path(args.project).resolve()
-    for line in init(Path(args.dataset_dir), project, args.name, Path(args.models).resolve(), args.force):
+    for line in init(Path(args.dataset_dir), project, args.name, Path(args.models).resolve(), args.force,
+                     TASKS[args.model]):
         print(line)
     report = check_dataset(load_dataset_config(Path(args.dataset_dir).resolve() / "dataset.toml"))
     print(report.render())
@@ -323,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset_dir", help="the folder with your images (or videos) and same-name .txt captions")
     p.add_argument("--name", help="run name (default: the folder's name)")
     p.add_argument("--models", default="models", help="where to look for the weight files (default: ./models)")
+    p.add_argument("--model", choices=list(TASKS), default="t2v-A14B",
+                   help="which pair the project trains: t2v-A14B (default) or i2v-A14B (needs video clips)")
     p.add_argument("--project", default="wanpair.toml", help="the project file to write (default: ./wanpair.toml)")
     p.add_argument("--force", action="store_true", help="replace an existing dataset.toml / project file")
     p.set_defaults(func=cmd_init)
@@ -464,11 +467,12 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("wanpair").setLevel(logging.INFO)
     if not verbose:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
-        dlog.set_verbosity_error()
-        tlog.set_verbosity_error()
+        # diffusers and transformers read these when they set up their loggers; importing them here just
+        # to lower their verbosity would cost every command (`inspect`, `check`) seconds
+        for lib in ("diffusers", "transformers"):
+            os.environ.setdefault(f"{lib.upper()}_VERBOSITY", "error")
+            if f"{lib}.utils.logging" in sys.modules:  # already imported (a caller in the same process)
+                sys.modules[f"{lib}.utils.logging"].set_verbosity_error()
         for noisy in ("accelerate", "peft"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 

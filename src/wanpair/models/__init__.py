@@ -5,11 +5,21 @@ Public API (usable from scripts too):
 - `load_vae(path)` -> diffusers `AutoencoderKLWan` (original single file or diffusers folder)
 - `load_text_encoder(path, tokenizer_path)` -> (transformers `UMT5EncoderModel`, tokenizer)
 All work offline: the architecture is read from the checkpoint's tensor shapes.
+
+The names are imported when first used (PEP 562), so that the light modules of this package (`tasks`,
+`files`, `kinds`) do not pull in diffusers and transformers: `wanpair --help`, `check` and `inspect`
+start in a second or two instead of eight.
 """
 
-from .dit import DitInfo, inspect_dit, load_dit
-from .files import WeightFile, inspect_weight_file
-from .text_encoder import load_text_encoder
-from .vae import load_vae
+import importlib
 
-__all__ = ["DitInfo", "WeightFile", "inspect_dit", "inspect_weight_file", "load_dit", "load_text_encoder", "load_vae"]
+_WHERE = {"DitInfo": "dit", "inspect_dit": "dit", "load_dit": "dit", "WeightFile": "files",
+          "inspect_weight_file": "files", "load_text_encoder": "text_encoder", "load_vae": "vae"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

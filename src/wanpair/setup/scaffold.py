@@ -16,19 +16,23 @@ from ..atomic import write_text_atomic
 from ..data.items import IMAGE_EXTENSIONS
 from ..data.video import is_video
 from ..errors import WanpairError
+from ..models.tasks import T2V, Task
 from ..project import MODEL_KEYS, Models, TrainSettings
 from ..tomlfile import read_toml
 
-# What each [models] key looks like on disk (the Comfy-Org / Wan-AI names of the recipe), best first.
-MODEL_PATTERNS = {
-    "high_noise": ["wan2.2_t2v_high_noise_14B_fp16.safetensors", "wan2.2_t2v_high_noise_14B_bf16.safetensors",
-                   "wan2.2_t2v_high_noise_14B_fp8*.safetensors", "*t2v*high_noise*.safetensors"],
-    "low_noise": ["wan2.2_t2v_low_noise_14B_fp16.safetensors", "wan2.2_t2v_low_noise_14B_bf16.safetensors",
-                  "wan2.2_t2v_low_noise_14B_fp8*.safetensors", "*t2v*low_noise*.safetensors"],
-    "vae": ["wan_2.1_vae.safetensors", "Wan2.1_VAE.pth"],
-    "t5": ["models_t5_umt5-xxl-enc-bf16.pth"],
-    "tokenizer": ["spiece.model", "tokenizer.json"],  # the folder holding it
-}
+def model_patterns(task: Task) -> dict[str, list[str]]:
+    """What each [models] key looks like on disk (the Comfy-Org / Wan-AI names of the recipe), best first."""
+    w = task.file_word
+    return {
+        **{f"{e}_noise": [f"wan2.2_{w}_{e}_noise_14B_fp16.safetensors", f"wan2.2_{w}_{e}_noise_14B_bf16.safetensors",
+                          f"wan2.2_{w}_{e}_noise_14B_fp8*.safetensors", f"*{w}*{e}_noise*.safetensors"]
+           for e in ("high", "low")},
+        "vae": ["wan_2.1_vae.safetensors", "Wan2.1_VAE.pth"],
+        "t5": ["models_t5_umt5-xxl-enc-bf16.pth"],
+        "tokenizer": ["spiece.model", "tokenizer.json"],  # the folder holding it
+    }
+
+
 MODEL_ORDER = tuple(f.name for f in dataclasses.fields(Models))  # the [models] keys, in the project's order
 MODELS_ONLY_HEADER = "# written by `wanpair download`; `wanpair init DATASET_DIR` adds the rest\n"
 
@@ -85,13 +89,14 @@ def set_models_table(project: Path, paths: dict[str, Path]) -> str:
     return f"updated [models] in {project}"
 
 
-def find_models(folder: Path) -> dict[str, Path]:
-    """The recipe's files under `folder` (any depth), by their usual names."""
+def find_models(folder: Path, task: Task = T2V) -> dict[str, Path]:
+    """The recipe's files for `task`'s pair under `folder` (any depth), by their usual names."""
     found: dict[str, Path] = {}
     if not folder.is_dir():
         return found
+    patterns = model_patterns(task)
     for key in MODEL_ORDER:
-        for pattern in MODEL_PATTERNS[key]:
+        for pattern in patterns[key]:
             hits = sorted(p for p in folder.rglob(pattern) if p.is_file() and "/.cache/" not in p.as_posix())
             if hits:
                 found[key] = hits[0].parent if key == "tokenizer" else hits[0]
@@ -135,9 +140,10 @@ def train_defaults() -> str:
     return "\n".join(lines) + "\n"
 
 
-def project_text(name: str, models: str, dataset: Path, project: Path) -> str:
+def project_text(name: str, models: str, dataset: Path, project: Path, task: Task = T2V) -> str:
     return (f"# wanpair project: `wanpair doctor {project.name}` checks it, `wanpair train {project.name}` runs it\n"
             f"name = {toml_value(name)}  # LoRAs: WAN2.2-{{HighNoise,LowNoise}}_{name}.safetensors\n"
+            f"model = {toml_value(task.name)}  # {task.title}\n"
             f'author = ""\noutput_dir = "output"\n\n{models}\n[dataset]\n'
             f"config = {toml_value(relative(dataset, project.parent))}\n\n{train_defaults()}")
 
@@ -150,7 +156,8 @@ def _existing_models(project: Path) -> dict[str, Path] | None:
     return {k: (path.parent / v).resolve() for k, v in raw.get("models", {}).items() if k in MODEL_KEYS and v}
 
 
-def init(dataset_dir: Path, project: Path, name: str | None, models_dir: Path, force: bool) -> list[str]:
+def init(dataset_dir: Path, project: Path, name: str | None, models_dir: Path, force: bool,
+         task: Task = T2V) -> list[str]:
     """Write dataset.toml (unless there is one) and the project; returns what was done, line by line."""
     dataset_dir = dataset_dir.resolve()
     if not dataset_dir.is_dir():
@@ -165,11 +172,11 @@ def init(dataset_dir: Path, project: Path, name: str | None, models_dir: Path, f
     models = _existing_models(project) if project.exists() else {}
     if models is None and not force:
         raise WanpairError(f"{project} already exists; pass --force to replace it, or --project to write another file.")
-    found = models or find_models(models_dir)
+    found = models or find_models(models_dir, task)
     name = name or re.sub(r"[^\w.\-]+", "_", dataset_dir.name).strip("_") or "my_lora"
     if not re.fullmatch(r"[\w.\-]+", name):
         raise WanpairError(f"--name {name!r} must be file-name safe (letters, digits, _ . -).")
-    write_text_atomic(project, project_text(name, models_table(found, project.parent), dataset, project))
+    write_text_atomic(project, project_text(name, models_table(found, project.parent), dataset, project, task))
     done.append(f"wrote {project} (name = {name!r})")
     missing = [k for k in MODEL_ORDER if k not in found]
     if missing:
