@@ -157,6 +157,13 @@ def test_other_wan_models_are_refused_naming_what_they_are(tmp_path):
     ti2v = saved("ti2v.safetensors", in_channels=48, out_channels=48)
     with pytest.raises(WanpairError, match="TI2V-5B"):
         check_task(ti2v.config, ti2v.path, T2V)
+    # Wan 2.1's single T2V models have the experts' layers: told apart by their file name, or (1.3B) their shapes
+    wan21 = saved("wan2.1_t2v_14B_fp16.safetensors")
+    with pytest.raises(WanpairError, match="named as a Wan 2.1 model.*single text-to-video model"):
+        check_task(wan21.config, wan21.path, T2V)
+    shapes_1_3b = {**wan21.config, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}
+    with pytest.raises(WanpairError, match="shapes of the Wan 2.1 T2V 1.3B model"):
+        check_task(shapes_1_3b, tmp_path / "my_model.safetensors", T2V)
 
 
 def main_or_raise(argv):

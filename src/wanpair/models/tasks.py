@@ -10,6 +10,7 @@ saying which latent frames are given, then the VAE latent of the given first fra
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ class Task:
         return f"wan2.2-{self.file_word}-a14b"
 
 
+# Wan 2.1 T2V 1.3B (Wan2.1 `wan/configs/wan_t2v_1_3B.py`): width 1536, 30 blocks, FFN 8960 -- refused by its shapes
+WAN21_1_3B = (1536, 30, 8960)
 T2V = Task("t2v-A14B", "Wan 2.2 T2V A14B (text to video)", 16, 875, 12.0, 4.0, 3.0, "t2v")
 I2V = Task("i2v-A14B", "Wan 2.2 I2V A14B (image to video)", 36, 900, 5.0, 3.5, 3.5, "i2v")
 TASKS = {t.name: t for t in (T2V, I2V)}
@@ -65,10 +68,18 @@ def detect_task(dit: Path) -> Task | None:
 def check_task(config: dict, path: Path, task: Task) -> None:
     """Refuse a DiT of another task or size before any training starts, naming what it is and what to do."""
     c = config
+    wan21 = "Wan 2.1's single text-to-video model (one model for all timesteps, not an expert of a pair)"
+    if (c["num_attention_heads"] * c["attention_head_dim"], c["num_layers"], c["ffn_dim"]) == WAN21_1_3B:
+        raise WanpairError(f"{path} has the shapes of the Wan 2.1 T2V 1.3B model: {wan21}. wanpair trains the "
+                           "Wan 2.2 A14B pairs; point [models] at wan2.2_t2v_* (or wan2.2_i2v_*) experts.")
     if c.get("image_dim") or c.get("added_kv_proj_dim"):
         raise WanpairError(
             f"{path} is a Wan 2.1 image-to-video model (it has CLIP image layers); wanpair trains the Wan 2.2 "
             "A14B pairs. Use the wan2.2_t2v_* or wan2.2_i2v_* experts.")
+    if re.search(r"wan[_\- ]?2[._]1", path.name.lower()):
+        raise WanpairError(f"{path} is named as a Wan 2.1 model: {wan21}. "
+                           "wanpair trains the Wan 2.2 A14B pairs; point [models] at wan2.2_t2v_* (or wan2.2_i2v_*) "
+                           "experts.")
     found = task_of_channels(c["in_channels"])
     if found is None:
         raise WanpairError(
