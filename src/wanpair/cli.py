@@ -284,6 +284,11 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _model_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--model", choices=list(TASKS), default="t2v-A14B",
+                   help=f"{what}: t2v-A14B (Wan 2.2 text to video, the default) or i2v-A14B (image to video)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanpair", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,8 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate 18 small images with captions and tiny random Wan models in the real "
                                    "file formats, then train the LoRA pair on them with the normal train path.")
     p.add_argument("--dir", default="wanpair-demo", help="where to write the demo (default: ./wanpair-demo)")
-    p.add_argument("--model", choices=list(TASKS), default="t2v-A14B",
-                   help="which pair: t2v-A14B (images, the default) or i2v-A14B (short video clips)")
+    _model_option(p, "which pair's demo (i2v-A14B: on short video clips)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("download", help="fetch the recipe's weight files from the hub (resumable, verified)",
@@ -307,8 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Uses HF_TOKEN or your `hf auth login`, and HF_ENDPOINT for a mirror. Writes the "
                                    "[models] table of the project file.")
     p.add_argument("--dir", default="models", help="where the files go (default: ./models)")
-    p.add_argument("--model", choices=list(TASKS), default="t2v-A14B",
-                   help="which pair's experts: t2v-A14B (text to video, default) or i2v-A14B (image to video)")
+    _model_option(p, "which pair's experts to fetch")
     p.add_argument("--variant", choices=("fp16", "fp8"), default="fp16",
                    help="fp16: the recipe's experts (2 x 28.6 GB); fp8: ComfyUI's scaled fp8 experts (2 x 14.3 GB). "
                         "wanpair trains on fp8 weights either way")
@@ -324,8 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset_dir", help="the folder with your images (or videos) and same-name .txt captions")
     p.add_argument("--name", help="run name (default: the folder's name)")
     p.add_argument("--models", default="models", help="where to look for the weight files (default: ./models)")
-    p.add_argument("--model", choices=list(TASKS), default="t2v-A14B",
-                   help="which pair the project trains: t2v-A14B (default) or i2v-A14B (needs video clips)")
+    _model_option(p, "which pair the project trains (i2v-A14B needs video clips)")
     p.add_argument("--project", default="wanpair.toml", help="the project file to write (default: ./wanpair.toml)")
     p.add_argument("--force", action="store_true", help="replace an existing dataset.toml / project file")
     p.set_defaults(func=cmd_init)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from .models.dit import to_original_name as dit_original_name
 from .models.tasks import T2V, Task
+from .setup.scaffold import dataset_toml
 from .models.text_encoder import to_wan_name
 from .models.vae import to_original_name as vae_original_name
 
@@ -54,19 +55,7 @@ def make_dataset(root: Path, n: int = 18, size: int = 64) -> Path:
         stem = f"img_{i + 1:02d}"
         im.save(images / f"{stem}.png")
         (images / f"{stem}.txt").write_text(f"a {color} {shape} on a {bg} background, flat illustration\n")
-    (images / "dataset.toml").write_text(
-        "# Musubi-Tuner dataset config, as the recipe writes it (resolution scaled down for the demo).\n"
-        "[general]\n"
-        f"resolution = [{size}, {size}]\n"
-        'caption_extension = ".txt"\n'
-        "batch_size = 1\n"
-        "enable_bucket = true\n"
-        "bucket_no_upscale = false\n\n"
-        "[[datasets]]\n"
-        'image_directory = "."\n'
-        'cache_directory = "cache"\n'
-        "num_repeats = 1\n"
-    )
+    (images / "dataset.toml").write_text(dataset_toml("image", (size, size)))
     return images / "dataset.toml"
 
 
@@ -90,18 +79,7 @@ def make_clips(root: Path, n: int = 12, frames: int = 9, size: tuple[int, int] =
             _draw(ImageDraw.Draw(im), shape, cx, cy, r, COLORS[color])
             im.save(videos / stem / f"{f:03d}.png")
         (videos / f"{stem}.txt").write_text(f"a {color} {shape} moving {direction} on a {bg} background\n")
-    (videos / "dataset.toml").write_text(
-        "# Musubi-Tuner dataset config for video clips (resolution and length scaled down for the demo).\n"
-        "[general]\n"
-        f"resolution = [{w}, {h}]\n"
-        'caption_extension = ".txt"\n'
-        "batch_size = 1\n"
-        "enable_bucket = true\n\n"
-        "[[datasets]]\n"
-        'video_directory = "."\n'
-        'cache_directory = "cache"\n'
-        f"target_frames = [{frames}]\n"
-    )
+    (videos / "dataset.toml").write_text(dataset_toml("video", size, frames))
     return videos / "dataset.toml"
 
 

@@ -96,7 +96,7 @@ def checked_loras(project: Project, loras: dict[str, Path | None], allow_mismatc
     """Each LoRA read and checked against its slot -- the right expert and pair, layers the base has --
     before any 28 GB base is loaded."""
     from .export.formats import read_lora
-    from .export.merge import check_expert, check_task
+    from .export.merge import check_expert, check_pair
     from .models.dit import inspect_dit
     from .models.files import strip_prefix
 
@@ -109,7 +109,7 @@ def checked_loras(project: Project, loras: dict[str, Path | None], allow_mismatc
         lora = read_lora(path)
         dit = project.dit_path(expert)
         check_expert(lora, expert, f"the {expert}-noise slot ({dit.name})", allow_mismatch)
-        check_task(lora, project.task, f"the {expert}-noise slot ({dit.name})", allow_mismatch)
+        check_pair(lora, project.task, f"the {expert}-noise slot ({dit.name})", allow_mismatch)
         info = inspect_dit(dit)
         if info.file is not None:
             prefix = strip_prefix(info.file.keys)

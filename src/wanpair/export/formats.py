@@ -24,20 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_path
 from ..errors import WanpairError
+from ..models.dit_names import original_to_diffusers_names, to_original_name
 
-
-def _to_original_name(name: str) -> str:
-    """diffusers' module names -> Wan's (imported when needed: diffusers takes seconds to import, and
-    `wanpair inspect` of a Musubi or ComfyUI file never needs it)."""
-    from ..models.dit import to_original_name
-
-    return to_original_name(name)
-
-
-def _original_to_diffusers_names(keys: list[str]) -> dict[str, str]:
-    from ..models.dit import original_to_diffusers_names
-
-    return original_to_diffusers_names(keys)
 
 FORMATS = ("musubi", "comfy", "diffusers", "peft")
 
@@ -95,7 +83,7 @@ def read_lora(path: str | Path) -> LoraWeights:
             raise WanpairError(f"{path} is a folder but not a peft adapter (adapter_config.json + adapter_model.safetensors).")
         cfg = json.loads(cfg_path.read_text())
         sd = load_file(str(weights))
-        modules = _group(sd, r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)\.weight$", "lora_A", "lora_B", _to_original_name)
+        modules = _group(sd, r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)\.weight$", "lora_A", "lora_B", to_original_name)
         modules = {m: (d, u, float(cfg.get("lora_alpha", d.shape[0]))) for m, (d, u, _) in modules.items()}
         return LoraWeights(modules, {}, "peft")
     if not path.is_file():
@@ -113,7 +101,7 @@ def read_lora(path: str | Path) -> LoraWeights:
         modules = _group(sd, r"^diffusion_model\.(.+)\.(lora_A|lora_B|alpha)(?:\.weight)?$", "lora_A", "lora_B", lambda s: s)
         fmt = "comfy"
     elif any(".lora_A." in k or ".lora_B." in k for k in sd):
-        modules = _group(sd, r"^(?:transformer\.)?(.+)\.(lora_A|lora_B)\.weight$", "lora_A", "lora_B", _to_original_name)
+        modules = _group(sd, r"^(?:transformer\.)?(.+)\.(lora_A|lora_B)\.weight$", "lora_A", "lora_B", to_original_name)
         fmt = "diffusers"
     else:
         raise WanpairError(f"{path} is not a Wan LoRA wanpair recognises (no lora_unet_/diffusion_model./lora_A keys).")
@@ -130,7 +118,7 @@ def to_state_dict(lora: LoraWeights, fmt: str, dtype: torch.dtype | None = None)
     """The LoRA as a state dict in layout `fmt` (not peft: see write_lora)."""
     cast = (lambda t: t.to(dtype).contiguous()) if dtype else (lambda t: t.contiguous())
     sd: dict[str, torch.Tensor] = {}
-    names = _original_to_diffusers_names([m + ".weight" for m in lora.modules])
+    names = original_to_diffusers_names([m + ".weight" for m in lora.modules])
     for module, (down, up, alpha) in sorted(lora.modules.items()):
         if fmt == "musubi":
             key = "lora_unet_" + module.replace(".", "_")
@@ -160,7 +148,7 @@ def write_lora(lora: LoraWeights, path: str | Path, fmt: str, dtype: torch.dtype
         alphas = {a for _, _, a in lora.modules.values()}
         if len(ranks) != 1 or len(alphas) != 1:
             raise WanpairError("a peft adapter needs one rank and alpha for all modules; export as musubi instead.")
-        names = _original_to_diffusers_names([m + ".weight" for m in lora.modules])
+        names = original_to_diffusers_names([m + ".weight" for m in lora.modules])
         targets = sorted({_diffusers_name(m, names) for m in lora.modules})
         config = {"peft_type": "LORA", "r": ranks.pop(), "lora_alpha": alphas.pop(), "target_modules": targets,
                   "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True}

@@ -36,7 +36,7 @@ def check_expert(lora: LoraWeights, base_expert: str | None, what: str, allow_mi
         )
 
 
-def check_task(lora: LoraWeights, task: Task, what: str, allow_mismatch: bool = False) -> None:
+def check_pair(lora: LoraWeights, task: Task, what: str, allow_mismatch: bool = False) -> None:
     """Refuse a LoRA trained on the other pair (text- vs image-to-video): the two pairs' layers have the
     same names and shapes, so only the metadata tells them apart (wanpair writes `wanpair.architecture`)."""
     trained = next((t for t in TASKS.values() if t.architecture == lora.metadata.get("wanpair.architecture")), None)
@@ -66,7 +66,7 @@ def merge_into_file(base: Path, lora: LoraWeights, out: Path, task: Task, streng
     if base.suffix != ".safetensors":
         raise WanpairError(f"{base}: merge needs a .safetensors base model.")
     check_expert(lora, guess_expert(base, {}), str(base), allow_mismatch)
-    check_task(lora, task, str(base), allow_mismatch)
+    check_pair(lora, task, str(base), allow_mismatch)
     header = safetensors_header(base)
     header.pop("__data_start__")
     metadata = header.pop("__metadata__", None) or {}

@@ -2,8 +2,8 @@
 
 Checkpoints come in two layouts: the original Wan / ComfyUI single file (`blocks.0.self_attn.q.weight`)
 and diffusers folders (`transformer/`, `blocks.0.attn1.to_q.weight`). Both load into diffusers'
-`WanTransformer3DModel`. The key renaming is diffusers' own `convert_wan_transformer_to_diffusers`,
-applied to key *names* only so that tensors can be streamed one by one.
+`WanTransformer3DModel`. The key renaming (`wanpair.models.dit_names`) is diffusers' own
+`convert_wan_transformer_to_diffusers`, applied to key *names* only so that tensors can be streamed one by one.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from diffusers import WanTransformer3DModel
-from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from tqdm.auto import tqdm
 
 from ..errors import WanpairError
+from .dit_names import original_to_diffusers_names, to_original_name
 from .fp8 import Fp8Linear, to_fp8_linears
 from .files import WeightFile, fingerprint, inspect_weight_file, iter_tensors, strip_prefix, tensors_to_device
 from .kinds import identify
@@ -33,45 +33,6 @@ log = logging.getLogger(__name__)
 # Every released Wan DiT (1.3B, 5B, 14B) uses 128-dim attention heads; the head count is not
 # recoverable from tensor shapes, so it follows from this (Wan2.2 `wan/configs/*.py`: dim / num_heads).
 WAN_HEAD_DIM = 128
-
-# diffusers module path -> original Wan module path. Applied to "name." so partial words never match.
-_TO_ORIGINAL = [
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"\.attn1\.", ".self_attn."),
-    (r"\.attn2\.", ".cross_attn."),
-    (r"\.to_q\.", ".q."),
-    (r"\.to_k\.", ".k."),
-    (r"\.to_v\.", ".v."),
-    (r"\.to_out\.0\.", ".o."),
-    (r"\.add_k_proj\.", ".k_img."),
-    (r"\.add_v_proj\.", ".v_img."),
-    (r"\.norm_added_k\.", ".norm_k_img."),
-    (r"\.ffn\.net\.0\.proj\.", ".ffn.0."),
-    (r"\.ffn\.net\.2\.", ".ffn.2."),
-    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),  # diffusers swapped norm2/norm3 of the original
-    (r"^(blocks\.\d+)\.scale_shift_table\.", r"\1.modulation."),
-    (r"^scale_shift_table\.", "head.modulation."),
-    (r"^proj_out\.", "head.head."),
-]
-
-
-def to_original_name(name: str) -> str:
-    """`blocks.0.attn1.to_out.0.weight` -> `blocks.0.self_attn.o.weight` (works for module paths too)."""
-    s = name + "."
-    for pattern, repl in _TO_ORIGINAL:
-        s = re.sub(pattern, repl, s)
-    return s[:-1]
-
-
-def original_to_diffusers_names(keys: list[str]) -> dict[str, str]:
-    """Map original Wan key names to diffusers names using diffusers' own converter on the names."""
-    renamed = convert_wan_transformer_to_diffusers({k: k for k in keys})
-    return {orig: new for new, orig in renamed.items()}
-
 
 @dataclass(frozen=True)
 class DitInfo:

@@ -118,17 +118,20 @@ def media_kind(folder: Path) -> str:
     return "video" if videos else "image"
 
 
-def dataset_toml(kind: str) -> str:
-    """The recipe's dataset.toml (section 1 of the recipe); for videos, Wan's 81-frame clips at 832x480."""
+def dataset_toml(kind: str, resolution: tuple[int, int] | None = None, frames: int = 81) -> str:
+    """The recipe's dataset.toml (section 1 of the recipe): 960x960 area buckets for images; for videos
+    Wan's 81-frame clips at 832x480. The demo writes the same file at its toy size."""
     if kind == "image":
-        return ('# The recipe\'s dataset (Musubi-Tuner format): 960x960 area buckets, one .txt caption per image\n'
-                '[general]\nresolution = [960, 960]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = true\n'
+        w, h = resolution or (960, 960)
+        return (f'# The recipe\'s dataset (Musubi-Tuner format): {w}x{h} area buckets, one .txt caption per image\n'
+                f'[general]\nresolution = [{w}, {h}]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = true\n'
                 'bucket_no_upscale = false\n\n[[datasets]]\nimage_directory = "."\ncache_directory = "cache"\n'
                 'num_repeats = 1\n')
-    return ('# Video clips (Musubi-Tuner format): Wan\'s 81 frames at 16 fps, 832x480 area buckets\n'
-            '[general]\nresolution = [832, 480]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = true\n'
+    w, h = resolution or (832, 480)
+    return (f'# Video clips (Musubi-Tuner format): {frames} frames at 16 fps, {w}x{h} area buckets\n'
+            f'[general]\nresolution = [{w}, {h}]\ncaption_extension = ".txt"\nbatch_size = 1\nenable_bucket = true\n'
             'bucket_no_upscale = false\n\n[[datasets]]\nvideo_directory = "."\ncache_directory = "cache"\n'
-            'target_frames = [81]\nframe_extraction = "head"\nnum_repeats = 1\n')
+            f'target_frames = [{frames}]\nframe_extraction = "head"\nnum_repeats = 1\n')
 
 
 def train_defaults() -> str:

@@ -18,7 +18,7 @@ from ..data.dataset_config import DatasetSpec, load_dataset_config
 from ..data.items import Item, check_dataset, require_clean
 from ..errors import WanpairError
 from ..export.formats import read_lora
-from ..export.merge import check_expert, check_task as check_lora_task
+from ..export.merge import check_expert, check_pair
 from ..models.dit import DitInfo, inspect_dit
 from ..models.files import inspect_weight_file
 from ..models.kinds import identify
@@ -80,7 +80,7 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
             try:
                 lora, what = read_lora(init), f"the {expert}-noise expert being trained"
                 check_expert(lora, expert, what, allow_expert_mismatch)
-                check_lora_task(lora, project.task, what, allow_expert_mismatch)
+                check_pair(lora, project.task, what, allow_expert_mismatch)
             except WanpairError as e:
                 problems.append(f"[experts.{expert}] init_lora {init}: {e}")
     if len(found.dits) == 2 and found.dits["high"].fingerprint == found.dits["low"].fingerprint:

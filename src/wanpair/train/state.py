@@ -148,7 +148,7 @@ def run_lock(output_dir: Path, name: str):
             raise WanpairError(f"another wanpair run (pid {pid}) is writing {output_dir}/{name}; wait for it, or "
                                f"give this run another name. (Lock file: {lock})")
         print(f"note: removing a stale lock {lock} left by an earlier run that is no longer running")
-    lock.write_text(str(os.getpid()))
+    write_text_atomic(lock, str(os.getpid()))
     try:
         yield
     finally:

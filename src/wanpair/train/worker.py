@@ -43,9 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from .data import CachedData
     from .expert import ExpertTraining
     from .recipe import DISK_ERRNOS, make_sampler
-    from .state import StopRequested, load_state
-
     from ..cli import configure_logging
+    from .state import StopRequested, load_state
 
     configure_logging(verbose=False)
     stop_when_orphaned()
