@@ -1,10 +1,11 @@
 """Do wanpair's LoRA files load, strictly, in the reference trainer's own network code for their task?
 
-    PYTHONPATH=src python bench/musubi_lora_check.py MUSUBI_DIR OFFICIAL_DIR [--model t2v-A14B|i2v-A14B]
+    PYTHONPATH=src python bench/musubi_lora_check.py MUSUBI_DIR OFFICIAL_DIR [--model t2v-A14B|i2v-A14B|t2v-14B|t2v-1.3B]
 
 MUSUBI_DIR: Musubi-Tuner at the recipe's commit d0a1930 (`git archive`); OFFICIAL_DIR: the official
-Wan2.2 `wan/modules` (see bench/parity_official.py). Neither is a dependency we can declare, so this is
-run by hand. It writes the built-in demo for the pair (tiny experts of the real architecture), trains
+`wan/modules` of the model's own code, Wan2.2 for the pairs and Wan2.1 for t2v-14B / t2v-1.3B (see
+bench/parity_official.py). Neither is a dependency we can declare, so this is
+run by hand. It writes the built-in demo for the model (tiny experts of the real architecture), trains
 it one epoch with `wanpair train`, builds the official `WanModel` of the same shapes (Musubi's networks
 find their targets by the official block class, `WanAttentionBlock`), puts Musubi's `networks.lora_wan`
 network on it with the LoRA's rank, and loads each LoRA file into that network with `strict=True`:
@@ -28,7 +29,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("musubi_dir", type=Path)
     ap.add_argument("official_dir", type=Path)
-    ap.add_argument("--model", default="i2v-A14B", choices=("t2v-A14B", "i2v-A14B"))
+    ap.add_argument("--model", default="i2v-A14B", choices=("t2v-A14B", "i2v-A14B", "t2v-14B", "t2v-1.3B"))
     args = ap.parse_args()
     sys.path.insert(0, str(args.musubi_dir / "src"))
     from musubi_tuner.networks import lora_wan

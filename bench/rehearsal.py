@@ -16,10 +16,11 @@ three aspect ratios with the recipe's `dataset.toml` -- and runs `wanpair` on th
   train in `memory_mode = "low"` (bf16 high file, scaled fp8 low file)
   train from a diffusers folder (high) and an fp8 file with `fp8_base = false` (low)
   merge into an fp8 base and into an fp16 base
+  train Wan 2.1 T2V 1.3B (recognised by its shapes) and Wan 2.1 T2V 14B (plain fp8): one LoRA each, sampled
 Stages (`--stages`): default (train, resume, sample), pair (both experts at once on one GPU, `wanpair train`
 killed outright, the same command again, sample, then the same pair one after the other for the ratio),
 i2v (the image-to-video pair from 17-frame 832x480 clips, then sampled from a first frame), export, low,
-folder, merge; each fits in one 10-minute command on an H100.
+folder, merge, wan21; each fits in one 10-minute command on an H100.
 `--stages smoke` is the shortest full-size proof, for a short lease: both experts from plain fp8 files (the
 layout that crashed a first run on CUDA) trained a few steps in the default memory mode, then sampled.
 `--write-only` writes the inputs the stages need and stops, so that writing can overlap other work.
@@ -53,17 +54,22 @@ A14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
                 layer_norm_epsilon=1e-6, dropout_rate=0.0, is_encoder_decoder=False)
+WAN21_1_3B = dict(A14B, num_attention_heads=12, ffn_dim=8960, num_layers=30)  # Wan2.1 wan_t2v_1_3B.py
 # ComfyUI's file names (Comfy-Org/Wan_2.2_ComfyUI_Repackaged); the expert is recognised from them
 NAMES = {"fp16": "wan2.2_t2v_{e}_noise_14B_fp16.safetensors", "bf16": "wan2.2_t2v_{e}_noise_14B_bf16.safetensors",
          "fp8": "wan2.2_t2v_{e}_noise_14B_fp8_e4m3fn.safetensors",
          "fp8-scaled": "wan2.2_t2v_{e}_noise_14B_fp8_scaled.safetensors", "diffusers": "Wan2.2-T2V-A14B-{e}/transformer",
-         "i2v-fp8": "wan2.2_i2v_{e}_noise_14B_fp8_e4m3fn.safetensors"}  # the image-to-video pair: 36 input channels
+         "i2v-fp8": "wan2.2_i2v_{e}_noise_14B_fp8_e4m3fn.safetensors",  # the image-to-video pair: 36 input channels
+         # Wan 2.1's single models (Comfy-Org/Wan_2.1_ComfyUI_repackaged): one file, expert "full"
+         "w21-1.3B": "wan2.1_t2v_1.3B_fp16.safetensors", "w21-fp8": "wan2.1_t2v_14B_fp8_e4m3fn.safetensors"}
+SINGLE = {"w21-1.3B", "w21-fp8"}
 I2V_CLIP = (832, 480, 17)  # width, height, frames of the I2V stage's clips (the recipe's size, 17 of its 81 frames)
-SEEDS = {"high": 1, "low": 2}
+SEEDS = {"high": 1, "low": 2, "full": 5}
 # --tiny: the same architecture at toy size on the CPU, to try the rehearsal itself before GPU time is spent
 TINY = os.environ.get("REHEARSAL_TINY") == "1"
 if TINY:
     A14B |= dict(num_attention_heads=1, text_dim=64, ffn_dim=256, num_layers=2)
+    WAN21_1_3B = dict(A14B)
     UMT5_XXL |= dict(d_model=64, d_kv=8, d_ff=128, num_layers=2, num_heads=8)
 DEVICE = "cpu" if TINY else "cuda"
 
@@ -77,11 +83,13 @@ def make_expert(layout: str, expert: str, dest: Path) -> None:
     from wanpair.models.dit import to_original_name
 
     torch.manual_seed(SEEDS[expert])
+    config = WAN21_1_3B if layout == "w21-1.3B" else A14B
+    layout = {"w21-1.3B": "fp16", "w21-fp8": "fp8"}.get(layout, layout)
     torch.set_default_dtype(torch.float16 if layout == "fp16" else torch.bfloat16)
     i2v = layout.startswith("i2v-")
     layout = layout.removeprefix("i2v-")
     with torch.device(DEVICE):
-        model = WanTransformer3DModel(**{**A14B, "in_channels": 36 if i2v else 16})
+        model = WanTransformer3DModel(**{**config, "in_channels": 36 if i2v else 16})
     if layout == "diffusers":
         model.to("cpu").save_pretrained(str(dest), max_shard_size="10GB")
         return
@@ -260,11 +268,14 @@ class Rehearsal:
         ok = proc.returncode == 0 or (kill_when is not None and proc.returncode == -signal.SIGKILL)
         return ok, lines, time.perf_counter() - start, peak.gib
 
-    def project(self, name: str, high: str, low: str, train: str, dataset: str = "dataset") -> Path:
+    def project(self, name: str, high: str, low: str | None, train: str, dataset: str = "dataset",
+                model: str = "") -> Path:
+        """A project over the pair `high` + `low`, or (low None) over the single model `high`."""
         path = self.work / f"{name}.toml"
+        dits = f'high_noise = "{high}"\nlow_noise = "{low}"\n' if low else f'dit = "{high}"\n'
         path.write_text(
-            f'name = "rehearsal_{name}"\noutput_dir = "out-{name}"\n\n[models]\n'
-            f'high_noise = "{high}"\nlow_noise = "{low}"\nvae = "wan_2.1_vae.safetensors"\n'
+            f'name = "rehearsal_{name}"\noutput_dir = "out-{name}"\n{f"model = {model!r}" if model else ""}\n\n'
+            f'[models]\n{dits}vae = "wan_2.1_vae.safetensors"\n'
             f't5 = "models_t5_umt5-xxl-enc-bf16.pth"\ntokenizer = "umt5-tokenizer"\n\n'
             f'[dataset]\nconfig = "{dataset}/dataset.toml"\n\n[train]\n{train}')
         return path
@@ -303,7 +314,7 @@ def training_note(text: str, project: Path) -> str:
     metrics = state_dir(project).parent / "metrics.jsonl"
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
     parts = []
-    for expert in ("high", "low"):
+    for expert in ("high", "low", "full"):
         ours = [r for r in rows if r.get("expert") == expert]
         runs = [i for i, r in enumerate(ours) if "total_steps" in r]  # each training process's first row
         this_run = [r for r in ours[runs[-1] if runs else 0:] if "s_per_step" in r]
@@ -336,7 +347,7 @@ def rm(*paths: Path) -> None:
             p.unlink()
 
 
-STAGES = ("default", "pair", "i2v", "export", "low", "folder", "merge")  # every user path: the full rehearsal
+STAGES = ("default", "pair", "i2v", "export", "low", "folder", "merge", "wan21")  # every user path: the full rehearsal
 QUICK = ("smoke",)  # the short proof, chosen by name only
 
 
@@ -346,7 +357,8 @@ def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES, write_onl
     experts it does not, so at most two experts and the text encoder share the disk."""
     r = Rehearsal(work, steps, logs)
     t5 = work / "models_t5_umt5-xxl-enc-bf16.pth"
-    f = {(layout, e): work / NAMES[layout].format(e=e) for layout in NAMES for e in ("high", "low")}
+    f = {(layout, e): work / NAMES[layout].format(e=e) for layout in NAMES
+         for e in (("full",) if layout in SINGLE else ("high", "low"))}
     rel = {k: str(v.relative_to(work)) for k, v in f.items()}
     every = max(1, min(8, steps // 2))
     recipe = f"save_state_every_n_steps = {every}\nkeep_states = 2\nvalidate_every_n_steps = 8\nmax_steps = {steps}\n"
@@ -435,6 +447,17 @@ def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES, write_onl
             r.record(f"merge {lora.name} into {layout_note}", ok, seconds, gib,
                      f"{merged.stat().st_size / 1e9:.1f} GB written" if ok else _error(lines))
             rm(merged)
+
+    if "wan21" in stages:  # Wan 2.1's single models: one LoRA over all timesteps
+        if need(("w21-1.3B", "full")):  # found to be the 1.3B by its shapes: no model line
+            small = r.project("wan21-1.3B", rel["w21-1.3B", "full"], None, recipe,
+                              model="t2v-1.3B" if TINY else "")
+            if r.train("train Wan 2.1 T2V 1.3B (fp16 file, told by its shapes)", small):
+                sample(r, small)
+        if need(("w21-fp8", "full")):
+            big = r.project("wan21-14B", rel["w21-fp8", "full"], None, f"max_steps = {steps}\nvalidate_every_n_steps = 8\n")
+            if r.train("train Wan 2.1 T2V 14B (plain fp8 file)", big):
+                sample(r, big)
     return r.rows
 
 
@@ -449,10 +472,10 @@ def sample(r: Rehearsal, project: Path, image: Path | None = None, frames: int =
                                     "--out", str(r.work / "samples"))
     wrote = [t for t, line in lines if line.startswith("wrote ")]
     marks = [f"{m.group(1)} {t:.1f} s" for t, line in lines
-             if (m := re.search(r"(prompts ready|both experts ready|loading DiT|loading text encoder)", line))]
+             if (m := re.search(r"(prompts ready|models ready|loading DiT|loading text encoder)", line))]
     note = (f"832x480{f', {frames} frames' if image else ''}, 8 steps: first output after {wrote[0]:.1f} s, second {wrote[1] - wrote[0]:.1f} s later "
             f"({', '.join(marks)})" if ok and len(wrote) == 2 else _error(lines))
-    r.record(f"sample (both experts + LoRAs, 2 prompts{', from a first frame' if image else ''})", ok and len(wrote) == 2,
+    r.record(f"sample (the model(s) + LoRA(s), 2 prompts{', from a first frame' if image else ''})", ok and len(wrote) == 2,
              seconds, gib, note)
 
 

@@ -182,3 +182,39 @@ def test_the_page_shows_the_pair_and_follows_a_running_training(server, tmp_path
         assert (tmp_path / "dashboard.png").read_bytes()[:4] == b"\x89PNG"
     finally:
         browser.quit()
+
+
+def test_a_single_model_run_shows_its_one_lora(trained_wan21, tmp_path):
+    """A Wan 2.1 run: one model over all timesteps, so one progress line, one loss curve, and a sample
+    command with --lora."""
+    from selenium.webdriver.common.by import By
+
+    root = tmp_path / "wan21"
+    shutil.copytree(trained_wan21, root)
+    run_dir = next(root.rglob("metrics.jsonl")).parent
+    save_output(np.random.default_rng(0).random((1, 32, 48, 3)),
+                run_dir / "samples" / "full-step000036_00_a_blue_teapot_fullLora", {"prompt": "a blue teapot"}, 16)
+    app = create_app([root])
+    with app.test_client() as client:
+        (run,) = client.get("/api/runs").get_json()
+        assert list(run["experts"]) == ["full"] and run["experts"]["full"]["done"] == 36
+        detail = client.get(f"/api/runs/{run['id']}").get_json()
+        assert [(l["expert"], l["window"]) for l in detail["loras"]] == [("full", "0,1000")]
+        assert [(s["expert"], s["step"], s["combination"]) for s in detail["samples"]] == [("full", 36, "fullLora")]
+    srv = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    browser = _browser()
+    try:
+        browser.get(f"http://127.0.0.1:{srv.server_port}")
+        row = _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#runs tbody tr[data-run]"))[0]
+        assert "36 of 36 (one model)" in row.text
+        row.click()
+        _wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, ".chart .main-svg")) >= 5)
+        assert "full-range: 36 of 36 steps" in browser.find_element(By.ID, "progress-full").text
+        names = browser.execute_script("return document.getElementById('chart-loss').data.map(t => t.name)")
+        assert "full-range loss" in names and not any("high-noise" in n for n in names)
+        _wait(browser, lambda b: "--lora " in b.find_element(By.ID, "sample-command").text)
+        assert "--lora-high" not in browser.find_element(By.ID, "sample-command").text
+    finally:
+        browser.quit()
+        srv.shutdown()

@@ -110,11 +110,11 @@ def test_still_images_are_refused_for_i2v_with_the_reason(demo, tmp_path):
 def test_a_lora_of_the_other_pair_is_refused_for_sampling_and_merging(i2v_demo, trained, tmp_path):
     root, i2v_project, _ = i2v_demo
     t2v_lora = trained / "output" / "WAN2.2-HighNoise_demo_shapes_v1.safetensors"
-    with pytest.raises(WanpairError, match="trained on the Wan 2.2 T2V A14B .* pair but .* belongs to Wan 2.2 I2V"):
+    with pytest.raises(WanpairError, match="trained on Wan 2.2 T2V A14B .* but .* belongs to Wan 2.2 I2V"):
         main_or_raise(["sample", str(i2v_project.path), "--prompt", "x", "--image",
                        str(root / "dataset" / "clip_01" / "000.png"), "--lora-high", str(t2v_lora)])
     i2v_lora = i2v_project.lora_path("high")
-    with pytest.raises(WanpairError, match="trained on the Wan 2.2 I2V A14B .* pair but .* belongs to Wan 2.2 T2V"):
+    with pytest.raises(WanpairError, match="trained on Wan 2.2 I2V A14B .* but .* belongs to Wan 2.2 T2V"):
         main_or_raise(["merge", "--base", str(trained / "models" / "wan2.2_t2v_high_noise_tiny_fp16.safetensors"),
                        "--lora", str(i2v_lora), "--out", str(tmp_path / "merged.safetensors")])
     assert not (tmp_path / "merged.safetensors").exists()
@@ -153,17 +153,18 @@ def test_other_wan_models_are_refused_naming_what_they_are(tmp_path):
 
     wan21_i2v = saved("wan2.1_i2v.safetensors", in_channels=36, image_dim=32, added_kv_proj_dim=128)
     with pytest.raises(WanpairError, match="Wan 2.1 image-to-video model"):
-        check_task(wan21_i2v.config, wan21_i2v.path, I2V)
+        check_task(wan21_i2v.config, wan21_i2v.path, I2V, "high_noise")
     ti2v = saved("ti2v.safetensors", in_channels=48, out_channels=48)
     with pytest.raises(WanpairError, match="TI2V-5B"):
-        check_task(ti2v.config, ti2v.path, T2V)
-    # Wan 2.1's single T2V models have the experts' layers: told apart by their file name, or (1.3B) their shapes
+        check_task(ti2v.config, ti2v.path, T2V, "high_noise")
+    # Wan 2.1's single T2V models in a pair's slot: the 14B has the experts' layers and is told apart by its
+    # file name, the 1.3B by its shapes; each is named with the project line that trains it
     wan21 = saved("wan2.1_t2v_14B_fp16.safetensors")
-    with pytest.raises(WanpairError, match="named as a Wan 2.1 model.*single text-to-video model"):
-        check_task(wan21.config, wan21.path, T2V)
+    with pytest.raises(WanpairError, match='named as a Wan 2.1 model: one model for all timesteps.*model = "t2v-14B"'):
+        check_task(wan21.config, wan21.path, T2V, "high_noise")
     shapes_1_3b = {**wan21.config, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}
-    with pytest.raises(WanpairError, match="shapes of the Wan 2.1 T2V 1.3B model"):
-        check_task(shapes_1_3b, tmp_path / "my_model.safetensors", T2V)
+    with pytest.raises(WanpairError, match=r'shapes of a 1.3B model \(Wan 2.1 T2V 1.3B\).*model = "t2v-1.3B"'):
+        check_task(shapes_1_3b, tmp_path / "my_model.safetensors", T2V, "high_noise")
 
 
 def main_or_raise(argv):

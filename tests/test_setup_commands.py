@@ -92,6 +92,26 @@ def test_download_of_the_i2v_pair_fetches_its_experts_and_the_shared_files(tmp_p
         ctx.__exit__(None, None, None)
 
 
+def test_download_of_a_wan21_model_fetches_its_one_file_and_writes_dit(tmp_path, hub_env):
+    hub = Hub(_hub_files())
+    ctx = hub_env(hub)
+    try:
+        models, project = tmp_path / "models", tmp_path / "wanpair.toml"
+        assert main(["download", "--model", "t2v-14B", "--variant", "fp8", "--dir", str(models),
+                     "--project", str(project)]) == 0
+        fetched = [p for p in _resolves(hub) if "diffusion_models" in p]
+        assert fetched == ["split_files/diffusion_models/wan2.1_t2v_14B_fp8_scaled.safetensors"]
+        assert all(f.repo == dl.COMFY_WAN21 for f in files_for("fp8", "t2v-14B") if f.role == "dit")
+        text = project.read_text()
+        assert 'dit        = "models/split_files/diffusion_models/wan2.1_t2v_14B_fp8_scaled.safetensors"' in text
+        assert "high_noise" not in text
+        # the 1.3B is published as fp16 only (2.8 GB): that is what either variant fetches
+        assert [f.path for f in files_for("fp8", "t2v-1.3B") if f.role == "dit"] == \
+            ["split_files/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"]
+    finally:
+        ctx.__exit__(None, None, None)
+
+
 def test_a_dropped_connection_resumes_and_a_corrupted_file_is_fetched_again(tmp_path, hub_env, capsys):
     high = next(f for f in RECIPE_FILES if f.role == "high_noise" and f.variant == "fp16")
     hub = Hub(_hub_files(BIG), cut_first_get={high.path: BIG - (1 << 20)})

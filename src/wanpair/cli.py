@@ -20,12 +20,13 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(os.environ.get("XDG_CA
 
 from . import __version__
 from .errors import WanpairError
-from .models.tasks import TASKS
+from .models.tasks import TASKS, expert_name, expert_noun
 from .train.state import StopRequested
 
 DESCRIPTION = """\
 Train the LoRA pair that Wan 2.2 T2V A14B needs -- one LoRA for the high-noise expert
 (timesteps 875-1000) and one for the low-noise expert (0-875) -- from one project file.
+Also the Wan 2.2 I2V A14B pair, and Wan 2.1 T2V 14B / 1.3B (one model, one LoRA): --model.
 
   wanpair demo                      try everything on a tiny built-in example (CPU, ~1 minute)
 
@@ -77,11 +78,11 @@ def cmd_demo(args) -> int:
     else:
         prompt = (root / "dataset" / "img_01.txt").read_text().strip()
         settings = SampleSettings.for_task(task, width=64, height=64, steps=10)
-    print(f"\nsampling '{prompt}' with both experts and their LoRAs")
+    print(f"\nsampling '{prompt}' with " + ("both experts and their LoRAs" if task.paired else "the model and its LoRA"))
     (picture,) = sample(project, [prompt], settings, {r.expert: r.lora for r in results}, project.run_dir / "samples")
-    print("\nDemo finished. The LoRA pair:")
+    print("\nDemo finished. The LoRA pair:" if task.paired else "\nDemo finished. The LoRA:")
     for r in results:
-        print(f"  {r.expert}-noise: {r.lora}")
+        print(f"  {expert_name(r.expert)}: {r.lora}")
         print("     mean loss per epoch: " + " ".join(f"{x:.3f}" for x in r.epoch_losses))
     print(f"Sample (tiny random models, so expect noise, not art): {picture}")
     print(f"\nProject file: {project_file}  (copy it and point [models] at your real weights)")
@@ -95,7 +96,7 @@ def cmd_download(args) -> int:
 
     paths = download(Path(args.dir).resolve(), args.variant, args.model)
     print(f"all {len(paths)} model entries are in {Path(args.dir).resolve()} and verified")
-    print(set_models_table(Path(args.project).resolve(), paths))
+    print(set_models_table(Path(args.project).resolve(), paths, TASKS[args.model]))
     return 0
 
 
@@ -183,14 +184,17 @@ def cmd_train(args) -> int:
 
     if int(os.environ.get("RANK", "0")) != 0:  # started by torchrun / accelerate launch: rank 0 speaks for all
         sys.stdout = open(os.devnull, "w")
-    experts = ("high", "low") if args.expert == "both" else (args.expert,)
     project = _project(args.project)
+    experts = project.task.experts if args.expert == "both" else (args.expert,)
+    if args.expert != "both" and not project.task.paired:
+        raise WanpairError(f"--expert {args.expert}: {project.task.name} is one model with one LoRA over all "
+                           "timesteps; --expert picks an expert of a Wan 2.2 pair. Leave it out.")
     if args.experts_parallel:
         project.train.experts_parallel = args.experts_parallel
     results = LoraPairRecipe(project, overwrite=args.overwrite, allow_expert_mismatch=args.allow_expert_mismatch,
                              gpus=args.gpus).run(experts, resume=args.resume)
     for r in results:
-        print(f"{r.expert}-noise LoRA: {r.lora}")
+        print(f"{expert_name(r.expert)} LoRA: {r.lora}")
     return 0
 
 
@@ -219,15 +223,20 @@ def cmd_merge(args) -> int:
     from .export.formats import read_lora
     from .export.merge import merge_into_file
     from .models.dit import inspect_dit
-    from .models.tasks import T2V, check_task, task_of_channels
+    from .models.tasks import by_architecture, check_task, identify_task
 
     base, out = Path(args.base), Path(args.out)
     if out.exists() and not args.overwrite:
         raise WanpairError(f"{out} already exists; pass --overwrite to replace it.")
-    info = inspect_dit(base)
-    task = task_of_channels(info.config["in_channels"]) or T2V
-    check_task(info.config, base, task)  # refuses what is neither pair, naming it
-    n = merge_into_file(base, read_lora(args.lora), out, task, args.strength, args.allow_expert_mismatch)
+    info, lora = inspect_dit(base), read_lora(args.lora)
+    c = info.config
+    task = identify_task(c["in_channels"], (c["num_attention_heads"] * c["attention_head_dim"], c["num_layers"],
+                                            c["ffn_dim"]), base)
+    trained = by_architecture(lora.metadata.get("wanpair.architecture"))
+    if trained and (trained.version, trained.in_channels) == (task.version, task.in_channels):
+        task = trained  # e.g. Wan 2.1 14B or 1.3B: the LoRA says which; check_task refuses a size that is not
+    check_task(info.config, base, task, "--base")  # refuses what wanpair does not train, naming it
+    n = merge_into_file(base, lora, out, task, args.strength, args.allow_expert_mismatch)
     print(f"wrote {out}: {n} layers merged at strength {args.strength}")
     return 0
 
@@ -236,15 +245,22 @@ def cmd_timesteps(args) -> int:
     from .train.timestep_report import draw, text_histogram, write_csv, write_png
 
     project = _project(args.project)
-    t, w = project.train, project.experts[args.expert]
-    values = draw(project, args.expert, args.n)
-    title = (f"{args.expert}-noise expert, window {w.min_timestep}-{w.max_timestep}, {t.timestep_sampling} "
+    expert = args.expert or project.task.experts[0]
+    if expert not in project.task.experts:
+        raise WanpairError(f"--expert {expert}: {project.task.name} has " + (
+            "the experts high and low." if project.task.paired else "one model; leave --expert out."))
+    if args.expert is None and project.task.paired:
+        raise WanpairError("--expert high or --expert low: which expert's timesteps to draw.")
+    t, w = project.train, project.experts[expert]
+    values = draw(project, expert, args.n)
+    title = (f"{expert_name(expert)} {'expert' if project.task.paired else 'model'}, window {w.min_timestep}-"
+             f"{w.max_timestep}, {t.timestep_sampling} "
              f"(shift {t.discrete_flow_shift}, preserve shape {t.preserve_distribution_shape})")
     print(title)
     window = (w.min_timestep, w.max_timestep)
     print(text_histogram(values, window))
     out = project.run_dir
-    png = Path(args.png) if args.png else out / f"timesteps_{args.expert}.png"
+    png = Path(args.png) if args.png else out / f"timesteps_{expert}.png"
     print(f"wrote {write_png(values, png, title, window)}")
     if args.csv:  # the raw draws go beside the plot, wherever --png put it
         print(f"wrote {write_csv(values, png.with_suffix('.csv'))}")
@@ -265,8 +281,18 @@ def cmd_sample(args) -> int:
     from .sample import SampleSettings, sample
 
     project = _project(args.project)
+    task = project.task
+    misplaced = [{"lora_full": "--lora", "strength_full": "--strength"}.get(o, f"--{o.replace('_', '-')}") for o in (("lora_high", "lora_low", "strength_high", "strength_low",
+                 "guidance_high", "guidance_low") if not task.paired else ("lora_full", "strength_full"))
+                 if getattr(args, o) is not None]
+    if misplaced:
+        raise WanpairError(f"{' '.join(misplaced)}: " + (
+            f"{task.name} is one model; use --lora, --strength and --guidance." if not task.paired else
+            "a Wan 2.2 pair has two LoRAs: --lora-high / --lora-low, --strength-high / --strength-low."))
+    if args.guidance is not None:
+        args.guidance_high = args.guidance_low = args.guidance
     loras = {}
-    for expert in ("high", "low"):
+    for expert in task.experts:
         given = getattr(args, f"lora_{expert}")
         path = Path(given) if given else project.lora_path(expert)
         if args.no_lora:
@@ -274,7 +300,7 @@ def cmd_sample(args) -> int:
         elif not path.exists():
             if given:
                 raise WanpairError(f"LoRA {path} does not exist.")
-            print(f"note: {path.name} not found; the {expert}-noise expert runs without a LoRA")
+            print(f"note: {path.name} not found; {expert_noun(expert)} runs without a LoRA")
             path = None
         loras[expert] = path
     settings = SampleSettings.for_task(project.task, **{k: v for k, v in vars(args).items()
@@ -286,7 +312,8 @@ def cmd_sample(args) -> int:
 
 def _model_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--model", choices=list(TASKS), default="t2v-A14B",
-                   help=f"{what}: t2v-A14B (Wan 2.2 text to video, the default) or i2v-A14B (image to video)")
+                   help=f"{what}: t2v-A14B (Wan 2.2 text to video, the default), i2v-A14B (Wan 2.2 image to video), "
+                        "t2v-14B or t2v-1.3B (Wan 2.1 text to video: one model, one LoRA)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,9 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="check, cache and train the high- and low-noise LoRAs",
                        description="Run the whole recipe: check the dataset, cache latents and text, train the "
                                    "high-noise LoRA on timesteps 875-1000 and the low-noise LoRA on 0-875, and save "
-                                   "WAN2.2-HighNoise_<name>.safetensors and WAN2.2-LowNoise_<name>.safetensors.")
+                                   "WAN2.2-HighNoise_<name>.safetensors and WAN2.2-LowNoise_<name>.safetensors "
+                                   "(I2V: 900 is the boundary). A Wan 2.1 model trains one LoRA on 0-1000: "
+                                   "WAN2.1-14B_<name>.safetensors (or WAN2.1-1.3B_...).")
     p.add_argument("project", help="the wanpair.toml project file")
-    p.add_argument("--expert", choices=("both", "high", "low"), default="both", help="train only one expert")
+    p.add_argument("--expert", choices=("both", "high", "low"), default="both",
+                   help="train only one expert of a Wan 2.2 pair")
     p.add_argument("--overwrite", action="store_true", help="replace existing LoRA files of the same name")
     p.add_argument("--allow-expert-mismatch", action="store_true",
                    help="continue from an init_lora even if its metadata names the other expert")
@@ -394,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Draw timesteps with the project's sampler and window (100 000 by default), "
                                    "print a text histogram, write a PNG (and the raw draws with --csv).")
     p.add_argument("project", help="the wanpair.toml project file")
-    p.add_argument("--expert", choices=("high", "low"), required=True)
+    p.add_argument("--expert", choices=("high", "low"), help="which expert of a pair (a Wan 2.1 model: leave it out)")
     p.add_argument("-n", type=int, default=100_000, help="number of draws (default 100000)")
     p.add_argument("--png", help="where to write the plot (default: <output_dir>/<name>/timesteps_<expert>.png)")
     p.add_argument("--csv", action="store_true", help="also write the raw draws as CSV beside the plot")
@@ -436,8 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "for t >= 875 (I2V: 900), the low-noise expert with the LowNoise LoRA below. "
                                    "Defaults are Wan's: 40 steps and Wan's negative prompt; text to video: shift 12, "
                                    "guidance 4.0 (high) / 3.0 (low), 1 frame; image to video (an i2v-A14B project, "
-                                   "--image required): shift 5, guidance 3.5 / 3.5, 81 frames. Users of rank-16 pairs "
-                                   "often prefer LoRA strengths of 0.5-0.8.")
+                                   "--image required): shift 5, guidance 3.5 / 3.5, 81 frames. A Wan 2.1 model (t2v-14B, "
+                                   "t2v-1.3B) runs alone with its LoRA: 50 steps, shift 5, guidance 5 (--lora, "
+                                   "--strength, --guidance). Users of rank-16 pairs often prefer LoRA strengths of 0.5-0.8.")
     p.add_argument("project", help="the wanpair.toml project (models, and default LoRA paths)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file with one prompt per line")
@@ -451,11 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, help=f"flow shift of the sampler, default {d.shift} (I2V: 5.0)")
     p.add_argument("--guidance-high", dest="guidance_high", type=float, help=f"CFG scale on the high-noise expert, default {d.guidance_high} (I2V: 3.5)")
     p.add_argument("--guidance-low", dest="guidance_low", type=float, help=f"CFG scale on the low-noise expert, default {d.guidance_low} (I2V: 3.5)")
+    p.add_argument("--guidance", type=float, help="CFG scale of a Wan 2.1 model (default 5.0); on a pair: both experts'")
     p.add_argument("--seed", type=int, help=f"seed of the first prompt (next prompts +1, +2, ...), default {d.seed}")
     p.add_argument("--strength-high", dest="strength_high", type=float, help="HighNoise LoRA strength, default 1.0")
     p.add_argument("--strength-low", dest="strength_low", type=float, help="LowNoise LoRA strength, default 1.0")
     p.add_argument("--lora-high", dest="lora_high", help="HighNoise LoRA (default: the project's output)")
     p.add_argument("--lora-low", dest="lora_low", help="LowNoise LoRA (default: the project's output)")
+    p.add_argument("--strength", dest="strength_full", type=float, help="Wan 2.1: the LoRA's strength, default 1.0")
+    p.add_argument("--lora", dest="lora_full", help="Wan 2.1: the LoRA (default: the project's output)")
     p.add_argument("--no-lora", action="store_true", help="sample the base models only, for comparison")
     p.add_argument("--allow-expert-mismatch", action="store_true", help="apply a LoRA even if it was trained for the other expert")
     p.add_argument("--out", help="output folder (default: <output_dir>/<name>/samples)")

@@ -2,8 +2,8 @@
 
 Everything is generated deterministically (no downloads): 18 small images with captions (for the
 image-to-video pair, `--model i2v-A14B`: 12 short clips of moving shapes, as folders of frames), a
-Musubi `dataset.toml`, two 2-block Wan DiTs (high- and low-noise) saved as original-layout single-file
-safetensors like the Comfy-Org files, a small Wan 2.1-layout VAE saved the same way, a small umT5
+Musubi `dataset.toml`, two 2-block Wan DiTs (high- and low-noise; one for Wan 2.1, `--model t2v-14B` or
+`t2v-1.3B`) saved as original-layout single-file safetensors like the Comfy-Org files, a small Wan 2.1-layout VAE saved the same way, a small umT5
 saved as a Wan-format `.pth`, and a word-level tokenizer built from the captions. The demo then runs
 the ordinary `train` path on a generated `wanpair.toml`, so it exercises the code a real run uses.
 """
@@ -116,11 +116,11 @@ def make_models(folder: Path, vocab_size: int, dtype: torch.dtype = torch.float1
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for seed, expert in ((1, "high"), (2, "low")):
+    for seed, expert in enumerate(task.experts, start=1):
         torch.manual_seed(seed)
         dit = WanTransformer3DModel(**{**TINY_DIT, "in_channels": task.in_channels})
         sd = {dit_original_name(k): v.to(dtype).contiguous() for k, v in dit.state_dict().items()}
-        paths[expert] = folder / f"wan2.2_{task.file_word}_{expert}_noise_tiny_fp16.safetensors"
+        paths[expert] = folder / task.dit_file(expert).replace(f"_{task.size_word}_", "_tiny_")
         save_file(sd, str(paths[expert]), metadata={"format": "pt"})
     torch.manual_seed(3)
     vae = AutoencoderKLWan(**TINY_VAE)
@@ -156,8 +156,7 @@ def make_demo(root: Path, task: Task = T2V) -> Path:
         'author = "wanpair demo"\n'
         'output_dir = "output"\n\n'
         "[models]\n"
-        f'high_noise = "{rel["high"]}"\n'
-        f'low_noise = "{rel["low"]}"\n'
+        + "".join(f'{task.dit_key(e)} = "{rel[e]}"\n' for e in task.experts) +
         f'vae = "{rel["vae"]}"\n'
         f't5 = "{rel["t5"]}"\n'
         f'tokenizer = "{tokenizer.relative_to(root).as_posix()}"\n\n'

@@ -12,9 +12,12 @@ A minimal project is the model paths, the dataset and a name:
     [dataset]
     config = "dataset/dataset.toml"
 
+Wan 2.1's single models (`model = "t2v-14B"` or `"t2v-1.3B"`) name one `dit = "..."` file instead of
+the two experts, and train one LoRA over all timesteps.
+
 Relative paths are relative to the project file. Every other setting is in `[train]` and
-`[experts.high]` / `[experts.low]`; the defaults are the community recipe (Musubi-Tuner flags in
-shared/reference/wan22-lora-recipe.md) except where the README says why we differ.
+`[experts.high]` / `[experts.low]` (`[experts.full]` for one model); the defaults are the community
+recipe (Musubi-Tuner flags in shared/reference/wan22-lora-recipe.md) except where the README says why we differ.
 """
 
 from __future__ import annotations
@@ -27,17 +30,18 @@ from pathlib import Path
 import torch
 
 from .errors import WanpairError
-from .models.tasks import T2V, TASKS, Task, detect_task
+from .models.tasks import T2V, TASKS, Task, by_name, detect_task
 from .tomlfile import did_you_mean, read_toml
 
 
 @dataclass
 class Models:
-    high_noise: Path
-    low_noise: Path
     vae: Path
     t5: Path
     tokenizer: Path
+    high_noise: Path | None = None  # a Wan 2.2 pair's experts
+    low_noise: Path | None = None
+    dit: Path | None = None  # a Wan 2.1 single model
 
 
 @dataclass
@@ -135,7 +139,7 @@ class Project:
     train: TrainSettings = field(default_factory=TrainSettings)
     experts: dict[str, ExpertWindow] = field(default_factory=lambda: default_windows(T2V))
     sample: SampleDuringTraining = field(default_factory=SampleDuringTraining)
-    task: Task = T2V  # which pair: `model = "i2v-A14B"`, or what the high-noise file is
+    task: Task = T2V  # which model: `model = "i2v-A14B"`, or what the [models] files are
 
     @property
     def run_dir(self) -> Path:
@@ -143,10 +147,10 @@ class Project:
 
     def lora_path(self, expert: str) -> Path:
         """`WAN2.2-HighNoise_<name>.safetensors` / `WAN2.2-LowNoise_<name>.safetensors`, as the recipe names them."""
-        return self.output_dir / f"WAN2.2-{'HighNoise' if expert == 'high' else 'LowNoise'}_{self.name}.safetensors"
+        return self.output_dir / self.task.lora_file(expert, self.name)
 
     def dit_path(self, expert: str) -> Path:
-        return self.models.high_noise if expert == "high" else self.models.low_noise
+        return getattr(self.models, self.task.dit_key(expert))
 
 
 TOP_KEYS = {"name", "model", "author", "output_dir", "models", "dataset", "train", "experts", "sample"}
@@ -241,8 +245,8 @@ def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings
 
 
 def default_windows(task: Task) -> dict[str, ExpertWindow]:
-    """The timestep windows each expert is trained on: its side of the pair's boundary."""
-    return {"high": ExpertWindow(task.boundary, 1000), "low": ExpertWindow(0, task.boundary)}
+    """The timestep windows each expert is trained on: its side of the pair's boundary (one model: all)."""
+    return {e: ExpertWindow(*task.window(e)) for e in task.experts}
 
 
 def _experts(raw: dict, path: Path, problems: list[str], warnings: list[str], resolve,
@@ -251,7 +255,9 @@ def _experts(raw: dict, path: Path, problems: list[str], warnings: list[str], re
     boundary = task.boundary
     for name, table in raw.items():
         if name not in experts:
-            problems.append(_unknown(name, experts, "[experts]", path))
+            problems.append(f"{path}: [experts.{name}]: {task.name} is one model trained over all timesteps; its one "
+                            "LoRA's settings go in [experts.full]." if name in ("high", "low") and not task.paired
+                            else _unknown(name, experts, "[experts]", path))
             continue
         for key, value in table.items():
             if key == "init_lora":
@@ -267,8 +273,8 @@ def _experts(raw: dict, path: Path, problems: list[str], warnings: list[str], re
     for name, w in experts.items():
         if w.min_timestep >= w.max_timestep:
             problems.append(f"{path}: [experts.{name}] min_timestep {w.min_timestep} must be below max_timestep {w.max_timestep}.")
-    hi, lo = experts["high"], experts["low"]
-    if hi.min_timestep != boundary or lo.max_timestep != boundary:
+    hi, lo = experts.get("high"), experts.get("low")
+    if task.paired and (hi.min_timestep != boundary or lo.max_timestep != boundary):
         warnings.append(
             f"expert windows high {hi.min_timestep}-{hi.max_timestep}, low {lo.min_timestep}-{lo.max_timestep} do not meet "
             f"at the {task.name} boundary {boundary}: at inference each expert runs on its own side of {boundary}."
@@ -298,16 +304,34 @@ def _sample(raw: dict, path: Path, problems: list[str], resolve) -> SampleDuring
 
 
 def _task(value, models_raw: dict, path: Path, problems: list[str], resolve) -> Task:
-    """`model = "t2v-A14B" | "i2v-A14B"`; unset, what the high-noise file is (read from its header), else T2V."""
+    """`model = "t2v-A14B" | "i2v-A14B" | "t2v-14B" | "t2v-1.3B"`; unset, what the [models] files are (read
+    from their headers), else T2V A14B."""
     if value is None:
-        high = models_raw.get("high_noise")
-        return (detect_task(resolve(high)) if isinstance(high, str) else None) or T2V
-    by_name = {name.lower(): task for name, task in TASKS.items()}
-    if str(value).lower() not in by_name:
+        return detect_task(models_raw, resolve) or T2V
+    task = by_name(value)
+    if task is None:
         problems.append(f"{path}: model = {value!r} is not one wanpair trains; use one of "
                         f"{', '.join(repr(t) for t in TASKS)}.")
         return T2V
-    return by_name[str(value).lower()]
+    return task
+
+
+def _model_keys(models_raw: dict, task: Task, path: Path, problems: list[str]) -> None:
+    """[models]: the VAE, umT5 and tokenizer, and the task's DiT file(s) -- the two experts of a pair, or one
+    `dit` -- each named once."""
+    for key in models_raw:
+        if key not in MODEL_KEYS:
+            problems.append(_unknown(key, MODEL_KEYS, "[models]", path))
+    wrong = [k for k in ("high_noise", "low_noise", "dit") if k in models_raw and k not in task.dit_keys]
+    if wrong:
+        problems.append(
+            f"{path}: [models] {' and '.join(wrong)} do not belong to {task.name} ({task.title}), which takes "
+            f"{' and '.join(task.dit_keys)}. " + ("A Wan 2.2 pair has two experts: high_noise and low_noise."
+                                                  if task.paired else "Wan 2.1 is one model: dit = \"...\"."))
+    for key in ("vae", "t5", "tokenizer", *task.dit_keys):
+        if key not in models_raw:
+            what = "DiT" if key == "dit" else key.replace("_", "-")
+            problems.append(f"{path}: [models] {key} is missing (path to the {what} file).")
 
 
 def load_project(path: str | Path) -> tuple[Project, list[str]]:
@@ -327,11 +351,6 @@ def load_project(path: str | Path) -> tuple[Project, list[str]]:
     if not isinstance(name, str) or not re.fullmatch(r"[\w.\-]+", name or ""):
         problems.append(f"{path}: name = {name!r} must be set to a file-name-safe string, e.g. name = \"my_character_v1\".")
     models_raw = raw.get("models", {})
-    for key in models_raw:
-        if key not in MODEL_KEYS:
-            problems.append(_unknown(key, MODEL_KEYS, "[models]", path))
-    for key in sorted(MODEL_KEYS - set(models_raw)):
-        problems.append(f"{path}: [models] {key} is missing (path to the {key.replace('_', '-')} file).")
     dataset_raw = raw.get("dataset", {})
     for key in dataset_raw:
         if key != "config":
@@ -340,6 +359,7 @@ def load_project(path: str | Path) -> tuple[Project, list[str]]:
         problems.append(f"{path}: [dataset] config is missing (path to your Musubi-style dataset.toml).")
     train = _train_settings(raw.get("train", {}), path, problems)
     task = _task(raw.get("model"), models_raw, path, problems, resolve)
+    _model_keys(models_raw, task, path, problems)
     experts = _experts(raw.get("experts", {}), path, problems, warnings, resolve, task)
     sample = _sample(raw.get("sample", {}), path, problems, resolve)
     if task.conditioned and (sample.every_n_epochs or sample.every_n_steps):

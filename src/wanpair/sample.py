@@ -1,9 +1,9 @@
-"""Two-expert sampling with the LoRA pair, the way Wan 2.2 runs.
+"""Two-expert sampling with the LoRA pair, the way Wan 2.2 runs (Wan 2.1: one model with its LoRA).
 
 The high-noise expert (with the HighNoise LoRA) denoises while t >= the pair's boundary (875 for T2V,
 900 for I2V), the low-noise expert (with the LowNoise LoRA) below; diffusers' `WanPipeline` (text to
 video) or `WanImageToVideoPipeline` (from a first frame, `--image`) does the switching (its
-`boundary_ratio`), with Wan's UniPC flow solver. Prompts are encoded first and the text encoder is
+`boundary_ratio`), with Wan's UniPC flow solver. A Wan 2.1 model is the pipeline's one transformer. Prompts are encoded first and the text encoder is
 freed before the experts run. LoRAs are applied by adding their weight update to the expert
 (the same result as diffusers' own LoRA loading; see tests/test_export.py).
 """
@@ -24,14 +24,14 @@ from PIL.PngImagePlugin import PngInfo
 
 from .atomic import atomic_path, write_text_atomic
 from .errors import WanpairError
-from .models.tasks import T2V, Task
+from .models.tasks import EXPERT_NAMES, T2V, Task, expert_name
 from .project import Project
 
 log = logging.getLogger(__name__)
 
 # Wan 2.2 A14B sampling defaults: 40 steps for both pairs, and the shared sample_neg_prompt (Wan2.2
-# `wan/configs/shared_config.py`); shift and guidance differ per pair (`wanpair.models.tasks`).
-DEFAULT_STEPS = 40
+# `wan/configs/shared_config.py`); shift, guidance (and Wan 2.1's 50 steps) per model (`wanpair.models.tasks`).
+DEFAULT_STEPS = T2V.sample_steps
 I2V_FRAMES = 81  # an image-to-video sample is a clip (Wan2.2 `wan/image2video.py`: frame_num = 81)
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
@@ -48,18 +48,20 @@ class SampleSettings:
     fps: int = 16
     steps: int = DEFAULT_STEPS
     shift: float = T2V.sample_shift
-    guidance_high: float = T2V.guidance_high
+    guidance_high: float = T2V.guidance_high  # a single model's (Wan 2.1) guidance is guidance_high
     guidance_low: float = T2V.guidance_low
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     seed: int = 42
     strength_high: float = 1.0
     strength_low: float = 1.0
+    strength_full: float = 1.0  # a single model's LoRA
     image: str = ""  # the first frame (image-to-video pair)
 
     @classmethod
     def for_task(cls, task: Task, **given) -> "SampleSettings":
-        """The pair's own defaults (shift, guidance; I2V: an 81-frame clip), then what the user gave."""
-        defaults = dict(shift=task.sample_shift, guidance_high=task.guidance_high, guidance_low=task.guidance_low)
+        """The model's own defaults (shift, guidance, steps; I2V: an 81-frame clip), then what the user gave."""
+        defaults = dict(shift=task.sample_shift, guidance_high=task.guidance_high, guidance_low=task.guidance_low,
+                        steps=task.sample_steps)
         if task.conditioned:
             defaults["frames"] = I2V_FRAMES
         return cls(**{**defaults, **given})
@@ -69,7 +71,7 @@ class SampleSettings:
         if task.conditioned and not self.image:
             problems.append(f"the {task.name} pair makes a clip from a first frame: pass --image FRAME.png.")
         elif self.image and not task.conditioned:
-            problems.append(f"--image is for the image-to-video pair (i2v-A14B); this project's experts are {task.title}.")
+            problems.append(f"--image is for the image-to-video pair (i2v-A14B); this project trains {task.title}.")
         elif self.image and not Path(self.image).is_file():
             problems.append(f"--image {self.image}: no such file.")
         if task.conditioned and self.frames == 1:
@@ -89,11 +91,11 @@ def _slug(text: str) -> str:
 
 
 def _lora_note(loras: dict[str, Path | None]) -> str:
-    return "+".join(f"{e}{'Lora' if loras.get(e) else 'Base'}" for e in ("high", "low"))
+    return "+".join(f"{e}{'Lora' if loras.get(e) else 'Base'}" for e in EXPERT_NAMES if e in loras)
 
 
 def checked_loras(project: Project, loras: dict[str, Path | None], allow_mismatch: bool = False) -> dict:
-    """Each LoRA read and checked against its slot -- the right expert and pair, layers the base has --
+    """Each LoRA read and checked against its slot -- the right expert and model, layers the base has --
     before any 28 GB base is loaded."""
     from .export.formats import read_lora
     from .export.merge import check_expert, check_pair
@@ -101,15 +103,16 @@ def checked_loras(project: Project, loras: dict[str, Path | None], allow_mismatc
     from .models.files import strip_prefix
 
     checked = {}
-    for expert in ("high", "low"):
+    for expert in project.task.experts:
         path = loras.get(expert)
         if not path:
             checked[expert] = None
             continue
         lora = read_lora(path)
         dit = project.dit_path(expert)
-        check_expert(lora, expert, f"the {expert}-noise slot ({dit.name})", allow_mismatch)
-        check_pair(lora, project.task, f"the {expert}-noise slot ({dit.name})", allow_mismatch)
+        slot = f"the {expert_name(expert)} slot ({dit.name})" if project.task.paired else dit.name
+        check_expert(lora, expert, slot, allow_mismatch)
+        check_pair(lora, project.task, slot, allow_mismatch)
         info = inspect_dit(dit)
         if info.file is not None:
             prefix = strip_prefix(info.file.keys)
@@ -117,7 +120,7 @@ def checked_loras(project: Project, loras: dict[str, Path | None], allow_mismatc
             unknown = sorted(set(lora.modules) - have)
             if unknown:
                 raise WanpairError(f"{path}: LoRA module {unknown[0]} has no matching layer in {dit.name} "
-                                   "(is it a LoRA for Wan 2.2 A14B?).")
+                                   f"(is it a LoRA for {project.task.title}?).")
         checked[expert] = lora
     return checked
 
@@ -168,21 +171,22 @@ def load_expert(project: Project, expert: str, lora, strength: float, dtype: tor
     if fp8:
         use_fp8_matmul(model, fp8_matmul_available(device))
     if lora is not None:
-        log.info("merged the %s-noise LoRA into the %s-noise expert at strength %s",
-                 lora.metadata.get("wanpair.expert", "?"), expert, strength)
+        log.info("merged the %s LoRA into the %s model at strength %s",
+                 expert_name(lora.metadata.get("wanpair.expert", expert)), expert_name(expert), strength)
     return model
 
 
-def make_pipeline(vae, high, low, shift: float, task: Task = T2V):
-    """diffusers' pipeline of the pair (WanPipeline, or WanImageToVideoPipeline for I2V) over two experts,
-    switching at the pair's boundary; prompts come as embeddings (no text encoder), and the Wan 2.2 I2V
-    experts take no CLIP image embedding (no image encoder)."""
+def make_pipeline(vae, models: dict, shift: float, task: Task = T2V):
+    """diffusers' pipeline (WanPipeline, or WanImageToVideoPipeline for I2V) over a pair's two experts,
+    switching at its boundary, or over a single model; prompts come as embeddings (no text encoder), and
+    the Wan 2.2 I2V experts take no CLIP image embedding (no image encoder)."""
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=shift)
-    parts = dict(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=high, transformer_2=low,
-                 boundary_ratio=task.boundary / 1000)
+    parts = dict(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler,
+                 transformer=models["high"] if task.paired else models["full"], transformer_2=models.get("low"),
+                 boundary_ratio=task.boundary / 1000 if task.paired else None)
     if task.conditioned:
         return WanImageToVideoPipeline(image_processor=None, image_encoder=None, **parts)
     return WanPipeline(**parts)
@@ -190,24 +194,24 @@ def make_pipeline(vae, high, low, shift: float, task: Task = T2V):
 
 def build_pipeline(project: Project, loras: dict[str, Path | None], settings: SampleSettings, device: torch.device,
                    dtype: torch.dtype, allow_mismatch: bool = False):
-    """A diffusers WanPipeline over both experts with their LoRAs merged (no text encoder), the experts
+    """A diffusers WanPipeline over the experts (or the one model) with their LoRAs merged (no text encoder),
     loaded straight to the GPU in bf16, or fp8 (or one at a time) when memory is short."""
     from .models import load_vae
     from .models.dit import inspect_dit
 
     checked = checked_loras(project, loras, allow_mismatch)
-    storage = storage_for(device, [inspect_dit(project.dit_path(e)).config for e in ("high", "low")])
+    storage = storage_for(device, [inspect_dit(project.dit_path(e)).config for e in project.task.experts])
     if storage != "bf16":
-        log.info("sampling with the experts stored as fp8%s: both in bf16 do not fit in the GPU's free memory",
-                 ", one on the GPU at a time" if storage == "offload" else "")
+        log.info("sampling with the weights stored as fp8%s: in bf16 they do not fit in the GPU's free memory",
+                 ", one model on the GPU at a time" if storage == "offload" else "")
     experts = {}
-    for e in ("high", "low"):
+    for e in project.task.experts:
         experts[e] = load_expert(project, e, checked[e], getattr(settings, f"strength_{e}"), dtype, device,
                                  fp8=storage != "bf16")
         if storage == "offload":
             experts[e].to("cpu")  # converted on the GPU (fast), kept on the host until its turn
     vae = load_vae(project.models.vae, dtype=torch.float32)
-    pipe = make_pipeline(vae, experts["high"], experts["low"], settings.shift, project.task)
+    pipe = make_pipeline(vae, experts, settings.shift, project.task)
     if storage == "offload":
         pipe.enable_model_cpu_offload(device=device)
         return pipe
@@ -262,7 +266,7 @@ def save_output(frames: np.ndarray, path: Path, info: dict, fps: int) -> Path:
 def sample(project: Project, prompts: list[str], settings: SampleSettings, loras: dict[str, Path | None],
            out_dir: Path, device: torch.device | None = None, allow_mismatch: bool = False,
            name_prefix: str = "") -> list[Path]:
-    """Generate one image or clip per prompt with both experts; returns the files written."""
+    """Generate one image or clip per prompt with the model's experts (or its one model); returns the files."""
     start = time.perf_counter()
     settings.check(project.task)
     if not prompts:
@@ -273,7 +277,7 @@ def sample(project: Project, prompts: list[str], settings: SampleSettings, loras
     embeds, negative = prompt_embeddings(project, prompts, settings.negative_prompt, device, dtype)
     log.info("prompts ready after %.1f s", time.perf_counter() - start)
     pipe = build_pipeline(project, loras, settings, device, dtype, allow_mismatch)
-    log.info("both experts ready after %.1f s", time.perf_counter() - start)
+    log.info("models ready after %.1f s", time.perf_counter() - start)
     written = run_prompts(pipe, prompts, embeds, negative, settings, loras, out_dir, project, device, dtype, name_prefix)
     log.info("%d output(s) after %.1f s", len(written), time.perf_counter() - start)
     return written
@@ -288,7 +292,8 @@ def run_prompts(pipe, prompts, embeds, negative, settings: SampleSettings, loras
         frames = pipe(**first_frame, prompt_embeds=emb.to(device, dtype), negative_prompt_embeds=negative.to(device, dtype),
                       height=settings.height, width=settings.width, num_frames=settings.frames,
                       num_inference_steps=settings.steps, guidance_scale=settings.guidance_high,
-                      guidance_scale_2=settings.guidance_low, generator=generator, output_type="np").frames[0]
+                      guidance_scale_2=settings.guidance_low if project.task.paired else None, generator=generator,
+                      output_type="np").frames[0]
         info = {"prompt": prompt, "seed": settings.seed + i, "settings": asdict(settings),
                 "loras": {k: str(v) if v else None for k, v in loras.items()}, "project": str(project.path)}
         stem = f"{name_prefix}{i:02d}_{_slug(prompt)}_{_lora_note(loras)}"
@@ -307,8 +312,8 @@ def first_frame_image(settings: SampleSettings) -> Image.Image:
 
 class TrainingSampler:
     """Samples during training: the expert being trained (LoRA as it is now, the model already in memory)
-    with the other expert as it is, or with its LoRA when this run already trained it. File names say
-    which (e.g. `highLora+lowBase`).
+    with the other expert as it is, or with its LoRA when this run already trained it (a Wan 2.1 model
+    alone). File names say which (e.g. `highLora+lowBase`).
 
     The other expert is loaded once (fp8, its LoRA merged) and waits in host memory between samples; it
     borrows the GPU memory that training's activations leave free between steps. If even that is too
@@ -350,16 +355,16 @@ class TrainingSampler:
 
         if self.skipping:
             return []
-        other = "low" if expert == "high" else "high"
-        other_lora = self.project.lora_path(other) if self.project.lora_path(other).exists() else None
-        other_model = self._other(other, other_lora)
-        if not self._room_for(other_model):
-            return []
-        other_model.to(self.device)
+        models, loras, other_model = {expert: model}, {expert: "training"}, None
+        if self.project.task.paired:
+            other = "low" if expert == "high" else "high"
+            loras[other] = self.project.lora_path(other) if self.project.lora_path(other).exists() else None
+            other_model = self._other(other, loras[other])
+            if not self._room_for(other_model):
+                return []
+            models[other] = other_model.to(self.device)
         self.vae = self.vae or load_vae(self.project.models.vae, dtype=torch.float32)
-        pipe = make_pipeline(self.vae, *((model, other_model) if expert == "high" else (other_model, model)),
-                             self.settings.shift, self.project.task).to(self.device)
-        loras = {expert: "training", other: other_lora}
+        pipe = make_pipeline(self.vae, models, self.settings.shift, self.project.task).to(self.device)
         was_training = model.training
         model.eval()
         from .train.speed import eager
@@ -371,7 +376,8 @@ class TrainingSampler:
                                       name_prefix=f"{expert}-step{step:06d}_")
         finally:
             model.train(was_training)
-            other_model.to("cpu")
+            if other_model is not None:
+                other_model.to("cpu")
             self.vae.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -21,9 +21,9 @@ from ..errors import WanpairError
 from ..models.files import safetensors_header
 from ..train.state import lock_holder, lock_path
 
-EXPERTS = ("high", "low")
+EXPERTS = ("high", "low", "full")  # a pair's experts, or a single model's one ("full": all timesteps)
 MEDIA = {".png", ".jpg", ".jpeg", ".webp", ".mp4", ".webm"}
-SAMPLE_NAME = re.compile(r"^(high|low)-step(\d+)_(\d+)_(.*)_(high(?:Lora|Base)\+low(?:Lora|Base))$")
+SAMPLE_NAME = re.compile(r"^(high|low|full)-step(\d+)_(\d+)_(.*)_(high(?:Lora|Base)\+low(?:Lora|Base)|full(?:Lora|Base))$")
 SEARCH_DEPTH = 4  # metrics.jsonl at most this many folders below a given directory
 ACTIVE_S = 120  # an expert that logged within this many seconds is progressing now
 
@@ -104,11 +104,13 @@ def state_of(run: Run) -> str:
 
 
 def progress(rows: list[dict], now: float | None = None) -> dict:
-    """Per expert: steps done, of how many, median s/step of the last 20, ETA; the run's ETA (the
-    experts' remaining times added, or the longest when they progress side by side)."""
+    """Per expert (those the run logged; a pair's two before any row): steps done, of how many, median
+    s/step of the last 20, ETA; the run's ETA (the experts' remaining times added, or the longest when
+    they progress side by side)."""
     now = now or time.time()
     out, remaining, active = {}, [], 0
-    for e in EXPERTS:
+    logged = {r.get("expert") for r in rows}
+    for e in [e for e in EXPERTS if e in logged] or ["high", "low"]:
         mine = [r for r in rows if r.get("expert") == e]
         steps = [r for r in mine if "loss" in r]
         total = next((r["total_steps"] for r in reversed(mine) if "total_steps" in r), None)
@@ -151,7 +153,8 @@ def samples_of(run: Run) -> list[dict]:
 def loras_of(run: Run) -> list[dict]:
     """The run's final and intermediate LoRAs with what `wanpair inspect` tells of them (header only)."""
     out = []
-    for path in sorted(run.output_dir.glob(f"WAN2.2-*Noise_{run.name}*.safetensors")):
+    for path in sorted({*run.output_dir.glob(f"WAN2.2-*Noise_{run.name}*.safetensors"),
+                        *run.output_dir.glob(f"WAN2.1-*_{run.name}*.safetensors")}):
         try:
             meta = safetensors_header(path).get("__metadata__", {})
         except (OSError, WanpairError):  # being written, or damaged: listed without facts

@@ -177,7 +177,8 @@ def describe(lora: LoraWeights, path: Path) -> str:
     lines = [
         f"file:        {path}",
         f"layout:      {lora.source_format}",
-        f"expert:      {meta.get('wanpair.expert', 'unknown (not a wanpair file)')}",
+        f"expert:      {meta.get('wanpair.expert', 'unknown (not a wanpair file)')}"
+        + (" (one model over all timesteps)" if meta.get("wanpair.expert") == "full" else ""),
         f"timesteps:   {meta.get('modelspec.timestep_range', meta.get('wanpair.timestep_window', 'unknown'))}",
         f"rank:        {', '.join(map(str, ranks))}    alpha: {', '.join(f'{a:g}' for a in alphas)}",
         f"dtype:       {', '.join(dtypes)}",

@@ -3,7 +3,7 @@ loads; see `wanpair.sample.lora_delta`).
 
 Both refuse a LoRA whose metadata names the other expert (wanpair writes `wanpair.expert`), since
 a HighNoise LoRA on the low-noise model is the recipe's most common silent mistake, and one trained on
-the other pair (text- vs image-to-video, `wanpair.architecture`).
+another model (text- vs image-to-video, Wan 2.1 vs 2.2: `wanpair.architecture`).
 """
 
 from __future__ import annotations
@@ -19,31 +19,35 @@ from ..atomic import atomic_path
 from ..errors import WanpairError
 from ..models.dit import guess_expert
 from ..models.files import iter_tensors, safetensors_header, strip_prefix
-from ..models.tasks import TASKS, Task
+from ..models.tasks import EXPERT_NAMES, Task, by_architecture, expert_noun
 from .formats import LoraWeights
 
 _FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 
+def _trained_on(expert: str) -> str:
+    return "one model over all timesteps (Wan 2.1)" if expert == "full" else expert_noun(expert)
+
+
 def check_expert(lora: LoraWeights, base_expert: str | None, what: str, allow_mismatch: bool = False) -> None:
-    """Refuse a LoRA trained for the other expert, unless the user insists."""
+    """Refuse a LoRA trained for the other expert (or for a single model on an expert), unless the user insists."""
     lora_expert = lora.metadata.get("wanpair.expert")
-    if lora_expert and base_expert and lora_expert != base_expert and not allow_mismatch:
-        raise WanpairError(
-            f"this LoRA was trained on the {lora_expert}-noise expert but {what} is the {base_expert}-noise expert. "
-            f"Use the {'HighNoise' if base_expert == 'high' else 'LowNoise'} LoRA here "
-            "(or pass --allow-expert-mismatch if you really mean it)."
-        )
+    if lora_expert in EXPERT_NAMES and base_expert and lora_expert != base_expert and not allow_mismatch:
+        use = (f"Use the {'HighNoise' if base_expert == 'high' else 'LowNoise'} LoRA here" if base_expert != "full"
+               else "Use a LoRA trained on this model")
+        raise WanpairError(f"this LoRA was trained on {_trained_on(lora_expert)} but {what} is "
+                           f"{_trained_on(base_expert)}. {use} (or pass --allow-expert-mismatch if you really mean it).")
 
 
 def check_pair(lora: LoraWeights, task: Task, what: str, allow_mismatch: bool = False) -> None:
-    """Refuse a LoRA trained on the other pair (text- vs image-to-video): the two pairs' layers have the
-    same names and shapes, so only the metadata tells them apart (wanpair writes `wanpair.architecture`)."""
-    trained = next((t for t in TASKS.values() if t.architecture == lora.metadata.get("wanpair.architecture")), None)
+    """Refuse a LoRA trained on another model (text- vs image-to-video pair, Wan 2.1 vs 2.2): their layers
+    can have the same names and shapes, so only the metadata tells them apart (`wanpair.architecture`)."""
+    trained = by_architecture(lora.metadata.get("wanpair.architecture"))
     if trained and trained is not task and not allow_mismatch:
         raise WanpairError(
-            f"this LoRA was trained on the {trained.title} pair but {what} belongs to {task.title}. Use a LoRA "
-            f"trained on {task.name} experts (or pass --allow-expert-mismatch if you really mean it).")
+            f"this LoRA was trained on {trained.title} but {what} belongs to {task.title}. Use a LoRA "
+            f"trained on {task.name} (or pass --allow-expert-mismatch if you really mean it: where the layers "
+            "match, it applies).")
 
 
 def _merged(base: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -65,7 +69,7 @@ def merge_into_file(base: Path, lora: LoraWeights, out: Path, task: Task, streng
     """
     if base.suffix != ".safetensors":
         raise WanpairError(f"{base}: merge needs a .safetensors base model.")
-    check_expert(lora, guess_expert(base, {}), str(base), allow_mismatch)
+    check_expert(lora, guess_expert(base, {}) if task.paired else "full", str(base), allow_mismatch)
     check_pair(lora, task, str(base), allow_mismatch)
     header = safetensors_header(base)
     header.pop("__data_start__")

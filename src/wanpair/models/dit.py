@@ -57,9 +57,11 @@ def guess_expert(path: Path, metadata: dict[str, str]) -> str | None:
 
     Single files carry `high_noise` / `low_noise` in their names (Comfy-Org repackaging); in the
     diffusers Wan2.2-T2V-A14B folders `transformer/` is the high-noise and `transformer_2/` the
-    low-noise expert (diffusers `WanPipeline`: transformer runs while t >= boundary).
+    low-noise expert (diffusers `WanPipeline`: transformer runs while t >= boundary); a Wan 2.1 folder
+    has `transformer/` alone, which is no expert.
     """
-    if path.is_dir() and path.name in ("transformer", "transformer_2"):
+    if path.is_dir() and (path.name == "transformer_2" or path.name == "transformer" and
+                          (path.parent / "transformer_2").is_dir()):
         return "high" if path.name == "transformer" else "low"
     text = f"{path.name} {json.dumps(metadata)}".lower()
     high = re.search(r"high[_\- ]?noise", text) is not None

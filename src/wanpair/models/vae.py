@@ -60,7 +60,7 @@ def _config_from_original(shapes: dict[str, tuple[int, ...]], path: Path) -> dic
     if z2 == 96:
         raise WanpairError(
             f"{path} is the Wan 2.2 VAE (48 latent channels), which only the TI2V-5B model uses. "
-            "The T2V A14B experts need the Wan 2.1 VAE: wan_2.1_vae.safetensors."
+            "Wan 2.2 A14B and Wan 2.1 need the Wan 2.1 VAE: wan_2.1_vae.safetensors."
         )
     try:
         base = shapes["encoder.conv1.weight"][0]
@@ -87,7 +87,7 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
         log.info("loading VAE (diffusers folder) from %s", path)
         vae = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
         if vae.config.z_dim != 16:
-            raise WanpairError(f"{path} has {vae.config.z_dim} latent channels; the A14B experts need the 16-channel Wan 2.1 VAE.")
+            raise WanpairError(f"{path} has {vae.config.z_dim} latent channels; Wan 2.2 A14B and Wan 2.1 need the 16-channel Wan 2.1 VAE.")
         return vae.to(device).eval().requires_grad_(False)
     wf: WeightFile = inspect_weight_file(path)
     identify(wf, expected="vae")

@@ -71,8 +71,11 @@ def _ram_available_gib() -> float | None:
     return next((int(x.split()[1]) * 1024 / GIB for x in lines if x.startswith("MemAvailable:")), None)
 
 
-def expected_s_per_step(plan, tokens: int, gpu: str) -> str:
-    """What the benchmark table says this plan costs, scaled by tokens; only for the GPUs it was measured on."""
+def expected_s_per_step(plan, tokens: int, gpu: str, fourteen_b: bool = True) -> str:
+    """What the benchmark table says this plan costs, scaled by tokens; only for the GPUs and the model size
+    (14B) it was measured on."""
+    if not fourteen_b:
+        return "speed: the table in docs/benchmarks.md is of the 14B models"
     if not any(g in gpu for g in MEASURED_GPUS):
         return f"speed on {gpu}: not measured (H100/H200: docs/benchmarks.md)"
     if plan.streamed:
@@ -105,7 +108,7 @@ def project_checks(project_path: Path) -> list[Check]:
         checks.append(Check(None, "fp8 tensor cores: " + ("yes, fp8 matmuls for the frozen base" if fp8 else
                                                           "no (fp8 storage only; matmuls in bf16, slower)")))
     try:
-        recipe.checked = preflight(project, ("high", "low"), device, quiet=True)
+        recipe.checked = preflight(project, project.task.experts, device, quiet=True)
     except WanpairError as e:
         return checks + [Check(False, "models, dataset, tokenizer, output folder and disk", str(e))]
     checks.append(Check(True, f"models: {', '.join(f'{k} {d.path.name}' for k, d in recipe.dits.items())}; VAE, "
@@ -118,9 +121,10 @@ def project_checks(project_path: Path) -> list[Check]:
                         + (f"; {len(cplan.missing_latents)} latents and {len(cplan.missing_texts)} captions will be "
                            "encoded when training starts" if todo else "")))
     if device.type != "cuda":
-        params = recipe.dits["high"].config["num_layers"] * block_linear_params(recipe.dits["high"].config)[0]
+        config = recipe.dits[project.task.experts[0]].config
+        params = config["num_layers"] * block_linear_params(config)[0]
         checks.append(Check(params < CPU_PARAMS_LIMIT, f"no GPU: training runs on the CPU ({params / 1e6:,.1f} M "
-                                                         "block parameters per expert)",
+                                                         "block parameters per model)",
                             "a 14B expert takes days per epoch on a CPU: run on a machine with a CUDA GPU."))
         return checks
     specs = {s.index: s.batch_size for s in recipe.checked.specs}
@@ -128,13 +132,14 @@ def project_checks(project_path: Path) -> list[Check]:
                  for it in recipe.items)
     free, _ = torch.cuda.mem_get_info(device)
     budget = t.memory_budget_gb or (min(free / GIB, LOW_MODE_BUDGET_GIB) if t.memory_mode == "low" else free / GIB)
-    config = recipe.dits["high"].config
+    config = recipe.dits[project.task.experts[0]].config
     try:
         plan = plan_from_config(config, tokens, t, budget, fp8_matmul_available(device))
     except WanpairError as e:
         return checks + [Check(False, f"memory plan for {tokens} tokens per batch", f"{project.path}: {e}")]
     checks.append(Check(True, f"{plan.describe()} (estimated before loading); "
-                              + expected_s_per_step(plan, tokens, torch.cuda.get_device_name(device))))
+                              + expected_s_per_step(plan, tokens, torch.cuda.get_device_name(device),
+                                                    project.task.size_word == "14B")))
     if plan.streamed:  # their fp8 weights live in pinned host memory
         pinned = len(plan.streamed) * block_linear_params(config)[0] / GIB
         ram = _ram_available_gib()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..errors import WanpairError
-from ..models.tasks import T2V, TASKS
+from ..models.tasks import T2V, T2V_1_3B, TASKS
 from ..sizes import human_bytes
 
 # Where the recipe's files live (../shared/reference/wan22-lora-recipe.md, section 3). The tokenizer is the
@@ -43,10 +43,11 @@ class HubFile:
 
 
 RECIPE_FILES = (
-    # the experts of each pair (Comfy-Org's names: wan2.2_{t2v,i2v}_{high,low}_noise_14B_{fp16,fp8_scaled})
-    *(HubFile(f"{e}_noise", COMFY_WAN22, f"split_files/diffusion_models/wan2.2_{t.file_word}_{e}_noise_14B_{kind}.safetensors",
-              variant, t.name)
-      for t in TASKS.values() for variant, kind in (("fp16", "fp16"), ("fp8", "fp8_scaled")) for e in ("high", "low")),
+    # the experts of each pair (Comfy-Org's names: wan2.2_{t2v,i2v}_{high,low}_noise_14B_{fp16,fp8_scaled}) and
+    # Wan 2.1's single models (wan2.1_t2v_14B_{fp16,fp8_scaled}; the 1.3B only as fp16, 2.8 GB)
+    *(HubFile(t.dit_key(e), COMFY_WAN22 if t.paired else COMFY_WAN21,
+              f"split_files/diffusion_models/{t.dit_file(e, 'fp16' if t is T2V_1_3B else kind)}", variant, t.name)
+      for t in TASKS.values() for variant, kind in (("fp16", "fp16"), ("fp8", "fp8_scaled")) for e in t.experts),
     HubFile("vae", COMFY_WAN21, "split_files/vae/wan_2.1_vae.safetensors"),
     HubFile("t5", WAN_I2V, "models_t5_umt5-xxl-enc-bf16.pth"),
     *(HubFile("tokenizer", WAN_I2V, f"{TOKENIZER_DIR}/{name}")

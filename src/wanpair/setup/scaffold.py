@@ -17,23 +17,27 @@ from ..data.items import IMAGE_EXTENSIONS
 from ..data.video import is_video
 from ..errors import WanpairError
 from ..models.tasks import T2V, Task
-from ..project import MODEL_KEYS, Models, TrainSettings
+from ..project import MODEL_KEYS, TrainSettings
 from ..tomlfile import read_toml
 
 def model_patterns(task: Task) -> dict[str, list[str]]:
     """What each [models] key looks like on disk (the Comfy-Org / Wan-AI names of the recipe), best first."""
-    w = task.file_word
     return {
-        **{f"{e}_noise": [f"wan2.2_{w}_{e}_noise_14B_fp16.safetensors", f"wan2.2_{w}_{e}_noise_14B_bf16.safetensors",
-                          f"wan2.2_{w}_{e}_noise_14B_fp8*.safetensors", f"*{w}*{e}_noise*.safetensors"]
-           for e in ("high", "low")},
+        **{task.dit_key(e): [task.dit_file(e, "fp16"), task.dit_file(e, "bf16"), task.dit_file(e, "fp8*"),
+                             f"*{task.kind_word}*{e}_noise*.safetensors" if task.paired else
+                             f"*wan2[._]1*{task.kind_word}*.safetensors"]
+           for e in task.experts},
         "vae": ["wan_2.1_vae.safetensors", "Wan2.1_VAE.pth"],
         "t5": ["models_t5_umt5-xxl-enc-bf16.pth"],
         "tokenizer": ["spiece.model", "tokenizer.json"],  # the folder holding it
     }
 
 
-MODEL_ORDER = tuple(f.name for f in dataclasses.fields(Models))  # the [models] keys, in the project's order
+def model_order(task: Task) -> tuple[str, ...]:
+    """The [models] keys of `task`, in the project's order: its DiT file(s) first."""
+    return (*task.dit_keys, "vae", "t5", "tokenizer")
+
+
 MODELS_ONLY_HEADER = "# written by `wanpair download`; `wanpair init DATASET_DIR` adds the rest\n"
 
 
@@ -55,20 +59,20 @@ def relative(path: Path, base: Path) -> str:
         return str(path.resolve())
 
 
-def models_table(paths: dict[str, Path | None], base: Path) -> str:
+def models_table(paths: dict[str, Path | None], base: Path, task: Task = T2V) -> str:
     lines = ["[models]"]
-    for key in MODEL_ORDER:
+    for key in model_order(task):
         path = paths.get(key)
         lines.append(f"{key:<10} = {toml_value(relative(path, base))}" if path else
                      f'{key:<10} = ""  # not found: `wanpair download`, or the path to your file')
     return "\n".join(lines) + "\n"
 
 
-def set_models_table(project: Path, paths: dict[str, Path]) -> str:
+def set_models_table(project: Path, paths: dict[str, Path], task: Task = T2V) -> str:
     """Write `paths` as the [models] table of `project`: replace the table in an existing file (the rest
     of it kept as written), or start a file holding just that table. Returns what was done."""
     base = project.parent
-    table = models_table(paths, base)
+    table = models_table(paths, base, task)
     if not project.exists():
         write_text_atomic(project, MODELS_ONLY_HEADER + table)
         return f"wrote {project} ([models] only; `wanpair init DATASET_DIR` adds the dataset and settings)"
@@ -90,12 +94,12 @@ def set_models_table(project: Path, paths: dict[str, Path]) -> str:
 
 
 def find_models(folder: Path, task: Task = T2V) -> dict[str, Path]:
-    """The recipe's files for `task`'s pair under `folder` (any depth), by their usual names."""
+    """The recipe's files for `task` under `folder` (any depth), by their usual names."""
     found: dict[str, Path] = {}
     if not folder.is_dir():
         return found
     patterns = model_patterns(task)
-    for key in MODEL_ORDER:
+    for key in model_order(task):
         for pattern in patterns[key]:
             hits = sorted(p for p in folder.rglob(pattern) if p.is_file() and "/.cache/" not in p.as_posix())
             if hits:
@@ -145,7 +149,8 @@ def train_defaults() -> str:
 
 def project_text(name: str, models: str, dataset: Path, project: Path, task: Task = T2V) -> str:
     return (f"# wanpair project: `wanpair doctor {project.name}` checks it, `wanpair train {project.name}` runs it\n"
-            f"name = {toml_value(name)}  # LoRAs: WAN2.2-{{HighNoise,LowNoise}}_{name}.safetensors\n"
+            f"name = {toml_value(name)}  # LoRA{'s' if task.paired else ''}: "
+            f"{', '.join(task.lora_file(e, name) for e in task.experts)}\n"
             f"model = {toml_value(task.name)}  # {task.title}\n"
             f'author = ""\noutput_dir = "output"\n\n{models}\n[dataset]\n'
             f"config = {toml_value(relative(dataset, project.parent))}\n\n{train_defaults()}")
@@ -179,9 +184,9 @@ def init(dataset_dir: Path, project: Path, name: str | None, models_dir: Path, f
     name = name or re.sub(r"[^\w.\-]+", "_", dataset_dir.name).strip("_") or "my_lora"
     if not re.fullmatch(r"[\w.\-]+", name):
         raise WanpairError(f"--name {name!r} must be file-name safe (letters, digits, _ . -).")
-    write_text_atomic(project, project_text(name, models_table(found, project.parent), dataset, project, task))
+    write_text_atomic(project, project_text(name, models_table(found, project.parent, task), dataset, project, task))
     done.append(f"wrote {project} (name = {name!r})")
-    missing = [k for k in MODEL_ORDER if k not in found]
+    missing = [k for k in model_order(task) if k not in found]
     if missing:
         done.append(f"not found under {models_dir}: {', '.join(missing)}; run `wanpair download --project {project}` "
                     "or set the paths under [models]")

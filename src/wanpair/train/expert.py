@@ -34,6 +34,7 @@ from ..errors import WanpairError
 from ..export.formats import read_lora
 from ..export.merge import check_expert
 from ..models.dit import DitInfo, load_dit
+from ..models.tasks import expert_name, expert_noun
 from ..project import Project
 from .data import CachedData, step_counts
 from .flow_matching import flow_matching_loss, pad_text
@@ -109,7 +110,7 @@ class ExpertTraining:
 
     def start_from_init_lora(self) -> None:
         lora = read_lora(self.window.init_lora)
-        check_expert(lora, self.expert, f"the {self.expert}-noise expert being trained", self.allow_expert_mismatch)
+        check_expert(lora, self.expert, f"{expert_noun(self.expert)} being trained", self.allow_expert_mismatch)
         n = load_initial_lora(self.model, lora, self.t.rank, self.t.alpha)
         self.say(f"continuing from {self.window.init_lora} ({n} modules)")
 
@@ -142,7 +143,7 @@ class ExpertTraining:
         restore_rngs(state["rngs"], self.gen)
         if self.world > 1:
             torch.manual_seed(self.t.seed + 1_000_003 * self.rank + state["step"])
-        self.say(f"resuming the {self.expert}-noise expert at step {self.step_count} (epoch {self.first_epoch})")
+        self.say(f"resuming {expert_noun(self.expert)} at step {self.step_count} (epoch {self.first_epoch})")
 
     def setup_validation(self) -> None:
         """Fixed timesteps spread evenly over the window and fixed noise per item (its own generator, the
@@ -236,14 +237,14 @@ class ExpertTraining:
 
     def train(self) -> None:
         t, expert = self.t, self.expert
-        self.say(f"training the {expert}-noise expert ({self.dit.path.name}) on timesteps {self.window.min_timestep}-"
+        self.say(f"training {expert_noun(expert)} ({self.dit.path.name}) on timesteps {self.window.min_timestep}-"
                  f"{self.window.max_timestep}: {len(self.data.trained)} items, {self.epochs} epochs, {self.total_steps} steps"
                  + (f", data-parallel over {self.world} processes" if self.world > 1 else ""))
         dev = self.accelerator.device
         header = {"total_steps": self.total_steps,
                   "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type}
         self.metrics = MetricsLog(self.p.run_dir, expert, t.tensorboard, header) if self.writes else None
-        bar = tqdm(total=self.total_steps, initial=self.step_count, desc=f"{expert}-noise", unit="step",
+        bar = tqdm(total=self.total_steps, initial=self.step_count, desc=expert_name(expert), unit="step",
                    disable=not (self.writes and self.progress))
         if self.val_items and self.step_count == 0 and self.metrics:
             self.metrics.log({"step": 0, **self.validation_row()})
@@ -331,7 +332,7 @@ class ExpertTraining:
 
     def nan_diagnosis(self, bad: int) -> str:
         t = self.t
-        return (f"{bad} consecutive non-finite steps on the {self.expert}-noise expert; stopped without saving "
+        return (f"{bad} consecutive non-finite steps on {expert_noun(self.expert)}; stopped without saving "
                 f"a broken LoRA. Likely causes: learning_rate {t.learning_rate} too high (try a third), "
                 + ("fp16 overflow (use mixed_precision = \"bf16\")." if t.mixed_precision == "fp16"
                    else "or a corrupt cache entry (delete the cache folder and run again)."))
@@ -407,7 +408,7 @@ class ExpertTraining:
         partial = final.with_name(f"{final.stem}-partial-step{self.step_count:06d}{final.suffix}")
         self.save_lora(partial, {"wanpair.partial": "true"})
         raise StopRequested(
-            f"stopped at step {self.step_count} of the {self.expert}-noise expert; saved {partial.name} and the "
+            f"stopped at step {self.step_count} of {expert_noun(self.expert)}; saved {partial.name} and the "
             f"training state {path}.\nResume with:  wanpair train {self.p.path} --resume", signum or 15)
 
     def finish(self) -> ExpertResult:

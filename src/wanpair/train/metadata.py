@@ -49,7 +49,7 @@ def lora_metadata(project: Project, expert: str, dit: DitInfo, items: list[Item]
         # modelspec.* / ss_* are the keys ComfyUI, A1111-style tools and Musubi-Tuner display.
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{project.task.architecture}/lora",
-        "modelspec.implementation": "https://github.com/Wan-Video/Wan2.2",
+        "modelspec.implementation": f"https://github.com/Wan-Video/Wan{project.task.version}",
         "modelspec.title": project.lora_path(expert).stem,
         "modelspec.author": project.author,
         "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

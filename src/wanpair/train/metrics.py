@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_path
+from ..models.tasks import expert_name
 
 
 class MetricsLog:
@@ -110,16 +111,16 @@ def plot_loss(metrics_path: Path, out: Path) -> Path:
 
     rows = read_metrics(metrics_path)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for expert, color in (("high", "tab:red"), ("low", "tab:blue")):
+    for expert, color in (("high", "tab:red"), ("low", "tab:blue"), ("full", "tab:purple")):
         r = [x for x in rows if x.get("expert") == expert and "loss" in x]
         v = [x for x in rows if x.get("expert") == expert and "val_loss" in x]
         if r:
-            a.plot([x["step"] for x in r], [x["smoothed_loss"] for x in r], color=color, label=f"{expert}-noise")
-            b.scatter([x["timestep"] for x in r], [x["loss"] for x in r], s=4, color=color, label=f"{expert}-noise")
+            a.plot([x["step"] for x in r], [x["smoothed_loss"] for x in r], color=color, label=expert_name(expert))
+            b.scatter([x["timestep"] for x in r], [x["loss"] for x in r], s=4, color=color, label=expert_name(expert))
         if v:
             what = "held-out" if v[-1].get("val_kind") == "held-out" else "fit: training items"
             a.plot([x["step"] for x in v], [x["val_loss"] for x in v], color=color, ls="--", marker="o", ms=3,
-                   label=f"{expert}-noise validation ({what})")
+                   label=f"{expert_name(expert)} validation ({what})")
     a.set(xlabel="step", ylabel="loss (smoothed)", title="loss against step")
     b.set(xlabel="timestep (0-1000)", ylabel="loss", title="loss against timestep")
     a.legend()

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_text_atomic
 from ..errors import WanpairError
+from ..models.tasks import expert_name, expert_noun
 from .state import StopRequested, add_lock_holders
 
 # The worker's environment names the `wanpair train` process: killed outright (SIGKILL, the OOM killer) it
@@ -94,9 +95,9 @@ def describe(waves: list[list[Group]]) -> str:
 
     def one_wave(wave: list[Group]) -> str:
         if len(wave) > 1 and all(g.memory_share < 1 for g in wave):  # the experts share one GPU
-            return (" and ".join(f"{g.expert}-noise" for g in wave) + f" {where(wave[0])} at the same time, "
+            return (" and ".join(expert_name(g.expert) for g in wave) + f" {where(wave[0])} at the same time, "
                     "half its memory each")
-        return " and ".join(f"{g.expert}-noise {where(g)}" for g in wave) + (" at the same time" if len(wave) > 1 else "")
+        return " and ".join(f"{expert_name(g.expert)} {where(g)}" for g in wave) + (" at the same time" if len(wave) > 1 else "")
 
     return "; then ".join(one_wave(wave) for wave in waves)
 
@@ -138,7 +139,7 @@ class _Worker:
 
 def _run_wave(wave: list[Group], handoff: Path, metrics: Path, states: dict, totals: dict, lock: Path) -> None:
     workers: list[_Worker] = []
-    bars = {g.expert: tqdm(total=totals[g.expert], initial=_state_step(states.get(g.expert)), desc=f"{g.expert}-noise",
+    bars = {g.expert: tqdm(total=totals[g.expert], initial=_state_step(states.get(g.expert)), desc=expert_name(g.expert),
                            unit="step", position=i, dynamic_ncols=True) for i, g in enumerate(wave)}
     tail = _MetricsTail(metrics)
     stopping: list[int] = []
@@ -170,11 +171,11 @@ def _run_wave(wave: list[Group], handoff: Path, metrics: Path, states: dict, tot
         bar.close()
     failed = [w for w in workers if w.failed]
     if failed:
-        names = " and ".join(f"{w.group.expert}-noise" for w in failed)
-        others = "".join(f"; the {w.group.expert}-noise expert {_how_it_ended(w.proc.returncode)}"
+        names = " and ".join(expert_noun(w.group.expert) for w in failed)
+        others = "".join(f"; {expert_noun(w.group.expert)} {_how_it_ended(w.proc.returncode)}"
                          for w in workers if w not in failed)
         raise WanpairError(
-            f"the {names} expert stopped with an error (exit code {', '.join(str(w.proc.returncode) for w in failed)};"
+            f"{names} stopped with an error (exit code {', '.join(str(w.proc.returncode) for w in failed)};"
             f" its messages are above){others}. Fix the cause and run the same command again: finished experts "
             "are kept, the others continue from their last state.")
     if any(w.proc.returncode for w in workers):

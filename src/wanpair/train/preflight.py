@@ -22,7 +22,7 @@ from ..export.merge import check_expert, check_pair
 from ..models.dit import DitInfo, inspect_dit
 from ..models.files import inspect_weight_file
 from ..models.kinds import identify
-from ..models.tasks import check_task
+from ..models.tasks import check_task, expert_noun
 from ..models.text_encoder import TEXT_LEN, load_tokenizer
 from ..project import Project
 from ..sizes import human_bytes
@@ -60,15 +60,15 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
     except WanpairError as e:
         problems.append(f"[models] tokenizer: {e}")
         tokenizer = None
-    for expert in ("high", "low"):
-        key = "high_noise" if expert == "high" else "low_noise"
+    for expert in project.task.experts:
+        key = project.task.dit_key(expert)
         try:
             info = inspect_dit(project.dit_path(expert))
-            check_task(info.config, info.path, project.task)
+            check_task(info.config, info.path, project.task, key)
         except WanpairError as e:
             problems.append(f"[models] {key}: {e}")
             continue
-        if info.expert and info.expert != expert:
+        if project.task.paired and info.expert and info.expert != expert:
             problems.append(
                 f"[models] {key} = {info.path} is named as the {info.expert}-noise expert. Swap high_noise and "
                 "low_noise: a LoRA trained on the wrong expert does nothing useful at inference."
@@ -78,7 +78,7 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
         init = project.experts[expert].init_lora
         if init:
             try:
-                lora, what = read_lora(init), f"the {expert}-noise expert being trained"
+                lora, what = read_lora(init), f"{expert_noun(expert)} being trained"
                 check_expert(lora, expert, what, allow_expert_mismatch)
                 check_pair(lora, project.task, what, allow_expert_mismatch)
             except WanpairError as e:
@@ -86,8 +86,7 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
     if len(found.dits) == 2 and found.dits["high"].fingerprint == found.dits["low"].fingerprint:
         problems.append(
             f"[models] high_noise and low_noise are the same file/content ({found.dits['high'].path}). Wan 2.2 "
-            f"needs both experts: wan2.2_{project.task.file_word}_high_noise_14B_*.safetensors and "
-            f"wan2.2_{project.task.file_word}_low_noise_14B_*.safetensors."
+            f"needs both experts: {project.task.dit_file('high', '*')} and {project.task.dit_file('low', '*')}."
         )
     try:
         found.specs = load_dataset_config(project.dataset_config)

@@ -1,4 +1,5 @@
-"""The LoRA-pair recipe: check -> cache -> train the high-noise expert and the low-noise expert -> save.
+"""The LoRA-pair recipe: check -> cache -> train the high-noise expert and the low-noise expert -> save
+(a Wan 2.1 single model: its one LoRA over all timesteps, through the same stages).
 
 - `preflight` (`wanpair.train.preflight`): every input validated before any model loads.
 - `prepare_caches`: VAE latents and umT5 embeddings of captions and sampling prompts, content-keyed
@@ -29,6 +30,7 @@ from ..cache import CachePlan, CacheStats, fill, folder_fingerprint, plan, read_
 from ..errors import WanpairError
 from ..models.text_encoder import load_text_encoder
 from ..models.vae import load_vae
+from ..models.tasks import expert_name, expert_noun
 from ..project import Project
 from . import placement
 from .data import CachedData, step_counts, validation_set
@@ -164,10 +166,10 @@ class LoraPairRecipe:
                     problems.append(f"the run changed since {path} was saved ({', '.join(changed)}); resuming would "
                                     "not continue the same run. Restore it, or start over with --overwrite.")
                 else:
-                    print(f"note: {path.name} is from a run with a different {', '.join(changed)}; the {e}-noise "
-                          "expert starts over")
+                    print(f"note: {path.name} is from a run with a different {', '.join(changed)}; "
+                          f"{expert_noun(e)} starts over")
             if state and not resume:
-                print(f"continuing the {e}-noise expert from {state.name} (a run of this project that stopped there)")
+                print(f"continuing {expert_noun(e)} from {state.name} (a run of this project that stopped there)")
             jobs.append(ExpertJob(e, state))
         if explicit is not None and not any(j.state == explicit for j in jobs) and not problems:
             problems.append(f"--resume {explicit}: that state is not of an expert this command trains.")
@@ -234,8 +236,9 @@ class LoraPairRecipe:
         return ExpertResult(expert, self.p.lora_path(expert), max((r["step"] for r in rows), default=0), 0.0,
                             losses[0], losses[-1], losses)
 
-    def run(self, experts: tuple[str, ...] = ("high", "low"), resume: str | None = None) -> list[ExpertResult]:
-        """The whole recipe. `resume`: a state file, or "latest" for each expert's newest state of this run.
+    def run(self, experts: tuple[str, ...] | None = None, resume: str | None = None) -> list[ExpertResult]:
+        """The whole recipe (for `experts`, default: all the model has). `resume`: a state file, or "latest"
+        for each expert's newest state of this run.
 
         Started by torchrun / accelerate launch on several ranks, every rank runs it: all check and plan
         alike, rank 0 holds the lock and writes, each node's first rank fills the caches before the others
@@ -244,6 +247,7 @@ class LoraPairRecipe:
         if ranks is not None:
             self.device = ranks.device
         first = ranks is None or ranks.is_main_process
+        experts = experts or self.p.task.experts
         with run_lock(self.p.output_dir, self.p.name) if first else contextlib.nullcontext():
             self.preflight(experts)
             jobs, kept = self.plan_experts(experts, resume)
@@ -281,7 +285,7 @@ class LoraPairRecipe:
         rows = [r for r in read_metrics(metrics) if r.get("expert") == expert and "loss" in r]
         saved[max((r["step"] for r in rows), default=0)] = final
         nearest = min(saved, key=lambda s: (abs(s - step), -s))
-        print(f"{expert}-noise: lowest validation loss {value:.4f} ({kind}) at step {step}; nearest saved LoRA: "
+        print(f"{expert_name(expert)}: lowest validation loss {value:.4f} ({kind}) at step {step}; nearest saved LoRA: "
               f"{saved[nearest].name}" + ("" if kind == "held-out" else
                                           " (no held-out data: add [[validation]] to measure generalisation)"))
         return {"best_validation_step": step, "best_validation_loss": value, "validation_kind": kind,

@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from ..models.tasks import EXPERT_NAMES
+
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `wanpair train` sets it
 
 
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m wanpair.train.worker", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("handoff", type=Path)
-    ap.add_argument("--expert", choices=("high", "low"), required=True)
+    ap.add_argument("--expert", choices=tuple(EXPERT_NAMES), required=True)
     ap.add_argument("--state", type=Path, help="continue from this training state")
     ap.add_argument("--memory-share", type=float, default=1.0,
                     help="the fraction of the GPU this process may use (experts sharing one GPU)")

@@ -1,8 +1,8 @@
-// wanpair dashboard: the runs list, and one run's two experts side by side, growing live.
+// wanpair dashboard: the runs list, and one run's two experts side by side (a Wan 2.1 run: its one model), growing live.
 "use strict";
 
-const COLORS = { high: "#d62728", low: "#1f77b4" };
-const NAMES = { high: "high-noise", low: "low-noise" };
+const COLORS = { high: "#d62728", low: "#1f77b4", full: "#9467bd" };
+const NAMES = { high: "high-noise", low: "low-noise", full: "full-range" };
 const state = { runId: null, offset: 0, rows: [], timers: [], facts: null };
 
 const $ = (sel) => document.querySelector(sel);
@@ -22,6 +22,9 @@ function duration(s) {
   return `${(s / 3600).toFixed(1)} h`;
 }
 
+// the run's experts as the server lists them: high and low, or "full" (one model over all timesteps)
+const experts = () => (state.facts ? Object.keys(state.facts.experts) : ["high", "low"]);
+
 function stepsText(p) {
   return p.total ? `${p.done} of ${p.total}` : (p.done ? `${p.done}` : "—");
 }
@@ -38,7 +41,8 @@ async function loadRuns() {
   const body = $("#runs tbody");
   body.replaceChildren(...runs.map((r) => el("tr", { class: `state-${r.state}`, "data-run": r.id, onclick: () => openRun(r.id) },
     el("td", {}, r.name), el("td", { class: "state" }, r.state),
-    el("td", {}, stepsText(r.experts.high)), el("td", {}, stepsText(r.experts.low)),
+    ...(r.experts.full ? [el("td", { colspan: 2 }, `${stepsText(r.experts.full)} (one model)`)]
+                       : [el("td", {}, stepsText(r.experts.high)), el("td", {}, stepsText(r.experts.low))]),
     el("td", {}, r.state === "running" ? duration(r.eta_s) : "—"),
     el("td", {}, r.started ? new Date(r.started * 1000).toLocaleString() : "—"),
     el("td", {}, r.device || "—"))));
@@ -64,7 +68,7 @@ async function refreshFacts() {
   state.facts = run;
   $("#run-title").textContent = `${run.name} — ${run.state}`;
   $("#run-facts").replaceChildren(
-    ...["high", "low"].map((e) => el("span", { id: `progress-${e}`, class: `progress ${e}` },
+    ...experts().map((e) => el("span", { id: `progress-${e}`, class: `progress ${e}` },
       `${NAMES[e]}: ${stepsText(run.experts[e])} steps · ${run.experts[e].s_per_step ? run.experts[e].s_per_step.toFixed(3) : "—"} s/step · ETA ${duration(run.experts[e].eta_s)}`)),
     el("span", {}, ` · ${run.device || ""} · ${run.folder}`));
   renderSamples(run.samples);
@@ -82,7 +86,7 @@ async function pollMetrics() {
 }
 
 function updateProgress() {  // steps done, between the slower refreshes of the facts
-  for (const e of ["high", "low"]) {
+  for (const e of experts()) {
     const steps = state.rows.filter((r) => r.expert === e && "loss" in r);
     const node = document.getElementById(`progress-${e}`);
     if (!node || !steps.length || !state.facts) continue;
@@ -98,7 +102,7 @@ function series(expert, key) {
 }
 
 function windows() {
-  const out = { high: [875, 1000], low: [0, 875] };
+  const out = { high: [875, 1000], low: [0, 875], full: [0, 1000] };
   for (const l of (state.facts && state.facts.loras) || []) {
     if (l.expert && l.window) out[l.expert] = l.window.split(",").map(Number);
   }
@@ -109,7 +113,7 @@ const LAYOUT = { margin: { l: 50, r: 10, t: 36, b: 90 }, legend: { orientation: 
 
 function renderCharts() {
   const loss = [], byT = [], lr = [], speed = [], mem = [];
-  for (const e of ["high", "low"]) {
+  for (const e of experts()) {
     const c = COLORS[e];
     loss.push({ ...series(e, "loss"), name: `${NAMES[e]} loss`, mode: "markers", marker: { color: c, size: 4, opacity: 0.35 } });
     loss.push({ ...series(e, "smoothed_loss"), name: `${NAMES[e]} smoothed`, mode: "lines", line: { color: c } });
@@ -121,7 +125,7 @@ function renderCharts() {
     mem.push({ ...series(e, "gpu_mem_gib"), name: NAMES[e], mode: "lines", line: { color: c } });
   }
   const w = windows();
-  const shapes = ["high", "low"].map((e) => ({ type: "rect", xref: "x", yref: "paper", x0: w[e][0], x1: w[e][1], y0: 0, y1: 1,
+  const shapes = experts().map((e) => ({ type: "rect", xref: "x", yref: "paper", x0: w[e][0], x1: w[e][1], y0: 0, y1: 1,
     fillcolor: COLORS[e], opacity: 0.08, line: { width: 0 } }));
   const cfg = { displaylogo: false, displayModeBar: false, responsive: true };
   const t = (text) => ({ text });  // Plotly 3 wants titles as objects
@@ -186,7 +190,7 @@ function renderLoras(loras, project) {
 function command(project) {
   const pick = (e) => { const c = document.querySelector(`#loras input[name=use-${e}]:checked`); return c ? c.value : null; };
   const parts = ["wanpair sample", project || "wanpair.toml"];
-  for (const e of ["high", "low"]) { const p = pick(e); if (p) parts.push(`--lora-${e} ${p}`); }
+  for (const e of experts()) { const p = pick(e); if (p) parts.push(`${e === "full" ? "--lora" : `--lora-${e}`} ${p}`); }
   parts.push('--prompt "..."');
   $("#sample-command").textContent = parts.join(" ");
 }
