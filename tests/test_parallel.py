@@ -27,7 +27,11 @@ from wanpair.errors import WanpairError
 from wanpair.project import load_project
 from wanpair.train.recipe import LoraPairRecipe
 
-SETTINGS = dict(epochs=3, learning_rate=2e-3, save_dtype="fp32", tensorboard=False)
+SETTINGS = dict(learning_rate=2e-3, save_dtype="fp32", tensorboard=False)
+# the module's reference run, which the pair-parallel, data-parallel and interrupted runs must each equal:
+# 27 optimizer steps of 2 micro-batches per expert, long enough that both workers are still training when
+# their first states (step 4) appear; two data-parallel ranks of one micro-batch make the same steps
+REFERENCE = dict(epochs=3, save_state_every_n_steps=4, gradient_accumulation_steps=2)
 
 
 def _train(project, *args):
@@ -58,22 +62,19 @@ def _same(a, b):
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_pair_parallel_gives_the_same_loras_as_one_expert_after_the_other(demo, tmp_path):
-    reference = _copy(demo, tmp_path, "sequential")
-    _train(reference, "--experts-parallel", "off")
-    project = _copy(demo, tmp_path, "parallel", experts_parallel="on")
+def test_pair_parallel_gives_the_same_loras_as_one_expert_after_the_other(shared_demo, tmp_path, reference):
+    project = _copy(shared_demo, tmp_path, "parallel", **REFERENCE, experts_parallel="on")
     results = LoraPairRecipe(project).run()
-    assert [r.expert for r in results] == ["high", "low"] and all(r.steps == 54 for r in results)
-    for expert in ("high", "low"):
+    assert [r.expert for r in results] == ["high", "low"] and all(r.steps == 27 for r in results)
+    for expert in ("high", "low"):  # the reference trained them one after the other, in one process
         assert _same(_tensors(project, expert), _tensors(reference, expert)), expert
     rows = (project.run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 2 * (1 + 54)  # a validation row at step 0 and 54 steps each; both workers appended to the one metrics file, no line lost or torn
+    assert len(rows) == 2 * (1 + 27)  # a validation row at step 0 and 27 steps each; both workers appended to the one metrics file, no line lost or torn
 
 
-def test_data_parallel_over_two_processes_equals_one_process_with_twice_the_accumulation(demo, tmp_path):
-    reference = _copy(demo, tmp_path, "one", gradient_accumulation_steps=2)
-    _train(reference, "--expert", "high")
-    project = _copy(demo, tmp_path, "two")
+def test_data_parallel_over_two_processes_equals_one_process_with_twice_the_accumulation(shared_demo, tmp_path,
+                                                                                        reference):
+    project = _copy(shared_demo, tmp_path, "two", **{**REFERENCE, "gradient_accumulation_steps": 1})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "-m", "wanpair.cli", "train", str(project.path), "--expert", "high"],
@@ -120,8 +121,8 @@ def shared_demo(demo_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(shared_demo, tmp_path_factory):
-    project = _copy(shared_demo, tmp_path_factory.mktemp("reference"), "reference", epochs=6, save_state_every_n_steps=4)
-    _train(project)
+    project = _copy(shared_demo, tmp_path_factory.mktemp("reference"), "reference", **REFERENCE)
+    _train(project, "--experts-parallel", "off")
     return project
 
 
@@ -132,7 +133,7 @@ def _start(project):
 
 
 def test_a_killed_expert_stops_the_other_which_saves_and_the_same_command_continues_both(shared_demo, tmp_path, reference):
-    project = _copy(shared_demo, tmp_path, "killed", epochs=6, save_state_every_n_steps=4, experts_parallel="on")
+    project = _copy(shared_demo, tmp_path, "killed", **REFERENCE, experts_parallel="on")
     parent = _start(project)
     low = _worker(parent, "low")
     _wait_for_state(project, "low", parent)
@@ -150,7 +151,7 @@ def test_a_killed_expert_stops_the_other_which_saves_and_the_same_command_contin
 
 
 def test_ctrl_c_stops_both_experts_and_the_same_command_continues_both(shared_demo, tmp_path, reference):
-    project = _copy(shared_demo, tmp_path, "interrupted", epochs=6, save_state_every_n_steps=4, experts_parallel="on")
+    project = _copy(shared_demo, tmp_path, "interrupted", **REFERENCE, experts_parallel="on")
     parent = _start(project)
     _wait_for_state(project, "low", parent)
     _wait_for_state(project, "high", parent)
@@ -171,7 +172,7 @@ def test_killing_wanpair_train_outright_stops_both_workers_which_save_and_a_new_
     (Continuing from such a save is the Ctrl-C test's.)"""
     from wanpair.train.state import lock_holder, lock_path
 
-    project = _copy(shared_demo, tmp_path, "orphaned", epochs=6, save_state_every_n_steps=4, experts_parallel="on")
+    project = _copy(shared_demo, tmp_path, "orphaned", **REFERENCE, experts_parallel="on")
     parent = _start(project)
     workers = [_worker(parent, "high"), _worker(parent, "low")]
     _wait_for_state(project, "low", parent)

@@ -87,16 +87,16 @@ def test_samples_during_training_name_which_loras_ran(demo):
     from wanpair.train.recipe import LoraPairRecipe
 
     (demo / "prompts.txt").write_text("a red circle on a white background\n")
-    set_train(demo / "wanpair.toml", epochs=2, tensorboard=True)
+    set_train(demo / "wanpair.toml", epochs=1, tensorboard=True, validate_every_n_steps=0)
     with open(demo / "wanpair.toml", "a") as f:
-        f.write('[sample]\nprompts = "prompts.txt"\nevery_n_epochs = 1\nwidth = 32\nheight = 32\nsteps = 2\n')
+        f.write('[sample]\nprompts = "prompts.txt"\nevery_n_steps = 9\nwidth = 32\nheight = 32\nsteps = 2\n')
     project, _ = load_project(demo / "wanpair.toml")
     LoraPairRecipe(project, overwrite=True).run()
     names = sorted(p.name for p in (project.run_dir / "samples").glob("*.png"))
-    assert names == ["high-step000018_00_a_red_circle_on_a_white_background_highLora+lowBase.png",
-                     "high-step000036_00_a_red_circle_on_a_white_background_highLora+lowBase.png",
-                     "low-step000018_00_a_red_circle_on_a_white_background_highLora+lowLora.png",
-                     "low-step000036_00_a_red_circle_on_a_white_background_highLora+lowLora.png"]
+    assert names == ["high-step000009_00_a_red_circle_on_a_white_background_highLora+lowBase.png",
+                     "high-step000018_00_a_red_circle_on_a_white_background_highLora+lowBase.png",
+                     "low-step000009_00_a_red_circle_on_a_white_background_highLora+lowLora.png",
+                     "low-step000018_00_a_red_circle_on_a_white_background_highLora+lowLora.png"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(project.run_dir / "tensorboard" / "low"))

@@ -114,18 +114,19 @@ def test_timesteps_command(demo, capsys):
 def test_overfitting_one_image_drives_the_loss_down(demo):
     """One image, high-noise window: the LoRA has to learn v = (x_t - x0) / t, so the loss must fall far below its start.
 
-    It falls ~4-5x, not 10x: the 2-block random DiT plateaus near 0.25 (from 1.33) however long it
-    trains. Measured: training *every* weight of this model (not just a LoRA) on the same task
-    goes 1.36 -> 0.29 in 1500 steps, and a flat-colour image or opened residual gates do no
-    better, so the limit is the tiny architecture's, not the trainer's."""
+    In 600 steps it falls to ~0.36x its start (measured: 1.30 -> 0.46), steadily; it goes on to a plateau
+    near 0.25 by ~1 200 steps, not lower: the 2-block random DiT's limit, not the trainer's (training
+    *every* weight of this model on the same task goes 1.36 -> 0.29 in 1500 steps, and a flat-colour
+    image or opened residual gates do no better). 600 steps keep the suite fast; the bound, 0.45x,
+    still fails a trainer that learns at half the speed."""
     for p in (demo / "dataset").glob("img_*"):
         if not p.stem.endswith("01"):
             p.unlink()
-    set_train(demo / "wanpair.toml", epochs=1200, learning_rate=3e-3, lr_scheduler="constant", fp8_base=False, rank=128, alpha=128.0,
-              mixed_precision="no", gradient_checkpointing=False, tensorboard=False)
+    set_train(demo / "wanpair.toml", epochs=600, learning_rate=3e-3, lr_scheduler="constant", fp8_base=False, rank=128, alpha=128.0,
+              mixed_precision="no", gradient_checkpointing=False, tensorboard=False, validate_every_n_steps=0)
     project, _ = load_project(demo / "wanpair.toml")
     (r,) = LoraPairRecipe(project, overwrite=True).run(("high",))
-    assert sum(r.epoch_losses[-20:]) / 20 < 0.25 * sum(r.epoch_losses[:5]) / 5
+    assert sum(r.epoch_losses[-20:]) / 20 < 0.45 * sum(r.epoch_losses[:5]) / 5
 
 
 def test_logit_normal_conditioned_on_the_window():

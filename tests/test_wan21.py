@@ -40,7 +40,7 @@ def test_one_lora_is_trained_over_all_timesteps_and_samples_with_the_model_alone
     assert meta["wanpair.architecture"] == "wan2.1-t2v-1.3b" and meta["modelspec.architecture"] == "wan2.1-t2v-1.3b/lora"
     rows = [json.loads(x) for x in (trained_wan21 / "output" / "demo_shapes_v1" / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in rows if "loss" in r]
-    assert {r["expert"] for r in rows} == {"full"} and len(losses) == 36  # 18 items x 2 epochs
+    assert {r["expert"] for r in rows} == {"full"} and len(losses) == 18  # 18 items, 1 epoch
     assert all(0 <= r["timestep"] <= 1000 for r in losses)
 
     caption = (trained_wan21 / "dataset" / "img_01.txt").read_text().strip()
@@ -172,3 +172,39 @@ def test_a_demanding_user_can_continue_the_single_model(trained_wan21, tmp_path)
     with pytest.raises(WanpairError, match=r"WAN2.1-1.3B_demo_shapes_v1.safetensors already exists, made with a "
                                            r"different \[train\] epochs"):
         LoraPairRecipe(project).run()
+
+
+def test_a_diffusers_folder_is_a_single_model_alone_and_an_expert_beside_transformer_2(trained_wan21, tmp_path):
+    """Wan2.1-T2V-*-Diffusers has `transformer/` alone; Wan2.2-T2V-A14B-Diffusers has `transformer/` (high)
+    and `transformer_2/` (low): only the latter are experts."""
+    from diffusers import WanTransformer3DModel
+
+    from wanpair.demo import TINY_DIT
+    from wanpair.models.dit import inspect_dit
+
+    model = WanTransformer3DModel(**TINY_DIT)
+    model.save_pretrained(tmp_path / "Wan2.1-T2V-14B-Diffusers" / "transformer")
+    for name in ("transformer", "transformer_2"):
+        model.save_pretrained(tmp_path / "Wan2.2-T2V-A14B-Diffusers" / name)
+    assert inspect_dit(tmp_path / "Wan2.1-T2V-14B-Diffusers" / "transformer").expert is None
+    assert [inspect_dit(tmp_path / "Wan2.2-T2V-A14B-Diffusers" / n).expert for n in ("transformer", "transformer_2")] \
+        == ["high", "low"]
+    root = tmp_path / "demo"
+    shutil.copytree(trained_wan21, root, ignore=shutil.ignore_patterns("output"))
+    text = (root / "wanpair.toml").read_text()
+    dit = next(line for line in text.splitlines() if line.startswith("dit = "))
+    (root / "wanpair.toml").write_text(text.replace(dit, f'dit = "{tmp_path}/Wan2.2-T2V-A14B-Diffusers/transformer"'))
+    project, _ = load_project(root / "wanpair.toml")
+    with pytest.raises(WanpairError, match=r"\[models\] dit = .*transformer is the high-noise expert of a Wan 2.2 pair"):
+        LoraPairRecipe(project).preflight(project.task.experts)
+
+
+def test_strength_and_guidance_set_every_lora_and_the_specific_options_win(trained, monkeypatch):
+    import wanpair.sample
+
+    seen = []
+    monkeypatch.setattr(wanpair.sample, "sample", lambda project, prompts, settings, *a, **k: seen.append(settings))
+    assert main(["sample", str(trained / "wanpair.toml"), "--prompt", "x", "--strength", "0.7", "--strength-low", "0.5",
+                 "--guidance", "2"]) == 0
+    (s,) = seen
+    assert (s.strength_high, s.strength_low, s.guidance_high, s.guidance_low) == (0.7, 0.5, 2.0, 2.0)

@@ -245,12 +245,11 @@ def cmd_timesteps(args) -> int:
     from .train.timestep_report import draw, text_histogram, write_csv, write_png
 
     project = _project(args.project)
-    expert = args.expert or project.task.experts[0]
-    if expert not in project.task.experts:
-        raise WanpairError(f"--expert {expert}: {project.task.name} has " + (
-            "the experts high and low." if project.task.paired else "one model; leave --expert out."))
-    if args.expert is None and project.task.paired:
+    if project.task.paired and args.expert is None:
         raise WanpairError("--expert high or --expert low: which expert's timesteps to draw.")
+    if not project.task.paired and args.expert:
+        raise WanpairError(f"--expert {args.expert}: {project.task.name} is one model; leave --expert out.")
+    expert = args.expert or "full"
     t, w = project.train, project.experts[expert]
     values = draw(project, expert, args.n)
     title = (f"{expert_name(expert)} {'expert' if project.task.paired else 'model'}, window {w.min_timestep}-"
@@ -282,15 +281,16 @@ def cmd_sample(args) -> int:
 
     project = _project(args.project)
     task = project.task
-    misplaced = [{"lora_full": "--lora", "strength_full": "--strength"}.get(o, f"--{o.replace('_', '-')}") for o in (("lora_high", "lora_low", "strength_high", "strength_low",
-                 "guidance_high", "guidance_low") if not task.paired else ("lora_full", "strength_full"))
-                 if getattr(args, o) is not None]
+    misplaced = [flag for dest, flag in (PAIR_OPTIONS if not task.paired else SINGLE_OPTIONS).items()
+                 if getattr(args, dest) is not None]
     if misplaced:
         raise WanpairError(f"{' '.join(misplaced)}: " + (
             f"{task.name} is one model; use --lora, --strength and --guidance." if not task.paired else
-            "a Wan 2.2 pair has two LoRAs: --lora-high / --lora-low, --strength-high / --strength-low."))
-    if args.guidance is not None:
-        args.guidance_high = args.guidance_low = args.guidance
+            "a Wan 2.2 pair has two LoRAs: --lora-high and --lora-low (--strength and --guidance set both experts')."))
+    for dest, given in (("strength", args.strength), ("guidance", args.guidance)):  # the specific options win
+        for one in ("high", "low", "full"):
+            if given is not None and getattr(args, f"{dest}_{one}", None) is None:
+                setattr(args, f"{dest}_{one}", given)
     loras = {}
     for expert in task.experts:
         given = getattr(args, f"lora_{expert}")
@@ -308,6 +308,12 @@ def cmd_sample(args) -> int:
     out = Path(args.out) if args.out else project.run_dir / "samples"
     sample(project, _prompts(args), settings, loras, out, allow_mismatch=args.allow_expert_mismatch)
     return 0
+
+
+# `sample` options of one kind of model, refused (not ignored) on the other
+PAIR_OPTIONS = {d: "--" + d.replace("_", "-") for d in ("lora_high", "lora_low", "strength_high", "strength_low",
+                                                          "guidance_high", "guidance_low")}
+SINGLE_OPTIONS = {"lora_full": "--lora"}
 
 
 def _model_option(p: argparse.ArgumentParser, what: str) -> None:
@@ -488,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength-low", dest="strength_low", type=float, help="LowNoise LoRA strength, default 1.0")
     p.add_argument("--lora-high", dest="lora_high", help="HighNoise LoRA (default: the project's output)")
     p.add_argument("--lora-low", dest="lora_low", help="LowNoise LoRA (default: the project's output)")
-    p.add_argument("--strength", dest="strength_full", type=float, help="Wan 2.1: the LoRA's strength, default 1.0")
+    p.add_argument("--strength", type=float, help="the strength of every LoRA (Wan 2.1: its one), default 1.0")
     p.add_argument("--lora", dest="lora_full", help="Wan 2.1: the LoRA (default: the project's output)")
     p.add_argument("--no-lora", action="store_true", help="sample the base models only, for comparison")
     p.add_argument("--allow-expert-mismatch", action="store_true", help="apply a LoRA even if it was trained for the other expert")

@@ -85,7 +85,7 @@ class Task:
     def lora_file(self, expert: str, name: str) -> str:
         """The recipe's names, WAN2.2-HighNoise_<name> / WAN2.2-LowNoise_<name>; WAN2.1-14B_<name> for one model."""
         if not self.paired:
-            return f"WAN2.1-{self.size_word}_{name}.safetensors"
+            return f"WAN{self.version}-{self.size_word}_{name}.safetensors"
         return f"WAN2.2-{'HighNoise' if expert == 'high' else 'LowNoise'}_{name}.safetensors"
 
     def window(self, expert: str) -> tuple[int, int]:

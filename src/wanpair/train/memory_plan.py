@@ -125,7 +125,7 @@ def decide(blocks: int, budget: float, fixed: float, activation: float, block_gi
                 f"[train] checkpoint_blocks = {forced} needs about {fixed + kept * activation:.1f} GiB for {tokens} "
                 f"tokens per batch, more than the {budget:.1f} GiB available; set checkpoint_blocks = -1 (automatic).")
         estimate = fixed + kept * activation
-        transposed = kept == blocks and estimate + blocks * transposed_gib <= budget
+        transposed = transposed_gib > 0 and kept == blocks and estimate + blocks * transposed_gib <= budget
         return MemoryPlan(budget, blocks, blocks - kept, [], estimate + transposed * blocks * transposed_gib, transposed)
     if fixed <= budget:  # "low" asked for, and it fits without streaming
         return MemoryPlan(budget, blocks, blocks, [], fixed)

@@ -68,6 +68,10 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
         except WanpairError as e:
             problems.append(f"[models] {key}: {e}")
             continue
+        if not project.task.paired and info.expert:
+            problems.append(
+                f"[models] {key} = {info.path} is the {info.expert}-noise expert of a Wan 2.2 pair (its folder or "
+                f"metadata says so), not a single model: {project.task.name} needs a Wan 2.1 file or folder.")
         if project.task.paired and info.expert and info.expert != expert:
             problems.append(
                 f"[models] {key} = {info.path} is named as the {info.expert}-noise expert. Swap high_noise and "
