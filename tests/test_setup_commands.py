@@ -75,41 +75,35 @@ def test_download_fetches_the_recipe_files_writes_the_models_table_and_skips_the
     assert "the hub is not reachable; all 8 files" in capsys.readouterr().out
 
 
-def test_download_of_the_i2v_pair_fetches_its_experts_and_the_shared_files(tmp_path, hub_env):
+def _download(tmp_path, hub_env, *argv) -> tuple[list[str], str]:
+    """`wanpair download ARGV` against a fresh stand-in hub: (the DiT files it fetched, the project file's text)."""
     hub = Hub(_hub_files())
     ctx = hub_env(hub)
     try:
         models, project = tmp_path / "models", tmp_path / "wanpair.toml"
-        assert main(["download", "--model", "i2v-A14B", "--variant", "fp8", "--dir", str(models),
-                     "--project", str(project)]) == 0
-        experts = sorted(p.rsplit("/", 1)[1] for p in _resolves(hub) if "diffusion_models" in p)
-        assert experts == ["wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors",
-                           "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors"]
-        text = project.read_text()
-        assert 'high_noise = "models/split_files/diffusion_models/wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"' in text
-        assert 'vae        = "models/split_files/vae/wan_2.1_vae.safetensors"' in text
+        assert main(["download", *argv, "--dir", str(models), "--project", str(project)]) == 0
+        return sorted(p for p in _resolves(hub) if "diffusion_models" in p), project.read_text()
     finally:
         ctx.__exit__(None, None, None)
+
+
+def test_download_of_the_i2v_pair_fetches_its_experts_and_the_shared_files(tmp_path, hub_env):
+    fetched, text = _download(tmp_path, hub_env, "--model", "i2v-A14B", "--variant", "fp8")
+    assert [p.rsplit("/", 1)[1] for p in fetched] == ["wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors",
+                                                     "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors"]
+    assert 'high_noise = "models/split_files/diffusion_models/wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"' in text
+    assert 'vae        = "models/split_files/vae/wan_2.1_vae.safetensors"' in text
 
 
 def test_download_of_a_wan21_model_fetches_its_one_file_and_writes_dit(tmp_path, hub_env):
-    hub = Hub(_hub_files())
-    ctx = hub_env(hub)
-    try:
-        models, project = tmp_path / "models", tmp_path / "wanpair.toml"
-        assert main(["download", "--model", "t2v-14B", "--variant", "fp8", "--dir", str(models),
-                     "--project", str(project)]) == 0
-        fetched = [p for p in _resolves(hub) if "diffusion_models" in p]
-        assert fetched == ["split_files/diffusion_models/wan2.1_t2v_14B_fp8_scaled.safetensors"]
-        assert all(f.repo == dl.COMFY_WAN21 for f in files_for("fp8", "t2v-14B") if f.role == "dit")
-        text = project.read_text()
-        assert 'dit        = "models/split_files/diffusion_models/wan2.1_t2v_14B_fp8_scaled.safetensors"' in text
-        assert "high_noise" not in text
-        # the 1.3B is published as fp16 only (2.8 GB): that is what either variant fetches
-        assert [f.path for f in files_for("fp8", "t2v-1.3B") if f.role == "dit"] == \
-            ["split_files/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"]
-    finally:
-        ctx.__exit__(None, None, None)
+    fetched, text = _download(tmp_path, hub_env, "--model", "t2v-14B", "--variant", "fp8")
+    assert fetched == ["split_files/diffusion_models/wan2.1_t2v_14B_fp8_scaled.safetensors"]
+    assert all(f.repo == dl.COMFY_WAN21 for f in files_for("fp8", "t2v-14B") if f.role == "dit")
+    assert 'dit        = "models/split_files/diffusion_models/wan2.1_t2v_14B_fp8_scaled.safetensors"' in text
+    assert "high_noise" not in text
+    # the 1.3B is published as fp16 only (2.8 GB): that is what either variant fetches
+    assert [f.path for f in files_for("fp8", "t2v-1.3B") if f.role == "dit"] == \
+        ["split_files/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"]
 
 
 def test_a_dropped_connection_resumes_and_a_corrupted_file_is_fetched_again(tmp_path, hub_env, capsys):
