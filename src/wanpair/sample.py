@@ -3,9 +3,10 @@
 The high-noise expert (with the HighNoise LoRA) denoises while t >= the pair's boundary (875 for T2V,
 900 for I2V), the low-noise expert (with the LowNoise LoRA) below; diffusers' `WanPipeline` (text to
 video) or `WanImageToVideoPipeline` (from a first frame, `--image`) does the switching (its
-`boundary_ratio`), with Wan's UniPC flow solver. A Wan 2.1 model is the pipeline's one transformer. Prompts are encoded first and the text encoder is
-freed before the experts run. LoRAs are applied by adding their weight update to the expert
-(the same result as diffusers' own LoRA loading; see tests/test_export.py).
+`boundary_ratio`), with Wan's UniPC flow solver; a Wan 2.1 model is the pipeline's one transformer.
+Prompts are encoded first and the text encoder is freed before the experts run. LoRAs are applied by
+adding their weight update to the expert (the same result as diffusers' own LoRA loading; see
+tests/test_export.py).
 """
 
 from __future__ import annotations

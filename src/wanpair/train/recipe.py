@@ -79,7 +79,7 @@ class LoraPairRecipe:
         if experts:
             print(f"model: {task.title}: " + (
                 f"a LoRA per expert, high-noise on {self.p.experts['high'].min_timestep}-1000 and low-noise below"
-                if task.paired else "one model, so one LoRA over all timesteps")
+                if task.paired else "one LoRA over all timesteps")
                   + f" -> {', '.join(self.p.lora_path(e).name for e in experts)}")
         held_out = {s.index for s in self.checked.specs if s.validation}
         self.validation, self.validation_kind = validation_set(self.items, held_out, t.validation_split,
