@@ -3,8 +3,9 @@
 Everything is generated deterministically (no downloads): 18 small images with captions (for the
 image-to-video pair, `--model i2v-A14B`: 12 short clips of moving shapes, as folders of frames), a
 Musubi `dataset.toml`, two 2-block Wan DiTs (high- and low-noise; one for Wan 2.1, `--model t2v-14B` or
-`t2v-1.3B`) saved as original-layout single-file safetensors like the Comfy-Org files, a small Wan 2.1-layout VAE saved the same way, a small umT5
-saved as a Wan-format `.pth`, and a word-level tokenizer built from the captions. The demo then runs
+`t2v-1.3B`) saved as original-layout single-file safetensors like the Comfy-Org files, a small Wan
+2.1-layout VAE saved the same way, a small umT5 saved as a Wan-format `.pth`, and a word-level tokenizer
+built from the captions. The demo then runs
 the ordinary `train` path on a generated `wanpair.toml`, so it exercises the code a real run uses.
 """
 
