@@ -19,9 +19,10 @@ from pathlib import Path
 
 from ..errors import WanpairError
 from ..models.files import safetensors_header
+from ..models.tasks import EXPERT_NAMES
 from ..train.state import lock_holder, lock_path
 
-EXPERTS = ("high", "low", "full")  # a pair's experts, or a single model's one ("full": all timesteps)
+EXPERTS = tuple(EXPERT_NAMES)  # a pair's experts, or a single model's one ("full": all timesteps)
 MEDIA = {".png", ".jpg", ".jpeg", ".webp", ".mp4", ".webm"}
 SAMPLE_NAME = re.compile(r"^(high|low|full)-step(\d+)_(\d+)_(.*)_(high(?:Lora|Base)\+low(?:Lora|Base)|full(?:Lora|Base))$")
 SEARCH_DEPTH = 4  # metrics.jsonl at most this many folders below a given directory

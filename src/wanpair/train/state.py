@@ -27,6 +27,7 @@ import torch
 
 from ..atomic import atomic_path, write_text_atomic
 from ..errors import WanpairError
+from ..models.tasks import EXPERT_NAMES
 
 
 class StopRequested(Exception):
@@ -78,10 +79,10 @@ def save_state(run_dir: Path, expert: str, state: dict, keep: int) -> Path:
 
 def list_states(run_dir: Path, expert: str | None = None) -> list[Path]:
     """The states of one expert (or all: high-noise before low-noise), oldest first."""
-    order = {"high": 0, "low": 1, "full": 0}
+    order = {e: i for i, e in enumerate(EXPERT_NAMES)}
 
     def key(p: Path):
-        m = re.match(r"(high|low|full)-step(\d+)\.pt$", p.name)
+        m = re.match(rf"({'|'.join(EXPERT_NAMES)})-step(\d+)\.pt$", p.name)
         return (order[m[1]], int(m[2])) if m else (9, 0)
 
     return sorted((p for p in state_dir(run_dir).glob(f"{expert or '*'}-step*.pt")), key=key)
