@@ -62,9 +62,15 @@ VARIANTS = {  # TrainSettings overrides; "default" is exactly what `wanpair trai
     "default-cudagraphs": {},  # probe: the default with each block compiled in "reduce-overhead" mode (CUDA graphs)
     "fp8mm-compile-cudagraphs": dict(fp8_matmul="on", compile="on", **ALL_CKPT),  # probe: all checkpointed, CUDA graphs
     "default-peftcast": {},  # the default with peft's fp32 cast of every LoRA input left on (see run_variant)
+    "ckpt-graph": dict(fp8_matmul="on", compile="on", **ALL_CKPT),  # probes: all 40 checkpointed inside the
+    "ckpt-graph-recompute": dict(fp8_matmul="on", compile="on", **ALL_CKPT),  # compiled graph (IN_GRAPH below)
+    "ckpt-graph-attn": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
     "low": dict(memory_mode="low"),
     "low-14": dict(memory_mode="low", memory_budget_gb=14.0),  # plan for 14 GiB: more streamed, more headroom
 }
+
+# variant -> wanpair.train.speed.IN_GRAPH_POLICIES key: what the in-graph checkpoint keeps for backward
+IN_GRAPH = {"ckpt-graph": "partitioner", "ckpt-graph-recompute": "recompute", "ckpt-graph-attn": "save-attention"}
 
 
 def build_expert(cfg: dict, fp8: bool, compute: torch.dtype, device: torch.device):
@@ -127,7 +133,8 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     from wanpair.project import TrainSettings
     from wanpair.train.optim import build_optimizer
     from wanpair.train.model_setup import prepare_expert
-    from wanpair.train.step import train_step
+    from wanpair.train.speed import checkpoint_blocks
+    from wanpair.train.step import finish, forward_backward, train_step, update
 
     settings = dataclasses.replace(TrainSettings(), **VARIANTS[name])
     if settings.checkpoint_blocks > cfg["num_layers"]:
@@ -143,6 +150,8 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
         for m in model.modules():
             if getattr(m, "weight_t", None) is not None:
                 m.weight_t = None
+    if name in IN_GRAPH:
+        checkpoint_blocks(model, plan.checkpointed, IN_GRAPH[name])
     if name.endswith("-cudagraphs"):
         for block in model.blocks._modules.values():
             block.compile(mode="reduce-overhead")
@@ -171,11 +180,25 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
             torch.cuda.synchronize()
         s = time.perf_counter()
         loss, _ = train_step(model, optimizer, scheduler, acc, params, batch, compute, 0.0)
-        losses.append(loss.item())  # syncs
+        losses.append(loss)  # train_step waited for the step
         if i >= warmup:
             times.append(time.perf_counter() - s)
         elif i == 0:
             first = time.perf_counter() - s
+            if device.type == "cuda":
+                print(torch._dynamo.utils.compile_times(repr="str"), flush=True)
+    # the training loop's order (wanpair.train.expert): step k+1's forward and backward are queued before
+    # step k's verdict is read, so the GPU does not wait while the host finishes a step
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    s, verdict = time.perf_counter(), None
+    for i in range(steps):
+        loss = forward_backward(model, acc, batch, compute)
+        if verdict is not None:
+            finish(verdict, scheduler)
+        verdict = update(optimizer, acc, params, loss, 0.0)
+    finish(verdict, scheduler)
+    pipelined = (time.perf_counter() - s) / steps
     if profile and device.type == "cuda":
         print_profile(functools.partial(train_step, model, optimizer, scheduler, acc, params, batch, compute, 0.0))
     copied = sum(st.copied_bytes for st in {c.streamer for c in getattr(model.blocks, "calls", {}).values()})
@@ -183,7 +206,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     flops = useful_flops(cfg, f, h, w)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
-    result = dict(variant=name, tokens=f * (h // 2) * (w // 2), median_s=med, min_s=min(times), max_s=max(times),
+    result = dict(variant=name, tokens=f * (h // 2) * (w // 2), median_s=med, pipelined_s=pipelined, min_s=min(times), max_s=max(times),
                   first_step_s=first, build_s=build_s, steps=steps, useful_tflop=flops / 1e12,
                   tflops=flops / med / 1e12, mfu=(flops / med / 1e12 / peak) if peak else None,
                   loss_finite=all(map(lambda v: v == v and abs(v) < float("inf"), losses)), gpu=gpu,
@@ -285,13 +308,13 @@ def main() -> int:
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
-    print(f"\n{'variant':<22}{'s/step':>8}{'TFLOP/s':>9}{'MFU':>7}{'alloc GiB':>11}{'first s':>9}")
+    print(f"\n{'variant':<22}{'s/step':>8}{'pipelined':>10}{'TFLOP/s':>9}{'MFU':>7}{'alloc GiB':>11}{'first s':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:<22} {r['error']}")
             continue
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") else "-"
-        print(f"{r['variant']:<22}{r['median_s']:>8.3f}{r['tflops']:>9.0f}{mfu:>7}"
+        print(f"{r['variant']:<22}{r['median_s']:>8.3f}{r['pipelined_s']:>10.3f}{r['tflops']:>9.0f}{mfu:>7}"
               f"{r.get('max_allocated_gib', 0):>11.1f}{r['first_step_s']:>9.1f}")
     return 0
 

@@ -44,7 +44,7 @@ from .metrics import MetricsLog
 from .model_setup import prepare_expert
 from .optim import build_optimizer, build_scheduler
 from .state import StopFlag, StopRequested, capture_rngs, lora_params, restore_rngs, save_state
-from .step import train_step
+from .step import Verdict, finish, forward_backward, update
 from .speed import eager
 from .timesteps import sample_timesteps
 
@@ -126,6 +126,7 @@ class ExpertTraining:
         self.step_count, self.first_epoch, self.first_pos = 0, 1, 0
         self.epoch_losses, self.losses, self.smoothed, self.kept = [], [], None, []
         self.last_val: tuple[int, float] | None = None
+        self.rngs_after_step: dict | None = None  # set while a step completes after the next one drew (`complete`)
 
     def resume(self, state: dict) -> None:
         self.step_count, self.first_epoch, self.first_pos = state["step"], state["epoch"], state["pos"]
@@ -216,18 +217,19 @@ class ExpertTraining:
                 mine.append(_on(dev, (x0, noise, tt, text, cond)))
         return mine, first[2], first
 
-    def step(self, group: list[int]) -> tuple[float, bool, float]:
-        """One optimizer step over a group of micro-batches (indices into `batches`): (loss, applied, timestep)."""
-        t = self.t
-        mine, first_t, first = self.micro_batches(group)
-        weight = self.world / len(group)
+    def queue(self, epoch: int, g: int, groups: list[list[int]]) -> "_Queued":
+        """Queue the forward and backward passes of the epoch's `g`-th optimizer step on the device."""
+        rngs = capture_rngs(self.gen)  # as they are before this step draws: what a state saved before it holds
+        mine, first_t, first = self.micro_batches(groups[g])
+        weight = self.world / len(groups[g])
         if not mine:  # fewer micro-batches than ranks at the end of an epoch: join the all-reduce with nothing
             mine, weight = [_on(self.accelerator.device, first)], 0.0
-        loss, ok = train_step(self.model, self.optimizer, self.scheduler, self.accelerator, self.params, mine,
-                              t.compute_dtype, t.max_grad_norm, t.loss_weighting, weight)
+        local = forward_backward(self.model, self.accelerator, mine, self.t.compute_dtype, self.t.loss_weighting, weight)
+        loss = local
         if self.world > 1:
-            loss = self.accelerator.reduce(loss * weight * len(mine) / self.world, reduction="sum")
-        return loss.item(), ok, float(1000 * first_t[0])
+            loss = self.accelerator.reduce(local * weight * len(mine) / self.world, reduction="sum")
+        samples = sum(len(self.batches[b]) for b in groups[g])
+        return _Queued(epoch, g, len(groups), samples, float(1000 * first_t[0]), local, loss, rngs)
 
     def groups(self, epoch: int) -> list[list[int]]:
         """The epoch's optimizer steps: its shuffled batches in groups of `per_step` (the last may be short)."""
@@ -235,7 +237,22 @@ class ExpertTraining:
         random.Random(self.t.seed * 100_003 + epoch).shuffle(order)  # new order per epoch, reproducible
         return [order[k:k + self.per_step] for k in range(0, len(order), self.per_step)]
 
+    def remaining_steps(self):
+        """(epoch, g, groups) of every optimizer step still to run, in order; g is None for an epoch resumed
+        at its very end, which has only its end left."""
+        for epoch in range(self.first_epoch, self.epochs + 1):
+            groups = self.groups(epoch)
+            first = self.first_pos // self.per_step if epoch == self.first_epoch else 0
+            if first >= len(groups):
+                yield epoch, None, groups
+            for g in range(first, len(groups)):
+                yield epoch, g, groups
+
     def train(self) -> None:
+        """The loop, one step ahead: step k+1's forward and backward are queued on the device before step k's
+        verdict is read (`wanpair.train.step`), so the GPU never waits while the host logs, saves or draws
+        the next batch; step k's update was queued before them, so they see its weights. The results are
+        those of the plain order, bit for bit."""
         t, expert = self.t, self.expert
         self.say(f"training {expert_noun(expert)} ({self.dit.path.name}) on timesteps {self.window.min_timestep}-"
                  f"{self.window.max_timestep}: {len(self.data.trained)} items, {self.epochs} epochs, {self.total_steps} steps"
@@ -244,56 +261,78 @@ class ExpertTraining:
         header = {"total_steps": self.total_steps,
                   "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type}
         self.metrics = MetricsLog(self.p.run_dir, expert, t.tensorboard, header) if self.writes else None
-        bar = tqdm(total=self.total_steps, initial=self.step_count, desc=expert_name(expert), unit="step",
-                   disable=not (self.writes and self.progress))
+        self.bar = tqdm(total=self.total_steps, initial=self.step_count, desc=expert_name(expert), unit="step",
+                        disable=not (self.writes and self.progress))
         if self.val_items and self.step_count == 0 and self.metrics:
             self.metrics.log({"step": 0, **self.validation_row()})
-        bad, last = 0, time.perf_counter()
-        self.start = last
+        self.bad, self.last = 0, time.perf_counter()
+        self.start = self.last
+        pending: _Queued | None = None  # queued on the device, verdict not read yet
         with StopFlag() as stop:
-            for epoch in range(self.first_epoch, self.epochs + 1):
-                groups = self.groups(epoch)
-                first = self.first_pos // self.per_step if epoch == self.first_epoch else 0
-                if epoch != self.first_epoch:
-                    self.losses = []
-                for g in range(first, len(groups)):
-                    if self.step_count >= self.total_steps:
-                        break
-                    loss, ok, timestep = self.step(groups[g])
-                    if not ok:
-                        bad += 1
-                        self.say(f"step {self.step_count + 1}: non-finite loss or gradients ({loss}); update skipped "
-                                 f"({bad} in a row)")
-                        if bad >= t.max_bad_steps:
-                            raise WanpairError(self.nan_diagnosis(bad))
-                        continue
-                    bad = 0
-                    self.losses.append(loss)
-                    self.step_count += 1
-                    now = time.perf_counter()
-                    self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
-                    lr = self.scheduler.get_last_lr()[0]
-                    samples = sum(len(self.batches[b]) for b in groups[g])
-                    row = {"step": self.step_count, "epoch": epoch, "loss": loss, "smoothed_loss": self.smoothed,
-                           "lr": lr, "timestep": timestep, "s_per_step": round(now - last, 4),
-                           "samples_per_s": round(samples / (now - last), 3)}
-                    if self.validation_due(self.saves_lora_now(g + 1 == len(groups) and epoch)):
-                        row |= self.validation_row()
-                    if self.metrics:
-                        self.metrics.log(row)
-                    last = time.perf_counter()  # the validation's time is not the step's
-                    bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}")
-                    bar.update()
-                    self.after_step(epoch, pos=(g + 1) * self.per_step)
-                    if self.agree(stop.signum):
-                        bar.close()
-                        self.stop(epoch, (g + 1) * self.per_step, stop.signum)
-                self.epoch_losses.append(float(np.mean(self.losses)) if self.losses else float("nan"))
-                self.maybe_sample(self.p.sample.every_n_epochs, epoch)
+            for epoch, g, groups in self.remaining_steps():
+                if g is None:
+                    self.end_epoch(epoch)
+                    continue
+                if pending and self.step_count + 1 >= self.total_steps:  # it may be the last: nothing after it
+                    self.complete(pending, stop.signum)
+                    pending = None
                 if self.step_count >= self.total_steps:
                     break
-                self.after_epoch(epoch)
-        bar.close()
+                queued = self.queue(epoch, g, groups)
+                if pending:
+                    self.complete(pending, stop.signum, rngs=queued.rngs)
+                queued.verdict = update(self.optimizer, self.accelerator, self.params, queued.local_loss,
+                                        t.max_grad_norm)
+                pending = queued
+            if pending:
+                self.complete(pending, stop.signum)
+        self.bar.close()
+
+    def complete(self, q: "_Queued", signum: int, rngs: dict | None = None) -> None:
+        """Read a queued step's verdict and do what falls due after it: metrics, validation, saves, samples,
+        a requested stop, the end of its epoch. `rngs`: the generators as they were right after it (the
+        next step has drawn from them since), for any state saved now."""
+        self.rngs_after_step = rngs
+        ok = finish(q.verdict, self.scheduler)
+        loss = q.loss.item()
+        if not ok:
+            self.bad += 1
+            self.say(f"step {self.step_count + 1}: non-finite loss or gradients ({loss}); update skipped "
+                     f"({self.bad} in a row)")
+            if self.bad >= self.t.max_bad_steps:
+                raise WanpairError(self.nan_diagnosis(self.bad))
+        else:
+            self.bad = 0
+            self.losses.append(loss)
+            self.step_count += 1
+            now = time.perf_counter()
+            self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+            lr = self.scheduler.get_last_lr()[0]
+            row = {"step": self.step_count, "epoch": q.epoch, "loss": loss, "smoothed_loss": self.smoothed,
+                   "lr": lr, "timestep": q.timestep, "s_per_step": round(now - self.last, 4),
+                   "samples_per_s": round(q.samples / (now - self.last), 3)}
+            if self.validation_due(self.saves_lora_now(q.g + 1 == q.n_groups and q.epoch)):
+                row |= self.validation_row()
+            if self.metrics:
+                self.metrics.log(row)
+            self.last = time.perf_counter()  # the validation's time is not the step's
+            self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}")
+            self.bar.update()
+            self.after_step(q.epoch, pos=(q.g + 1) * self.per_step)
+            if self.agree(signum):
+                self.bar.close()
+                self.stop(q.epoch, (q.g + 1) * self.per_step, signum)
+        if self.step_count >= self.total_steps or q.g + 1 == q.n_groups:
+            self.end_epoch(q.epoch)
+        self.rngs_after_step = None
+
+    def end_epoch(self, epoch: int) -> None:
+        """An epoch's last step is done, or the run's: its mean loss, the per-epoch sample and saves."""
+        self.epoch_losses.append(float(np.mean(self.losses)) if self.losses else float("nan"))
+        self.maybe_sample(self.p.sample.every_n_epochs, epoch)
+        if self.step_count < self.total_steps:
+            self.losses = []
+            self.after_epoch(epoch)
 
     def saves_lora_now(self, epoch_end: int = 0) -> bool:
         """Will an intermediate LoRA be saved after this step (and, at an epoch's end, after this epoch)?"""
@@ -377,7 +416,7 @@ class ExpertTraining:
                 "lora": lora_params(self.unwrapped), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
-                "rngs": capture_rngs(self.gen), "epoch_losses": self.epoch_losses, "losses": self.losses,
+                "rngs": self.rngs_after_step or capture_rngs(self.gen), "epoch_losses": self.epoch_losses, "losses": self.losses,
                 "smoothed": self.smoothed, "kept": [str(k) for k in self.kept]}
 
     def save_state(self, epoch: int, pos: int) -> Path | None:
@@ -443,6 +482,25 @@ class ExpertTraining:
             raise
 
 
+@dataclass
+class _Queued:
+    """An optimizer step whose forward and backward passes (and then its update) are queued on the device."""
+
+    epoch: int
+    g: int  # its place among the epoch's `n_groups` steps
+    n_groups: int
+    samples: int
+    timestep: float  # the first micro-batch's, for the metrics
+    local_loss: torch.Tensor  # this process's mean loss (what the update checks)
+    loss: torch.Tensor  # the mean over all processes (what is logged)
+    rngs: dict  # the generators before it drew its noise and timesteps
+    verdict: Verdict | None = None
+
+
 def _on(device: torch.device, batch: tuple) -> tuple:
-    """A micro-batch moved to the device (its conditioning is None for the text-to-video pair)."""
-    return tuple(None if x is None else x.to(device) for x in batch)
+    """A micro-batch moved to the device (its conditioning is None for the text-to-video pair). On a GPU
+    through pinned memory, asynchronously: a plain copy from pageable memory would wait for the GPU to
+    finish all queued work, and the loop queues the next step while the current one still runs."""
+    if device.type != "cuda":
+        return tuple(None if x is None else x.to(device) for x in batch)
+    return tuple(None if x is None else x.pin_memory().to(device, non_blocking=True) for x in batch)

@@ -12,19 +12,64 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .streaming import StreamedCall
 
 
-def checkpoint_blocks(model, n: int) -> None:
-    """Recompute activations of the first `n` blocks in backward."""
-    selected = {id(b) for b in list(model.blocks._modules.values())[:n]}
+def _recompute_all(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
+_ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_efficient_attention") if hasattr(torch.ops.aten, name)}
+
+
+def _save_attention(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# what a block checkpointed inside its compiled graph keeps for backward (None: inductor's partitioner decides)
+IN_GRAPH_POLICIES = {"partitioner": None, "recompute": _recompute_all, "save-attention": _save_attention}
+
+
+class InGraphCheckpoint:
+    """Mixed into a block's class: its forward runs inside `checkpoint`, so that torch.compile traces the
+    checkpoint into the block's own graph and the recompute runs inside the compiled backward."""
+
+    context_fn = None  # a selective-checkpoint policy's contexts; None: inductor's partitioner decides
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return super().forward(*args, **kwargs)
+        if self.context_fn is None:
+            return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(super().forward, *args, use_reentrant=False, context_fn=self.context_fn, **kwargs)
+
+
+@functools.cache
+def _in_graph_class(cls: type, policy: str) -> type:
+    fn = IN_GRAPH_POLICIES[policy]
+    context = functools.partial(create_selective_checkpoint_contexts, fn) if fn else None
+    return type(f"InGraphCheckpointed{cls.__name__}", (InGraphCheckpoint, cls), {"context_fn": context})
+
+
+def checkpoint_blocks(model, n: int, in_graph: str | None = None) -> None:
+    """Recompute activations of the first `n` blocks in backward: around the (compiled) block, or with
+    `in_graph` (a key of IN_GRAPH_POLICIES) inside its compiled graph."""
+    blocks = list(model.blocks._modules.values())
+    selected = {id(b) for b in blocks[:n]}
+    if in_graph:
+        for b in blocks[:n]:
+            if not isinstance(b, (StreamedCall, InGraphCheckpoint)):
+                b.__class__ = _in_graph_class(type(b), in_graph)
 
     def run_block(block, *args):
-        if id(block) in selected and not isinstance(block, StreamedCall):
+        if id(block) in selected and not isinstance(block, (StreamedCall, InGraphCheckpoint)):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 

@@ -8,11 +8,18 @@
 `w` makes the step's gradient the mean over all micro-batches of the optimizer step, however they are
 spread over processes: with n micro-batches in the step and W processes averaging their gradients
 (DDP), w = W / n. One process, one micro-batch: w = 1.
+
+The step comes in three phases so that the training loop never lets the GPU run dry: `forward_backward`
+and `update` only queue work on the device, `finish` reads the verdict (the one host sync of a step)
+and steps the schedule. The loop queues step k+1's forward and backward before it finishes step k
+(`wanpair.train.expert`), so the host prepares the next step while the GPU still computes this one;
+the numbers are the same as in the plain order (`train_step`), the GPU just never waits for the host.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -22,43 +29,67 @@ from .flow_matching import flow_matching_loss
 MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
-def train_step(model, optimizer, scheduler, accelerator, params, micro_batches: list[MicroBatch],
-               compute_dtype: torch.dtype, max_grad_norm: float, weighting: str = "none",
-               loss_weight: float = 1.0) -> tuple[torch.Tensor, bool]:
-    """Forward and backward over `micro_batches`, then the update; returns their mean loss and whether
-    the update was applied.
+@dataclass
+class Verdict:
+    """What a queued update did, read by `finish`."""
 
-    Non-finite gradients (a NaN/Inf loss makes them so) skip the update. Fused AdamW (the GPU default)
-    takes the verdict as a device tensor and skips on the GPU, so the check costs no host sync in the
-    middle of the step; other optimizers need one sync per step. In fp16 accelerate's loss scaler does
-    this itself (and lowers the scale). Gradients are all-reduced only after the last micro-batch.
-    """
+    finite: torch.Tensor | bool  # loss and gradients finite, so the update applies (a device tensor: not read yet)
+    scaler_skipped: bool = False  # fp16: the loss scaler skipped it and lowered its scale (normal early on)
+
+
+def forward_backward(model, accelerator, micro_batches: list[MicroBatch], compute_dtype: torch.dtype,
+                     weighting: str = "none", loss_weight: float = 1.0) -> torch.Tensor:
+    """Queue the forward and backward passes of every micro-batch; returns their mean loss (on the device).
+    Gradients are all-reduced only after the last micro-batch."""
     losses = []
     for k, (x0, noise, t, text, cond) in enumerate(micro_batches):
         with accelerator.no_sync(model) if k < len(micro_batches) - 1 else nullcontext():
             loss = flow_matching_loss(model, x0, noise, t, text, compute_dtype, weighting, cond)
             accelerator.backward(loss if loss_weight == 1.0 else loss * loss_weight)
         losses.append(loss.detach())
+    return torch.stack(losses).mean()
+
+
+def update(optimizer, accelerator, params, loss: torch.Tensor, max_grad_norm: float) -> Verdict:
+    """Queue the update from the accumulated gradients, skipped if `loss` or any gradient is not finite;
+    the verdict stays on the device where the optimizer decides there.
+
+    Fused AdamW (the GPU default) takes the verdict as a device tensor and skips on the GPU, so the check
+    costs no host sync; other optimizers need the verdict first, one sync. In fp16 accelerate's loss
+    scaler does this itself (and lowers the scale)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-    on_device = inner.defaults.get("fused", False)
-    check = accelerator.mixed_precision != "fp16"
-    ok = True
-    if check:
+    finite: torch.Tensor | bool = True
+    if accelerator.mixed_precision != "fp16":
         grads = [p.grad for p in params if p.grad is not None]
         norms = torch._foreach_norm(grads) if grads else []  # one fused pass instead of a check per tensor
-        finite = torch.stack([*norms, *losses]).isfinite().all()
-        if on_device:
-            inner.found_inf = (~finite).float()
-        else:
-            ok = bool(finite)
-    if ok:
+        finite = torch.stack([*norms, loss]).isfinite().all()
+        if not inner.defaults.get("fused", False):
+            finite = bool(finite)
+    if finite is not False:
         if max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, max_grad_norm)
+        if isinstance(finite, torch.Tensor):
+            inner.found_inf = (~finite).float()  # read by torch's fused AdamW: skip on the device
         optimizer.step()
-        if on_device and check:
-            ok = bool(finite)  # the step is queued; this read waits for it, as the caller's loss.item() would
-            inner.found_inf = None
-        if ok and not getattr(optimizer, "step_was_skipped", False):  # fp16: the scaler skipped an overflow
-            scheduler.step()
+        inner.found_inf = None
     optimizer.zero_grad(set_to_none=True)
-    return torch.stack(losses).mean(), ok
+    return Verdict(finite, bool(getattr(optimizer, "step_was_skipped", False)))
+
+
+def finish(verdict: Verdict, scheduler) -> bool:
+    """Wait for a queued update's verdict (the step's host sync): whether it was applied; steps the
+    learning-rate schedule if so (not after an fp16 scaler skip, which counts as a step all the same)."""
+    ok = bool(verdict.finite)
+    if ok and not verdict.scaler_skipped:
+        scheduler.step()
+    return ok
+
+
+def train_step(model, optimizer, scheduler, accelerator, params, micro_batches: list[MicroBatch],
+               compute_dtype: torch.dtype, max_grad_norm: float, weighting: str = "none",
+               loss_weight: float = 1.0) -> tuple[float, bool]:
+    """The three phases in their plain order, waiting for the step's end (the benchmark's per-step
+    timing): (mean loss, whether the update was applied)."""
+    loss = forward_backward(model, accelerator, micro_batches, compute_dtype, weighting, loss_weight)
+    ok = finish(update(optimizer, accelerator, params, loss, max_grad_norm), scheduler)
+    return loss.item(), ok
