@@ -35,9 +35,7 @@ import statistics
 import sys
 import time
 
-import os
-
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `wanpair train` sets it
+import wanpair.cli  # noqa: F401  -- the environment `wanpair train` runs in: allocator, compile caches
 
 import torch
 
@@ -62,15 +60,19 @@ VARIANTS = {  # TrainSettings overrides; "default" is exactly what `wanpair trai
     "default-cudagraphs": {},  # probe: the default with each block compiled in "reduce-overhead" mode (CUDA graphs)
     "fp8mm-compile-cudagraphs": dict(fp8_matmul="on", compile="on", **ALL_CKPT),  # probe: all checkpointed, CUDA graphs
     "default-peftcast": {},  # the default with peft's fp32 cast of every LoRA input left on (see run_variant)
-    "ckpt-graph": dict(fp8_matmul="on", compile="on", **ALL_CKPT),  # probes: all 40 checkpointed inside the
-    "ckpt-graph-recompute": dict(fp8_matmul="on", compile="on", **ALL_CKPT),  # compiled graph (IN_GRAPH below)
+    # all 40 checkpointed in one way each (FORCED_POLICY below), for comparison; fp8mm-compile: as the plan chooses
+    "ckpt-eager": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
+    "ckpt-graph-recompute": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
     "ckpt-graph-attn": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
+    "ckpt-graph": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
     "low": dict(memory_mode="low"),
     "low-14": dict(memory_mode="low", memory_budget_gb=14.0),  # plan for 14 GiB: more streamed, more headroom
 }
 
-# variant -> wanpair.train.speed.IN_GRAPH_POLICIES key: what the in-graph checkpoint keeps for backward
-IN_GRAPH = {"ckpt-graph": "partitioner", "ckpt-graph-recompute": "recompute", "ckpt-graph-attn": "save-attention"}
+# variant -> how every block is checkpointed (`wanpair.train.speed.checkpoint_blocks`): around the compiled
+# block, or inside its graph keeping nothing, its attention outputs, or what inductor's partitioner picks
+FORCED_POLICY = {"ckpt-eager": "eager", "ckpt-graph-recompute": "recompute", "ckpt-graph-attn": "save-attention",
+                 "ckpt-graph": "partitioner"}
 
 
 def build_expert(cfg: dict, fp8: bool, compute: torch.dtype, device: torch.device):
@@ -150,8 +152,8 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
         for m in model.modules():
             if getattr(m, "weight_t", None) is not None:
                 m.weight_t = None
-    if name in IN_GRAPH:
-        checkpoint_blocks(model, plan.checkpointed, IN_GRAPH[name])
+    if name in FORCED_POLICY:
+        checkpoint_blocks(model, [FORCED_POLICY[name]] * cfg["num_layers"])
     if name.endswith("-cudagraphs"):
         for block in model.blocks._modules.values():
             block.compile(mode="reduce-overhead")
@@ -187,6 +189,8 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
             first = time.perf_counter() - s
             if device.type == "cuda":
                 print(torch._dynamo.utils.compile_times(repr="str"), flush=True)
+            counters = torch._dynamo.utils.counters
+            print("compile caches:", dict(counters["aot_autograd"]), dict(counters["inductor"]), flush=True)
     # the training loop's order (wanpair.train.expert): step k+1's forward and backward are queued before
     # step k's verdict is read, so the GPU does not wait while the host finishes a step
     if device.type == "cuda":
@@ -234,7 +238,7 @@ def accuracy(cfg: dict, shape: tuple, device: torch.device) -> list[dict]:
     torch.manual_seed(0)
     model = build_expert(cfg, False, compute, device)
     params = add_lora(model, 16, 16.0)
-    checkpoint_blocks(model, cfg["num_layers"])
+    checkpoint_blocks(model, ["eager"] * cfg["num_layers"])
     model.train()
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():

@@ -13,6 +13,7 @@ from wanpair.models.fp8 import FP8_MAX, Fp8Linear, keep_transposed, quantize_row
 from wanpair.project import TrainSettings
 from wanpair.train.memory_plan import decide
 from wanpair.train.model_setup import prepare_expert
+from wanpair.train.speed import InGraphCheckpoint, checkpoint_blocks
 from wanpair.train.step import train_step
 from wanpair.train.streaming import stream_blocks
 
@@ -116,6 +117,49 @@ def test_streamed_blocks_give_the_same_loss_and_gradients_in_any_call_order():
     # (0, 2, 3, then 0 again for the next forward) and brings back 2, 3 and 0
     assert copies == [4, 3]
     assert all(m.weight.numel() == 0 for i in streamer.order for m in streamer.linears[i])  # nothing left borrowed
+
+
+def test_blocks_checkpointed_inside_their_graph_give_the_gradients_of_kept_blocks():
+    """Each way a block can save for backward recomputes exactly the forward it replaces (eager here: the
+    compiled form is the same checkpoint traced, proven on the GPU in bench/train_step.py); LoRA names and
+    files are untouched, and applying a new plan undoes the old one."""
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 1, 8, 8, generator=g), timestep=torch.tensor([900.0]),
+                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)
+    kept, p_kept = _tiny_fp8_model(4)
+    tiered, p_tiered = _tiny_fp8_model(4)
+    names = [n for n, _ in tiered.named_parameters()]
+    checkpoint_blocks(tiered, ["recompute", "save-attention", "eager", None])
+    assert [type(b).__name__ for b in tiered.blocks][:2] == ["InGraphCheckpointedWanTransformerBlock"] * 2
+    assert [n for n, _ in tiered.named_parameters()] == names and not isinstance(tiered.blocks[2], InGraphCheckpoint)
+    for model in (kept, tiered):
+        with torch.autocast("cpu", torch.bfloat16):
+            model(**inputs)[0].float().square().mean().backward()
+    for a, b in zip(p_kept, p_tiered):
+        assert torch.equal(a.grad, b.grad)  # the recompute repeats the same ops on the same inputs: bit for bit
+    checkpoint_blocks(tiered, [None] * 4)
+    assert not any(isinstance(b, InGraphCheckpoint) for b in tiered.blocks)
+
+
+def test_memory_plan_gives_spare_memory_to_attention_outputs_then_to_kept_blocks():
+    # a compiled 14B expert at 3 600 tokens (GiB): per block 0.017 kept when recomputing in the graph, 0.086
+    # keeping its attention outputs, 0.75 keeping everything
+    tiers = (0.017, 0.086)
+    card24 = decide(40, 24.0, 18.5, 0.75, 0.327, "auto", -1, 3600, 0.327, tiers)
+    assert card24.in_graph and card24.streamed == [] and 1 <= 40 - card24.checkpointed <= 4
+    assert card24.keep_attention == card24.checkpointed and card24.estimate_gib <= 24.0  # every one keeps them
+    tight = decide(40, 20.0, 18.5, 0.75, 0.327, "auto", -1, 3600, 0.327, tiers)
+    assert tight.checkpointed == 40 and 0 < tight.keep_attention < 40 and tight.estimate_gib <= 20.0
+    policies = tight.policies()
+    assert policies == ["recompute"] * (40 - tight.keep_attention) + ["save-attention"] * tight.keep_attention
+    low = decide(40, 16.0, 18.5, 0.75, 0.327, "auto", -1, 3600, 0.327, tiers)
+    assert low.streamed and low.estimate_gib <= 16.0
+    assert {low.policies()[i] for i in low.streamed} == {"eager"}  # a streamed block checkpoints around itself
+    assert set(p for i, p in enumerate(low.policies()) if i not in low.streamed) == {"recompute"}
+    big = decide(40, 139.0, 18.5, 0.75, 0.327, "auto", -1, 3600, 0.327, tiers)
+    assert (big.checkpointed, big.transposed) == (0, True)
+    assert "inside the compiled graph, 37 keeping their attention outputs" in decide(
+        40, 24.0, 18.5, 0.75, 0.327, "auto", 37, 3600, 0.327, tiers).describe()
 
 
 def test_memory_plan_spends_spare_memory_then_streams_only_what_does_not_fit():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import sys
@@ -17,6 +18,13 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 # /tmp/torchinductor_<user>, is often emptied at boot).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                                                      / "wanpair" / "torch-compile"))
+# AOTAutograd's cache (a compiled block's traced forward and backward) passes over graphs holding a custom
+# autograd.Function unless told otherwise, and the fp8 matmul is one: then every run traces the block again
+# (~8 s of the second run's first step on an H200). Allowed, with the source of wanpair's autograd Functions
+# in every compile cache's key, so that changed code never reuses a graph traced from the old one.
+os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD", "1")
+os.environ.setdefault("TORCH_COMPILE_CACHE_KEY_TAG", "wanpair-" + hashlib.sha256(b"".join(
+    (Path(__file__).parent / f).read_bytes() for f in ("models/fp8.py", "train/streaming.py"))).hexdigest()[:16])
 
 from . import __version__
 from .errors import WanpairError

@@ -4,6 +4,8 @@ The choice is made once, after the expert is loaded with its LoRA, from the memo
 use (the GPU's free memory, a per-process fraction, or `memory_budget_gb`) and the largest batch the
 dataset holds. In order of preference, because each step costs speed:
 1. every block resident and as few checkpointed as fit (a kept block saves one forward per step);
+   compiled blocks are checkpointed inside their graph, and spare memory goes first to letting every
+   checkpointed block keep its attention outputs (the most speed per GiB), then to kept blocks;
 2. every block checkpointed, and just enough blocks streamed from pinned host memory to fit
    (`wanpair.train.streaming`; the copies hide behind compute).
 `memory_mode = "fast"` never streams (and says so when it cannot fit); `"low"` plans for 16 GiB
@@ -28,6 +30,10 @@ from .streaming import SLOTS
 GIB = 2**30
 LOW_MODE_BUDGET_GIB = 16.0
 ACTIVATION_PER_TOKEN = 44  # x dim bytes: everything a non-checkpointed block keeps for backward
+# x dim bytes, blocks checkpointed inside their compiled graph (H200, 2026-12-01): what the recompute-all policy
+# still keeps (measured 0.6), and what keeping the self- and cross-attention outputs (bf16) adds up to (3.9)
+IN_GRAPH_RECOMPUTE_PER_TOKEN = 1
+IN_GRAPH_ATTENTION_PER_TOKEN = 5
 WORKING_PER_TOKEN = 80  # x dim bytes: one block's recompute + backward in flight, plus the loss
 MARGIN_GIB = 1.0  # allocator fragmentation and the odd temporary
 
@@ -40,13 +46,27 @@ class MemoryPlan:
     streamed: list[int] = field(default_factory=list)  # blocks whose fp8 weights live on the host
     estimate_gib: float = 0.0
     transposed: bool = False  # keep W^T of every fp8 weight too (backward reads it instead of transposing)
+    in_graph: bool = False  # resident checkpointed blocks recompute inside their compiled graph
+    keep_attention: int = 0  # of those, how many keep their attention outputs (the last ones)
+
+    def policies(self) -> list[str | None]:
+        """Per block, how it saves for backward (`wanpair.train.speed.checkpoint_blocks`)."""
+        streamed = set(self.streamed)
+        return [None if i >= self.checkpointed else
+                "eager" if i in streamed or not self.in_graph else
+                "save-attention" if i >= self.checkpointed - self.keep_attention else "recompute"
+                for i in range(self.blocks)]
 
     def describe(self) -> str:
         stream = (f"{len(self.streamed)} of {self.blocks} blocks streamed from pinned host memory"
                   if self.streamed else "all blocks resident")
         budget = f"; estimated peak {self.estimate_gib:.1f} of {self.budget_gib:.1f} GiB" if self.budget_gib else ""
+        where = ""
+        if self.in_graph and self.checkpointed:
+            where = " (inside the compiled graph" + (f", {self.keep_attention} keeping their attention outputs"
+                                                     if self.keep_attention else "") + ")"
         extra = ", fp8 weights also kept transposed" if self.transposed else ""
-        return f"memory plan: {stream}, {self.checkpointed} of {self.blocks} checkpointed{extra}{budget}"
+        return f"memory plan: {stream}, {self.checkpointed} of {self.blocks} checkpointed{where}{extra}{budget}"
 
 
 def _budget_gib(device: torch.device, mode: str, budget_gb: float) -> float:
@@ -59,8 +79,10 @@ def _budget_gib(device: torch.device, mode: str, budget_gb: float) -> float:
     return min(usable, LOW_MODE_BUDGET_GIB) if mode == "low" else usable
 
 
-def plan_memory(model, tokens: int, settings, device: torch.device, lora_bytes: int) -> MemoryPlan:
-    """Choose checkpointed and streamed blocks for `tokens` tokens per batch (see the module docstring)."""
+def plan_memory(model, tokens: int, settings, device: torch.device, lora_bytes: int,
+                compiled: bool = False) -> MemoryPlan:
+    """Choose checkpointed and streamed blocks for `tokens` tokens per batch (see the module docstring);
+    `compiled`: the blocks are compiled, so they can be checkpointed inside their graph."""
     blocks = len(model.blocks)
     forced = settings.checkpoint_blocks if settings.gradient_checkpointing else 0
     if device.type != "cuda":
@@ -72,11 +94,11 @@ def plan_memory(model, tokens: int, settings, device: torch.device, lora_bytes: 
     transposed_gib = sum(m.weight.numel() for m in linears if getattr(m, "use_fp8_matmul", False)) / GIB
     resident = torch.cuda.memory_allocated(device) / GIB  # weights and LoRA
     return plan_for(blocks, dim, tokens, resident, lora_bytes, block_gib if streamable else 0.0, transposed_gib,
-                    _budget_gib(device, settings.memory_mode, settings.memory_budget_gb), settings)
+                    _budget_gib(device, settings.memory_mode, settings.memory_budget_gb), settings, compiled)
 
 
 def plan_for(blocks: int, dim: int, tokens: int, resident_gib: float, lora_bytes: int, block_gib: float,
-             transposed_gib: float, budget: float, settings) -> MemoryPlan:
+             transposed_gib: float, budget: float, settings, compiled: bool = False) -> MemoryPlan:
     """The plan from sizes alone: `resident_gib` = weights + LoRA on the GPU, `block_gib` = one block's
     streamable fp8 weights (0: not streamable), `transposed_gib` = one block's W^T (0: no fp8 matmuls).
     `plan_memory` measures these on the loaded model; `wanpair doctor` estimates them from the file."""
@@ -85,8 +107,10 @@ def plan_for(blocks: int, dim: int, tokens: int, resident_gib: float, lora_bytes
              + 3 * lora_bytes / GIB  # LoRA gradients + two AdamW moments
              + blocks * tokens * dim * 2 / GIB  # each checkpoint's input
              + WORKING_PER_TOKEN * dim * tokens / GIB + MARGIN_GIB)
-    return decide(blocks, budget, fixed, ACTIVATION_PER_TOKEN * dim * tokens / GIB, block_gib, settings.memory_mode,
-                  forced, tokens, transposed_gib)
+    per_block = dim * tokens / GIB
+    tiers = (IN_GRAPH_RECOMPUTE_PER_TOKEN * per_block, IN_GRAPH_ATTENTION_PER_TOKEN * per_block) if compiled else None
+    return decide(blocks, budget, fixed, ACTIVATION_PER_TOKEN * per_block, block_gib, settings.memory_mode,
+                  forced, tokens, transposed_gib, tiers)
 
 
 def block_linear_params(config: dict) -> tuple[int, int]:
@@ -96,7 +120,8 @@ def block_linear_params(config: dict) -> tuple[int, int]:
     return 8 * dim * dim + 2 * dim * ffn, 8 * 2 * dim + 2 * (dim + ffn)
 
 
-def plan_from_config(config: dict, tokens: int, settings, budget: float, fp8_matmul: bool) -> MemoryPlan:
+def plan_from_config(config: dict, tokens: int, settings, budget: float, fp8_matmul: bool,
+                     compiled: bool = True) -> MemoryPlan:
     """An estimate of the plan before loading anything (for `wanpair doctor`): the weights' sizes from
     the architecture instead of the allocator. The run's own plan, measured, is logged when it starts."""
     blocks, dim = config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"]
@@ -107,41 +132,56 @@ def plan_from_config(config: dict, tokens: int, settings, budget: float, fp8_mat
     lora_bytes = blocks * settings.rank * per_rank * 4
     resident = (blocks * block_bytes + other + lora_bytes) / GIB
     return plan_for(blocks, dim, tokens, resident, lora_bytes, block_bytes / GIB if settings.fp8_base else 0.0,
-                    weights / GIB if settings.fp8_base and fp8_matmul else 0.0, budget, settings)
+                    weights / GIB if settings.fp8_base and fp8_matmul else 0.0, budget, settings, compiled)
 
 
 def decide(blocks: int, budget: float, fixed: float, activation: float, block_gib: float, mode: str,
-           forced: int, tokens: int, transposed_gib: float = 0.0) -> MemoryPlan:
-    """The choice itself, in GiB: `fixed` is the peak with every block resident and checkpointed,
-    `activation` what each un-checkpointed block adds, `block_gib` what each streamed block saves
-    (0 when blocks cannot stream: no fp8 base), `transposed_gib` what a transposed copy of one
-    block's fp8-matmul weights costs (0: none use fp8 matmuls). `forced` >= 0 fixes the
-    checkpointed count. Spare memory goes first to un-checkpointed blocks (~4.5 ms saved each on
-    the H100), then, if all of them fit, to transposed weights (~10 ms per step in all)."""
-    if mode != "low" and fixed <= budget:
-        kept = min(blocks, int((budget - fixed) / activation)) if forced < 0 else blocks - min(forced, blocks)
-        if forced >= 0 and fixed + kept * activation > budget:
-            raise WanpairError(
-                f"[train] checkpoint_blocks = {forced} needs about {fixed + kept * activation:.1f} GiB for {tokens} "
-                f"tokens per batch, more than the {budget:.1f} GiB available; set checkpoint_blocks = -1 (automatic).")
-        estimate = fixed + kept * activation
+           forced: int, tokens: int, transposed_gib: float = 0.0,
+           tiers: tuple[float, float] | None = None) -> MemoryPlan:
+    """The choice itself, in GiB: `fixed` is the peak with every block resident and checkpointed (around
+    the block), `activation` what each un-checkpointed block adds, `block_gib` what each streamed block
+    saves (0 when blocks cannot stream: no fp8 base), `transposed_gib` what a transposed copy of one
+    block's fp8-matmul weights costs (0: none use fp8 matmuls), `tiers` what a block checkpointed inside
+    its compiled graph keeps (recomputing all, keeping its attention outputs; None: not compiled).
+    `forced` >= 0 fixes the checkpointed count. Spare memory goes first to attention outputs (~0.6 ms
+    saved per block for 0.07 GiB on the H200), then to un-checkpointed blocks (~2 ms more for 0.7 GiB),
+    then, if all of them fit, to transposed weights (~10 ms per step in all)."""
+    recompute, attention = tiers or (0.0, 0.0)
+    base = fixed + blocks * recompute  # every block checkpointed
+    if mode != "low" and base <= budget:
+        if forced >= 0:
+            kept = blocks - min(forced, blocks)
+            if base + kept * (activation - recompute) > budget:
+                raise WanpairError(
+                    f"[train] checkpoint_blocks = {forced} needs about {base + kept * (activation - recompute):.1f} "
+                    f"GiB for {tokens} tokens per batch, more than the {budget:.1f} GiB available; set "
+                    "checkpoint_blocks = -1 (automatic).")
+        elif tiers:
+            spare = budget - base - blocks * (attention - recompute)
+            kept = min(blocks, int(spare / (activation - attention))) if spare > 0 else 0
+        else:
+            kept = min(blocks, int((budget - base) / activation))
+        spare = budget - base - kept * (activation - recompute)
+        keep_attention = min(blocks - kept, int(spare / (attention - recompute))) if tiers else 0
+        estimate = base + kept * (activation - recompute) + keep_attention * (attention - recompute)
         transposed = transposed_gib > 0 and kept == blocks and estimate + blocks * transposed_gib <= budget
-        return MemoryPlan(budget, blocks, blocks - kept, [], estimate + transposed * blocks * transposed_gib, transposed)
-    if fixed <= budget:  # "low" asked for, and it fits without streaming
-        return MemoryPlan(budget, blocks, blocks, [], fixed)
+        return MemoryPlan(budget, blocks, blocks - kept, [], estimate + transposed * blocks * transposed_gib, transposed,
+                          bool(tiers), keep_attention)
+    if base <= budget:  # "low" asked for, and it fits without streaming
+        return MemoryPlan(budget, blocks, blocks, [], base, in_graph=bool(tiers))
     if mode == "fast" or forced == 0 or not block_gib:
         why = ("memory_mode = \"fast\" forbids" if mode == "fast" else
                "gradient_checkpointing = false forbids" if forced == 0 else "fp8_base = false rules out")
         raise WanpairError(
-            f"the expert needs about {fixed:.1f} GiB with every block resident ({tokens} tokens per batch), more than "
+            f"the expert needs about {base:.1f} GiB with every block resident ({tokens} tokens per batch), more than "
             f"the {budget:.1f} GiB available, and {why} streaming blocks from the host. Use memory_mode = \"auto\" "
             "with fp8_base = true (streams only what does not fit), or fewer tokens (smaller resolution / fewer frames).")
-    n = min(blocks, math.ceil((fixed - budget) / block_gib) + SLOTS)
-    estimate = fixed - (n - min(SLOTS, n)) * block_gib
+    n = min(blocks, math.ceil((base - budget) / block_gib) + SLOTS)
+    estimate = base - (n - min(SLOTS, n)) * block_gib - n * recompute  # a streamed block checkpoints around itself
     if estimate > budget:
         raise WanpairError(
             f"the expert needs about {estimate:.1f} GiB even with all {blocks} blocks streamed from the host "
             f"({tokens} tokens per batch); the budget is {budget:.1f} GiB. Train at a smaller resolution or fewer "
             "frames, or raise memory_budget_gb if the GPU has more.")
     streamed = sorted({round((k + 0.5) * blocks / n - 0.5) for k in range(n)})  # spread evenly between kept blocks
-    return MemoryPlan(budget, blocks, blocks, streamed, estimate)
+    return MemoryPlan(budget, blocks, blocks, streamed, estimate, in_graph=bool(tiers))

@@ -5,8 +5,9 @@
 2. LoRA: fp32 adapters on every block Linear (peft), plus kohya's rank/module dropout.
 3. fp8 matmuls for the frozen base where the GPU has fp8 tensor cores.
 4. torch.compile of the repeated block (one graph for all 40).
-5. The memory plan, for the largest batch's tokens: which blocks keep activations, which stream from
-   host memory, whether W^T is kept (`wanpair.train.memory_plan`).
+5. The memory plan, for the largest batch's tokens: which blocks keep activations, which recompute them
+   (inside their compiled graph, keeping their attention outputs or not), which stream from host memory,
+   whether W^T is kept (`wanpair.train.memory_plan`).
 6. The plan applied: transposed weights, streamed blocks, checkpointing -- in that order, because
    streaming moves the (transposed-or-not) fp8 weights to the host and checkpointing wraps what runs.
 Each step is a small function of its own module; this one only says what happens when.
@@ -38,12 +39,13 @@ def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype,
     add_lora_dropouts(model, t.rank_dropout, t.module_dropout)
     wants_fp8_matmul = t.fp8_matmul == "on" or (t.fp8_matmul == "auto" and fp8_matmul_available(device))
     fp8_matmuls = use_fp8_matmul(model, wants_fp8_matmul)
-    if t.compile == "on" or (t.compile == "auto" and device.type == "cuda"):
+    compiled = t.compile == "on" or (t.compile == "auto" and device.type == "cuda")
+    if compiled:
         compile_blocks(model)
-    plan = plan_memory(model, tokens, t, device, sum(p.numel() * p.element_size() for p in params))
+    plan = plan_memory(model, tokens, t, device, sum(p.numel() * p.element_size() for p in params), compiled)
     if plan.transposed:
         keep_transposed(model)
     stream_blocks(model, plan.streamed)
-    checkpoint_blocks(model, plan.checkpointed)
+    checkpoint_blocks(model, plan.policies())
     log.info("fp8 matmuls in %d layers; %s", fp8_matmuls, plan.describe())
     return params, plan

@@ -1,9 +1,11 @@
 """Speed levers applied to diffusers' Wan transformer as small functions (measured in docs/benchmarks.md).
 
-- Partial activation checkpointing: only the first N transformer blocks recompute their activations
-  in the backward pass; the rest keep them, spending memory to save one extra forward per block
-  (N comes from `wanpair.train.memory_plan`). It plugs into diffusers' own checkpointing hook, so
-  each block is still called as a module and a compiled block runs compiled inside the checkpoint.
+- Partial activation checkpointing: only some transformer blocks recompute their activations in the
+  backward pass; the rest keep them, spending memory to save one extra forward per block (which, from
+  `wanpair.train.memory_plan`). A compiled block is checkpointed inside its own graph, keeping nothing
+  or only its attention outputs (selective checkpointing), which is faster than a checkpoint around
+  the compiled block at about the same memory; blocks that are not compiled are checkpointed around.
+  It plugs into diffusers' own checkpointing hook, so each block is still called as a module.
   Streamed blocks (`wanpair.train.streaming`) checkpoint themselves.
 - Compiling the repeated block with torch.compile: every block has the same code, so one compiled
   graph serves all of them; fp8 quantisation and dequantisation (`wanpair.models.fp8`) fuse into it.
@@ -33,15 +35,19 @@ def _save_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-# what a block checkpointed inside its compiled graph keeps for backward (None: inductor's partitioner decides)
+# What a block checkpointed inside its compiled graph keeps for backward: nothing but its input, or its two
+# attention outputs too (then attention is not recomputed), or what inductor's partitioner picks (it keeps the
+# matmul outputs: faster, but ~4x the memory of "save-attention"; measured for comparison in bench/train_step.py).
 IN_GRAPH_POLICIES = {"partitioner": None, "recompute": _recompute_all, "save-attention": _save_attention}
 
 
 class InGraphCheckpoint:
     """Mixed into a block's class: its forward runs inside `checkpoint`, so that torch.compile traces the
-    checkpoint into the block's own graph and the recompute runs inside the compiled backward."""
+    checkpoint into the block's own graph and the recompute runs inside the compiled backward (no second
+    call of the compiled block from Python, and what the policy keeps is not recomputed at all)."""
 
     context_fn = None  # a selective-checkpoint policy's contexts; None: inductor's partitioner decides
+    base_class: type
 
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():
@@ -55,21 +61,27 @@ class InGraphCheckpoint:
 def _in_graph_class(cls: type, policy: str) -> type:
     fn = IN_GRAPH_POLICIES[policy]
     context = functools.partial(create_selective_checkpoint_contexts, fn) if fn else None
-    return type(f"InGraphCheckpointed{cls.__name__}", (InGraphCheckpoint, cls), {"context_fn": context})
+    return type(f"InGraphCheckpointed{cls.__name__}", (InGraphCheckpoint, cls), {"context_fn": context, "base_class": cls})
 
 
-def checkpoint_blocks(model, n: int, in_graph: str | None = None) -> None:
-    """Recompute activations of the first `n` blocks in backward: around the (compiled) block, or with
-    `in_graph` (a key of IN_GRAPH_POLICIES) inside its compiled graph."""
+def checkpoint_blocks(model, policies: list[str | None]) -> None:
+    """Apply a memory plan's choice per block (`MemoryPlan.policies`): None keeps the block's activations for
+    backward; "eager" recomputes them around the (compiled) block; a key of IN_GRAPH_POLICIES recomputes
+    them inside its compiled graph. Streamed blocks (`wanpair.train.streaming`) checkpoint themselves."""
     blocks = list(model.blocks._modules.values())
-    selected = {id(b) for b in blocks[:n]}
-    if in_graph:
-        for b in blocks[:n]:
-            if not isinstance(b, (StreamedCall, InGraphCheckpoint)):
-                b.__class__ = _in_graph_class(type(b), in_graph)
+    eager = set()
+    for block, policy in zip(blocks, policies):
+        if isinstance(block, StreamedCall):
+            continue
+        if isinstance(block, InGraphCheckpoint):
+            block.__class__ = block.base_class
+        if policy in IN_GRAPH_POLICIES:
+            block.__class__ = _in_graph_class(type(block), policy)
+        elif policy == "eager":
+            eager.add(id(block))
 
     def run_block(block, *args):
-        if id(block) in selected and not isinstance(block, (StreamedCall, InGraphCheckpoint)):
+        if id(block) in eager:
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
