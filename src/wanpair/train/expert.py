@@ -188,10 +188,9 @@ class ExpertTraining:
         return {"val_loss": loss, "val_kind": self.data.validation_kind,
                 "val_seconds": round(time.perf_counter() - start, 3)}
 
-    def validation_due(self, lora_saved: bool) -> bool:
+    def validation_due(self, lora_saved: bool, step: int) -> bool:
         every = self.t.validate_every_n_steps
-        return bool(self.val_items) and (self.step_count % every == 0 or self.step_count == self.total_steps
-                                         or lora_saved)
+        return bool(self.val_items) and (step % every == 0 or step == self.total_steps or lora_saved)
 
     # ---------------------------------------------------------------- the loop
     def micro_batches(self, group: list[int]) -> tuple[list, torch.Tensor, tuple]:
@@ -219,6 +218,7 @@ class ExpertTraining:
 
     def queue(self, epoch: int, g: int, groups: list[list[int]]) -> "_Queued":
         """Queue the forward and backward passes of the epoch's `g`-th optimizer step on the device."""
+        started = time.perf_counter()
         rngs = capture_rngs(self.gen)  # as they are before this step draws: what a state saved before it holds
         mine, first_t, first = self.micro_batches(groups[g])
         weight = self.world / len(groups[g])
@@ -229,7 +229,7 @@ class ExpertTraining:
         if self.world > 1:
             loss = self.accelerator.reduce(local * weight * len(mine) / self.world, reduction="sum")
         samples = sum(len(self.batches[b]) for b in groups[g])
-        return _Queued(epoch, g, len(groups), samples, float(1000 * first_t[0]), local, loss, rngs)
+        return _Queued(epoch, g, len(groups), samples, float(1000 * first_t[0]), local, loss, rngs, started)
 
     def groups(self, epoch: int) -> list[list[int]]:
         """The epoch's optimizer steps: its shuffled batches in groups of `per_step` (the last may be short)."""
@@ -265,22 +265,21 @@ class ExpertTraining:
                         disable=not (self.writes and self.progress))
         if self.val_items and self.step_count == 0 and self.metrics:
             self.metrics.log({"step": 0, **self.validation_row()})
-        self.bad, self.last = 0, time.perf_counter()
-        self.start = self.last
+        self.bad, self.start = 0, time.perf_counter()
         pending: _Queued | None = None  # queued on the device, verdict not read yet
         with StopFlag() as stop:
             for epoch, g, groups in self.remaining_steps():
                 if g is None:
                     self.end_epoch(epoch)
                     continue
-                if pending and self.step_count + 1 >= self.total_steps:  # it may be the last: nothing after it
+                if pending and not self.overlappable(pending, stop.signum):
                     self.complete(pending, stop.signum)
                     pending = None
                 if self.step_count >= self.total_steps:
                     break
                 queued = self.queue(epoch, g, groups)
                 if pending:
-                    self.complete(pending, stop.signum, rngs=queued.rngs)
+                    self.complete(pending, stop.signum, rngs=queued.rngs, next_started=queued.started)
                 queued.verdict = update(self.optimizer, self.accelerator, self.params, queued.local_loss,
                                         t.max_grad_norm)
                 pending = queued
@@ -288,13 +287,32 @@ class ExpertTraining:
                 self.complete(pending, stop.signum)
         self.bar.close()
 
-    def complete(self, q: "_Queued", signum: int, rngs: dict | None = None) -> None:
+    def overlappable(self, q: "_Queued", signum: int) -> bool:
+        """May the next step be queued before step `q` is read? Only when nothing but its metrics follows it:
+        validation, saves, samples, a stop and the run's last step wait for the GPU to finish first, so that
+        their time is theirs and not counted as a step's."""
+        t, step, epoch_end = self.t, self.step_count + 1, q.g + 1 == q.n_groups
+        sampling = self.sampler is not None and self.writes
+
+        def every(n: int, k: int) -> bool:
+            return bool(n) and k % n == 0
+
+        at_step = (self.validation_due(self.saves_lora_now(step, epoch_end and q.epoch), step)
+                   or self.saves_lora_now(step, epoch_end and q.epoch) or every(t.save_state_every_n_steps, step)
+                   or sampling and every(self.p.sample.every_n_steps, step))
+        at_epoch = epoch_end and (every(t.save_state_every_n_epochs, q.epoch)
+                                  or sampling and every(self.p.sample.every_n_epochs, q.epoch))
+        return not (signum or step >= self.total_steps or at_step or at_epoch)
+
+    def complete(self, q: "_Queued", signum: int, rngs: dict | None = None, next_started: float | None = None) -> None:
         """Read a queued step's verdict and do what falls due after it: metrics, validation, saves, samples,
         a requested stop, the end of its epoch. `rngs`: the generators as they were right after it (the
-        next step has drawn from them since), for any state saved now."""
+        next step has drawn from them since), for any state saved now. A step's time runs from its start to
+        the next one's (`next_started`: queued already) or to its verdict, what the GPU took for it either way."""
         self.rngs_after_step = rngs
         ok = finish(q.verdict, self.scheduler)
         loss = q.loss.item()
+        seconds = (next_started or time.perf_counter()) - q.started
         if not ok:
             self.bad += 1
             self.say(f"step {self.step_count + 1}: non-finite loss or gradients ({loss}); update skipped "
@@ -305,17 +323,16 @@ class ExpertTraining:
             self.bad = 0
             self.losses.append(loss)
             self.step_count += 1
-            now = time.perf_counter()
             self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
             lr = self.scheduler.get_last_lr()[0]
             row = {"step": self.step_count, "epoch": q.epoch, "loss": loss, "smoothed_loss": self.smoothed,
-                   "lr": lr, "timestep": q.timestep, "s_per_step": round(now - self.last, 4),
-                   "samples_per_s": round(q.samples / (now - self.last), 3)}
-            if self.validation_due(self.saves_lora_now(q.g + 1 == q.n_groups and q.epoch)):
+                   "lr": lr, "timestep": q.timestep, "s_per_step": round(seconds, 4),
+                   "samples_per_s": round(q.samples / seconds, 3)}
+            if self.validation_due(self.saves_lora_now(self.step_count, q.g + 1 == q.n_groups and q.epoch),
+                                   self.step_count):
                 row |= self.validation_row()
             if self.metrics:
                 self.metrics.log(row)
-            self.last = time.perf_counter()  # the validation's time is not the step's
             self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}")
             self.bar.update()
             self.after_step(q.epoch, pos=(q.g + 1) * self.per_step)
@@ -334,9 +351,10 @@ class ExpertTraining:
             self.losses = []
             self.after_epoch(epoch)
 
-    def saves_lora_now(self, epoch_end: int = 0) -> bool:
-        """Will an intermediate LoRA be saved after this step (and, at an epoch's end, after this epoch)?"""
-        t, step = self.t, self.step_count
+    def saves_lora_now(self, step: int, epoch_end: int = 0) -> bool:
+        """Will an intermediate LoRA be saved after optimizer step `step` (and, at an epoch's end, after this
+        epoch)?"""
+        t = self.t
         by_step = bool(t.save_every_n_steps) and step % t.save_every_n_steps == 0 and step < self.total_steps
         by_epoch = bool(epoch_end and t.save_every_n_epochs) and epoch_end % t.save_every_n_epochs == 0 \
             and step < self.total_steps
@@ -494,6 +512,7 @@ class _Queued:
     local_loss: torch.Tensor  # this process's mean loss (what the update checks)
     loss: torch.Tensor  # the mean over all processes (what is logged)
     rngs: dict  # the generators before it drew its noise and timesteps
+    started: float  # perf_counter when the host began it
     verdict: Verdict | None = None
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -57,10 +59,18 @@ class InGraphCheckpoint:
         return checkpoint(super().forward, *args, use_reentrant=False, context_fn=self.context_fn, **kwargs)
 
 
+# AOTAutograd caches a graph with a selective-checkpoint policy only if the policy says what it is
+# (torch/_functorch/_aot_autograd/autograd_cache.py, `_collect_context_fn_hashes`): this file's source
+_SOURCE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
 @functools.cache
 def _in_graph_class(cls: type, policy: str) -> type:
     fn = IN_GRAPH_POLICIES[policy]
-    context = functools.partial(create_selective_checkpoint_contexts, fn) if fn else None
+    context = None
+    if fn:
+        context = functools.partial(create_selective_checkpoint_contexts, fn)
+        context.cache_hash = f"wanpair-{policy}-{_SOURCE_HASH}"
     return type(f"InGraphCheckpointed{cls.__name__}", (InGraphCheckpoint, cls), {"context_fn": context, "base_class": cls})
 
 
