@@ -290,7 +290,10 @@ class ExpertTraining:
     def overlappable(self, q: "_Queued", signum: int) -> bool:
         """May the next step be queued before step `q` is read? Only when nothing but its metrics follows it:
         validation, saves, samples, a stop and the run's last step wait for the GPU to finish first, so that
-        their time is theirs and not counted as a step's."""
+        their time is theirs and not counted as a step's. Nor when blocks stream from the host: queued ahead,
+        the low-memory step measured 0.558 instead of 0.489 s on an H200 (docs/benchmarks.md)."""
+        if self.plan.streamed:
+            return False
         t, step, epoch_end = self.t, self.step_count + 1, q.g + 1 == q.n_groups
         sampling = self.sampler is not None and self.writes
 
