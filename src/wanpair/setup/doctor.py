@@ -19,11 +19,13 @@ import torch
 from ..errors import WanpairError
 
 GIB = 2**30
-# s/step of the 14B expert at 960x960 (3 600 tokens), rank 16, measured on Hopper (docs/benchmarks.md):
-# the real loop with every block resident (H200, 2026-12-01), the step with every block checkpointed
-# and with low-memory streaming (H100 benchmark, 2026-11-24). Other GPUs and sizes: not measured.
+# s/step of the 14B expert at 960x960 (3 600 tokens), rank 16, measured on an H200 (docs/benchmarks.md,
+# 2026-12-01): the real loop with every block resident and in low-memory streaming; the step with every
+# block checkpointed inside its compiled graph, recomputing all / keeping attention outputs (benchmark;
+# checkpointed around the block, when not compiled: slower). Other GPUs and sizes: not measured.
 MEASURED_TOKENS = 3600
-S_PER_STEP_RESIDENT, S_PER_STEP_ALL_CHECKPOINTED, S_PER_STEP_STREAMED = 0.389, 0.569, 0.649
+S_PER_STEP_RESIDENT, S_PER_STEP_STREAMED = 0.361, 0.52
+S_PER_STEP_ALL_RECOMPUTING, S_PER_STEP_ALL_KEEPING_ATTENTION = 0.490, 0.466
 MEASURED_GPUS = ("H100", "H200")
 CPU_PARAMS_LIMIT = 2e9  # above this an expert is not for training on the CPU (the demo's tiny models are far below)
 HOST_RAM_SPARE_GIB = 8  # besides the pinned blocks: the interpreter, the data, the OS
@@ -81,7 +83,8 @@ def expected_s_per_step(plan, tokens: int, gpu: str, fourteen_b: bool = True) ->
     if plan.streamed:
         s = S_PER_STEP_STREAMED
     else:
-        s = S_PER_STEP_RESIDENT + (S_PER_STEP_ALL_CHECKPOINTED - S_PER_STEP_RESIDENT) * plan.checkpointed / plan.blocks
+        s = (S_PER_STEP_RESIDENT + (S_PER_STEP_ALL_RECOMPUTING - S_PER_STEP_RESIDENT) * plan.checkpointed / plan.blocks
+             - (S_PER_STEP_ALL_RECOMPUTING - S_PER_STEP_ALL_KEEPING_ATTENTION) * plan.keep_attention / plan.blocks)
     return f"expected ≈ {s * tokens / MEASURED_TOKENS:.2f} s/step (measured on H100/H200 at 960×960, scaled to {tokens} tokens)"
 
 
