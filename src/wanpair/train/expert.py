@@ -102,7 +102,13 @@ class ExpertTraining:
             self.params, self.plan = prepare_expert(self.model, t, t.compute_dtype, self.tokens)
         except WanpairError as e:  # the memory plan's verdicts are about this project's [train] settings
             raise WanpairError(f"{self.p.path}: {e}") from None
-        if self.world > 1:  # every rank built the same LoRA from the seed; from here on, per-rank randomness
+        # Queue each step before reading the last (`train`), unless blocks stream from the host: then it was
+        # slower (0.558 instead of 0.489 s on an H200, docs/benchmarks.md). All ranks decide alike.
+        self.queue_ahead = not self.plan.streamed
+        if self.world > 1:
+            flag = torch.tensor([float(self.queue_ahead)], device=self.accelerator.device)
+            self.queue_ahead = bool(self.accelerator.reduce(flag, reduction="sum").item() == self.world)
+            # every rank built the same LoRA from the seed; from here on, per-rank randomness
             torch.manual_seed(t.seed + 1_000_003 * self.rank)  # (LoRA / rank / module dropout)
             frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
             frozen += [n for n, _ in self.model.named_buffers()]
@@ -272,7 +278,7 @@ class ExpertTraining:
                 if g is None:
                     self.end_epoch(epoch)
                     continue
-                if pending and not self.overlappable(pending, stop.signum):
+                if pending and not self.overlappable(pending):
                     self.complete(pending, stop.signum)
                     pending = None
                 if self.step_count >= self.total_steps:
@@ -287,25 +293,23 @@ class ExpertTraining:
                 self.complete(pending, stop.signum)
         self.bar.close()
 
-    def overlappable(self, q: "_Queued", signum: int) -> bool:
+    def overlappable(self, q: "_Queued") -> bool:
         """May the next step be queued before step `q` is read? Only when nothing but its metrics follows it:
-        validation, saves, samples, a stop and the run's last step wait for the GPU to finish first, so that
-        their time is theirs and not counted as a step's. Nor when blocks stream from the host: queued ahead,
-        the low-memory step measured 0.558 instead of 0.489 s on an H200 (docs/benchmarks.md)."""
-        if self.plan.streamed:
+        validation, saves, samples and the run's last step wait for the GPU to finish first, so that their
+        time is theirs and not counted as a step's. The answer comes from the settings alone, never from
+        what this rank does (only rank 0 validates and samples), so that every rank of a data-parallel group
+        queues its collectives in the same order."""
+        if not self.queue_ahead:
             return False
         t, step, epoch_end = self.t, self.step_count + 1, q.g + 1 == q.n_groups
-        sampling = self.sampler is not None and self.writes
 
         def every(n: int, k: int) -> bool:
             return bool(n) and k % n == 0
 
-        at_step = (self.validation_due(self.saves_lora_now(step, epoch_end and q.epoch), step)
-                   or self.saves_lora_now(step, epoch_end and q.epoch) or every(t.save_state_every_n_steps, step)
-                   or sampling and every(self.p.sample.every_n_steps, step))
-        at_epoch = epoch_end and (every(t.save_state_every_n_epochs, q.epoch)
-                                  or sampling and every(self.p.sample.every_n_epochs, q.epoch))
-        return not (signum or step >= self.total_steps or at_step or at_epoch)
+        at_step = (self.saves_lora_now(step, epoch_end and q.epoch) or every(t.validate_every_n_steps, step)
+                   or every(t.save_state_every_n_steps, step) or every(self.p.sample.every_n_steps, step))
+        at_epoch = epoch_end and (every(t.save_state_every_n_epochs, q.epoch) or every(self.p.sample.every_n_epochs, q.epoch))
+        return not (step >= self.total_steps or at_step or at_epoch)
 
     def complete(self, q: "_Queued", signum: int, rngs: dict | None = None, next_started: float | None = None) -> None:
         """Read a queued step's verdict and do what falls due after it: metrics, validation, saves, samples,
