@@ -5,6 +5,10 @@
     PYTHONPATH=src python bench/train_step.py --accuracy                      # fp8 vs bf16 loss and gradients
     PYTHONPATH=src python bench/train_step.py --config tiny --device cpu --steps 3   # smoke test on a CPU
 
+Each variant is timed twice: reading every step before the next (`median_s`, per step) and in the training
+loop's order, the next step queued before this one is read (`pipelined_s`, the mean over as many steps).
+The `ckpt-*` variants checkpoint all 40 blocks in one way each, to compare the ways.
+
 The model is built directly on the GPU (no files) block by block -- with an fp8 base each block is
 quantised as soon as it exists, as `load_dit(fp8=True)` does, so the bf16 form of the whole expert
 never exists -- then goes through the same functions `wanpair train` uses: `prepare_expert` (LoRA
