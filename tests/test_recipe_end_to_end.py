@@ -88,7 +88,9 @@ def test_cli_train_one_expert_keep_it_on_a_rerun_and_refuse_to_overwrite_another
     assert main(["train", str(demo / "wanpair.toml"), "--expert", "high"]) == 0
     assert high.exists() and not (demo / "output" / "WAN2.2-LowNoise_demo_shapes_v1.safetensors").exists()
     made = high.stat().st_mtime_ns
-    capsys.readouterr()
+    # before anything loads, the run says which model it is and which files it will write
+    assert ("model: Wan 2.2 T2V A14B (text to video): a LoRA per expert, high-noise on 875-1000 and low-noise "
+            "below -> WAN2.2-HighNoise_demo_shapes_v1.safetensors") in capsys.readouterr().out
     # the same command again: this run's LoRA is kept, not trained again and not refused
     assert main(["train", str(demo / "wanpair.toml"), "--expert", "high"]) == 0
     assert "keeping WAN2.2-HighNoise_demo_shapes_v1.safetensors" in capsys.readouterr().out
