@@ -137,7 +137,7 @@ def project_checks(project_path: Path) -> list[Check]:
     budget = t.memory_budget_gb or (min(free / GIB, LOW_MODE_BUDGET_GIB) if t.memory_mode == "low" else free / GIB)
     config = recipe.dits[project.task.experts[0]].config
     try:
-        plan = plan_from_config(config, tokens, t, budget, fp8_matmul_available(device))
+        plan = plan_from_config(config, tokens, t, budget, fp8_matmul_available(device), compiled=t.compile != "off")
     except WanpairError as e:
         return checks + [Check(False, f"memory plan for {tokens} tokens per batch", f"{project.path}: {e}")]
     checks.append(Check(True, f"{plan.describe()} (estimated before loading); "
