@@ -63,6 +63,7 @@ VARIANTS = {  # TrainSettings overrides; "default" is exactly what `wanpair trai
     "default-no-transpose": {},  # the default without W^T stored beside W (see run_variant)
     "default-cudagraphs": {},  # probe: the default with each block compiled in "reduce-overhead" mode (CUDA graphs)
     "fp8mm-compile-cudagraphs": dict(fp8_matmul="on", compile="on", **ALL_CKPT),  # probe: all checkpointed, CUDA graphs
+    "default-exact-accum": {},  # the default with the fp8 matmuls' fast accumulation off (Fp8Linear.fast_accum)
     "default-peftcast": {},  # the default with peft's fp32 cast of every LoRA input left on (see run_variant)
     # all 40 checkpointed in one way each (FORCED_POLICY below), for comparison; fp8mm-compile: as the plan chooses
     "ckpt-eager": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
@@ -127,8 +128,35 @@ def print_profile(step, n: int = 3) -> None:
         kind = next((kind for kind, keys in kinds.items() if any(key in k for key in keys)), "other")
         totals[kind] += ms
     print("GPU ms per step: " + ", ".join(f"{k} {v:.1f}" for k, v in totals.items()) + f", total {sum(totals.values()):.1f}")
+    print_gaps([e for e in prof.events() if e.device_type.name == "CUDA"], n)
     for k, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:22]:
         print(f"  {ms:7.2f} ms  {k[:110]}")
+
+
+def print_gaps(events, n: int) -> None:
+    """Where the GPU idles inside the profiled steps: kernel count, idle time between kernels (any stream)
+    by gap size, and the longest gaps with the kernel before each -- launch latency shows as many tiny
+    gaps, the host falling behind as fewer long ones."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events)
+    if not spans:
+        return
+    bins = {"< 5 us": [0, 0.0], "5-50 us": [0, 0.0], "50-500 us": [0, 0.0], ">= 500 us": [0, 0.0]}
+    longest, busy_until, before = [], spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        gap = start - busy_until  # microseconds
+        if gap > 0:
+            key = "< 5 us" if gap < 5 else "5-50 us" if gap < 50 else "50-500 us" if gap < 500 else ">= 500 us"
+            bins[key][0] += 1
+            bins[key][1] += gap
+            longest.append((gap, before, name))
+        if end > busy_until:
+            busy_until, before = end, name
+    wall = (busy_until - spans[0][0]) / 1e3 / n
+    idle = sum(v[1] for v in bins.values()) / 1e3 / n
+    print(f"kernels per step {len(spans) / n:.0f}; first to last kernel {wall:.1f} ms per step, GPU idle {idle:.1f} ms: "
+          + ", ".join(f"{k} {c / n:.0f} gaps {t / 1e3 / n:.1f} ms" for k, (c, t) in bins.items()))
+    for gap, a, b in sorted(longest, reverse=True)[:6]:
+        print(f"  gap {gap / 1e3:6.2f} ms after {a[:60]}  before {b[:60]}")
 
 
 def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, device: torch.device,
@@ -142,6 +170,9 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     from wanpair.train.speed import checkpoint_blocks
     from wanpair.train.step import finish, forward_backward, train_step, update
 
+    # each variant compiles its own graphs: dynamo would otherwise keep every earlier variant's entries
+    # and check their guards on every block call (the later variants' host time grew by ~100 ms a step)
+    torch._dynamo.reset()
     settings = dataclasses.replace(TrainSettings(), **VARIANTS[name])
     if settings.checkpoint_blocks > cfg["num_layers"]:
         settings.checkpoint_blocks = cfg["num_layers"]
@@ -161,6 +192,10 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     if name.endswith("-cudagraphs"):
         for block in model.blocks._modules.values():
             block.compile(mode="reduce-overhead")
+    if name == "default-exact-accum":
+        for m in model.modules():
+            if hasattr(m, "fast_accum"):
+                m.fast_accum = False
     if name == "default-peftcast":
         for m in model.modules():
             if hasattr(m, "cast_input_dtype_enabled"):
@@ -264,8 +299,12 @@ def accuracy(cfg: dict, shape: tuple, device: torch.device) -> list[dict]:
     times = (0.3, 0.9)
     ref = {t: step(t) for t in times}
     to_fp8_linears(model, compute)
-    for name, mm in (("fp8 storage", False), ("fp8 matmul", True)):
+    for name, mm, fast in (("fp8 storage", False, True), ("fp8 matmul, exact accumulation", True, False),
+                           ("fp8 matmul", True, True)):
         use_fp8_matmul(model, mm)
+        for m in model.modules():
+            if hasattr(m, "fast_accum"):
+                m.fast_accum = fast
         for t in times:
             loss, grad = step(t)
             rloss, rgrad = ref[t]

@@ -74,6 +74,28 @@ def test_fp8_tensor_core_matmul_matches_the_dequantised_weight(rows):
     assert rel(results["fp8 matmul"][0], results["dequantised"][0]) < 0.06
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or not fp8_matmul_available(CUDA), reason="needs fp8 tensor cores")
+def test_fast_fp8_accumulation_changes_only_the_accumulations_rounding():
+    """The default accumulates fp8 products without fp32 promotion. Over the longest sums of the model
+    (the 13 824-wide feed-forward input) its outputs and input gradients stay within 0.5 % of exact
+    accumulation's: rounding of the sums, far below the ~3 % of e4m3 storage itself."""
+    torch.manual_seed(0)
+    layer = Fp8Linear(13824, 5120, False, torch.bfloat16).to(CUDA)
+    layer.set_weight(torch.randn(5120, 13824, device=CUDA) * 0.02)
+    layer.use_fp8_matmul = True
+    x = torch.randn(3600, 13824, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3600, 5120, device=CUDA, dtype=torch.bfloat16)
+    results = {}
+    for fast in (True, False):
+        layer.fast_accum = fast
+        out = layer(x)
+        out.backward(g)
+        results[fast] = out.detach(), x.grad.clone()
+        x.grad = None
+    (fast_out, fast_grad), (exact_out, exact_grad) = results[True], results[False]
+    assert rel(fast_out, exact_out) < 0.005 and rel(fast_grad, exact_grad) < 0.005
+
+
 def _expert(layers: int, width_heads: int = 1, ffn: int = 256, text_dim: int = 32, seed: int = 0):
     torch.manual_seed(seed)
     torch.set_default_dtype(torch.bfloat16)
