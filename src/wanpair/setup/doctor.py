@@ -20,11 +20,12 @@ from ..errors import WanpairError
 
 GIB = 2**30
 # s/step of the 14B expert at 960x960 (3 600 tokens), rank 16, measured on an H200 (docs/benchmarks.md,
-# 2026-12-01): the real loop with every block resident and in low-memory streaming; the step with every
-# block checkpointed inside its compiled graph, recomputing all / keeping attention outputs (benchmark;
-# checkpointed around the block, when not compiled: slower). Other GPUs and sizes: not measured.
+# 2026-12-01, fourth round): the real loop with every block resident and in low-memory streaming; the step
+# with every block checkpointed inside its compiled graph, recomputing all / keeping attention outputs
+# (benchmark, third round, before fast fp8 accumulation; checkpointed around the block, when not
+# compiled: slower). Other GPUs and sizes: not measured.
 MEASURED_TOKENS = 3600
-S_PER_STEP_RESIDENT, S_PER_STEP_STREAMED = 0.361, 0.52
+S_PER_STEP_RESIDENT, S_PER_STEP_STREAMED = 0.352, 0.53
 S_PER_STEP_ALL_RECOMPUTING, S_PER_STEP_ALL_KEEPING_ATTENTION = 0.490, 0.466
 MEASURED_GPUS = ("H100", "H200")
 CPU_PARAMS_LIMIT = 2e9  # above this an expert is not for training on the CPU (the demo's tiny models are far below)
