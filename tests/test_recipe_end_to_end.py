@@ -25,7 +25,7 @@ def _train(demo, experts=None, **settings):
     return project, LoraPairRecipe(project, overwrite=True).run(experts)
 
 
-def test_train_writes_both_loras_with_every_block_linear_and_the_right_window(demo):
+def test_train_writes_both_loras_with_every_block_linear_and_the_right_window(demo, capsys):
     project, results = _train(demo)
     high = project.output_dir / "WAN2.2-HighNoise_demo_shapes_v1.safetensors"
     low = project.output_dir / "WAN2.2-LowNoise_demo_shapes_v1.safetensors"
@@ -57,6 +57,19 @@ def test_train_writes_both_loras_with_every_block_linear_and_the_right_window(de
     assert len([r for r in rows if r["expert"] == "high"]) == 18  # 18 images, batch 1, one epoch
     summary = json.loads((project.run_dir / "summary.json").read_text())
     assert [e["expert"] for e in summary["experts"]] == ["high", "low"]
+    # where the time went (printed, and in summary.json) agrees with the metrics the steps logged
+    for e in summary["experts"]:
+        t, mine = e["timings"], [r for r in logged if r["expert"] == e["expert"]]
+        steps = [r["s_per_step"] for r in mine if "loss" in r]
+        vals = [r["val_seconds"] for r in mine if "val_seconds" in r]
+        assert t["steps"] == len(steps) - 1 and abs(t["first_step_s"] - steps[0]) < 1e-4  # metrics keep 0.1 ms
+        assert abs(t["steps_s"] - sum(steps[1:])) < 1e-4 * len(steps)
+        assert t["validations"] == len(vals) == 2 and abs(t["validation_s"] - sum(vals)) < 1e-3 * len(vals)
+        assert t["wall_s"] > t["setup_s"] + t["first_step_s"] + t["steps_s"] + t["validation_s"]
+    seconds = summary["seconds"]
+    assert seconds["total"] > seconds["check"] + seconds["cache"] + sum(e["timings"]["wall_s"] for e in summary["experts"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("time: "))
+    assert "high-noise" in line and "low-noise" in line and "17 more steps" in line
 
 
 def test_same_seed_gives_identical_loras_and_another_seed_does_not(demo):
@@ -101,3 +114,9 @@ def test_cli_train_one_expert_keep_it_on_a_rerun_and_refuse_to_overwrite_another
     err = capsys.readouterr().err
     assert "already exists, made with a different [train] learning_rate; pass --overwrite" in err
     assert high.stat().st_mtime_ns == made
+
+
+def test_the_time_line_reads_minutes_and_hours_as_a_person_does():
+    from wanpair.sizes import human_seconds
+
+    assert [human_seconds(s) for s in (7.64, 204.4, 1445.3, 5000)] == ["7.6 s", "3 min 24 s", "24 min 5 s", "1 h 23 min"]

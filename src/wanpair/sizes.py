@@ -1,4 +1,4 @@
-"""Sizes as a person reads them."""
+"""Sizes and durations as a person reads them."""
 
 from __future__ import annotations
 
@@ -10,3 +10,13 @@ def human_bytes(n: float) -> str:
             value = n / size
             return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
     return f"{int(n)} bytes"
+
+
+def human_seconds(s: float) -> str:
+    """7.64 -> '7.6 s', 204 -> '3 min 24 s', 5000 -> '1 h 23 min'."""
+    if s < 60:
+        return f"{s:.1f} s"
+    minutes = round(s) // 60
+    if minutes < 60:
+        return f"{minutes} min {round(s) % 60} s"
+    return f"{minutes // 60} h {minutes % 60} min"

@@ -36,6 +36,7 @@ from ..export.merge import check_expert
 from ..models.dit import DitInfo, load_dit
 from ..models.tasks import expert_name, expert_noun
 from ..project import Project
+from ..sizes import human_seconds
 from .data import CachedData, step_counts
 from .flow_matching import flow_matching_loss, pad_text
 from .lora import DTYPES, load_initial_lora, lora_state_dict, save_lora
@@ -54,6 +55,28 @@ VALIDATION_SEED = 20_000_003  # the validation noise's own seed: the same whatev
 
 
 @dataclass
+class ExpertTimings:
+    """Where one expert's time went in this process, from its own clocks: what a user needs to tell
+    loading, compiling (the first step), training and validating apart, and to project a longer run."""
+
+    wall_s: float = 0.0  # from the unit's start to its LoRA saved
+    setup_s: float = 0.0  # reading the caches, loading the expert, preparing it, until the loop starts
+    first_step_s: float = 0.0  # this process's first step, compiling included
+    steps: int = 0  # the steps after it
+    steps_s: float = 0.0
+    validations: int = 0
+    validation_s: float = 0.0
+
+    def describe(self) -> str:
+        parts = [f"loading {human_seconds(self.setup_s)}", f"first step {human_seconds(self.first_step_s)}"]
+        if self.steps:
+            parts.append(f"{self.steps} more steps {human_seconds(self.steps_s)} at {self.steps_s / self.steps:.3f} s")
+        if self.validations:
+            parts.append(f"{self.validations} validations {human_seconds(self.validation_s)}")
+        return f"{human_seconds(self.wall_s)} ({', '.join(parts)})"
+
+
+@dataclass
 class ExpertResult:
     expert: str
     lora: Path
@@ -62,6 +85,13 @@ class ExpertResult:
     first_epoch_loss: float
     last_epoch_loss: float
     epoch_losses: list[float]
+    timings: ExpertTimings | None = None  # None: a finished LoRA kept from before
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ExpertResult":
+        """Back from `asdict` + JSON (a worker process's result file)."""
+        timings = ExpertTimings(**d["timings"]) if d.get("timings") else None
+        return cls(**{**d, "lora": Path(d["lora"]), "timings": timings})
 
 
 class ExpertTraining:
@@ -191,8 +221,10 @@ class ExpertTraining:
         """The validation loss for the metrics, with the seconds it took (its share of the run's time)."""
         start = time.perf_counter()
         loss = self.validate()
-        return {"val_loss": loss, "val_kind": self.data.validation_kind,
-                "val_seconds": round(time.perf_counter() - start, 3)}
+        seconds = time.perf_counter() - start
+        self.timings.validations += 1
+        self.timings.validation_s += seconds
+        return {"val_loss": loss, "val_kind": self.data.validation_kind, "val_seconds": round(seconds, 3)}
 
     def validation_due(self, lora_saved: bool, step: int) -> bool:
         every = self.t.validate_every_n_steps
@@ -320,6 +352,11 @@ class ExpertTraining:
         ok = finish(q.verdict, self.scheduler)
         loss = q.loss.item()
         seconds = (next_started or time.perf_counter()) - q.started
+        if self.timings.first_step_s:
+            self.timings.steps += 1
+            self.timings.steps_s += seconds
+        else:
+            self.timings.first_step_s = seconds
         if not ok:
             self.bad += 1
             self.say(f"step {self.step_count + 1}: non-finite loss or gradients ({loss}); update skipped "
@@ -483,7 +520,8 @@ class ExpertTraining:
         losses = self.epoch_losses
         self.say(f"saved {out}  ({modules} LoRA modules, {self.step_count} steps, {seconds:.1f} s; mean loss epoch 1 "
                  f"{losses[0]:.4f} -> epoch {len(losses)} {losses[-1]:.4f})")
-        return ExpertResult(self.expert, out, self.step_count, seconds, losses[0], losses[-1], losses)
+        self.timings.wall_s = time.perf_counter() - self.run_started
+        return ExpertResult(self.expert, out, self.step_count, seconds, losses[0], losses[-1], losses, self.timings)
 
     def say(self, message: str) -> None:
         if self.writes:
@@ -491,6 +529,7 @@ class ExpertTraining:
 
     # ---------------------------------------------------------------- all stages
     def run(self, state: dict | None = None) -> ExpertResult:
+        self.run_started, self.timings = time.perf_counter(), ExpertTimings()
         self.setup_data()
         self.setup_model()
         if self.window.init_lora and state is None:
@@ -499,6 +538,7 @@ class ExpertTraining:
         if state is not None:
             self.resume(state)
         self.setup_validation()
+        self.timings.setup_s = time.perf_counter() - self.run_started
         try:
             self.train()
             return self.finish()

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import gc
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from ..models.text_encoder import load_text_encoder
 from ..models.vae import load_vae
 from ..models.tasks import expert_name, expert_noun
 from ..project import Project
+from ..sizes import human_seconds
 from . import placement
 from .data import CachedData, step_counts, validation_set
 from .expert import ExpertResult, ExpertTraining
@@ -216,8 +218,7 @@ class LoraPairRecipe:
             result_path(self.p.run_dir, job.expert).unlink(missing_ok=True)
         lock = lock_path(self.p.output_dir, self.p.name)
         placement.run_waves(waves, handoff, self.p.run_dir, states, totals, lock)
-        return [ExpertResult(**{**r, "lora": Path(r["lora"])}) for r in
-                (json.loads(result_path(self.p.run_dir, j.expert).read_text()) for j in jobs)]
+        return [ExpertResult.from_json(json.loads(result_path(self.p.run_dir, j.expert).read_text())) for j in jobs]
 
     def train_here(self, jobs: list[ExpertJob]) -> list[ExpertResult]:
         """Each expert in turn, in this process (on every rank, under a launcher)."""
@@ -253,8 +254,10 @@ class LoraPairRecipe:
             self.device = ranks.device
         first = ranks is None or ranks.is_main_process
         experts = experts or self.p.task.experts
+        clock = {"start": time.perf_counter()}
         with run_lock(self.p.output_dir, self.p.name) if first else contextlib.nullcontext():
             self.preflight(experts)
+            clock["checked"] = time.perf_counter()
             jobs, kept = self.plan_experts(experts, resume)
             if ranks is not None:
                 ranks.wait_for_everyone()  # every rank has read the states before rank 0 tidies them
@@ -263,11 +266,16 @@ class LoraPairRecipe:
             try:
                 with ranks.local_main_process_first() if ranks is not None else contextlib.nullcontext():
                     self.prepare_caches()
+                clock["cached"] = time.perf_counter()
                 trained = {r.expert: r for r in self.train_experts(jobs)}
                 results = [trained[e] if e in trained else self.kept_result(e) for e in experts]
                 if first:
                     print(f"loss plot: {plot_loss(self.p.run_dir / 'metrics.jsonl', self.p.run_dir / 'loss.png')}")
+                    seconds = {"total": time.perf_counter() - clock["start"],
+                               "check": clock["checked"] - clock["start"], "cache": clock["cached"] - clock["checked"]}
+                    print(time_line(seconds, [r for r in results if r.timings]))
                     summary = {"project": str(self.p.path), "name": self.p.name, "device": str(self.device),
+                               "seconds": seconds,
                                "experts": [asdict(r) | {"lora": str(r.lora)} | self.validation_summary(r.expert)
                                            for r in results]}
                     write_text_atomic(self.p.run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -304,6 +312,14 @@ class LoraPairRecipe:
         return (f"writing to {where} failed: {e.strerror}. Nothing half-written was left under a final name. "
                 f"Saved: {', '.join(saved) or 'no LoRA or state yet'}. Free space (or fix the disk) and run the same "
                 "command again: finished experts are kept and the others continue from their last state or start again.")
+
+
+def time_line(seconds: dict[str, float], trained: list[ExpertResult]) -> str:
+    """Where the run's time went, from its own clocks (each expert's in its own process when they train
+    side by side, so their times overlap then)."""
+    experts = "".join(f"; {expert_name(r.expert)} {r.timings.describe()}" for r in trained)
+    return (f"time: {human_seconds(seconds['total'])} — check {human_seconds(seconds['check'])}, "
+            f"cache {human_seconds(seconds['cache'])}{experts}")
 
 
 def make_sampler(project: Project, prompts: list[str], prompt_paths: list[Path], device: torch.device):
