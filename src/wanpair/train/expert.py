@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -226,10 +226,6 @@ class ExpertTraining:
         self.timings.validation_s += seconds
         return {"val_loss": loss, "val_kind": self.data.validation_kind, "val_seconds": round(seconds, 3)}
 
-    def validation_due(self, lora_saved: bool, step: int) -> bool:
-        every = self.t.validate_every_n_steps
-        return bool(self.val_items) and (step % every == 0 or step == self.total_steps or lora_saved)
-
     # ---------------------------------------------------------------- the loop
     def micro_batches(self, group: list[int]) -> tuple[list, torch.Tensor, tuple]:
         """This rank's micro-batches of one optimizer step (on the device), the first one's timesteps, and
@@ -308,7 +304,7 @@ class ExpertTraining:
         with StopFlag() as stop:
             for epoch, g, groups in self.remaining_steps():
                 if g is None:
-                    self.end_epoch(epoch)
+                    self.end_epoch(epoch, self.due(self.step_count, epoch, epoch_end=True))
                     continue
                 if pending and not self.overlappable(pending):
                     self.complete(pending, stop.signum)
@@ -326,22 +322,32 @@ class ExpertTraining:
         self.bar.close()
 
     def overlappable(self, q: "_Queued") -> bool:
-        """May the next step be queued before step `q` is read? Only when nothing but its metrics follows it:
-        validation, saves, samples and the run's last step wait for the GPU to finish first, so that their
-        time is theirs and not counted as a step's. The answer comes from the settings alone, never from
-        what this rank does (only rank 0 validates and samples), so that every rank of a data-parallel group
-        queues its collectives in the same order."""
-        if not self.queue_ahead:
-            return False
-        t, step, epoch_end = self.t, self.step_count + 1, q.g + 1 == q.n_groups
+        """May the next step be queued before step `q` is read? Only when nothing but its metrics falls due
+        after it (`due`, assuming the step succeeds): validation, saves, samples and the run's last step wait
+        for the GPU to finish first, so that their time is theirs and not counted as a step's."""
+        return self.queue_ahead and not self.due(self.step_count + 1, q.epoch, q.g + 1 == q.n_groups).anything
+
+    def due(self, step: int, epoch: int, epoch_end: bool) -> "Due":
+        """What falls due after optimizer step `step` of `epoch` (`epoch_end`: the epoch's last step). From
+        the settings alone, never from what this rank does (only rank 0 validates and samples): the loop
+        asks before queueing the next step and again when this one completes, and every rank of a
+        data-parallel group must queue its collectives in the same order."""
+        t, last = self.t, step >= self.total_steps
 
         def every(n: int, k: int) -> bool:
             return bool(n) and k % n == 0
 
-        at_step = (self.saves_lora_now(step, epoch_end and q.epoch) or every(t.validate_every_n_steps, step)
-                   or every(t.save_state_every_n_steps, step) or every(self.p.sample.every_n_steps, step))
-        at_epoch = epoch_end and (every(t.save_state_every_n_epochs, q.epoch) or every(self.p.sample.every_n_epochs, q.epoch))
-        return not (step >= self.total_steps or at_step or at_epoch)
+        lora = every(t.save_every_n_steps, step) and not last
+        epoch_lora = epoch_end and every(t.save_every_n_epochs, epoch) and not last
+        return Due(lora=lora,
+                   state=not last and (every(t.save_state_every_n_steps, step) or (lora and self.saves_states)),
+                   sample=every(self.p.sample.every_n_steps, step),
+                   validation=every(t.validate_every_n_steps, step) or last or lora or epoch_lora,
+                   epoch_lora=epoch_lora,
+                   epoch_state=epoch_end and not last and (every(t.save_state_every_n_epochs, epoch)
+                                                           or (epoch_lora and self.saves_states)),
+                   epoch_sample=(epoch_end or last) and every(self.p.sample.every_n_epochs, epoch),
+                   last=last)
 
     def complete(self, q: "_Queued", signum: int, rngs: dict | None = None, next_started: float | None = None) -> None:
         """Read a queued step's verdict and do what falls due after it: metrics, validation, saves, samples,
@@ -367,62 +373,48 @@ class ExpertTraining:
             self.bad = 0
             self.losses.append(loss)
             self.step_count += 1
+        due = self.due(self.step_count, q.epoch, q.g + 1 == q.n_groups)
+        if ok:
             self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
             lr = self.scheduler.get_last_lr()[0]
             row = {"step": self.step_count, "epoch": q.epoch, "loss": loss, "smoothed_loss": self.smoothed,
                    "lr": lr, "timestep": q.timestep, "s_per_step": round(seconds, 4),
                    "samples_per_s": round(q.samples / seconds, 3)}
-            if self.validation_due(self.saves_lora_now(self.step_count, q.g + 1 == q.n_groups and q.epoch),
-                                   self.step_count):
+            if due.validation and self.val_items:
                 row |= self.validation_row()
             if self.metrics:
                 self.metrics.log(row)
             self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}")
             self.bar.update()
-            self.after_step(q.epoch, pos=(q.g + 1) * self.per_step)
+            self.after_step(due, q.epoch, pos=(q.g + 1) * self.per_step)
             if self.agree(signum):
                 self.bar.close()
                 self.stop(q.epoch, (q.g + 1) * self.per_step, signum)
-        if self.step_count >= self.total_steps or q.g + 1 == q.n_groups:
-            self.end_epoch(q.epoch)
+        if due.last or q.g + 1 == q.n_groups:
+            self.end_epoch(q.epoch, due)
         self.rngs_after_step = None
 
-    def end_epoch(self, epoch: int) -> None:
+    def end_epoch(self, epoch: int, due: "Due") -> None:
         """An epoch's last step is done, or the run's: its mean loss, the per-epoch sample and saves."""
         self.epoch_losses.append(float(np.mean(self.losses)) if self.losses else float("nan"))
-        self.maybe_sample(self.p.sample.every_n_epochs, epoch)
-        if self.step_count < self.total_steps:
-            self.losses = []
-            self.after_epoch(epoch)
-
-    def saves_lora_now(self, step: int, epoch_end: int = 0) -> bool:
-        """Will an intermediate LoRA be saved after optimizer step `step` (and, at an epoch's end, after this
-        epoch)?"""
-        t = self.t
-        by_step = bool(t.save_every_n_steps) and step % t.save_every_n_steps == 0 and step < self.total_steps
-        by_epoch = bool(epoch_end and t.save_every_n_epochs) and epoch_end % t.save_every_n_epochs == 0 \
-            and step < self.total_steps
-        return by_step or by_epoch
-
-    def after_step(self, epoch: int, pos: int) -> None:
-        """What falls due after an optimizer step: intermediate LoRA, state, sample."""
-        t, step = self.t, self.step_count
-        lora_save = t.save_every_n_steps and step % t.save_every_n_steps == 0 and step < self.total_steps
-        if lora_save:
+        if due.epoch_sample:
+            self.sample()
+        if due.last:
+            return
+        self.losses = []
+        if due.epoch_lora:
             self.save_intermediate(epoch)
-        state_save = t.save_state_every_n_steps and step % t.save_state_every_n_steps == 0
-        if step < self.total_steps and (state_save or (lora_save and self.saves_states)):
-            self.save_state(epoch, pos)
-        self.maybe_sample(self.p.sample.every_n_steps, step)
-
-    def after_epoch(self, epoch: int) -> None:
-        t = self.t
-        lora_save = t.save_every_n_epochs and epoch % t.save_every_n_epochs == 0
-        if lora_save:
-            self.save_intermediate(epoch)
-        if (t.save_state_every_n_epochs and epoch % t.save_state_every_n_epochs == 0) or (lora_save and self.saves_states):
-            self.losses = []
+        if due.epoch_state:
             self.save_state(epoch + 1, 0)
+
+    def after_step(self, due: "Due", epoch: int, pos: int) -> None:
+        """What falls due after an optimizer step: intermediate LoRA, state, sample."""
+        if due.lora:
+            self.save_intermediate(epoch)
+        if due.state:
+            self.save_state(epoch, pos)
+        if due.sample:
+            self.sample()
 
     def agree(self, signum: int) -> bool:
         """Stop now? On several ranks all must stop at the same step, or the others would wait forever."""
@@ -486,8 +478,8 @@ class ExpertTraining:
             return None
         return save_state(self.p.run_dir, self.expert, self.snapshot(epoch, pos), self.t.keep_states)
 
-    def maybe_sample(self, every: int, count: int) -> None:
-        if self.sampler and every and count % every == 0 and self.writes:
+    def sample(self) -> None:
+        if self.sampler and self.writes:
             self.sampler(self.unwrapped, self.expert, self.step_count, self.accelerator.autocast,
                          self.metrics.writer if self.metrics else None)
 
@@ -545,6 +537,24 @@ class ExpertTraining:
         except BaseException:
             self.close_metrics(quiet=True)  # the error that stopped the run is the one to report
             raise
+
+
+@dataclass(frozen=True)
+class Due:
+    """What falls due after an optimizer step (`ExpertTraining.due`): by step count, and at an epoch's end."""
+
+    lora: bool  # an intermediate LoRA (save_every_n_steps)
+    state: bool  # a training state (save_state_every_n_steps, or beside that LoRA)
+    sample: bool  # samples (every_n_steps)
+    validation: bool  # the validation loss (its interval, the last step, and every intermediate LoRA)
+    epoch_lora: bool  # at the epoch's end: an intermediate LoRA (save_every_n_epochs)
+    epoch_state: bool  # ... a training state (save_state_every_n_epochs, or beside that LoRA)
+    epoch_sample: bool  # ... samples (every_n_epochs; also at the run's last step)
+    last: bool  # the run's last step: the final LoRA follows, no intermediate saves
+
+    @property
+    def anything(self) -> bool:
+        return any(getattr(self, f.name) for f in fields(self))
 
 
 @dataclass
