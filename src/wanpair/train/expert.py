@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -325,7 +325,7 @@ class ExpertTraining:
         """May the next step be queued before step `q` is read? Only when nothing but its metrics falls due
         after it (`due`, assuming the step succeeds): validation, saves, samples and the run's last step wait
         for the GPU to finish first, so that their time is theirs and not counted as a step's."""
-        return self.queue_ahead and not self.due(self.step_count + 1, q.epoch, q.g + 1 == q.n_groups).anything
+        return self.queue_ahead and not self.due(self.step_count + 1, q.epoch, q.epoch_end).anything
 
     def due(self, step: int, epoch: int, epoch_end: bool) -> "Due":
         """What falls due after optimizer step `step` of `epoch` (`epoch_end`: the epoch's last step). From
@@ -373,7 +373,7 @@ class ExpertTraining:
             self.bad = 0
             self.losses.append(loss)
             self.step_count += 1
-        due = self.due(self.step_count, q.epoch, q.g + 1 == q.n_groups)
+        due = self.due(self.step_count, q.epoch, q.epoch_end)
         if ok:
             self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
             lr = self.scheduler.get_last_lr()[0]
@@ -390,7 +390,7 @@ class ExpertTraining:
             if self.agree(signum):
                 self.bar.close()
                 self.stop(q.epoch, (q.g + 1) * self.per_step, signum)
-        if due.last or q.g + 1 == q.n_groups:
+        if due.last or q.epoch_end:
             self.end_epoch(q.epoch, due)
         self.rngs_after_step = None
 
@@ -554,7 +554,7 @@ class Due:
 
     @property
     def anything(self) -> bool:
-        return any(getattr(self, f.name) for f in fields(self))
+        return any(astuple(self))
 
 
 @dataclass
@@ -571,6 +571,10 @@ class _Queued:
     rngs: dict  # the generators before it drew its noise and timesteps
     started: float  # perf_counter when the host began it
     verdict: Verdict | None = None
+
+    @property
+    def epoch_end(self) -> bool:
+        return self.g + 1 == self.n_groups
 
 
 def _on(device: torch.device, batch: tuple) -> tuple:
