@@ -10,6 +10,8 @@ three aspect ratios with the recipe's `dataset.toml` -- and runs `wanpair` on th
 
   train (default memory mode), killed once a state is saved, then `train --resume`
   train both experts at once on one GPU, `wanpair train` killed outright, the same command again, sample
+  train in fp16 beside bf16 (speed, fp8 matmuls, losses); an fp16 run with samples, killed, continued in
+  `memory_mode = "low"`
   train the I2V A14B pair (36-channel experts) on video clips, sample a clip from a first frame
   sample (both experts with their LoRAs, two prompts: time to the first image and to the next)
   export to every layout, inspect
@@ -19,8 +21,11 @@ three aspect ratios with the recipe's `dataset.toml` -- and runs `wanpair` on th
   train Wan 2.1 T2V 1.3B (recognised by its shapes) and Wan 2.1 T2V 14B (plain fp8): one LoRA each, sampled
 Stages (`--stages`): default (train, resume, sample), pair (both experts at once on one GPU, `wanpair train`
 killed outright, the same command again, sample, then the same pair one after the other for the ratio),
-i2v (the image-to-video pair from 17-frame 832x480 clips, then sampled from a first frame), export, low,
-folder, merge, wan21; each fits in one 10-minute command on an H100.
+trust (the high-noise expert in bf16 and in fp16; then fp16 with states and samples during training, both
+experts, killed after the first state, and the same command with `memory_mode = "low"` added, which must
+continue it and sample with the LoRAs this run made), i2v (the image-to-video pair from 17-frame 832x480
+clips, then sampled from a first frame), export, low, folder, merge, wan21; each fits in one 10-minute
+command on an H100.
 `--stages smoke` is the shortest full-size proof, for a short lease: both experts from plain fp8 files (the
 layout that crashed a first run on CUDA) trained a few steps in the default memory mode, then sampled.
 `--write-only` writes the inputs the stages need and stops, so that writing can overlap other work.
@@ -72,6 +77,7 @@ if TINY:
     WAN21_1_3B = dict(A14B)
     UMT5_XXL |= dict(d_model=64, d_kv=8, d_ff=128, num_layers=2, num_heads=8)
 DEVICE = "cpu" if TINY else "cuda"
+FP16 = "bf16" if TINY else "fp16"  # the CLI refuses fp16 on a CPU (no loss scaler): --tiny tries `trust` in bf16
 
 
 # ------------------------------------------------------------------ writers (each in its own process)
@@ -269,18 +275,20 @@ class Rehearsal:
         return ok, lines, time.perf_counter() - start, peak.gib
 
     def project(self, name: str, high: str, low: str | None, train: str, dataset: str = "dataset",
-                model: str = "") -> Path:
-        """A project over the pair `high` + `low`, or (low None) over the single model `high`."""
+                model: str = "", tables: str = "") -> Path:
+        """A project over the pair `high` + `low`, or (low None) over the single model `high`; `tables`:
+        more TOML tables after [train] (e.g. [sample])."""
         path = self.work / f"{name}.toml"
         dits = f'high_noise = "{high}"\nlow_noise = "{low}"\n' if low else f'dit = "{high}"\n'
         path.write_text(
             f'name = "rehearsal_{name}"\noutput_dir = "out-{name}"\n{f"model = {model!r}" if model else ""}\n\n'
             f'[models]\n{dits}vae = "wan_2.1_vae.safetensors"\n'
             f't5 = "models_t5_umt5-xxl-enc-bf16.pth"\ntokenizer = "umt5-tokenizer"\n\n'
-            f'[dataset]\nconfig = "{dataset}/dataset.toml"\n\n[train]\n{train}')
+            f'[dataset]\nconfig = "{dataset}/dataset.toml"\n\n[train]\n{train}{tables}')
         return path
 
-    def train(self, path: str, project: Path, *extra: str, kill_when=None) -> bool:
+    def train(self, path: str, project: Path, *extra: str, kill_when=None, expect: tuple[str, ...] = ()) -> bool:
+        """`wanpair train PROJECT EXTRA`; `expect`: patterns its output must show (what they match leads the note)."""
         ok, lines, seconds, gib = self.cli(path, "train", str(project), *extra, kill_when=kill_when)
         text = "\n".join(line for _, line in lines)
         note = "" if ok else _error(lines)
@@ -288,6 +296,10 @@ class Rehearsal:
             note = training_note(text, project)
         elif ok:
             note = "killed: " + ", ".join(sorted(p.name for p in state_dir(project).glob("*.pt")))
+        if ok and expect:
+            found = [(pattern, re.search(pattern, text)) for pattern in expect]
+            ok = all(m for _, m in found)
+            note = "; ".join([m.group(0) if m else f"NOT in the output: {pattern}" for pattern, m in found] + [note])
         return self.record(path, ok, seconds, gib, note)
 
 
@@ -309,10 +321,19 @@ def state_dir(project: Path) -> Path:
     return project.parent / f"out-{project.stem}" / name / "state"
 
 
+def metrics_rows(project: Path) -> list[dict]:
+    metrics = state_dir(project).parent / "metrics.jsonl"
+    return [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+
+
+def median_step(rows: list[dict]) -> float:
+    """Median s/step of the step rows, from step 3 on (the first compiles) when there are that many."""
+    return statistics.median([r["s_per_step"] for r in rows if r["step"] >= 3] or [r["s_per_step"] for r in rows])
+
+
 def training_note(text: str, project: Path) -> str:
     """Median s/step of each expert (steps 3+), the plan's estimate, the measured peak, what was loaded."""
-    metrics = state_dir(project).parent / "metrics.jsonl"
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    rows = metrics_rows(project)
     parts = []
     for expert in ("high", "low", "full"):
         ours = [r for r in rows if r.get("expert") == expert]
@@ -320,11 +341,10 @@ def training_note(text: str, project: Path) -> str:
         this_run = [r for r in ours[runs[-1] if runs else 0:] if "s_per_step" in r]
         mine = [r for r in ours if "s_per_step" in r]
         if mine:
-            steps = [r["s_per_step"] for r in mine if r["step"] >= 3] or [r["s_per_step"] for r in mine]
             val = [r["val_seconds"] for r in ours if "val_seconds" in r]
             first = f"first {mine[0]['s_per_step']:.1f} s" + (
                 f", first of this run {this_run[0]['s_per_step']:.1f} s" if len(runs) > 1 and this_run else "")
-            parts.append(f"{expert}: {len(mine)} steps, median {statistics.median(steps):.3f} s/step "
+            parts.append(f"{expert}: {len(mine)} steps, median {median_step(mine):.3f} s/step "
                          f"({first}), peak allocated "
                          f"{max(r.get('gpu_mem_gib', 0) for r in mine):.1f} GiB"
                          + (f", validation {statistics.median(val):.2f} s per evaluation" if val else ""))
@@ -347,7 +367,7 @@ def rm(*paths: Path) -> None:
             p.unlink()
 
 
-STAGES = ("default", "pair", "i2v", "export", "low", "folder", "merge", "wan21")  # every user path: the full rehearsal
+STAGES = ("default", "pair", "trust", "i2v", "export", "low", "folder", "merge", "wan21")  # every user path: the full rehearsal
 QUICK = ("smoke",)  # the short proof, chosen by name only
 
 
@@ -398,6 +418,9 @@ def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES, write_onl
             sample(r, pair)
             seq = r.project("pair-seq", rel["fp16", "high"], rel["fp8", "low"], recipe)
             r.train("the same pair one expert after the other (for the ratio)", seq, "--experts-parallel", "off")
+
+    if "trust" in stages and need(("fp16", "high"), ("fp8", "low")):  # the pair stages' files
+        trust(r, rel["fp16", "high"], rel["fp8", "low"])
 
     if "i2v" in stages:  # the image-to-video pair, from video clips
         clips = (work / "videos").is_dir() or r.make("clips", str(work))
@@ -477,6 +500,70 @@ def sample(r: Rehearsal, project: Path, image: Path | None = None, frames: int =
             f"({', '.join(marks)})" if ok and len(wrote) == 2 else _error(lines))
     r.record(f"sample (the model(s) + LoRA(s), 2 prompts{', from a first frame' if image else ''})", ok and len(wrote) == 2,
              seconds, gib, note)
+
+
+def trust(r: Rehearsal, high: str, low: str) -> None:
+    """fp16 against bf16 on the high-noise expert, then a killed fp16 run continued (`rerun_continues`)."""
+    quiet = "validate_every_n_steps = 0\n"
+    bf16 = r.project("trust-bf16", high, low, f"max_steps = {r.steps}\n{quiet}")
+    fp16 = r.project("trust-fp16", high, low, f'max_steps = {r.steps}\n{quiet}mixed_precision = "{FP16}"\n')
+    fp8_layers = r"fp8 matmuls in \d+ layers" if TINY else r"fp8 matmuls in [1-9]\d* layers"  # none on a CPU
+    ran = [r.train(f"train the high-noise expert, {label}", project, "--expert", "high", expect=(fp8_layers,))
+           for label, project in (("defaults (bf16)", bf16), (f'mixed_precision = "{FP16}"', fp16))]
+    if all(ran):
+        fp16_against_bf16(r, bf16, fp16)
+    rerun_continues(r, high, low, quiet)
+
+
+def fp16_against_bf16(r: Rehearsal, bf16: Path, fp16: Path) -> None:
+    """With fp8 matmuls serving fp16 compute too, fp16 trains at bf16's speed (within 10 %: the medians of two
+    runs alike on one GPU differ by 1-3 %), and to the same per-epoch losses within 5 %: the same items,
+    timesteps, noise and weights, so only rounding differs (and fp16's first steps, which the loss scaler may
+    skip while its scale settles, leave an epoch a few items short) -- a loss scale left in the loss or an
+    overflow is far more."""
+    figures = {}
+    for label, project in (("bf16", bf16), ("fp16", fp16)):
+        steps = [x for x in metrics_rows(project) if x.get("expert") == "high" and "s_per_step" in x]
+        summary = json.loads((state_dir(project).parent / "summary.json").read_text())
+        losses = next(e["epoch_losses"] for e in summary["experts"] if e["expert"] == "high")
+        figures[label] = median_step(steps), losses
+    (b_step, b_loss), (f_step, f_loss) = figures["bf16"], figures["fp16"]
+    ratio = f_step / b_step
+    worst = max(abs(f - b) / b for f, b in zip(f_loss, b_loss))
+    ok = (TINY or ratio <= 1.10) and len(f_loss) == len(b_loss) and worst <= 0.05  # speed: not on the CPU
+    r.record("fp16 against bf16 (high-noise expert)", ok, 0.0, None,
+             f"{f_step:.3f} vs {b_step:.3f} s/step ({ratio:.2f}x); per-epoch losses fp16 "
+             f"{', '.join(f'{x:.4f}' for x in f_loss)} vs bf16 {', '.join(f'{x:.4f}' for x in b_loss)} "
+             f"(largest difference {100 * worst:.1f} %)")
+
+
+def rerun_continues(r: Rehearsal, high: str, low: str, quiet: str) -> None:
+    """Both experts in fp16 with states every 2 steps and samples every 3, `wanpair train` killed once the
+    high-noise expert saved a state; the same command with `memory_mode = "low"` added (how the work runs,
+    not what is trained) must continue it, finish both LoRAs, and sample each expert with the other's LoRA
+    only where this run made it: high's samples with the low-noise base, low's with high's LoRA."""
+    prompts = r.work / "trust-prompts.txt"
+    prompts.write_text("a red fox in the snow\n")
+    width, height = (64, 64) if TINY else (832, 480)
+    tables = (f'\n[sample]\nprompts = "{prompts.name}"\nevery_n_steps = 3\nwidth = {width}\nheight = {height}\n'
+              'frames = 1\nsteps = 4\n')
+    train = f'max_steps = 6\n{quiet}mixed_precision = "{FP16}"\nsave_state_every_n_steps = 2\nkeep_states = 1\n'
+    project = r.project("trust-rerun", high, low, train, tables=tables)
+    states = state_dir(project)
+    if not r.train(f"{FP16} pair with states and samples, SIGKILL at high's state", project,
+                   kill_when=lambda: any(states.glob("high-step*.pt"))):
+        return
+    r.project("trust-rerun", high, low, train + 'memory_mode = "low"\n', tables=tables)
+    if not r.train('the same command, memory_mode = "low" added: continues', project,
+                   expect=(r"continuing the high-noise expert from .*",)):
+        return
+    run = states.parent
+    loras = [p.name for p in run.parent.glob("WAN2.2-*Noise_rehearsal_trust-rerun.safetensors")]
+    made = {e: sorted(p.name for p in (run / "samples").glob(f"{e}-step*.png")) for e in ("high", "low")}
+    named = {"high": "_highLora+lowBase.png", "low": "_highLora+lowLora.png"}  # low's LoRA not made yet / high's
+    ok = len(loras) == 2 and all(made[e] and all(n.endswith(end) for n in made[e]) for e, end in named.items())
+    r.record("samples during training (each with the LoRAs this run made)", ok, 0.0, None,
+             f"{len(loras)} LoRAs; samples: {', '.join(made['high'] + made['low']) or 'none'}")
 
 
 def main() -> int:

@@ -39,7 +39,7 @@ def test_compiled_kernels_are_kept_under_the_users_cache_unless_told_otherwise(t
 def test_a_killed_process_not_yet_reaped_is_not_running():
     """A run's lock names processes; one killed but not yet reaped by its parent (a zombie) must not keep
     the run 'running' forever."""
-    from wanpair.train.state import pid_alive
+    from wanpair.train.run_lock import pid_alive
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

@@ -20,7 +20,8 @@ from wanpair.cli import build_parser
 from wanpair.dashboard import runs as R
 from wanpair.dashboard.app import create_app
 from wanpair.sample import save_output
-from wanpair.train.metrics import MetricsLog
+from wanpair.train.metrics import MetricsLog, drop_metrics_after
+from wanpair.train.run_lock import run_lock
 
 SHOTS = Path(os.environ.get("WANPAIR_SCREENSHOTS", "")) if os.environ.get("WANPAIR_SCREENSHOTS") else None
 
@@ -108,6 +109,45 @@ def test_half_written_metrics_are_read_up_to_the_last_whole_line(tmp_path):
     assert (p["done"], p["total"], p["s_per_step"], p["eta_s"]) == (2, 10, 0.5, 4.0)
 
 
+def test_a_resume_that_rewrites_the_metrics_starts_the_charts_again(tmp_path):
+    """A resume drops the killed run's rows after its last state by writing metrics.jsonl anew (shorter, or
+    longer again by the next poll): the page, which reads it by offset, is told to start its series again
+    instead of keeping the dropped rows or reading from the middle of a line."""
+    run_dir = tmp_path / "out" / "demo"
+    path = run_dir / "metrics.jsonl"
+
+    def log(steps):
+        log = MetricsLog(run_dir, "high", tensorboard=False)
+        for step in steps:
+            log.log({"step": step, "loss": 1.0 / step})
+        log.close()
+
+    log(range(1, 9))  # the run killed after step 8, its last state at step 4
+    client = create_app([tmp_path]).test_client()
+    (run,) = client.get("/api/runs").get_json()
+
+    def poll(got):
+        url = f"/api/runs/{run['id']}/metrics"
+        new = client.get(url, query_string={"offset": got["offset"], "file": got["file"]} if got else {}).get_json()
+        return new, [r["step"] for r in new["rows"]]
+
+    got, steps = poll(None)
+    assert steps == list(range(1, 9)) and not got["reset"]
+    drop_metrics_after(path, "high", 4)  # the resume
+    got, steps = poll(got)
+    assert got["reset"] and steps == [1, 2, 3, 4]
+    drop_metrics_after(path, "high", 2)  # killed and resumed again, then logged past where the page had read
+    log(range(3, 12))
+    got, steps = poll(got)
+    assert got["reset"] and steps == list(range(1, 12))
+    log([12])
+    got, steps = poll(got)
+    assert not got["reset"] and steps == [12]  # a file that only grew: just the new rows
+    drop_metrics_after(path, "high", 5)
+    got, steps = poll({"offset": got["offset"], "file": ""})  # a page that knows only its offset
+    assert got["reset"] and steps == [1, 2, 3, 4, 5]
+
+
 def test_it_binds_to_this_machine_only_unless_told():
     args = build_parser().parse_args(["dashboard"])
     assert (args.host, args.port, args.dirs) == ("127.0.0.1", 7860, [])
@@ -147,15 +187,18 @@ def test_the_page_shows_the_pair_and_follows_a_running_training(server, tmp_path
     url, root = server
     run_dir = next(root.rglob("metrics.jsonl")).parent
     browser = _browser()
+
+    def loss_points(b) -> int:
+        return b.execute_script(
+            "return document.getElementById('chart-loss').data.filter(t => t.name === 'high-noise loss')[0].x.length")
+
     try:
         browser.get(url)
         row = _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#runs tbody tr[data-run]"))[0]
         assert "finished" in row.text and "18 of 18" in row.text
         row.click()
         _wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, ".chart .main-svg")) >= 5)  # five Plotly charts drawn
-        points = browser.execute_script(
-            "return document.getElementById('chart-loss').data.filter(t => t.name === 'high-noise loss')[0].x.length")
-        assert points == 18
+        assert loss_points(browser) == 18
         grid = _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#samples table.grid img"))
         assert len(grid) == 8 and len(browser.find_elements(By.CSS_SELECTOR, "#samples table.grid video")) == 1
         assert _wait(browser, lambda b: all(i.get_attribute("naturalWidth") not in (None, "0") for i in grid))
@@ -169,21 +212,21 @@ def test_the_page_shows_the_pair_and_follows_a_running_training(server, tmp_path
             browser.save_screenshot(str(SHOTS / "dashboard-sample.png"))
         browser.find_element(By.ID, "viewer").click()
         # the run goes on: training holds its lock again and a resumed high-noise expert appends steps 19..24 of 24
-        (run_dir.parent / f".{run_dir.name}.lock").write_text(str(os.getpid()))
-        log = MetricsLog(run_dir, "high", tensorboard=False, header={"total_steps": 24, "device": "cpu"})
-        for step in range(19, 25):
-            log.log({"step": step, "epoch": 2, "loss": 0.5, "smoothed_loss": 0.5, "lr": 1e-4, "timestep": 900.0,
-                     "s_per_step": 0.3, "samples_per_s": 3.3})
-        log.close()
-        _wait(browser, lambda b: "24 of 24" in b.find_element(By.ID, "progress-high").text)
-        _wait(browser, lambda b: "running" in b.find_element(By.CSS_SELECTOR, "#runs tbody tr[data-run]").text)
-        points = browser.execute_script(
-            "return document.getElementById('chart-loss').data.filter(t => t.name === 'high-noise loss')[0].x.length")
-        assert points == 24  # the chart grew without a reload
-        browser.save_screenshot(str(tmp_path / "dashboard.png"))
-        if SHOTS:
-            browser.save_screenshot(str(SHOTS / "dashboard.png"))
-        assert (tmp_path / "dashboard.png").read_bytes()[:4] == b"\x89PNG"
+        with run_lock(run_dir.parent, run_dir.name):
+            log = MetricsLog(run_dir, "high", tensorboard=False, header={"total_steps": 24, "device": "cpu"})
+            for step in range(19, 25):
+                log.log({"step": step, "epoch": 2, "loss": 0.5, "smoothed_loss": 0.5, "lr": 1e-4, "timestep": 900.0,
+                         "s_per_step": 0.3, "samples_per_s": 3.3})
+            log.close()
+            _wait(browser, lambda b: "24 of 24" in b.find_element(By.ID, "progress-high").text)
+            _wait(browser, lambda b: "running" in b.find_element(By.CSS_SELECTOR, "#runs tbody tr[data-run]").text)
+            assert loss_points(browser) == 24  # the chart grew without a reload
+            browser.save_screenshot(str(tmp_path / "dashboard.png"))
+            if SHOTS:
+                browser.save_screenshot(str(SHOTS / "dashboard.png"))
+            assert (tmp_path / "dashboard.png").read_bytes()[:4] == b"\x89PNG"
+            drop_metrics_after(run_dir / "metrics.jsonl", "high", 20)  # killed, and resumed from its state at step 20
+            _wait(browser, lambda b: loss_points(b) == 20)  # the chart started again without the dropped steps
     finally:
         browser.quit()
 

@@ -1,20 +1,27 @@
 """What only a GPU can prove: CUDA's fp8 rules when loading every fp8 layout, fp8 tensor-core matmuls,
-block streaming with real copy streams, the compiled block, and the memory plan's estimate against the
-allocator's real peak at full width. Run on the GPU machine: `pytest -m gpu` (skipped without CUDA)."""
+block streaming with real copy streams, the compiled block, the memory plan's estimate against the
+allocator's real peak at full width, and fp16 training on accelerate's own loss scaler (which it makes only
+on a GPU). Run on the GPU machine: `pytest -m gpu` (skipped without CUDA)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from safetensors.torch import load_file
 
+from conftest import set_train
+from test_fp16_scaler import _loss_times
 from test_models import _dit, _fp8_files, _real_weight
+from wanpair.errors import WanpairError
 from wanpair.models import load_dit
 from wanpair.models.files import iter_tensors, tensors_to_device
 from wanpair.models.fp8 import Fp8Linear, fp8_matmul_available, keep_transposed, to_fp8_linears
-from wanpair.project import TrainSettings
+from wanpair.project import TrainSettings, load_project
 from wanpair.train.flow_matching import flow_matching_loss
+from wanpair.train.metrics import read_metrics
 from wanpair.train.model_setup import prepare_expert
+from wanpair.train.recipe import LoraPairRecipe
 from wanpair.train.speed import compile_blocks
 from wanpair.train.streaming import stream_blocks
 
@@ -200,3 +207,34 @@ def test_the_memory_plan_bounds_the_real_peak_at_full_width(stream):
     assert peak >= 0.6 * plan.estimate_gib, f"peak {peak:.2f} GiB; {plan.describe()}"
     if stream:
         assert plan.estimate_gib <= settings.memory_budget_gb
+
+
+def _fp16_demo(demo):
+    """The demo in the recipe's fp16 on the GPU: accelerate's own GradScaler, whose skips fused AdamW makes on
+    the device (tests/test_fp16_scaler.py gives the same scaler on the CPU). Eager, to keep the test short."""
+    set_train(demo / "wanpair.toml", epochs=1, tensorboard=False, mixed_precision="fp16", validate_every_n_steps=0,
+              learning_rate=2e-3, max_bad_steps=2, compile="off")
+    return load_project(demo / "wanpair.toml")[0]
+
+
+def test_an_fp16_run_whose_loss_is_nan_stops_on_the_gpus_loss_scaler(demo, monkeypatch):
+    project = _fp16_demo(demo)
+    _loss_times(monkeypatch, lambda n: float("nan"))
+    with pytest.raises(WanpairError, match=r"2 consecutive non-finite steps on the high-noise expert; stopped without "
+                                           r"saving a broken LoRA\. .*fp16 overflow"):
+        LoraPairRecipe(project).run(("high",))
+    assert not project.lora_path("high").exists()
+
+
+def test_fp16_skips_while_the_gpus_loss_scale_settles_are_not_counted_as_steps(demo, monkeypatch):
+    """Gradients that overflow fp16 in the first 3 steps only: the scaler skips them (read from its scale on the
+    device), the run trains on and ends 3 steps short of its batches, its LoRA trained and finite."""
+    project = _fp16_demo(demo)
+    _loss_times(monkeypatch, lambda n: 1e30 if n <= 3 else 1.0)
+    (result,) = LoraPairRecipe(project).run(("high",))
+    rows = read_metrics(project.run_dir / "metrics.jsonl")
+    batches = next(row["total_steps"] for row in rows if "total_steps" in row)
+    assert result.steps == batches - 3  # one epoch: as many planned steps as batches
+    lora = load_file(str(result.lora))
+    assert all(torch.isfinite(v.float()).all() for v in lora.values())
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_up" in k)  # trained: up matrices start at zero

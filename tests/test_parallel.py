@@ -175,7 +175,7 @@ def test_killing_wanpair_train_outright_stops_both_workers_which_save_and_a_new_
     """SIGKILL (the OOM killer, `kill -9`) of the parent cannot be forwarded: the workers notice it is gone,
     save like on Ctrl-C and exit; until then the run's lock names them, so a new run does not race them.
     (Continuing from such a save is the killed-expert test's, after its Ctrl-C.)"""
-    from wanpair.train.state import lock_holder, lock_path
+    from wanpair.train.run_lock import lock_holder, lock_path
 
     project = _copy(shared_demo, tmp_path, "orphaned", **REFERENCE, experts_parallel="on")
     parent = _start(project)

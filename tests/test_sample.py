@@ -82,7 +82,7 @@ def test_sample_cli_writes_a_video_and_rejects_bad_frame_counts(trained, tmp_pat
     assert "must be 4k+1" in capsys.readouterr().err
 
 
-def test_samples_during_training_name_which_loras_ran(demo):
+def test_samples_during_training_name_which_loras_ran(demo, capsys):
     from conftest import set_train
     from wanpair.train.recipe import LoraPairRecipe
 
@@ -102,6 +102,31 @@ def test_samples_during_training_name_which_loras_ran(demo):
     events = EventAccumulator(str(project.run_dir / "tensorboard" / "low"))
     events.Reload()
     assert "samples/low/00" in events.Tags()["images"]
+
+    # high-noise again with another learning rate: the low-noise LoRA on disk is the earlier run's, not this one's
+    set_train(demo / "wanpair.toml", epochs=1, tensorboard=False, validate_every_n_steps=0, learning_rate=1e-4)
+    with open(demo / "wanpair.toml", "a") as f:
+        f.write('[sample]\nprompts = "prompts.txt"\nevery_n_steps = 18\nwidth = 32\nheight = 32\nsteps = 2\n')
+    project, _ = load_project(demo / "wanpair.toml")
+    LoraPairRecipe(project, overwrite=True).run(("high",))
+    assert sorted(p.name for p in (project.run_dir / "samples").glob("high-*.png")) == [
+        "high-step000018_00_a_red_circle_on_a_white_background_highLora+lowBase.png"]
+    assert "note: samples during training use the low-noise base model without a LoRA: " \
+           "WAN2.2-LowNoise_demo_shapes_v1.safetensors is from a run with other settings or data." in capsys.readouterr().out
+
+
+def test_samples_during_training_check_the_gpu_has_room_before_loading_the_other_expert(trained, monkeypatch, capsys):
+    """A small card between steps: the other expert is not put on the GPU to find out it does not fit."""
+    import wanpair.sample as sample_mod
+
+    project, _ = load_project(trained / "wanpair.toml")
+    sampler = sample_mod.TrainingSampler(project, ["a red circle"], [torch.zeros(3, 8)], torch.zeros(3, 8),
+                                         SampleSettings(width=32, height=32, steps=2), torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(sample_mod, "load_expert", lambda *a, **k: pytest.fail("the other expert was loaded"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 16 * 2**30))
+    assert sampler(object(), "high", 9, None, {}) == []
+    assert "note: samples during training are skipped: the other expert needs" in capsys.readouterr().out
 
 
 def test_a_wrong_lora_is_refused_before_any_model_loads(trained, monkeypatch):

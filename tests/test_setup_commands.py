@@ -190,7 +190,7 @@ def test_init_writes_a_project_that_loads_and_never_overwrites(demo_root, tmp_pa
     monkeypatch.chdir(tmp_path)
     data = _captioned_folder(demo_root, tmp_path)
     shutil.copytree(demo_root / "models", tmp_path / "models")
-    for pattern, recipe_name in (("*vae*", "wan_2.1_vae.safetensors"), ("*t5*", "models_t5_umt5-xxl-enc-bf16.pth")):
+    for pattern, recipe_name in (("*vae*", "wan_2.1_vae.safetensors"), ("*t5*.pth", "models_t5_umt5-xxl-enc-bf16.pth")):
         next((tmp_path / "models").glob(pattern)).rename(tmp_path / "models" / recipe_name)  # the recipe's names
     assert main(["init", str(data)]) == 0
     out = capsys.readouterr().out
@@ -211,7 +211,8 @@ def test_init_completes_the_file_download_started(demo_root, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     data = _captioned_folder(demo_root, tmp_path)
     paths = find_models(demo_root / "models")
-    set_models_table(tmp_path / "wanpair.toml", {**paths, "vae": demo_root / "models" / "missing-vae.safetensors"})
+    set_models_table(tmp_path / "wanpair.toml", {**paths, "t5": demo_root / "models" / "models_t5_umt5-tiny-enc-bf16.pth",
+                                                 "vae": demo_root / "models" / "missing-vae.safetensors"})
     assert main(["init", str(data), "--name", "v1"]) == 0
     project_text = (tmp_path / "wanpair.toml").read_text()
     assert 'name = "v1"' in project_text and "missing-vae.safetensors" in project_text  # its [models] kept

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .data.buckets import resize_and_crop
-from .data.items import Item, load_rgb
+from .data.images import load_rgb
+from .data.items import Item
 from .data.video import read_frames, resample
 from .errors import DamagedFile
 from .models.i2v import condition_pixels

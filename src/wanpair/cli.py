@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import logging
 import os
 import sys
 import warnings
@@ -28,6 +27,7 @@ os.environ.setdefault("TORCH_COMPILE_CACHE_KEY_TAG", "wanpair-" + hashlib.sha256
 
 from . import __version__
 from .errors import WanpairError
+from .logs import configure_logging
 from .models.tasks import TASKS, expert_name, expert_noun
 from .train.state import StopRequested
 
@@ -54,6 +54,13 @@ Then:
 A project file (wanpair.toml) names your model files, your Musubi-style dataset.toml and a
 run name; every training setting defaults to the proven recipe. `wanpair demo` writes one
 you can copy.
+"""
+GUIDE = """\
+The user guide is the Markdown in the repository's docs/ folder (or `mkdocs serve`):
+  docs/getting-started.md    the demo, a bare GPU box, training on the real weights
+  docs/commands.md           every command; `wanpair COMMAND --help` names its page
+  docs/reference.md          every key of wanpair.toml, with its default and range
+  docs/troubleshooting.md    every error message, with its fix
 """
 
 
@@ -223,7 +230,8 @@ def cmd_export(args) -> int:
     if out.exists() and not args.overwrite:
         raise WanpairError(f"{out} already exists; pass --overwrite to replace it.")
     write_lora(lora, out, args.format, DTYPES[args.dtype] if args.dtype else None)
-    print(f"wrote {out} ({args.format} layout, {len(lora.modules)} modules)")
+    deltas = len(lora.diffs) + len(lora.bias_diffs)
+    print(f"wrote {out} ({args.format} layout, {len(lora.modules)} modules" + (f", {deltas} deltas)" if deltas else ")"))
     return 0
 
 
@@ -324,6 +332,12 @@ PAIR_OPTIONS = {d: "--" + d.replace("_", "-") for d in ("lora_high", "lora_low",
 SINGLE_OPTIONS = {"lora_full": "--lora"}
 
 
+def _guide(*pages: str) -> str:
+    """Where the user guide covers a command. The guide is not published: it is the Markdown in the
+    repository's docs/ folder, which `mkdocs serve` shows as a site (tests/test_docs.py checks the pages exist)."""
+    return "guide: " + ", ".join(f"docs/{page}.md" for page in pages) + " (or `mkdocs serve`)"
+
+
 def _model_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--model", choices=list(TASKS), default="t2v-A14B",
                    help=f"{what}: t2v-A14B (Wan 2.2 text to video, the default), i2v-A14B (Wan 2.2 image to video), "
@@ -331,20 +345,22 @@ def _model_option(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wanpair", description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="wanpair", description=DESCRIPTION, epilog=GUIDE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"wanpair {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="also show the messages of diffusers, transformers, accelerate and peft")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run the whole recipe on a tiny built-in example (no downloads, CPU)",
+    p = sub.add_parser("demo", epilog=_guide("getting-started"),
+                       help="run the whole recipe on a tiny built-in example (no downloads, CPU)",
                        description="Generate 18 small images with captions and tiny random Wan models in the real "
                                    "file formats, then train the LoRA pair on them with the normal train path.")
     p.add_argument("--dir", default="wanpair-demo", help="where to write the demo (default: ./wanpair-demo)")
     _model_option(p, "which pair's demo (i2v-A14B: on short video clips)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("download", help="fetch the recipe's weight files from the hub (resumable, verified)",
+    p = sub.add_parser("download", epilog=_guide("getting-started"),
+                       help="fetch the recipe's weight files from the hub (resumable, verified)",
                        description="Download exactly the files of the recipe with huggingface_hub: both Wan 2.2 T2V "
                                    "A14B experts (Comfy-Org repackaged), wan_2.1_vae.safetensors, "
                                    "models_t5_umt5-xxl-enc-bf16.pth and the umT5 tokenizer (Wan-AI). Files already "
@@ -360,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the project file whose [models] table is written (created if missing; default ./wanpair.toml)")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("init", help="write dataset.toml and wanpair.toml for a folder of images (or videos) and captions",
+    p = sub.add_parser("init", epilog=_guide("getting-started"),
+                       help="write dataset.toml and wanpair.toml for a folder of images (or videos) and captions",
                        description="Write the recipe's dataset.toml into DATASET_DIR (960x960 buckets, .txt captions, "
                                    "batch 1; 81-frame clips for videos) and a wanpair.toml with every training setting "
                                    "shown at its default, models taken from the file `wanpair download` wrote or found "
@@ -373,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing dataset.toml / project file")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("doctor", help="checklist: will training start here, with what memory plan and speed",
+    p = sub.add_parser("doctor", epilog=_guide("getting-started", "speed-memory"),
+                       help="checklist: will training start here, with what memory plan and speed",
                        description="Check Python, torch and its CUDA build, the GPUs, bf16/fp8 support, and for a "
                                    "project: the models (kinds and experts), the dataset, the tokenizer, caches, disk, "
                                    "the memory plan this GPU would get with its expected s/step, and host RAM for "
@@ -381,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project", nargs="?", help="a wanpair.toml (without it: only the machine is checked)")
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("dashboard", help="watch and compare LoRA-pair runs in the browser (local, read-only)",
+    p = sub.add_parser("dashboard", epilog=_guide("dashboard"),
+                       help="watch and compare LoRA-pair runs in the browser (local, read-only)",
                        description="Serve a web page over the runs under the given folders (each run: "
                                    "<output_dir>/<name>/metrics.jsonl): state, steps and ETA of both experts, loss, "
                                    "validation loss, learning rate, speed and memory of the pair side by side and live, "
@@ -392,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.set_defaults(func=cmd_dashboard)
 
-    p = sub.add_parser("check", help="report dataset problems (missing captions, broken images, ...)",
+    p = sub.add_parser("check", epilog=_guide("datasets"),
+                       help="report dataset problems (missing captions, broken images, ...)",
                        description="Check a dataset without loading any model: images without captions, captions "
                                    "without images, empty captions, unreadable images, images smaller than their "
                                    "bucket, duplicates, over-long captions, and the bucket table. Exit code 0 = "
@@ -400,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a wanpair.toml project or a Musubi dataset.toml")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("cache", help="encode VAE latents and caption embeddings for a project",
+    p = sub.add_parser("cache", epilog=_guide("datasets"),
+                       help="encode VAE latents and caption embeddings for a project",
                        description="Encode what is not cached yet. Entries are keyed by content (image bytes, "
                                    "caption, bucket, model fingerprints), so edits re-encode exactly what changed; "
                                    "the entries they replace are listed as stale.")
@@ -410,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "share, the others' entries go too; they are re-encoded when needed)")
     p.set_defaults(func=cmd_cache)
 
-    p = sub.add_parser("train", help="check, cache and train the high- and low-noise LoRAs",
+    p = sub.add_parser("train", epilog=_guide("training", "multi-gpu", "what-happens-if"),
+                       help="check, cache and train the high- and low-noise LoRAs",
                        description="Run the whole recipe: check the dataset, cache latents and text, train the "
                                    "high-noise LoRA on timesteps 875-1000 and the low-noise LoRA on 0-875, and save "
                                    "WAN2.2-HighNoise_<name>.safetensors and WAN2.2-LowNoise_<name>.safetensors "
@@ -419,13 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project", help="the wanpair.toml project file")
     p.add_argument("--expert", choices=("both", "high", "low"), default="both",
                    help="train only one expert of a Wan 2.2 pair")
-    p.add_argument("--overwrite", action="store_true", help="replace existing LoRA files of the same name")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: replace the LoRA files of this name and remove the earlier run's states, "
+                        "intermediate LoRAs, metrics and samples (nothing is removed without it)")
     p.add_argument("--allow-expert-mismatch", action="store_true",
                    help="continue from an init_lora even if its metadata names the other expert")
     p.add_argument("--resume", nargs="?", const="latest", metavar="STATE",
-                   help="continue a stopped run from its newest saved state (or the STATE file given), and fail if "
-                        "there is none. Without it, the same command also continues a run of the same settings and "
-                        "data from its last state, and keeps a LoRA it already finished")
+                   help="continue a stopped run from each expert's newest saved state (or, for its expert, the STATE "
+                        "file given), and fail if there is none. Without it the same command also continues a run "
+                        "that trains the same thing from its last state, and keeps a LoRA it already finished; "
+                        "changes of how the run works (memory_mode, compile, save or validation cadences) are taken "
+                        "on, changes of what it trains are refused by name")
     p.add_argument("--gpus", type=int, metavar="N",
                    help="use N GPUs (default: all visible). With 2 or more the experts train side by side, one "
                         "GPU group each (see --experts-parallel); each group trains its expert data-parallel")
@@ -434,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "2+ GPUs have room); off = one after the other, each on all GPUs")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("timesteps", help="histogram of the timesteps an expert trains on, as configured",
+    p = sub.add_parser("timesteps", epilog=_guide("training"),
+                       help="histogram of the timesteps an expert trains on, as configured",
                        description="Draw timesteps with the project's sampler and window (100 000 by default), "
                                    "print a text histogram, write a PNG (and the raw draws with --csv).")
     p.add_argument("project", help="the wanpair.toml project file")
@@ -444,11 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", action="store_true", help="also write the raw draws as CSV beside the plot")
     p.set_defaults(func=cmd_timesteps)
 
-    p = sub.add_parser("inspect", help="show a LoRA's expert, timestep window, rank, alpha, targets and metadata")
+    p = sub.add_parser("inspect", epilog=_guide("sampling-export-merge"),
+                       help="show a LoRA's expert, timestep window, rank, alpha, targets and metadata")
     p.add_argument("lora", help="a LoRA file (any layout) or peft adapter folder")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("export", help="convert a LoRA between musubi (ComfyUI), comfy, diffusers and peft layouts",
+    p = sub.add_parser("export", epilog=_guide("sampling-export-merge"),
+                       help="convert a LoRA between musubi (ComfyUI), comfy, diffusers and peft layouts",
                        description="Convert a Wan LoRA between layouts. musubi = lora_unet_*.lora_down/up + alpha "
                                    "(the default ComfyUI and diffusers load); comfy = diffusion_model.*.lora_A/B; "
                                    "diffusers = transformer.*.lora_A/B (alpha folded in); peft = adapter folder. "
@@ -460,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("merge", help="bake a LoRA into a base DiT file (same layout and dtype as the base)",
+    p = sub.add_parser("merge", epilog=_guide("sampling-export-merge"),
+                       help="bake a LoRA into a base DiT file (same layout and dtype as the base)",
                        description="Write base + strength * LoRA as a new single-file checkpoint in the base's own "
                                    "key layout and dtype (fp8 bases are merged in fp32 and re-quantised), streaming "
                                    "one tensor at a time. Refuses a LoRA trained for the other expert.")
@@ -475,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .sample import SampleSettings
 
     d = SampleSettings()
-    p = sub.add_parser("sample", help="generate with both experts and the LoRA pair (PNG for 1 frame, MP4 for video)",
+    p = sub.add_parser("sample", epilog=_guide("sampling-export-merge"),
+                       help="generate with both experts and the LoRA pair (PNG for 1 frame, MP4 for video)",
                        description="Generate the way Wan 2.2 runs: the high-noise expert with the HighNoise LoRA "
                                    "for t >= 875 (I2V: 900), the low-noise expert with the LowNoise LoRA below. "
                                    "Defaults are Wan's: 40 steps and Wan's negative prompt; text to video: shift 12, "
@@ -509,22 +540,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <output_dir>/<name>/samples)")
     p.set_defaults(func=cmd_sample)
     return parser
-
-
-def configure_logging(verbose: bool) -> None:
-    """wanpair's own INFO lines (what was loaded from where, the memory plan) always; the libraries' only
-    with --verbose. Training workers log the same way."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("wanpair").setLevel(logging.INFO)
-    if not verbose:
-        # diffusers and transformers read these when they set up their loggers; importing them here just
-        # to lower their verbosity would cost every command (`inspect`, `check`) seconds
-        for lib in ("diffusers", "transformers"):
-            os.environ.setdefault(f"{lib.upper()}_VERBOSITY", "error")
-            if f"{lib}.utils.logging" in sys.modules:  # already imported (a caller in the same process)
-                sys.modules[f"{lib}.utils.logging"].set_verbosity_error()
-        for noisy in ("accelerate", "peft"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,10 @@
-"""The one exception type users see: a message that names the file and the fix, no traceback."""
+"""The one exception type users see: a message that names the file and the fix, no traceback; and the
+operating system's errors that are the user's to fix too (a full disk)."""
+
+import errno
+
+# Errors of the disk the outputs go to, which a user fixes by freeing space or permissions and running again.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.EACCES}
 
 
 class WanpairError(Exception):

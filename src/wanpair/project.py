@@ -17,12 +17,13 @@ the two experts, and train one LoRA over all timesteps.
 
 Relative paths are relative to the project file. Every other setting is in `[train]` and
 `[experts.high]` / `[experts.low]` (`[experts.full]` for one model); the defaults are the community
-recipe (Musubi-Tuner flags in shared/reference/wan22-lora-recipe.md) except where the README says why we differ.
+recipe (Musubi-Tuner flags in shared/reference/wan22-lora-recipe.md) except where docs/fidelity.md says why we differ.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,9 +171,112 @@ CHOICES = {
     "experts_parallel": ("auto", "on", "off"),
 }
 ON_OFF = {"fp8_matmul", "compile", "experts_parallel"}  # also accept true / false
-# Settings that decide where the work runs or what is measured, not what is trained: a LoRA made with
-# other values of these is still the same run's LoRA.
-SIDE_SETTINGS = {"experts_parallel", "validate_every_n_steps", "validation_timesteps", "validation_items"}
+# Settings that decide where and how fast the work runs, what is measured and what is saved along the way --
+# not what is trained. A LoRA or a state made under other values of these is still this run's: a rerun after
+# changing them (memory_mode = "low" after running out of memory, a new save cadence) continues it. How the
+# same math is computed (compile, checkpointing, fp8 matmuls of the frozen base, streaming) moves the last bits
+# of a number at most, as another GPU would.
+SIDE_SETTINGS = {
+    "experts_parallel", "device", "compile", "memory_mode", "memory_budget_gb", "gradient_checkpointing",
+    "checkpoint_blocks", "fp8_matmul",
+    "validate_every_n_steps", "validation_timesteps", "validation_items", "tensorboard", "max_bad_steps",
+    "save_every_n_epochs", "save_every_n_steps", "keep_last", "save_state_every_n_steps", "save_state_every_n_epochs",
+    "keep_states",
+}
+# How the finished LoRA is written: a state continues under a new value; a finished file in another is not the
+# one asked for.
+OUTPUT_SETTINGS = {"save_dtype"}
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting can work with, and why no other can: a value outside them is refused when
+    the project is read, naming the value, the range and the reason (not an hour later, mid-run)."""
+
+    low: float
+    high: float = math.inf
+    above_low: bool = False  # `low` itself is outside
+    below_high: bool = False  # `high` itself is outside
+    why: str = ""
+
+    def holds(self, value: float) -> bool:
+        return ((value > self.low if self.above_low else value >= self.low)
+                and (value < self.high if self.below_high else value <= self.high))
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"above {self.low}" if self.above_low else f"at least {self.low}"
+        return f"in {'(' if self.above_low else '['}{self.low}, {self.high}{')' if self.below_high else ']'}"
+
+
+FRACTION = dict(low=0, high=1, below_high=True)
+INTERVAL = Bounds(0, why="it is an interval (0 = never)")
+SEED = Bounds(0, 2**32 - 1, why="seeds are 32-bit: numpy's generator takes 0 to 2**32 - 1")
+# Every numeric [train] setting (tests/test_refusals.py checks that none is left out). logit_mean takes any
+# finite value; no float setting takes nan or inf.
+TRAIN_BOUNDS = {
+    "rank": Bounds(1, why="a LoRA needs at least one rank component"),
+    "alpha": Bounds(0, above_low=True, why="the LoRA's output is scaled by alpha / rank: at 0 it does nothing, "
+                                            "below 0 it works against its own training"),
+    "learning_rate": Bounds(0, above_low=True, why="each step moves the LoRA by it against the gradient: 0 learns "
+                                                    "nothing, a negative rate climbs the loss"),
+    "weight_decay": Bounds(0, why="it pulls the LoRA's weights toward zero; a negative decay pushes them away, "
+                                  "further every step"),
+    "max_grad_norm": Bounds(0, why="gradients are clipped to this norm, and a norm is never negative (0 = no "
+                                   "clipping)"),
+    "lr_scheduler_power": Bounds(0, above_low=True, why="the polynomial schedule decays as (1 - progress)^power: a "
+                                                         "power of 0 or less makes the learning rate rise instead, and "
+                                                         "divides by zero at the last step"),
+    "min_lr_ratio": Bounds(**FRACTION, why="the polynomial schedule ends at min_lr_ratio x learning_rate: below 0 "
+                                           "that is a negative learning rate (gradient ascent), at 1 or above "
+                                           "there is nothing to decay (for that, lr_scheduler = \"constant\")"),
+    "lr_warmup_steps": Bounds(0, why="the learning rate rises over this many first steps (0 = no warm-up)"),
+    "lr_warmup_ratio": Bounds(**FRACTION, why="the warm-up as a fraction of the run's steps (when lr_warmup_steps "
+                                              "= 0); a warm-up of the whole run never reaches the learning rate"),
+    "lr_scheduler_num_cycles": Bounds(1, why="cosine_with_restarts decays the learning rate this many times; 0 "
+                                             "cycles never decay it"),
+    **dict.fromkeys(("lora_dropout", "rank_dropout", "module_dropout"),
+                    Bounds(**FRACTION, why="a probability of dropping; at 1 everything is dropped and nothing trains")),
+    **dict.fromkeys(("save_every_n_epochs", "save_every_n_steps", "save_state_every_n_steps",
+                     "save_state_every_n_epochs", "validate_every_n_steps"), INTERVAL),
+    **dict.fromkeys(("keep_last", "keep_states"), Bounds(0, why="it counts the files kept (0 = all)")),
+    "max_bad_steps": Bounds(1, why="the run stops at this many non-finite steps in a row; there is no 'never' (a "
+                                   "run whose every step is skipped learns nothing), and 0 would stop at the first"),
+    "epochs": Bounds(1, why="training makes this many passes over the dataset"),
+    "max_steps": Bounds(0, why="it caps the optimizer steps (0 = run all epochs)"),
+    "seed": SEED,
+    "discrete_flow_shift": Bounds(0, above_low=True, why="shift sampling maps t to shift*t / (1 + (shift - 1)*t), a "
+                                                          "timestep in [0, 1] only for a shift above 0"),
+    "sigmoid_scale": Bounds(0, above_low=True, why="timesteps are sigmoid(sigmoid_scale * z) with z ~ N(0, 1): at 0 "
+                                                    "every timestep is 0.5"),
+    "logit_std": Bounds(0, above_low=True, why="the spread of logit_normal timesteps: at 0 every timestep is the same"),
+    "checkpoint_blocks": Bounds(-1, why="it counts the blocks that recompute their activations (-1 = as many as "
+                                         "memory needs)"),
+    "memory_budget_gb": Bounds(0, why="it is the GPU memory the run may use (0 = what the GPU has free)"),
+    "gradient_accumulation_steps": Bounds(1, why="each optimizer step adds up this many micro-batches"),
+    **dict.fromkeys(("validation_timesteps", "validation_items"),
+                    Bounds(1, why="a validation loss needs at least one (validate_every_n_steps = 0 turns it off)")),
+    "validation_split": Bounds(**FRACTION, why="the fraction of the media held out for validation; all of it would "
+                                               "leave nothing to train on"),
+}
+SAMPLE_BOUNDS = {
+    "every_n_epochs": INTERVAL,
+    "every_n_steps": INTERVAL,
+    **dict.fromkeys(("width", "height"), Bounds(16, why="Wan works in steps of 16 pixels (the VAE's stride 8 x the "
+                                                        "DiT's patch 2)")),
+    "frames": Bounds(1, why="a sample is 1 frame (a picture) or 4k+1 (a clip)"),
+    "steps": Bounds(1, why="a sample is denoised in this many steps"),
+    "seed": SEED,
+}
+
+
+def _out_of_bounds(table: str, key: str, value: float, bounds: Bounds | None, path: Path) -> str | None:
+    """The problem with `value` for `key` of `[table]`, or None when it is finite and in bounds."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path}: [{table}] {key} = {value!r} must be a finite number."
+    if bounds is None or bounds.holds(value):
+        return None
+    return f"{path}: [{table}] {key} = {value!r}: {key} must be {bounds}; {bounds.why}."
 
 
 def _unknown(key: str, valid, where: str, path: Path) -> str:
@@ -205,6 +309,11 @@ def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings
         if key in CHOICES and value not in CHOICES[key]:
             problems.append(f"{path}: [train] {key} = {value!r} must be one of {', '.join(CHOICES[key])}.")
             continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            problem = _out_of_bounds("train", key, value, TRAIN_BOUNDS.get(key), path)
+            if problem:
+                problems.append(problem)
+                continue
         if key in ("include_modules", "exclude_modules"):
             for pattern in value:
                 try:
@@ -213,27 +322,6 @@ def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings
                     problems.append(f"{path}: [train] {key} pattern {pattern!r} is not a valid regex ({e}).")
         values[key] = value
     t = TrainSettings(**values)
-    for key in ("rank", "epochs", "gradient_accumulation_steps"):
-        if getattr(t, key) < 1:
-            problems.append(f"{path}: [train] {key} must be at least 1.")
-    for key in ("alpha", "learning_rate", "discrete_flow_shift", "sigmoid_scale"):
-        if getattr(t, key) <= 0:
-            problems.append(f"{path}: [train] {key} must be positive.")
-    for key in ("lr_warmup_steps", "save_every_n_epochs", "save_every_n_steps", "keep_last", "max_steps",
-                "save_state_every_n_steps", "save_state_every_n_epochs", "keep_states", "max_bad_steps",
-                "validate_every_n_steps"):
-        if getattr(t, key) < 0:
-            problems.append(f"{path}: [train] {key} must not be negative.")
-    for key in ("validation_timesteps", "validation_items"):
-        if getattr(t, key) < 1:
-            problems.append(f"{path}: [train] {key} must be at least 1.")
-    for key in ("lr_warmup_ratio", "lora_dropout", "rank_dropout", "module_dropout", "validation_split"):
-        if not 0 <= getattr(t, key) < 1:
-            problems.append(f"{path}: [train] {key} must be in [0, 1).")
-    if t.logit_std <= 0:
-        problems.append(f"{path}: [train] logit_std must be positive.")
-    if t.memory_budget_gb < 0:
-        problems.append(f"{path}: [train] memory_budget_gb must not be negative (0 = what the GPU has).")
     if t.fp8_matmul == "on" and not t.fp8_base:
         problems.append(f"{path}: [train] fp8_matmul = \"on\" needs fp8_base = true (the weights it multiplies).")
     if t.memory_mode == "low" and not (t.fp8_base and t.gradient_checkpointing):
@@ -261,9 +349,12 @@ def _experts(raw: dict, path: Path, problems: list[str], warnings: list[str], re
             continue
         for key, value in table.items():
             if key == "init_lora":
-                experts[name].init_lora = resolve(value)
-                if not experts[name].init_lora.exists():
-                    problems.append(f"{path}: [experts.{name}] init_lora {experts[name].init_lora} does not exist.")
+                if not isinstance(value, str):
+                    problems.append(f"{path}: [experts.{name}] init_lora = {value!r} should be the path of a LoRA file.")
+                elif value.strip():  # "" is "not set", never the project's folder
+                    experts[name].init_lora = resolve(value)
+                    if not experts[name].init_lora.is_file():
+                        problems.append(f"{path}: [experts.{name}] init_lora {experts[name].init_lora} is not a file.")
             elif key not in ("min_timestep", "max_timestep"):
                 problems.append(_unknown(key, ("min_timestep", "max_timestep", "init_lora"), f"[experts.{name}]", path))
             elif not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1000:
@@ -292,14 +383,21 @@ def _sample(raw: dict, path: Path, problems: list[str], resolve) -> SampleDuring
             out.prompts = resolve(value)
             if not out.prompts.is_file():
                 problems.append(f"{path}: [sample] prompts file {out.prompts} does not exist (one prompt per line).")
-        elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            problems.append(f"{path}: [sample] {key} = {value!r} must be a non-negative integer.")
+        elif not isinstance(value, int) or isinstance(value, bool):
+            problems.append(f"{path}: [sample] {key} = {value!r} should be an integer.")
+        elif problem := _out_of_bounds("sample", key, value, SAMPLE_BOUNDS[key], path):
+            problems.append(problem)
         else:
             setattr(out, key, value)
     if (out.every_n_epochs or out.every_n_steps) and out.prompts is None:
         problems.append(f"{path}: [sample] every_n_epochs/every_n_steps need prompts = \"prompts.txt\".")
-    if out.width % 16 or out.height % 16 or (out.frames - 1) % 4:
-        problems.append(f"{path}: [sample] width/height must be multiples of 16 and frames 4k+1.")
+    for key in ("width", "height"):
+        if getattr(out, key) % 16:
+            problems.append(f"{path}: [sample] {key} = {getattr(out, key)}: {key} must be a multiple of 16; "
+                            f"{SAMPLE_BOUNDS[key].why}.")
+    if (out.frames - 1) % 4:
+        problems.append(f"{path}: [sample] frames = {out.frames}: frames must be 4k+1 (1, 5, 9, ... 81); the VAE "
+                        "packs 4 frames per latent after the first.")
     return out
 
 
@@ -332,6 +430,21 @@ def _model_keys(models_raw: dict, task: Task, path: Path, problems: list[str]) -
         if key not in models_raw:
             what = "DiT" if key == "dit" else key.replace("_", "-")
             problems.append(f"{path}: [models] {key} is missing (path to the {what} file).")
+    for key, value in models_raw.items():
+        if not isinstance(value, str):
+            problems.append(f"{path}: [models] {key} = {value!r} should be a path (a string).")
+    unset = [k for k, v in models_raw.items() if k in MODEL_KEYS and _unset(v)]
+    if unset:
+        keys = " and ".join([", ".join(unset[:-1]), unset[-1]] if len(unset) > 1 else unset)
+        problems.append(
+            f"{path}: [models] {keys} {'is' if len(unset) == 1 else 'are'} not set (\"\"): run "
+            f"`wanpair download --model {task.name} --project {path}` to fetch the recipe's files and fill "
+            f"{'it' if len(unset) == 1 else 'them'} in, or set the path to your own file.")
+
+
+def _unset(value) -> bool:
+    """`key = ""`, what `wanpair init` writes for a model it did not find: not set, never the project's folder."""
+    return isinstance(value, str) and not value.strip()
 
 
 def load_project(path: str | Path) -> tuple[Project, list[str]]:
@@ -351,14 +464,18 @@ def load_project(path: str | Path) -> tuple[Project, list[str]]:
     if not isinstance(name, str) or not re.fullmatch(r"[\w.\-]+", name or ""):
         problems.append(f"{path}: name = {name!r} must be set to a file-name-safe string, e.g. name = \"my_character_v1\".")
     models_raw = raw.get("models", {})
+    if not isinstance(models_raw, dict):
+        problems.append(f"{path}: models must be the [models] table of file paths.")
+        models_raw = {}
     dataset_raw = raw.get("dataset", {})
     for key in dataset_raw:
         if key != "config":
             problems.append(_unknown(key, ["config"], "[dataset]", path))
-    if "config" not in dataset_raw:
-        problems.append(f"{path}: [dataset] config is missing (path to your Musubi-style dataset.toml).")
+    if "config" not in dataset_raw or _unset(dataset_raw["config"]):
+        problems.append(f"{path}: [dataset] config is {'missing' if 'config' not in dataset_raw else 'not set'} "
+                        "(path to your Musubi-style dataset.toml).")
     train = _train_settings(raw.get("train", {}), path, problems)
-    task = _task(raw.get("model"), models_raw, path, problems, resolve)
+    task = _task(raw.get("model"), {k: v for k, v in models_raw.items() if not _unset(v)}, path, problems, resolve)
     _model_keys(models_raw, task, path, problems)
     experts = _experts(raw.get("experts", {}), path, problems, warnings, resolve, task)
     sample = _sample(raw.get("sample", {}), path, problems, resolve)

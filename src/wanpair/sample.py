@@ -99,9 +99,8 @@ def checked_loras(project: Project, loras: dict[str, Path | None], allow_mismatc
     """Each LoRA read and checked against its slot -- the right expert and model, layers the base has --
     before any 28 GB base is loaded."""
     from .export.formats import read_lora
-    from .export.merge import check_expert, check_pair
+    from .export.merge import check_expert, check_layers, check_pair, layer_shapes
     from .models.dit import inspect_dit
-    from .models.files import strip_prefix
 
     checked = {}
     for expert in project.task.experts:
@@ -114,27 +113,21 @@ def checked_loras(project: Project, loras: dict[str, Path | None], allow_mismatc
         slot = f"the {expert_name(expert)} slot ({dit.name})" if project.task.paired else dit.name
         check_expert(lora, expert, slot, allow_mismatch)
         check_pair(lora, project.task, slot, allow_mismatch)
-        info = inspect_dit(dit)
-        if info.file is not None:
-            prefix = strip_prefix(info.file.keys)
-            have = {k[len(prefix):].removesuffix(".weight") for k in info.file.keys}
-            unknown = sorted(set(lora.modules) - have)
-            if unknown:
-                raise WanpairError(f"{path}: LoRA module {unknown[0]} has no matching layer in {dit.name} "
-                                   f"(is it a LoRA for {project.task.title}?).")
+        if inspect_dit(dit).file is not None:
+            check_layers(lora, layer_shapes(dit), slot, str(path))
         checked[expert] = lora
     return checked
 
 
 def lora_delta(lora, strength: float, device: torch.device | str = "cpu"):
-    """The update `load_dit(delta=...)` adds to each weight: strength * (alpha/rank) * up @ down, made on
-    the device the expert loads to."""
+    """The update `load_dit(delta=...)` adds to each tensor: strength * ((alpha/rank) * up @ down + diff) to a
+    weight, strength * diff_b to a bias, made on the device the expert loads to."""
     if lora is None or strength == 0:
         return None
 
     def delta(key: str):
-        module = key.removesuffix(".weight")
-        return strength * lora.delta(module, device) if key.endswith(".weight") and module in lora.modules else None
+        update = lora.update(key, device)
+        return None if update is None else strength * update
 
     return delta
 
@@ -306,15 +299,15 @@ def run_prompts(pipe, prompts, embeds, negative, settings: SampleSettings, loras
 def first_frame_image(settings: SampleSettings) -> Image.Image:
     """`--image` scaled to cover width x height and centre-cropped, as training items are to their bucket."""
     from .data.buckets import resize_and_crop
-    from .data.items import load_rgb
+    from .data.images import load_rgb
 
     return Image.fromarray(resize_and_crop(load_rgb(Path(settings.image)), (settings.width, settings.height)))
 
 
 class TrainingSampler:
     """Samples during training: the expert being trained (LoRA as it is now, the model already in memory)
-    with the other expert as it is, or with its LoRA when this run already trained it (a Wan 2.1 model
-    alone). File names say which (e.g. `highLora+lowBase`).
+    with the other expert as it is, or with its LoRA when this run made it (a Wan 2.1 model alone). File
+    names say which (e.g. `highLora+lowBase`).
 
     The other expert is loaded once (fp8, its LoRA merged) and waits in host memory between samples; it
     borrows the GPU memory that training's activations leave free between steps. If even that is too
@@ -329,6 +322,7 @@ class TrainingSampler:
         self.others: dict[str, object] = {}
         self.vae = None
         self.skipping = False
+        self.noted: set[str] = set()  # experts whose stale LoRA file was mentioned
 
     def _other(self, other: str, lora_path: Path | None):
         key = f"{other}:{lora_path}"
@@ -338,11 +332,36 @@ class TrainingSampler:
                                             fp8=self.device.type == "cuda").to("cpu")}
         return self.others[key]
 
-    def _room_for(self, model) -> bool:
+    def _partner_lora(self, other: str, identity: dict[str, str]) -> Path | None:
+        """The other expert's LoRA if this run made it (same settings and data: kept, or trained before this
+        expert); else None, and the other expert samples as its base, said once. A LoRA file left by an earlier
+        run under this name is not this run's."""
+        from safetensors import safe_open
+
+        from .train.metadata import same_run
+
+        path = self.project.lora_path(other)
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            found = f.metadata() or {}
+        if same_run(found, identity):
+            return path
+        if other not in self.noted:
+            self.noted.add(other)
+            print(f"note: samples during training use the {expert_name(other)} base model without a LoRA: "
+                  f"{path.name} is from a run with other settings or data.")
+        return None
+
+    def _room_for(self, other: str) -> bool:
+        """Room on the GPU, between steps, for the other expert (fp8) and a sampling step? Asked before it is
+        loaded there at all, from its config."""
         if self.device.type != "cuda":
             return True
+        from .models.dit import inspect_dit
+
         torch.cuda.empty_cache()
-        need = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) + 2**30
+        need = expert_bytes(inspect_dit(self.project.dit_path(other)).config, 1) + 2**30
         free, _ = torch.cuda.mem_get_info(self.device)
         if need <= free:
             return True
@@ -351,7 +370,8 @@ class TrainingSampler:
         self.skipping = True
         return False
 
-    def __call__(self, model, expert: str, step: int, autocast, writer=None) -> list[Path]:
+    def __call__(self, model, expert: str, step: int, autocast, identity: dict[str, str], writer=None) -> list[Path]:
+        """Sample with `model` (the expert being trained, `identity`: its run's, `wanpair.train.metadata`)."""
         from .models import load_vae
 
         if self.skipping:
@@ -359,10 +379,10 @@ class TrainingSampler:
         models, loras, other_model = {expert: model}, {expert: "training"}, None
         if self.project.task.paired:
             other = "low" if expert == "high" else "high"
-            loras[other] = self.project.lora_path(other) if self.project.lora_path(other).exists() else None
-            other_model = self._other(other, loras[other])
-            if not self._room_for(other_model):
+            if not self._room_for(other):
                 return []
+            loras[other] = self._partner_lora(other, identity)
+            other_model = self._other(other, loras[other])
             models[other] = other_model.to(self.device)
         self.vae = self.vae or load_vae(self.project.models.vae, dtype=torch.float32)
         pipe = make_pipeline(self.vae, models, self.settings.shift, self.project.task).to(self.device)
@@ -387,4 +407,17 @@ class TrainingSampler:
                 if path.suffix == ".png":
                     writer.add_image(f"samples/{expert}/{i:02d}", np.asarray(Image.open(path)), step, dataformats="HWC")
         return written
+
+
+def make_sampler(project: Project, prompts: list[str], prompt_paths: list[Path], device: torch.device):
+    """Samples during training, from prompt embeddings cached with the captions (no text encoder kept);
+    None without sampling prompts. `prompt_paths`: the prompts' cache entries, the negative prompt's last."""
+    if not prompts:
+        return None
+    from .cache import read_entry
+
+    embeds = [read_entry(p) for p in prompt_paths]
+    cfg = project.sample
+    settings = SampleSettings(width=cfg.width, height=cfg.height, frames=cfg.frames, steps=cfg.steps, seed=cfg.seed)
+    return TrainingSampler(project, prompts, embeds[:-1], embeds[-1], settings, device, project.train.compute_dtype)
 

@@ -2,8 +2,9 @@
 
 Every asset comes from this package or from the `plotly` package (its bundled plotly.min.js), so the
 page works offline. It binds to 127.0.0.1 unless told otherwise, and serves no file outside a run
-folder (`runs.safe_file`). The page polls `/api/.../metrics?offset=` for lines appended since its
-last read, so a running training's charts grow without a reload.
+folder (`runs.safe_file`). The page polls `/api/.../metrics?offset=&file=` for lines appended since its
+last read, so a running training's charts grow without a reload; after a resume rewrote the file, the
+answer says `reset` and the page draws the charts again from the rows it gets.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def create_app(roots: list[Path]) -> Flask:
 
     @app.get("/api/runs/<run_id>/metrics")
     def api_metrics(run_id):
-        rows, offset = R.read_rows(run_by_id(run_id).metrics, request.args.get("offset", 0, type=int))
-        return jsonify({"rows": rows, "offset": offset})
+        return jsonify(R.rows_since(run_by_id(run_id).metrics, request.args.get("offset", 0, type=int),
+                                    request.args.get("file", "")))
 
     @app.get("/files/<run_id>/<path:rel>")
     def files(run_id, rel):

@@ -1,9 +1,11 @@
 """What the dashboard shows, read from run folders as training leaves them (read-only, any moment).
 
-A run is a folder `<output_dir>/<name>/` holding `metrics.jsonl`. Its state comes from the lock file
-training holds (`<output_dir>/.<name>.lock`, with the pid), `summary.json` (written at the end) and
-saved states or partial LoRAs (a stop that can be resumed). Files may be half-written while they are
-read: a metrics line without its newline is left for the next read, a torn JSON line is skipped.
+A run is a folder `<output_dir>/<name>/` holding `metrics.jsonl`. Its state comes from the lock training
+holds (`<output_dir>/.<name>.lock`, probed without taking it from the run), `summary.json` (written at the
+end) and saved states or partial LoRAs (a stop that can be resumed). Files may be half-written while they
+are read: a metrics line without its newline is left for the next read, a torn JSON line is skipped. A
+resume rewrites `metrics.jsonl` as a new, often shorter file (`drop_metrics_after`): a reader following it
+by offset is told to start again (`rows_since`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from ..errors import WanpairError
 from ..models.files import safetensors_header
 from ..models.tasks import EXPERT_NAMES
-from ..train.state import lock_holder, lock_path
+from ..train.run_lock import lock_is_held, lock_path
 
 EXPERTS = tuple(EXPERT_NAMES)  # a pair's experts, or a single model's one ("full": all timesteps)
 MEDIA = {".png", ".jpg", ".jpeg", ".webp", ".mp4", ".webm"}
@@ -67,10 +69,29 @@ def read_rows(path: Path, offset: int = 0) -> tuple[list[dict], int]:
     """Complete rows from byte `offset` on, and the offset after the last complete line."""
     try:
         with open(path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read()
+            return _rows_from(f, offset)
     except OSError:
         return [], offset
+
+
+def rows_since(path: Path, offset: int = 0, file: str = "") -> dict:
+    """What a poller of `path` has not seen: the complete rows after its `offset` in the file it read (`file`:
+    that file's identity, as this returned it). Once `path` is another file -- a resume wrote it anew -- or is
+    shorter than `offset`, all its rows, and `reset`: the poller's rows are no longer the run's."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            current = f"{st.st_dev}:{st.st_ino}"
+            reset = offset > 0 and (offset > st.st_size or file not in ("", current))
+            rows, offset = _rows_from(f, 0 if reset else offset)
+    except OSError:
+        return {"rows": [], "offset": offset, "file": file, "reset": False}
+    return {"rows": rows, "offset": offset, "file": current, "reset": reset}
+
+
+def _rows_from(f, offset: int) -> tuple[list[dict], int]:
+    f.seek(offset)
+    chunk = f.read()
     end = chunk.rfind(b"\n") + 1  # a last line still being written waits for the next read
     rows = []
     for line in chunk[:end].splitlines():
@@ -93,8 +114,7 @@ def read_json(path: Path) -> dict:
 
 
 def state_of(run: Run) -> str:
-    lock = lock_path(run.output_dir, run.name)
-    if lock.exists() and lock_holder(lock):
+    if lock_is_held(lock_path(run.output_dir, run.name)):
         return "running"
     summary = run.run_dir / "summary.json"
     if summary.exists() and summary.stat().st_mtime >= run.metrics.stat().st_mtime - 1:

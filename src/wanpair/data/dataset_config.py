@@ -10,11 +10,13 @@ for items held out of training on which each expert's validation loss is measure
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import WanpairError
 from ..tomlfile import did_you_mean, read_toml
+from .buckets import STEP
 
 # Keys allowed in [general] and inherited by each dataset (Musubi's "ascendable" keys).
 GENERAL_KEYS = {"caption_extension": str, "batch_size": int, "num_repeats": int, "resolution": (int, list),
@@ -51,6 +53,7 @@ class DatasetSpec:
     max_frames: int = 129
     source_fps: float | None = None
     validation: bool = False  # a [[validation]] entry: measured, never trained on
+    where: str = ""  # "<dataset.toml>: [[datasets]] #1", for messages about the entry
 
     @property
     def cache_dir(self) -> Path:
@@ -81,6 +84,23 @@ def _resolution(value, where: str, path: Path, problems: list[str]) -> tuple[int
         problems.append(f"{path}: {where}.resolution = {value!r} must be [width, height] (integers >= 16).")
         return (960, 544)
     return (value[0], value[1])
+
+
+def _multiples_of_step(resolution: tuple[int, int]) -> tuple[int, int]:
+    """The nearest size Wan can take, each side rounded to a multiple of 16 (down on a tie: no upscaling)."""
+    return tuple(max(STEP, (side + STEP // 2 - 1) // STEP * STEP) for side in resolution)
+
+
+def _fixed_size_problem(resolution: tuple[int, int], where: str, path: Path) -> str:
+    """With enable_bucket = false every item is trained at exactly `resolution`, so it must already be a size
+    Wan takes. Refused rather than rounded: a silently changed resolution is not the one the user set (the
+    reference trainer rounds its buckets to multiples of 16; with bucketing on, wanpair does too)."""
+    choices = [f"{name} {side // STEP * STEP} or {side // STEP * STEP + STEP}"
+               for name, side in zip(("width", "height"), resolution) if side % STEP]
+    return (f"{path}: {where}.resolution = {list(resolution)} with enable_bucket = false trains every item at "
+            f"exactly that size, but Wan needs multiples of {STEP} (the VAE's stride 8 x the DiT's patch 2). Use "
+            f"resolution = {list(_multiples_of_step(resolution))} (nearest: {'; '.join(choices)}), or "
+            "enable_bucket = true.")
 
 
 def load_dataset_config(path: str | Path) -> list[DatasetSpec]:
@@ -140,13 +160,23 @@ def load_dataset_config(path: str | Path) -> list[DatasetSpec]:
             bad = [f for f in kwargs["target_frames"] if not isinstance(f, int) or f < 1 or (f - 1) % 4]
             if bad:
                 problems.append(f"{path}: {where}.target_frames {bad} must be 4k+1 (1, 5, 9, ... 81): the Wan VAE packs 4 frames per latent.")
-        for key in ("batch_size", "num_repeats"):
-            if isinstance(kwargs[key], int) and kwargs[key] < 1:
-                problems.append(f"{path}: {where}.{key} must be at least 1.")
+            if not kwargs["target_frames"] and kwargs["frame_extraction"] != "full":
+                problems.append(f"{path}: {where}.target_frames = [] gives no clip length; list the lengths, "
+                                "e.g. [1, 25, 45].")
+            fps = kwargs["source_fps"]
+            if isinstance(fps, (int, float)) and not (math.isfinite(fps) and fps > 0):
+                problems.append(f"{path}: {where}.source_fps = {fps!r} must be the videos' frame rate, above 0.")
+        for key in ("batch_size", "num_repeats", "frame_stride", "frame_sample", "max_frames"):
+            if isinstance(kwargs.get(key), int) and kwargs[key] < 1:
+                problems.append(f"{path}: {where}.{key} = {kwargs[key]} must be at least 1.")
+        if not kwargs["enable_bucket"] and resolution != _multiples_of_step(resolution):
+            problem = _fixed_size_problem(resolution, where if "resolution" in entry else "[general]", path)
+            if problem not in problems:  # once for a [general] resolution, however many entries take it
+                problems.append(problem)
         if not kwargs["caption_extension"].startswith("."):
             kwargs["caption_extension"] = "." + kwargs["caption_extension"]
         specs.append(DatasetSpec(i, "video" if is_video else "image", source, src_keys[0].endswith("jsonl_file"),
-                                 resolution, validation=is_validation, **kwargs))
+                                 resolution, validation=is_validation, where=f"{path}: {where}", **kwargs))
     if problems:
         raise WanpairError("\n".join(problems))
     return specs

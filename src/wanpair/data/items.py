@@ -14,15 +14,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from ..errors import WanpairError
 from .buckets import choose_bucket
 from .dataset_config import DatasetSpec
-from .video import VIDEO_EXTENSIONS, clip_ranges, content_hash, is_video, read_frames, resample
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+from .images import IMAGE_EXTENSIONS, load_rgb
+from .video import VIDEO_EXTENSIONS, WAN_FPS, clip_ranges, content_hash, is_video, read_frames, resample
 
 
 @dataclass(frozen=True)
@@ -66,16 +64,6 @@ class Report:
         lines += [f"ERROR   {e}" for e in self.errors]
         lines += [f"WARNING {w}" for w in self.warnings]
         return "\n".join(lines)
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Open an image fully (so truncation is caught), honour EXIF rotation, return 8-bit RGB."""
-    with Image.open(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bits
-            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
-        return im.convert("RGB")
 
 
 def _read_caption(path: Path, report: Report) -> str | None:
@@ -136,15 +124,19 @@ def _image_items(spec: DatasetSpec, path: Path, caption: str, report: Report) ->
     return [Item(path, caption, spec.index, size, bucket, hashlib.sha256(path.read_bytes()).hexdigest(), spec.num_repeats)]
 
 
-def _video_items(spec: DatasetSpec, path: Path, caption: str, report: Report) -> list[Item]:
+def _video_items(spec: DatasetSpec, path: Path, caption: str, report: Report,
+                 unused: list[tuple[Path, str]]) -> list[Item]:
+    """The clips of one video; a video too short for any clip is noted in `unused`, with why."""
     frames = resample(read_frames(path), spec.source_fps)
     if not frames:
         report.errors.append(f"{path}: the video has no frames; re-export or remove it.")
         return []
     ranges = clip_ranges(len(frames), spec)
     if not ranges:
-        report.warnings.append(f"{path}: {len(frames)} frames is shorter than every target_frames "
-                               f"{list(spec.target_frames)}; it gives no clip.")
+        resampled = f" at {WAN_FPS} fps (resampled from source_fps {spec.source_fps})" if spec.source_fps else ""
+        unused.append((path, f"{len(frames)} frames{resampled}; target_frames {list(spec.target_frames)} need at "
+                             f"least {min(spec.target_frames)}"))
+        return []
     size = frames[0].size
     bucket = choose_bucket(size, spec.resolution, spec.enable_bucket, spec.bucket_no_upscale)
     _warn_small(path, size, bucket, report)
@@ -168,6 +160,7 @@ def check_dataset(specs: list[DatasetSpec], tokenizer=None, max_tokens: int = 51
     report = Report(validation={s.index for s in specs if s.validation})
     seen: dict[str, tuple[Path, bool]] = {}
     for spec in specs:
+        errors, found, unused = len(report.errors), len(report.items), []
         for path, caption, cap_path in _pairs(spec, report):
             if caption is None:
                 continue
@@ -175,7 +168,8 @@ def check_dataset(specs: list[DatasetSpec], tokenizer=None, max_tokens: int = 51
                 report.errors.append(f"{cap_path or path}: caption is empty; describe the {spec.kind} in it.")
                 continue
             try:
-                items = (_video_items if spec.kind == "video" else _image_items)(spec, path, caption, report)
+                items = (_video_items(spec, path, caption, report, unused) if spec.kind == "video"
+                         else _image_items(spec, path, caption, report))
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
                 report.errors.append(f"{path}: cannot be read as {'a video' if spec.kind == 'video' else 'an image'} "
                                      f"({e}); re-export or remove it.")
@@ -193,7 +187,20 @@ def check_dataset(specs: list[DatasetSpec], tokenizer=None, max_tokens: int = 51
             if tokenizer is not None and (n := token_count(tokenizer, caption)) > max_tokens:
                 report.warnings.append(f"{cap_path or path}: caption is {n} tokens; only the first {max_tokens} are used.")
             report.items.extend(items)
+        if len(report.items) > found:
+            report.warnings += [f"{path}: {why}; it gives no clip." for path, why in unused]
+        elif unused or len(report.errors) == errors:  # else its errors say why
+            report.errors.append(_gives_nothing(spec, unused))
     return report
+
+
+def _gives_nothing(spec: DatasetSpec, unused: list[tuple[Path, str]]) -> str:
+    """A dataset entry without one item to train on (or validate with): an error here, not a `max()` of
+    nothing when training starts."""
+    source = f"{spec.kind}_{'jsonl_file' if spec.from_jsonl else 'directory'} {spec.source}"
+    why = "".join(f"\n  {path if spec.from_jsonl else path.name}: {reason}" for path, reason in unused) \
+        or " it lists none."
+    return f"{spec.where} ({source}) gives no item to {'validate' if spec.validation else 'train'} on:{why}"
 
 
 def require_clean(report: Report) -> list[Item]:

@@ -20,14 +20,13 @@ import numpy as np
 from PIL import Image
 
 from .dataset_config import DatasetSpec
+from .images import IMAGE_EXTENSIONS, load_rgb
 
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".avi", ".mkv"}
 WAN_FPS = 16  # Wan 2.1/2.2 T2V generate 16 fps video (Wan2.2 `wan/configs`: sample_fps = 16)
 
 
 def is_video(path: Path) -> bool:
-    from .items import IMAGE_EXTENSIONS
-
     if path.is_dir():
         return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir())
     return path.suffix.lower() in VIDEO_EXTENSIONS
@@ -35,8 +34,6 @@ def is_video(path: Path) -> bool:
 
 def read_frames(path: Path) -> list[Image.Image]:
     """All frames as RGB images; raises OSError/ValueError for unreadable videos."""
-    from .items import IMAGE_EXTENSIONS, load_rgb
-
     if path.is_dir():
         return [load_rgb(p) for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
     import av

@@ -1,10 +1,13 @@
 """LoRA file layouts for Wan, read into one canonical form and written back out in any of them.
 
-Canonical form: original Wan module path (`blocks.0.self_attn.q`) -> (down [r, in], up [out, r], alpha).
+Canonical form: original Wan module path (`blocks.0.self_attn.q`) -> (down [r, in], up [out, r], alpha),
+plus full weight deltas and bias deltas by module path (ComfyUI's `.diff` and `.diff_b` keys, read in every
+layout's naming). Any other key (LoKr, LoHa, ...) is refused: a file is applied whole or not at all.
 Layouts:
 - musubi (kohya; the default, what ComfyUI and diffusers load for Wan):
   `lora_unet_blocks_0_self_attn_q.lora_down.weight`, `.lora_up.weight`, `.alpha`
-- comfy (also ai-toolkit's): `diffusion_model.blocks.0.self_attn.q.lora_A.weight`, `.lora_B.weight`, `.alpha`
+- comfy (also ai-toolkit's): `diffusion_model.blocks.0.self_attn.q.lora_A.weight`, `.lora_B.weight`, `.alpha`;
+  the one layout that also holds deltas when written (`.diff`, `.diff_b`)
 - diffusers: `transformer.blocks.0.attn1.to_q.lora_A.weight`, `.lora_B.weight`; no alpha key, so
   alpha/rank is folded into the down weights on export
 - peft: a folder with `adapter_model.safetensors` (`base_model.model.<diffusers name>.lora_A.weight`)
@@ -35,6 +38,8 @@ class LoraWeights:
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     metadata: dict[str, str] = field(default_factory=dict)
     source_format: str = "musubi"
+    diffs: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> full weight delta [out, in]
+    bias_diffs: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> bias delta [out]
 
     @property
     def rank(self) -> int:
@@ -45,10 +50,41 @@ class LoraWeights:
         return alpha / down.shape[0]
 
     def delta(self, module: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The weight update this LoRA adds to `module` at strength 1: (alpha / rank) * up @ down, made
-        on `device` (a 5120 x 13824 update is 283 MB of fp32: made on the GPU, it never crosses the bus)."""
-        down, up, _ = self.modules[module]
-        return self.scale(module) * (up.to(device).float() @ down.to(device).float())
+        """The weight update this LoRA adds to `module` at strength 1: (alpha / rank) * up @ down plus its
+        full delta, made on `device` (a 5120 x 13824 update is 283 MB of fp32: made on the GPU, it never
+        crosses the bus)."""
+        update = self.diffs[module].to(device).float() if module in self.diffs else 0
+        if module in self.modules:
+            down, up, _ = self.modules[module]
+            update = update + self.scale(module) * (up.to(device).float() @ down.to(device).float())
+        return update
+
+    def update(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """What this LoRA adds at strength 1 to the base tensor `key` (original Wan name, a `.weight` or
+        `.bias`), or None when it leaves that tensor alone."""
+        module, _, leaf = key.rpartition(".")
+        if leaf == "bias" and module in self.bias_diffs:
+            return self.bias_diffs[module].to(device).float()
+        if leaf == "weight" and (module in self.modules or module in self.diffs):
+            return self.delta(module, device)
+        return None
+
+    def targets(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(base tensor key, shape of the update) for each part -- a pair and a `.diff` of one layer are
+        listed apart, so that each is checked against the layer."""
+        pairs = [(f"{m}.weight", (up.shape[0], down.shape[1])) for m, (down, up, _) in self.modules.items()]
+        return (pairs + [(f"{m}.weight", tuple(d.shape)) for m, d in self.diffs.items()]
+                + [(f"{m}.bias", tuple(b.shape)) for m, b in self.bias_diffs.items()])
+
+    def delta_keys(self) -> list[str]:
+        """The full and bias deltas, named as ComfyUI names them (`blocks.0.self_attn.q.diff`, `.diff_b`)."""
+        return sorted([f"{m}.diff" for m in self.diffs] + [f"{m}.diff_b" for m in self.bias_diffs])
+
+
+def some_keys(keys) -> str:
+    """`7 keys (a, b, c, d, e, ...)`: the count and up to five names, for error messages."""
+    keys = sorted(keys)
+    return f"{len(keys)} key{'' if len(keys) == 1 else 's'} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
 
 
 def _kohya_to_module(name: str) -> str:
@@ -57,21 +93,50 @@ def _kohya_to_module(name: str) -> str:
     return re.sub(r"\.(self_attn|cross_attn|ffn)_", r".\1.", s)
 
 
-def _group(sd: dict[str, torch.Tensor], pattern: str, down: str, up: str, to_module) -> dict:
+# The parts of one module's update, by each layout's name for them (kohya: lora_down/up; peft, diffusers,
+# ai-toolkit: lora_A/B; ComfyUI: `.diff` a full weight delta, `.diff_b` a bias delta).
+_PARTS = {"lora_down": "down", "lora_A": "down", "lora_up": "up", "lora_B": "up", "alpha": "alpha",
+          "diff": "diff", "diff_b": "diff_b"}
+# Markers of LyCORIS adapters whose update is no low-rank product (LyCORIS' key names: lokr_w1, hada_w1_a, ...).
+_UNUSABLE_KINDS = {"lokr_": "LoKr", "hada_": "LoHa"}
+
+
+def _unusable(path: Path, keys: list[str]) -> WanpairError:
+    kind = next((k for marker, k in _UNUSABLE_KINDS.items() if any(marker in key for key in keys)), "unknown")
+    looks = f"they look like {kind} (LyCORIS), not a LoRA" if kind != "unknown" else "their kind is unknown"
+    tool = f", or use it with a tool that applies {kind}" if kind != "unknown" else ""
+    return WanpairError(
+        f"{path} holds {some_keys(keys)} that wanpair cannot apply: {looks}. wanpair "
+        "applies LoRA down/up pairs with their alpha (lora_unet_*, diffusion_model.*, lora_A/lora_B keys) and full "
+        f"weight and bias deltas (.diff, .diff_b), and skips nothing: convert the file to a plain LoRA{tool}.")
+
+
+def _group(path: Path, sd: dict[str, torch.Tensor], prefix: str, to_module) -> tuple[dict, dict, dict]:
+    """The LoRA pairs, full weight deltas and bias deltas of a state dict whose keys are `prefix` + a module
+    name (`to_module` makes it the Wan module path) + a part; any other key is refused."""
+    pattern = re.compile(rf"^{prefix}(.+)\.({'|'.join(_PARTS)})(?:\.weight)?$")
     parts: dict[str, dict] = {}
+    unusable = []
     for key, value in sd.items():
-        m = re.match(pattern, key)
-        if not m:
-            continue
-        name, kind = m.group(1), m.group(2)
-        parts.setdefault(to_module(name), {})[kind] = value
+        m = pattern.match(key)
+        if m:
+            parts.setdefault(to_module(m.group(1)), {})[_PARTS[m.group(2)]] = value
+        else:
+            unusable.append(key)
+    if unusable:
+        raise _unusable(path, unusable)
     modules = {}
     for module, p in parts.items():
-        if down not in p or up not in p:
-            raise WanpairError(f"LoRA module {module} lacks its {down if down not in p else up} weight.")
-        alpha = float(p["alpha"].float().item()) if "alpha" in p else float(p[down].shape[0])
-        modules[module] = (p[down], p[up], alpha)
-    return modules
+        if p.keys() & {"down", "up", "alpha"}:
+            lacking = [n for n in ("down", "up") if n not in p]
+            if lacking:
+                raise WanpairError(f"{path}: LoRA module {module} lacks its {lacking[0]} weight "
+                                   f"({'lora_down / lora_A' if lacking[0] == 'down' else 'lora_up / lora_B'}).")
+            alpha = float(p["alpha"].float().item()) if "alpha" in p else float(p["down"].shape[0])
+            modules[module] = (p["down"], p["up"], alpha)
+    diffs = {m: p["diff"] for m, p in parts.items() if "diff" in p}
+    bias_diffs = {m: p["diff_b"] for m, p in parts.items() if "diff_b" in p}
+    return modules, diffs, bias_diffs
 
 
 def read_lora(path: str | Path) -> LoraWeights:
@@ -83,9 +148,9 @@ def read_lora(path: str | Path) -> LoraWeights:
             raise WanpairError(f"{path} is a folder but not a peft adapter (adapter_config.json + adapter_model.safetensors).")
         cfg = json.loads(cfg_path.read_text())
         sd = load_file(str(weights))
-        modules = _group(sd, r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)\.weight$", "lora_A", "lora_B", to_original_name)
+        modules, diffs, bias_diffs = _group(path, sd, r"(?:base_model\.model\.)?", to_original_name)
         modules = {m: (d, u, float(cfg.get("lora_alpha", d.shape[0]))) for m, (d, u, _) in modules.items()}
-        return LoraWeights(modules, {}, "peft")
+        return LoraWeights(modules, {}, "peft", diffs, bias_diffs)
     if not path.is_file():
         raise WanpairError(f"LoRA file {path} does not exist.")
     try:
@@ -94,20 +159,18 @@ def read_lora(path: str | Path) -> LoraWeights:
         sd = load_file(str(path))
     except Exception as e:  # safetensors raises several types for damaged files
         raise WanpairError(f"{path} is not a readable safetensors LoRA ({e}).") from None
-    if any(k.startswith("lora_unet_") for k in sd):
-        modules = _group(sd, r"^lora_unet_(.+)\.(lora_down|lora_up|alpha)(?:\.weight)?$", "lora_down", "lora_up", _kohya_to_module)
-        fmt = "musubi"
-    elif any(k.startswith("diffusion_model.") for k in sd):
-        modules = _group(sd, r"^diffusion_model\.(.+)\.(lora_A|lora_B|alpha)(?:\.weight)?$", "lora_A", "lora_B", lambda s: s)
-        fmt = "comfy"
-    elif any(".lora_A." in k or ".lora_B." in k for k in sd):
-        modules = _group(sd, r"^(?:transformer\.)?(.+)\.(lora_A|lora_B)\.weight$", "lora_A", "lora_B", to_original_name)
-        fmt = "diffusers"
-    else:
-        raise WanpairError(f"{path} is not a Wan LoRA wanpair recognises (no lora_unet_/diffusion_model./lora_A keys).")
-    if not modules:
+    if not sd:
         raise WanpairError(f"{path} holds no LoRA modules.")
-    return LoraWeights(modules, metadata, fmt)
+    if any(k.startswith("lora_unet_") for k in sd):
+        fmt, prefix, to_module = "musubi", r"lora_unet_", _kohya_to_module
+    elif any(k.startswith("diffusion_model.") for k in sd):
+        fmt, prefix, to_module = "comfy", r"diffusion_model\.", str
+    elif any(".lora_A." in k or ".lora_B." in k for k in sd):
+        fmt, prefix, to_module = "diffusers", r"(?:transformer\.)?", to_original_name
+    else:
+        raise _unusable(path, list(sd))
+    modules, diffs, bias_diffs = _group(path, sd, prefix, to_module)
+    return LoraWeights(modules, metadata, fmt, diffs, bias_diffs)
 
 
 def _diffusers_name(module: str, names: dict[str, str]) -> str:
@@ -135,6 +198,17 @@ def to_state_dict(lora: LoraWeights, fmt: str, dtype: torch.dtype | None = None)
             sd[f"{key}.lora_A.weight"], sd[f"{key}.lora_B.weight"] = cast(down * scale), cast(up)
         else:
             raise WanpairError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    # ComfyUI's own keys for full and bias deltas. diffusers' Wan loader reads them from this layout only
+    # (huggingface/diffusers src/diffusers/loaders/lora_conversion_utils.py,
+    # `_convert_non_diffusers_wan_lora_to_diffusers`: `.diff_b` becomes the layer's `lora_B.bias`, `head.head.diff`
+    # a proj_out update; a block's `.diff` it logs and leaves out); its kohya/Musubi reader and the lora_A/lora_B
+    # layouts have no name for them.
+    if lora.diffs or lora.bias_diffs:
+        if fmt != "comfy":
+            raise WanpairError(f"the {fmt} layout cannot hold full weight or bias deltas, and this LoRA has "
+                               f"{some_keys(lora.delta_keys())}; export it with --format comfy.")
+        sd |= {f"diffusion_model.{m}.diff": cast(d) for m, d in sorted(lora.diffs.items())}
+        sd |= {f"diffusion_model.{m}.diff_b": cast(b) for m, b in sorted(lora.bias_diffs.items())}
     return sd
 
 
@@ -170,9 +244,11 @@ def describe(lora: LoraWeights, path: Path) -> str:
     """What `wanpair inspect` prints."""
     ranks = sorted({d.shape[0] for d, _, _ in lora.modules.values()})
     alphas = sorted({a for _, _, a in lora.modules.values()})
-    dtypes = sorted({str(d.dtype).removeprefix("torch.") for d, _, _ in lora.modules.values()})
-    kinds = sorted({re.sub(r"^blocks\.\d+\.", "", m) for m in lora.modules})
-    blocks = sorted({int(m.split(".")[1]) for m in lora.modules if m.startswith("blocks.")})
+    tensors = [d for d, _, _ in lora.modules.values()] + [*lora.diffs.values(), *lora.bias_diffs.values()]
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
+    updated = {*lora.modules, *lora.diffs, *lora.bias_diffs}
+    kinds = sorted({re.sub(r"^blocks\.\d+\.", "", m) for m in updated})
+    blocks = sorted({int(m.split(".")[1]) for m in updated if m.startswith("blocks.")})
     meta = lora.metadata
     lines = [
         f"file:        {path}",
@@ -180,11 +256,14 @@ def describe(lora: LoraWeights, path: Path) -> str:
         f"expert:      {meta.get('wanpair.expert', 'unknown (not a wanpair file)')}"
         + (" (one model over all timesteps)" if meta.get("wanpair.expert") == "full" else ""),
         f"timesteps:   {meta.get('modelspec.timestep_range', meta.get('wanpair.timestep_window', 'unknown'))}",
-        f"rank:        {', '.join(map(str, ranks))}    alpha: {', '.join(f'{a:g}' for a in alphas)}",
+        f"rank:        {', '.join(map(str, ranks))}    alpha: {', '.join(f'{a:g}' for a in alphas)}" if ranks
+        else "rank:        none (no down/up pairs)",
         f"dtype:       {', '.join(dtypes)}",
-        f"modules:     {len(lora.modules)} in {len(blocks)} blocks" + (f" ({blocks[0]}-{blocks[-1]})" if blocks else ""),
+        f"modules:     {len(updated)} in {len(blocks)} blocks" + (f" ({blocks[0]}-{blocks[-1]})" if blocks else ""),
         f"targets:     {', '.join(kinds)}",
     ]
+    if lora.diffs or lora.bias_diffs:
+        lines.append(f"deltas:      {len(lora.diffs)} full weight deltas (.diff), {len(lora.bias_diffs)} bias deltas (.diff_b)")
     if "wanpair.validation_loss" in meta:
         lines.append(f"validation:  loss {meta['wanpair.validation_loss']} at step {meta.get('wanpair.validation_step')} "
                      f"({meta.get('wanpair.validation_kind')})")

@@ -1,5 +1,6 @@
 """Merging a LoRA into a base file, streamed tensor by tensor (in memory, `load_dit(delta=...)` merges as it
-loads; see `wanpair.sample.lora_delta`).
+loads; see `wanpair.sample.lora_delta`). Its full and bias deltas are added as they are (W += s * diff,
+b += s * diff_b), once `check_layers` has matched each to a tensor of its shape.
 
 Both refuse a LoRA whose metadata names the other expert (wanpair writes `wanpair.expert`), since
 a HighNoise LoRA on the low-noise model is the recipe's most common silent mistake, and one trained on
@@ -50,6 +51,29 @@ def check_pair(lora: LoraWeights, task: Task, what: str, allow_mismatch: bool = 
             "match, it applies).")
 
 
+def layer_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a single-file DiT, by its original Wan key (ComfyUI's prefix stripped), read
+    without loading weights (a safetensors header; a .pth is memory-mapped)."""
+    if path.suffix == ".safetensors":
+        header = safetensors_header(path)
+        shapes = {k: tuple(v["shape"]) for k, v in header.items() if k not in ("__data_start__", "__metadata__")}
+    else:
+        shapes = {k: tuple(t.shape) for k, t in iter_tensors(path)}
+    prefix = strip_prefix(tuple(shapes))
+    return {k[len(prefix):]: s for k, s in shapes.items()}
+
+
+def check_layers(lora: LoraWeights, shapes: dict[str, tuple[int, ...]], what: str, lora_name: str = "the LoRA") -> None:
+    """Refuse a LoRA that updates a tensor `what` lacks, or updates it with another shape: added as it is, a
+    [1] bias delta would broadcast over the whole bias without a word."""
+    for key, shape in lora.targets():
+        if key not in shapes:
+            raise WanpairError(f"{lora_name} updates {key}, which {what} does not have; is this the right base model?")
+        if shapes[key] != shape:
+            raise WanpairError(f"{lora_name} updates {key} with a {list(shape)} tensor but {what} holds it as "
+                               f"{list(shapes[key])}; the LoRA was made for another model.")
+
+
 def _merged(base: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """base + delta in float32, returned in the base's dtype (fp8: re-quantised with the same scale)."""
     w = base.float() * (scale.float() if scale is not None else 1.0) + delta
@@ -71,14 +95,12 @@ def merge_into_file(base: Path, lora: LoraWeights, out: Path, task: Task, streng
         raise WanpairError(f"{base}: merge needs a .safetensors base model.")
     check_expert(lora, guess_expert(base, {}) if task.paired else "full", str(base), allow_mismatch)
     check_pair(lora, task, str(base), allow_mismatch)
+    check_layers(lora, layer_shapes(base), str(base))
     header = safetensors_header(base)
     header.pop("__data_start__")
     metadata = header.pop("__metadata__", None) or {}
     prefix = strip_prefix(tuple(header))
-    targets = {prefix + m + ".weight": m for m in lora.modules}
-    missing = [m for k, m in targets.items() if k not in header]
-    if missing:
-        raise WanpairError(f"{base} has no layer {missing[0]} that the LoRA targets; is this the right base model?")
+    targets = {prefix + key: key for key, _ in lora.targets()}
     entries, offset = {}, 0
     for key, info in header.items():
         n = info["data_offsets"][1] - info["data_offsets"][0]
@@ -99,8 +121,8 @@ def merge_into_file(base: Path, lora: LoraWeights, out: Path, task: Task, streng
         for key, t in tqdm(iter_tensors(base), total=len(header), desc="merging", unit="tensor"):
             if key in targets:
                 scale = scales.get(key.removesuffix(".weight") + ".scale_weight")
-                t = _merged(t.to(device), strength * lora.delta(targets[key], device),
+                t = _merged(t.to(device), strength * lora.update(targets[key], device),
                             None if scale is None else scale.to(device)).cpu()
             f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
         f.flush()
-    return len(targets)
+    return len({key.rpartition(".")[0] for key in targets})

@@ -19,7 +19,7 @@ training step at 960x960, and changed the loss and LoRA gradients against a bf16
 the measurement resolves (gradient error 3.49 % with it, 3.48 % without, all of it fp8 storage's;
 docs/benchmarks.md, fourth round).
 
-Where fp8 matmuls are not available (CPU, older GPUs, fp16 compute) the layer dequantises its
+Where fp8 matmuls are not available (CPU, older GPUs) the layer dequantises its
 weight inside the forward (`weight.to(bf16) * scale`) and runs an ordinary matmul: fp8 storage only.
 Both forms are plain tensor code, so `torch.compile` fuses the quantisation into neighbouring kernels.
 """
@@ -159,11 +159,12 @@ def to_fp8_linears(model, compute_dtype: torch.dtype) -> None:
 
 def use_fp8_matmul(model, enabled: bool) -> int:
     """Switch every Fp8Linear between fp8 matmuls and dequantise-then-matmul; returns how many
-    layers can use fp8 matmuls (dimensions must be multiples of 16, compute dtype bf16)."""
+    layers can use fp8 matmuls (dimensions must be multiples of 16, compute dtype bf16 or fp16: `_scaled_mm`
+    writes either, so the recipe's fp16 runs at bf16's speed)."""
     n = 0
     for module in model.modules():
         if isinstance(module, Fp8Linear):
-            ok = (enabled and module.compute_dtype == torch.bfloat16
+            ok = (enabled and module.compute_dtype in (torch.bfloat16, torch.float16)
                   and module.in_features % _ALIGN == 0 and module.out_features % _ALIGN == 0)
             module.use_fp8_matmul = ok
             n += ok

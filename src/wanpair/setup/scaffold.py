@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from ..atomic import write_text_atomic
-from ..data.items import IMAGE_EXTENSIONS
+from ..data.images import IMAGE_EXTENSIONS
 from ..data.video import is_video
 from ..errors import WanpairError
 from ..models.tasks import T2V, Task
@@ -140,7 +140,7 @@ def dataset_toml(kind: str, resolution: tuple[int, int] | None = None, frames: i
 
 def train_defaults() -> str:
     """Every [train] setting with its default, commented out: the recipe, visible and editable."""
-    lines = ["[train]", "# The recipe's settings are the defaults; uncomment a line to change it (README: every key)."]
+    lines = ["[train]", "# The recipe's settings are the defaults; uncomment a line to change it (docs/reference.md: every key)."]
     for f in dataclasses.fields(TrainSettings):
         value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"# {f.name} = {toml_value(value)}")

@@ -42,15 +42,32 @@ class CachedData:
     def training_items(self) -> list[Item]:
         return [self.items[i] for i in self.trained]
 
-    def batches(self) -> list[list[int]]:
-        """Item indices grouped into batches of one bucket each, num_repeats honoured (a fixed order;
-        each epoch shuffles the batches, not their contents)."""
-        groups: dict[tuple, list[int]] = {}
+    def buckets(self) -> dict[tuple, list[int]]:
+        """(dataset, bucket, frames) -> the training items of that shape, each num_repeats times: one batch
+        stacks items of one shape and one [[datasets]] entry's batch_size."""
+        buckets: dict[tuple, list[int]] = {}
         for i in self.trained:
             it = self.items[i]
-            groups.setdefault((it.dataset, it.bucket, it.frames), []).extend([i] * it.num_repeats)
-        return [idx[k:k + self.batch_sizes[ds]] for (ds, _, _), idx in sorted(groups.items())
-                for k in range(0, len(idx), self.batch_sizes[ds])]
+            buckets.setdefault((it.dataset, it.bucket, it.frames), []).extend([i] * it.num_repeats)
+        return buckets
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return sum(math.ceil(len(idx) / self.batch_sizes[ds]) for (ds, _, _), idx in self.buckets().items())
+
+    def batches(self, epoch: int, seed: int) -> list[list[int]]:
+        """The epoch's batches of item indices in the order they are trained: each bucket's items, repeats
+        included, shuffled, cut into batches, and the batches shuffled -- so the same images don't share a
+        batch in every epoch, and a repeated image is spread over the epoch. As Musubi-Tuner's bucket
+        manager does it (`BucketBatchManager.shuffle`, src/musubi_tuner/dataset/image_video_dataset.py);
+        a function of the seed and the epoch alone, so a resumed run draws the same batches."""
+        rng = random.Random(seed * 100_003 + epoch)
+        batches = []
+        for (ds, _, _), idx in sorted(self.buckets().items()):
+            rng.shuffle(idx)
+            batches += [idx[k:k + self.batch_sizes[ds]] for k in range(0, len(idx), self.batch_sizes[ds])]
+        rng.shuffle(batches)
+        return batches
 
     def load(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
         """Every latent, text embedding and (I2V) conditioning, read once into host memory (a few MB per

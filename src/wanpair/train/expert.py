@@ -44,14 +44,18 @@ from .metadata import lora_metadata, run_identity
 from .metrics import MetricsLog
 from .model_setup import prepare_expert
 from .optim import build_optimizer, build_scheduler
-from .state import StopFlag, StopRequested, capture_rngs, lora_params, restore_rngs, save_state
-from .step import Verdict, finish, forward_backward, update
+from .state import Progress, StopFlag, StopRequested, capture_rngs, lora_params, restore_rngs, save_state
+from .step import APPLIED, SCALER_SKIPPED, Verdict, finish, forward_backward, update
 from .speed import eager
 from .timesteps import sample_timesteps
 
 log = logging.getLogger(__name__)
 
 VALIDATION_SEED = 20_000_003  # the validation noise's own seed: the same whatever the training seed
+# fp16: skips of the loss scaler in a row that are its scale settling, not a failure. accelerate's GradScaler
+# (torch.amp.GradScaler defaults) starts at 2**16 and halves at each skip, so 16 skips bring it to 1 (no
+# scaling); a step that still overflows then has gradients fp16 cannot hold, and counts as a bad step.
+SCALER_SETTLING_SKIPS = 16
 
 
 @dataclass
@@ -119,10 +123,13 @@ class ExpertTraining:
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
         self.latents, self.texts, self.conds = self.data.load()
-        self.batches = self.data.batches()
-        self.tokens = max(CachedData.tokens([self.latents[i].shape for i in idx]) for idx in self.batches)
-        self.per_step, self.total_steps, self.epochs = step_counts(len(self.batches), t.gradient_accumulation_steps,
-                                                                   self.world, t.epochs, t.max_steps)
+        # The most tokens a step's batch carries: the same in every epoch, since the items of one bucket have
+        # one shape and only a bucket's last batch may be short (`CachedData.batches`).
+        self.tokens = max(CachedData.tokens([self.latents[i].shape for i in idx])
+                          for idx in self.data.batches(1, t.seed))
+        self.per_step, self.total_steps, self.epochs = step_counts(self.data.batches_per_epoch,
+                                                                   t.gradient_accumulation_steps, self.world,
+                                                                   t.epochs, t.max_steps)
 
     def setup_model(self) -> None:
         t = self.t
@@ -159,16 +166,15 @@ class ExpertTraining:
         self.scheduler = build_scheduler(optimizer, t, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.gen = torch.Generator().manual_seed(t.seed)  # noise and timesteps, the same stream on every rank
-        self.step_count, self.first_epoch, self.first_pos = 0, 1, 0
-        self.epoch_losses, self.losses, self.smoothed, self.kept = [], [], None, []
-        self.last_val: tuple[int, float] | None = None
+        self.progress = Progress()
         self.rngs_after_step: dict | None = None  # set while a step completes after the next one drew (`complete`)
 
     def resume(self, state: dict) -> None:
-        self.step_count, self.first_epoch, self.first_pos = state["step"], state["epoch"], state["pos"]
-        self.epoch_losses, self.losses, self.smoothed = state["epoch_losses"], state["losses"], state["smoothed"]
-        self.kept = [Path(k) for k in state["kept"]]
-        self.last_val = tuple(state["last_val"]) if state.get("last_val") else None
+        if state.get("processes", 1) != self.world:  # each step takes micro-batches from every process
+            raise WanpairError(f"{expert_noun(self.expert)}: its state was saved by a run of {state.get('processes', 1)} "
+                               f"processes (GPUs), and this one has {self.world}: a step there is not a step here, so "
+                               "it cannot continue. Run it on as many, or start over with --overwrite.")
+        self.progress = Progress.from_state(state)
         named = dict(self.unwrapped.named_parameters())
         with torch.no_grad():
             for name, value in state["lora"].items():
@@ -180,7 +186,7 @@ class ExpertTraining:
         restore_rngs(state["rngs"], self.gen)
         if self.world > 1:
             torch.manual_seed(self.t.seed + 1_000_003 * self.rank + state["step"])
-        self.say(f"resuming {expert_noun(self.expert)} at step {self.step_count} (epoch {self.first_epoch})")
+        self.say(f"resuming {expert_noun(self.expert)} at step {self.progress.step} (epoch {self.progress.epoch})")
 
     def setup_validation(self) -> None:
         """Fixed timesteps spread evenly over the window and fixed noise per item (its own generator, the
@@ -214,7 +220,7 @@ class ExpertTraining:
                     total += loss.item() * m  # every sample has the item's size: the batch mean is their mean
                     n += m
         model.train(was_training)
-        self.last_val = (self.step_count, total / n)
+        self.progress.last_val = (self.progress.step, total / n)
         return total / n
 
     def validation_row(self) -> dict:
@@ -227,7 +233,7 @@ class ExpertTraining:
         return {"val_loss": loss, "val_kind": self.data.validation_kind, "val_seconds": round(seconds, 3)}
 
     # ---------------------------------------------------------------- the loop
-    def micro_batches(self, group: list[int]) -> tuple[list, torch.Tensor, tuple]:
+    def micro_batches(self, group: list[list[int]]) -> tuple[list, torch.Tensor, tuple]:
         """This rank's micro-batches of one optimizer step (on the device), the first one's timesteps, and
         the first one itself (on the host).
 
@@ -235,8 +241,7 @@ class ExpertTraining:
         stream is the same whether one process runs them all or W processes share them."""
         t, w, dev = self.t, self.window, self.accelerator.device
         mine, first = [], None
-        for j, b in enumerate(group):
-            idx = self.batches[b]
+        for j, idx in enumerate(group):
             x0 = torch.stack([self.latents[i] for i in idx]).float()
             text = pad_text([self.texts[i].float() for i in idx])
             cond = torch.stack([self.conds[i] for i in idx]).float() if self.data.conditioned else None
@@ -250,7 +255,7 @@ class ExpertTraining:
                 mine.append(_on(dev, (x0, noise, tt, text, cond)))
         return mine, first[2], first
 
-    def queue(self, epoch: int, g: int, groups: list[list[int]]) -> "_Queued":
+    def queue(self, epoch: int, g: int, groups: list[list[list[int]]]) -> "_Queued":
         """Queue the forward and backward passes of the epoch's `g`-th optimizer step on the device."""
         started = time.perf_counter()
         rngs = capture_rngs(self.gen)  # as they are before this step draws: what a state saved before it holds
@@ -262,21 +267,22 @@ class ExpertTraining:
         loss = local
         if self.world > 1:
             loss = self.accelerator.reduce(local * weight * len(mine) / self.world, reduction="sum")
-        samples = sum(len(self.batches[b]) for b in groups[g])
+        samples = sum(len(idx) for idx in groups[g])
         return _Queued(epoch, g, len(groups), samples, float(1000 * first_t[0]), local, loss, rngs, started)
 
-    def groups(self, epoch: int) -> list[list[int]]:
-        """The epoch's optimizer steps: its shuffled batches in groups of `per_step` (the last may be short)."""
-        order = list(range(len(self.batches)))
-        random.Random(self.t.seed * 100_003 + epoch).shuffle(order)  # new order per epoch, reproducible
-        return [order[k:k + self.per_step] for k in range(0, len(order), self.per_step)]
+    def groups(self, epoch: int) -> list[list[list[int]]]:
+        """The epoch's optimizer steps: its batches (drawn anew each epoch, `CachedData.batches`) in groups
+        of `per_step` (the last may be short)."""
+        batches = self.data.batches(epoch, self.t.seed)
+        return [batches[k:k + self.per_step] for k in range(0, len(batches), self.per_step)]
 
     def remaining_steps(self):
         """(epoch, g, groups) of every optimizer step still to run, in order; g is None for an epoch resumed
         at its very end, which has only its end left."""
-        for epoch in range(self.first_epoch, self.epochs + 1):
+        start_epoch, start_pos = self.progress.epoch, self.progress.pos  # where the loop starts
+        for epoch in range(start_epoch, self.epochs + 1):
             groups = self.groups(epoch)
-            first = self.first_pos // self.per_step if epoch == self.first_epoch else 0
+            first = start_pos // self.per_step if epoch == start_epoch else 0
             if first >= len(groups):
                 yield epoch, None, groups
             for g in range(first, len(groups)):
@@ -294,22 +300,22 @@ class ExpertTraining:
         dev = self.accelerator.device
         header = {"total_steps": self.total_steps,
                   "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type}
-        self.metrics = MetricsLog(self.p.run_dir, expert, t.tensorboard, header) if self.writes else None
-        self.bar = tqdm(total=self.total_steps, initial=self.step_count, desc=expert_name(expert), unit="step",
+        self.metrics = MetricsLog(self.p.run_dir, expert, t.tensorboard, header, self.progress.step) if self.writes else None
+        self.bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=expert_name(expert), unit="step",
                         disable=not (self.writes and self.progress))
-        if self.val_items and self.step_count == 0 and self.metrics:
+        if self.val_items and self.progress.step == 0 and self.metrics:
             self.metrics.log({"step": 0, **self.validation_row()})
-        self.bad, self.start = 0, time.perf_counter()
+        self.bad, self.scaler_skips, self.start = 0, 0, time.perf_counter()
         pending: _Queued | None = None  # queued on the device, verdict not read yet
         with StopFlag() as stop:
             for epoch, g, groups in self.remaining_steps():
                 if g is None:
-                    self.end_epoch(epoch, self.due(self.step_count, epoch, epoch_end=True))
+                    self.end_epoch(epoch, self.due(self.progress.step, epoch, epoch_end=True))
                     continue
                 if pending and not self.overlappable(pending):
                     self.complete(pending, stop.signum)
                     pending = None
-                if self.step_count >= self.total_steps:
+                if self.progress.step >= self.total_steps:
                     break
                 queued = self.queue(epoch, g, groups)
                 if pending:
@@ -325,7 +331,7 @@ class ExpertTraining:
         """May the next step be queued before step `q` is read? Only when nothing but its metrics falls due
         after it (`due`, assuming the step succeeds): validation, saves, samples and the run's last step wait
         for the GPU to finish first, so that their time is theirs and not counted as a step's."""
-        return self.queue_ahead and not self.due(self.step_count + 1, q.epoch, q.epoch_end).anything
+        return self.queue_ahead and not self.due(self.progress.step + 1, q.epoch, q.epoch_end).anything
 
     def due(self, step: int, epoch: int, epoch_end: bool) -> "Due":
         """What falls due after optimizer step `step` of `epoch` (`epoch_end`: the epoch's last step). From
@@ -355,7 +361,9 @@ class ExpertTraining:
         next step has drawn from them since), for any state saved now. A step's time runs from its start to
         the next one's (`next_started`: queued already) or to its verdict, what the GPU took for it either way."""
         self.rngs_after_step = rngs
-        ok = finish(q.verdict, self.scheduler)
+        lr = self.scheduler.get_last_lr()[0]  # what this step's update used: `finish` steps the schedule past it
+        outcome = finish(q.verdict, self.scheduler)
+        ok = outcome == APPLIED
         loss = q.loss.item()
         seconds = (next_started or time.perf_counter()) - q.started
         if self.timings.first_step_s:
@@ -363,56 +371,64 @@ class ExpertTraining:
             self.timings.steps_s += seconds
         else:
             self.timings.first_step_s = seconds
-        if not ok:
+        if outcome == SCALER_SKIPPED:
+            self.scaler_skips += 1
+            if self.scaler_skips > SCALER_SETTLING_SKIPS:
+                self.bad += 1
+                self.say(f"step {self.progress.step + 1}: fp16 gradients overflow even at loss scale "
+                         f"{self.accelerator.scaler.get_scale():g}; update skipped ({self.bad} such in a row)")
+        elif not ok:
             self.bad += 1
-            self.say(f"step {self.step_count + 1}: non-finite loss or gradients ({loss}); update skipped "
+            self.say(f"step {self.progress.step + 1}: non-finite loss or gradients ({loss}); update skipped "
                      f"({self.bad} in a row)")
-            if self.bad >= self.t.max_bad_steps:
-                raise WanpairError(self.nan_diagnosis(self.bad))
-        else:
-            self.bad = 0
-            self.losses.append(loss)
-            self.step_count += 1
-        due = self.due(self.step_count, q.epoch, q.epoch_end)
+        if self.bad and self.bad >= self.t.max_bad_steps:
+            raise WanpairError(self.nan_diagnosis(self.bad))
         if ok:
-            self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
-            lr = self.scheduler.get_last_lr()[0]
-            row = {"step": self.step_count, "epoch": q.epoch, "loss": loss, "smoothed_loss": self.smoothed,
+            self.bad = self.scaler_skips = 0
+            self.progress.losses.append(loss)
+            self.progress.step += 1
+            self.progress.epoch, self.progress.pos = q.epoch, (q.g + 1) * self.per_step
+        due = self.due(self.progress.step, q.epoch, q.epoch_end)
+        if ok:
+            smoothed = self.progress.smoothed
+            self.progress.smoothed = smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+            row = {"step": self.progress.step, "epoch": q.epoch, "loss": loss, "smoothed_loss": smoothed,
                    "lr": lr, "timestep": q.timestep, "s_per_step": round(seconds, 4),
                    "samples_per_s": round(q.samples / seconds, 3)}
             if due.validation and self.val_items:
                 row |= self.validation_row()
             if self.metrics:
                 self.metrics.log(row)
-            self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}")
+            self.bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}")
             self.bar.update()
-            self.after_step(due, q.epoch, pos=(q.g + 1) * self.per_step)
+            self.after_step(due, q.epoch)
             if self.agree(signum):
                 self.bar.close()
-                self.stop(q.epoch, (q.g + 1) * self.per_step, signum)
+                self.stop(signum)
         if due.last or q.epoch_end:
             self.end_epoch(q.epoch, due)
         self.rngs_after_step = None
 
     def end_epoch(self, epoch: int, due: "Due") -> None:
         """An epoch's last step is done, or the run's: its mean loss, the per-epoch sample and saves."""
-        self.epoch_losses.append(float(np.mean(self.losses)) if self.losses else float("nan"))
+        p = self.progress
+        p.epoch_losses.append(float(np.mean(p.losses)) if p.losses else float("nan"))
         if due.epoch_sample:
             self.sample()
         if due.last:
             return
-        self.losses = []
+        p.losses, p.epoch, p.pos = [], epoch + 1, 0
         if due.epoch_lora:
             self.save_intermediate(epoch)
         if due.epoch_state:
-            self.save_state(epoch + 1, 0)
+            self.save_state()
 
-    def after_step(self, due: "Due", epoch: int, pos: int) -> None:
+    def after_step(self, due: "Due", epoch: int) -> None:
         """What falls due after an optimizer step: intermediate LoRA, state, sample."""
         if due.lora:
             self.save_intermediate(epoch)
         if due.state:
-            self.save_state(epoch, pos)
+            self.save_state()
         if due.sample:
             self.sample()
 
@@ -424,11 +440,14 @@ class ExpertTraining:
         return bool(self.accelerator.reduce(flag, reduction="sum").item())
 
     def nan_diagnosis(self, bad: int) -> str:
-        t = self.t
         return (f"{bad} consecutive non-finite steps on {expert_noun(self.expert)}; stopped without saving "
-                f"a broken LoRA. Likely causes: learning_rate {t.learning_rate} too high (try a third), "
-                + ("fp16 overflow (use mixed_precision = \"bf16\")." if t.mixed_precision == "fp16"
-                   else "or a corrupt cache entry (delete the cache folder and run again)."))
+                f"a broken LoRA. {self.nan_causes()}")
+
+    def nan_causes(self) -> str:
+        t = self.t
+        return (f"Likely causes: learning_rate {t.learning_rate} too high (try a third), "
+                + ("fp16 overflow (use mixed_precision = \"bf16\"), " if t.mixed_precision == "fp16" else "")
+                + "or a corrupt cache entry (delete the cache folder and run again).")
 
     # ---------------------------------------------------------------- saving, sampling, stopping
     @property
@@ -445,42 +464,45 @@ class ExpertTraining:
         if not self.writes:
             return 0
         sd = lora_state_dict(self.unwrapped, self.t.alpha, DTYPES[self.t.save_dtype])
-        meta = lora_metadata(self.p, self.expert, self.dit, self.data.training_items, self.step_count,
-                            len(self.epoch_losses))
-        if self.last_val is not None:
-            meta |= {"wanpair.validation_loss": f"{self.last_val[1]:.6g}", "wanpair.validation_step": str(self.last_val[0]),
+        meta = lora_metadata(self.p, self.expert, self.dit, self.data.training_items, self.data.batch_sizes,
+                             self.progress.step, len(self.progress.epoch_losses))
+        if self.progress.last_val is not None:
+            step, loss = self.progress.last_val
+            meta |= {"wanpair.validation_loss": f"{loss:.6g}", "wanpair.validation_step": str(step),
                      "wanpair.validation_kind": self.data.validation_kind}
         save_lora(out, sd, {**meta, **(extra or {})})
         return len(sd) // 3
 
     def save_intermediate(self, epoch: int) -> None:
         final = self.p.lora_path(self.expert)
-        out = final.with_name(f"{final.stem}-step{self.step_count:06d}{final.suffix}")
+        out = final.with_name(f"{final.stem}-step{self.progress.step:06d}{final.suffix}")
         self.save_lora(out)
-        self.kept.append(out)
-        while self.t.keep_last and len(self.kept) > self.t.keep_last:
-            old = self.kept.pop(0)
+        kept = self.progress.kept
+        kept.append(str(out))
+        while self.t.keep_last and len(kept) > self.t.keep_last:
+            old = Path(kept.pop(0))
             if self.writes:
                 old.unlink(missing_ok=True)
 
-    def snapshot(self, epoch: int, pos: int) -> dict:
-        return {"expert": self.expert, "step": self.step_count, "epoch": epoch, "pos": pos,
-                "settings": asdict(self.t), "last_val": self.last_val,
-                "identity": run_identity(self.p, self.expert, self.dit, self.data.training_items),
+    def snapshot(self) -> dict:
+        """A training state: the progress, and all else the next step depends on (`wanpair.train.state`)."""
+        return {"expert": self.expert, "settings": asdict(self.t), "processes": self.world,
+                "identity": run_identity(self.p, self.expert, self.dit, self.data.training_items, self.data.batch_sizes),
+                **self.progress.to_state(),
                 "lora": lora_params(self.unwrapped), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
-                "rngs": self.rngs_after_step or capture_rngs(self.gen), "epoch_losses": self.epoch_losses, "losses": self.losses,
-                "smoothed": self.smoothed, "kept": [str(k) for k in self.kept]}
+                "rngs": self.rngs_after_step or capture_rngs(self.gen)}
 
-    def save_state(self, epoch: int, pos: int) -> Path | None:
+    def save_state(self) -> Path | None:
         if not self.writes:
             return None
-        return save_state(self.p.run_dir, self.expert, self.snapshot(epoch, pos), self.t.keep_states)
+        return save_state(self.p.run_dir, self.expert, self.snapshot(), self.t.keep_states)
 
     def sample(self) -> None:
         if self.sampler and self.writes:
-            self.sampler(self.unwrapped, self.expert, self.step_count, self.accelerator.autocast,
+            self.sampler(self.unwrapped, self.expert, self.progress.step, self.accelerator.autocast,
+                         run_identity(self.p, self.expert, self.dit, self.data.training_items, self.data.batch_sizes),
                          self.metrics.writer if self.metrics else None)
 
     def close_metrics(self, quiet: bool = False) -> None:
@@ -493,27 +515,30 @@ class ExpertTraining:
                 if not quiet:
                     raise
 
-    def stop(self, epoch: int, pos: int, signum: int) -> None:
+    def stop(self, signum: int) -> None:
         """Ctrl-C / SIGTERM: save the state and the LoRA so far (marked partial), then stop."""
         self.close_metrics()
-        path = self.save_state(epoch, pos)
+        path = self.save_state()
         final = self.p.lora_path(self.expert)
-        partial = final.with_name(f"{final.stem}-partial-step{self.step_count:06d}{final.suffix}")
+        partial = final.with_name(f"{final.stem}-partial-step{self.progress.step:06d}{final.suffix}")
         self.save_lora(partial, {"wanpair.partial": "true"})
         raise StopRequested(
-            f"stopped at step {self.step_count} of {expert_noun(self.expert)}; saved {partial.name} and the "
+            f"stopped at step {self.progress.step} of {expert_noun(self.expert)}; saved {partial.name} and the "
             f"training state {path}.\nResume with:  wanpair train {self.p.path} --resume", signum or 15)
 
     def finish(self) -> ExpertResult:
+        if self.progress.step == 0:  # every step skipped, too few in a row to stop the run: nothing was trained
+            raise WanpairError(f"no update of {expert_noun(self.expert)} was applied: all its steps were skipped as "
+                               f"non-finite; no LoRA saved. {self.nan_causes()}")
         self.close_metrics()
         seconds = time.perf_counter() - self.start
         out = self.p.lora_path(self.expert)
         modules = self.save_lora(out)
-        losses = self.epoch_losses
-        self.say(f"saved {out}  ({modules} LoRA modules, {self.step_count} steps, {seconds:.1f} s; mean loss epoch 1 "
+        losses = self.progress.epoch_losses
+        self.say(f"saved {out}  ({modules} LoRA modules, {self.progress.step} steps, {seconds:.1f} s; mean loss epoch 1 "
                  f"{losses[0]:.4f} -> epoch {len(losses)} {losses[-1]:.4f})")
         self.timings.wall_s = time.perf_counter() - self.run_started
-        return ExpertResult(self.expert, out, self.step_count, seconds, losses[0], losses[-1], losses, self.timings)
+        return ExpertResult(self.expert, out, self.progress.step, seconds, losses[0], losses[-1], losses, self.timings)
 
     def say(self, message: str) -> None:
         if self.writes:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_path
 from ..errors import WanpairError
+from ..export.formats import some_keys
 from ..models.dit import to_original_name
 
 TARGET_MODULES = r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.0\.proj|ffn\.net\.2)"
@@ -101,20 +102,34 @@ def lora_state_dict(model, alpha: float, dtype: torch.dtype) -> dict[str, torch.
     return sd
 
 
+def check_initial_lora(lora, rank: int) -> None:
+    """What makes a LoRA file unable to start this run's LoRA, read from the file alone (the pre-flight check
+    asks before any model loads): full weight or bias deltas, or another rank."""
+    if lora.diffs or lora.bias_diffs:
+        raise WanpairError(
+            f"the initial LoRA (init_lora) holds full weight or bias deltas, {some_keys(lora.delta_keys())}; "
+            f"a rank-{rank} LoRA cannot start from them. Merge that file into the base model (wanpair merge) and train on the "
+            "merged model, or start from a LoRA without .diff/.diff_b keys.")
+    ranks = sorted({down.shape[0] for down, _, _ in lora.modules.values()} - {rank})
+    if ranks:
+        raise WanpairError(f"the initial LoRA has rank {ranks[0]} but [train] rank = {rank}; set rank = {ranks[0]}.")
+
+
 def load_initial_lora(model, lora, rank: int, alpha: float) -> int:
     """Start the peft LoRA from an existing one (any layout `wanpair.export.formats.read_lora` reads).
 
     Up weights are rescaled so the effective update (alpha/rank * up @ down) equals the file's even
-    when its alpha differs from ours. Returns how many modules were initialised.
+    when its alpha differs from ours. Full weight and bias deltas (`.diff`, `.diff_b`) are refused: a
+    rank-r product cannot hold a full-rank delta, and the LoRA trains no biases. Returns how many modules
+    were initialised.
     """
+    check_initial_lora(lora, rank)
     done = 0
     layers = {to_original_name(path): m for path, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
     unknown = sorted(set(lora.modules) - set(layers))
     if unknown:
         raise WanpairError(f"the initial LoRA targets {unknown[0]} (and {len(unknown) - 1} more) which this run does not train.")
     for name, (down, up, file_alpha) in lora.modules.items():
-        if down.shape[0] != rank:
-            raise WanpairError(f"the initial LoRA has rank {down.shape[0]} but [train] rank = {rank}; set rank = {down.shape[0]}.")
         layer = layers[name]
         with torch.no_grad():
             layer.lora_A["default"].weight.copy_(down.float())

@@ -18,31 +18,53 @@ from safetensors import safe_open
 from .. import __version__
 from ..data.items import Item
 from ..models.dit import DitInfo
-from ..project import SIDE_SETTINGS, Project
+from ..project import OUTPUT_SETTINGS, SIDE_SETTINGS, Project
+
+
+def _digest(values) -> str:
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
 
 
 def dataset_fingerprint(items: list[Item]) -> str:
     return hashlib.sha256("".join(f"{it.content_hash}:{it.caption}" for it in items).encode()).hexdigest()[:16]
 
 
-def run_identity(project: Project, expert: str, dit: DitInfo, items: list[Item]) -> dict[str, str]:
-    """The metadata keys that decide whether a LoRA or state belongs to this expert's run."""
+def batch_order(items: list[Item], batch_sizes: dict[int, int]) -> dict[str, str]:
+    """What decides the order of the micro-batches a saved state's position counts into: each item's bucket,
+    frames and repeats, and each dataset's batch size (dataset.toml). One key per dataset.toml concept, so
+    a refusal can name what changed."""
+    return {
+        "wanpair.batch_size": json.dumps({str(d): batch_sizes[d] for d in sorted({it.dataset for it in items})}),
+        "wanpair.num_repeats": _digest([[it.content_hash, it.num_repeats] for it in items]),
+        "wanpair.buckets": _digest([[it.content_hash, *it.bucket] for it in items]),
+        "wanpair.frames": _digest([[it.content_hash, it.start, it.frames] for it in items]),
+    }
+
+
+def run_identity(project: Project, expert: str, dit: DitInfo, items: list[Item],
+                 batch_sizes: dict[int, int]) -> dict[str, str]:
+    """The metadata keys that decide whether a LoRA or state belongs to this expert's run: what is trained
+    (settings other than the SIDE_SETTINGS, data and its order, base, window, starting LoRA) and the
+    dtype the LoRA is saved in."""
     window = project.experts[expert]
+    settings = asdict(project.train)
     return {
         "wanpair.expert": expert,
         "wanpair.timestep_window": f"{window.min_timestep},{window.max_timestep}",
         "wanpair.base_fingerprint": dit.fingerprint,
         "wanpair.dataset_fingerprint": dataset_fingerprint(items),
-        "wanpair.settings": json.dumps({k: v for k, v in asdict(project.train).items() if k not in SIDE_SETTINGS},
+        **batch_order(items, batch_sizes),
+        "wanpair.settings": json.dumps({k: v for k, v in settings.items() if k not in SIDE_SETTINGS | OUTPUT_SETTINGS},
                                        sort_keys=True),
+        "wanpair.output_settings": json.dumps({k: settings[k] for k in sorted(OUTPUT_SETTINGS)}),
         "wanpair.init_lora": str(window.init_lora or ""),
     }
 
 
-def lora_metadata(project: Project, expert: str, dit: DitInfo, items: list[Item], steps: int,
-                  epochs: int) -> dict[str, str]:
+def lora_metadata(project: Project, expert: str, dit: DitInfo, items: list[Item], batch_sizes: dict[int, int],
+                  steps: int, epochs: int) -> dict[str, str]:
     t = project.train
-    identity = run_identity(project, expert, dit, items)
+    identity = run_identity(project, expert, dit, items, batch_sizes)
     timestep_range = identity["wanpair.timestep_window"]
     window = project.experts[expert]
     return {
@@ -75,20 +97,53 @@ def lora_metadata(project: Project, expert: str, dit: DitInfo, items: list[Item]
     }
 
 
-def differences(found: dict, identity: dict[str, str]) -> list[str]:
-    """Which parts of the identity differ, in words (empty: it is this run's)."""
-    names = {"wanpair.expert": "expert", "wanpair.timestep_window": "timestep window",
-             "wanpair.base_fingerprint": "base model file", "wanpair.dataset_fingerprint": "images or captions",
-             "wanpair.init_lora": "init_lora"}
-    changed = [names[k] for k in names if found.get(k) != identity[k]]
-    if found.get("wanpair.settings") != identity["wanpair.settings"]:
-        try:
-            old = json.loads(found.get("wanpair.settings") or "{}")
-        except json.JSONDecodeError:
-            old = {}
-        new = json.loads(identity["wanpair.settings"])
-        changed += [f"[train] {k}" for k in sorted(new) if old.get(k) != new[k]] or ["[train] settings"]
+# What each identity key is, in a user's words; settings are named key by key.
+_IDENTITY_NAMES = {
+    "wanpair.expert": "expert", "wanpair.timestep_window": "timestep window",
+    "wanpair.base_fingerprint": "base model file", "wanpair.dataset_fingerprint": "images or captions",
+    "wanpair.batch_size": "dataset.toml batch_size", "wanpair.num_repeats": "dataset.toml num_repeats",
+    "wanpair.buckets": "training sizes (dataset.toml resolution, enable_bucket, bucket_no_upscale)",
+    "wanpair.frames": "clip frames (dataset.toml target_frames, frame_extraction, frame_stride, frame_sample, "
+                      "max_frames, source_fps)",
+    "wanpair.init_lora": "init_lora",
+}
+_SETTINGS_KEYS = ("wanpair.settings", "wanpair.output_settings")
+
+
+def differences(found: dict, identity: dict[str, str], outputs: bool = True) -> list[str]:
+    """Which parts of the identity differ, in words (empty: it is this run's). `outputs=False` leaves out
+    how the LoRA is saved (a state continues under a new save_dtype)."""
+    changed = [name for k, name in _IDENTITY_NAMES.items() if found.get(k) != identity[k]]
+    for key in _SETTINGS_KEYS[:2 if outputs else 1]:
+        old, new = _settings(found, key), json.loads(identity[key])
+        if old is None:  # a file from before this key existed: which setting differs is unknown
+            changed.append("[train] settings")
+        else:
+            changed += [f"[train] {k}" for k in sorted(new) if old.get(k) != new[k]]
     return changed
+
+
+# The identity keys both experts of one run share (the rest say which expert, window, base and init_lora).
+_SHARED = ("wanpair.dataset_fingerprint", "wanpair.batch_size", "wanpair.num_repeats", "wanpair.buckets",
+           "wanpair.frames", *_SETTINGS_KEYS)
+
+
+def same_run(found: dict, identity: dict[str, str]) -> bool:
+    """Is a finished LoRA (its metadata `found`) the other expert's of the run whose identity this is?"""
+    return found.get("wanpair.partial") != "true" and all(found.get(k) == identity[k] for k in _SHARED)
+
+
+def side_differences(saved_settings: dict, project: Project) -> list[str]:
+    """The SIDE_SETTINGS a state was saved under that differ now (a rerun continues under the new ones)."""
+    now = asdict(project.train)
+    return [f"[train] {k}" for k in sorted(SIDE_SETTINGS) if k in saved_settings and saved_settings[k] != now[k]]
+
+
+def _settings(found: dict, key: str) -> dict | None:
+    try:
+        return json.loads(found[key])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        return None
 
 
 def finished_lora_differences(path: Path, identity: dict[str, str]) -> list[str] | None:

@@ -26,7 +26,7 @@ class MetricsLog:
     """Appends one JSON line per step. Each line is one `write()` on a file opened for appending, so the
     two experts' processes can log into the same file side by side without tearing each other's lines."""
 
-    def __init__(self, run_dir: Path, expert: str, tensorboard: bool, header: dict | None = None):
+    def __init__(self, run_dir: Path, expert: str, tensorboard: bool, header: dict | None = None, resumed_at: int = 0):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.expert = expert
@@ -37,7 +37,8 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             _quiet_writer_thread_errors()
-            self.writer = SummaryWriter(str(run_dir / "tensorboard" / expert))
+            # resumed: TensorBoard hides the killed run's events after the state (its `purge_step`)
+            self.writer = SummaryWriter(str(run_dir / "tensorboard" / expert), purge_step=resumed_at + 1 if resumed_at else None)
 
     def log(self, row: dict) -> None:
         if torch.cuda.is_available():
@@ -94,7 +95,8 @@ def best_validation(rows: list[dict], expert: str) -> tuple[int, float, str] | N
 
 
 def drop_metrics_after(path: Path, expert: str, step: int) -> None:
-    """On resume: forget the rows a killed run logged after its last saved state (and any torn line)."""
+    """Forget one expert's rows after `step` (a killed run's, after the state it resumes from; all of them
+    for -1), and any torn line."""
     if not path.exists():
         return
     keep = [r for r in read_metrics(path) if not (r["expert"] == expert and r["step"] > step)]

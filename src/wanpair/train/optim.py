@@ -68,7 +68,7 @@ def warmup_steps(t: TrainSettings, total_steps: int) -> int:
 def build_scheduler(optimizer, t: TrainSettings, total_steps: int):
     warmup = warmup_steps(t, total_steps)
     if t.lr_scheduler == "polynomial":
-        # lr_end = min_lr_ratio * lr (the reference trainer never passes its min_lr_ratio; see README).
+        # lr_end = min_lr_ratio * lr (the reference trainer never passes its min_lr_ratio; see docs/fidelity.md).
         return get_polynomial_decay_schedule_with_warmup(
             optimizer, warmup, total_steps, lr_end=t.min_lr_ratio * t.learning_rate, power=t.lr_scheduler_power)
     extra = {"num_cycles": t.lr_scheduler_num_cycles} if t.lr_scheduler == "cosine_with_restarts" else {}

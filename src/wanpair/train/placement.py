@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from ..atomic import write_text_atomic
 from ..errors import WanpairError
 from ..models.tasks import expert_name, expert_noun
-from .state import StopRequested, add_lock_holders
+from .run_lock import add_lock_holders, lock_fd
+from .state import StopRequested
 
 # The worker's environment names the `wanpair train` process: killed outright (SIGKILL, the OOM killer) it
 # cannot pass a stop on, so each worker watches it and stops itself, saving (`wanpair.train.worker`).
@@ -114,14 +115,21 @@ def worker_command(group: Group, handoff: Path, state: Path | None) -> list[str]
     return [sys.executable, *args]
 
 
-def run_waves(waves: list[list[Group]], handoff: dict, run_dir: Path, states: dict[str, Path | None],
+def result_path(run_dir: Path, expert: str) -> Path:
+    """Where a worker leaves its expert's result (`ExpertResult` as JSON) for the recipe to read once it exited."""
+    return run_dir / f".result-{expert}.json"
+
+
+def run_waves(waves: list[list[Group]], handoff: dict, run_dir: Path, starts: dict[str, tuple[Path | None, int]],
               totals: dict[str, int], lock: Path) -> None:
-    """Run every wave's groups side by side; returns when all finished, raises if any did not.
-    The workers' pids join the run's `lock`, so that a new run waits for workers still saving."""
+    """Run every wave's groups side by side; returns when all finished, raises if any did not. `starts`:
+    each expert's state to continue from (None: the start) and its step.
+    The workers share the run's `lock` (held by this process): a new run is refused while they still save
+    after this process was killed."""
     path = run_dir / ".handoff.json"
     write_text_atomic(path, json.dumps(handoff))
     for wave in waves:
-        _run_wave(wave, path, run_dir / "metrics.jsonl", states, totals, lock)
+        _run_wave(wave, path, run_dir / "metrics.jsonl", starts, totals, lock)
 
 
 @dataclass
@@ -137,9 +145,9 @@ class _Worker:
         return self.proc.returncode not in (None, 0) and not self.signalled
 
 
-def _run_wave(wave: list[Group], handoff: Path, metrics: Path, states: dict, totals: dict, lock: Path) -> None:
+def _run_wave(wave: list[Group], handoff: Path, metrics: Path, starts: dict, totals: dict, lock: Path) -> None:
     workers: list[_Worker] = []
-    bars = {g.expert: tqdm(total=totals[g.expert], initial=_state_step(states.get(g.expert)), desc=expert_name(g.expert),
+    bars = {g.expert: tqdm(total=totals[g.expert], initial=starts[g.expert][1], desc=expert_name(g.expert),
                            unit="step", position=i, dynamic_ncols=True) for i, g in enumerate(wave)}
     tail = _MetricsTail(metrics)
     stopping: list[int] = []
@@ -152,9 +160,10 @@ def _run_wave(wave: list[Group], handoff: Path, metrics: Path, states: dict, tot
                    PARENT_PID: str(os.getpid())}
             if group.gpus is not None:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in group.gpus)
-            proc = subprocess.Popen(worker_command(group, handoff, states.get(group.expert)), env=env,
+            proc = subprocess.Popen(worker_command(group, handoff, starts[group.expert][0]), env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                    start_new_session=True)  # our signals reach it only as we forward them
+                                    start_new_session=True,  # our signals reach it only as we forward them
+                                    pass_fds=(lock_fd(lock),))  # it holds the run's lock until it exits
             reader = threading.Thread(target=_forward_output, args=(proc, group.expert), daemon=True)
             reader.start()
             workers.append(_Worker(group, proc, reader))
@@ -191,10 +200,6 @@ def _how_it_ended(returncode: int) -> str:
     if returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT):
         return "saved its state and a partial LoRA and stopped"
     return "was stopped before its first step, with nothing to save yet"
-
-
-def _state_step(state: Path | None) -> int:
-    return int(state.stem.rsplit("step", 1)[1]) if state else 0
 
 
 def _signal_all(workers: list[_Worker], signum: int, again: bool = False) -> None:

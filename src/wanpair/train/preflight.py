@@ -2,8 +2,9 @@
 
 The project's settings against the device; the weight files (kinds, the expert order, one file for
 both experts, I2V/TI2V files); `init_lora`s made for the other expert; the dataset (via `wanpair
-check`); a writable output folder with room for caches, LoRAs and states. A run that would fail
-after an hour of training fails here, in seconds, with the file and the fix named.
+check`); a warm-up shorter than the run (its steps follow from the dataset); a writable output folder
+with room for caches, LoRAs and states. A run that would fail after an hour of training fails here, in
+seconds, with the file and the fix named.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from ..models.tasks import check_task, expert_noun
 from ..models.text_encoder import TEXT_LEN, load_tokenizer
 from ..project import Project
 from ..sizes import human_bytes
+from .data import CachedData, step_counts, validation_set
+from .lora import check_initial_lora
 from .memory_plan import block_linear_params
+from .optim import warmup_steps
 
 
 @dataclass
@@ -48,11 +52,14 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
     if device.type == "cuda" and t.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
         problems.append(f"[train] mixed_precision = \"bf16\" but {torch.cuda.get_device_name()} has no bf16; "
                         "use \"fp16\" (the recipe's setting) on this GPU.")
-    for key, kind in (("vae", "vae"), ("t5", "t5")):
+    for key, noun, folder in (("vae", "VAE", "diffusers `vae/`"), ("t5", "umT5", "transformers `text_encoder/`")):
         path = getattr(project.models, key)
         try:
             if not path.is_dir():
-                identify(inspect_weight_file(path), expected=kind)
+                identify(inspect_weight_file(path), expected=key)
+            elif not (path / "config.json").is_file():
+                raise WanpairError(f"{path} is a folder without config.json; give the {noun} file, or a {folder} "
+                                   "folder.")
         except WanpairError as e:
             problems.append(f"[models] {key}: {e}")
     try:
@@ -85,6 +92,7 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
                 lora, what = read_lora(init), f"{expert_noun(expert)} being trained"
                 check_expert(lora, expert, what, allow_expert_mismatch)
                 check_pair(lora, project.task, what, allow_expert_mismatch)
+                check_initial_lora(lora, project.train.rank)
             except WanpairError as e:
                 problems.append(f"[experts.{expert}] init_lora {init}: {e}")
     if len(found.dits) == 2 and found.dits["high"].fingerprint == found.dits["low"].fingerprint:
@@ -106,10 +114,36 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
             f"{project.task.name} learns how a clip goes on from its first frame, and a still image is its own first "
             f"frame: there is nothing to learn from {len(stills)} image item(s) (e.g. {stills[0].image}). Use video "
             "clips (video_directory in dataset.toml), or train the t2v-A14B pair on the images.")
+    problems += check_warmup(project, found)
     problems += check_disk(project, experts, found, quiet)
     if problems:
         raise WanpairError("cannot start training:\n" + "\n".join(f"- {p}" for p in problems))
     return found
+
+
+def check_warmup(project: Project, found: Checked) -> list[str]:
+    """A warm-up as long as the run never reaches the learning rate it was given. The run's optimizer steps
+    are known only once the dataset is read: the items trained on (not those held out for validation), in
+    batches as the training unit cuts them, counted for one process (data-parallel runs take fewer)."""
+    t = project.train
+    if t.lr_scheduler == "constant" or not found.items:  # "constant" has no warm-up
+        return []
+    held_out = {s.index for s in found.specs if s.validation}
+    validation = validation_set(found.items, held_out, t.validation_split, t.validation_items, t.seed)
+    data = CachedData(found.items, [], [], {s.index: s.batch_size for s in found.specs}, *validation)
+    batches = data.batches_per_epoch
+    _, total, _ = step_counts(batches, t.gradient_accumulation_steps, 1, t.epochs, t.max_steps)
+    warmup = warmup_steps(t, total)
+    if warmup < total:
+        return []
+    key = "lr_warmup_steps" if t.lr_warmup_steps else "lr_warmup_ratio"
+    accumulated = f" / gradient_accumulation_steps {t.gradient_accumulation_steps}" \
+        if t.gradient_accumulation_steps > 1 else ""
+    run = f"max_steps = {t.max_steps}" if t.max_steps and total == t.max_steps else \
+        f"{batches} batches per epoch{accumulated} x {t.epochs} epoch{'s' if t.epochs > 1 else ''}"
+    return [f"{project.path}: [train] {key} = {getattr(t, key)!r} warms up over {warmup} steps, but the run has "
+            f"{total} optimizer steps ({run}): the learning rate would still be rising when training ends. Warm up "
+            f"over fewer than {total} steps, or train longer."]
 
 
 def check_disk(project: Project, experts: tuple[str, ...], found: Checked, quiet: bool = False) -> list[str]:

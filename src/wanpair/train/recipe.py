@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import json
 import time
@@ -27,8 +26,8 @@ import torch
 from accelerate import PartialState
 
 from ..atomic import write_text_atomic
-from ..cache import CachePlan, CacheStats, fill, folder_fingerprint, plan, read_entry
-from ..errors import WanpairError
+from ..cache import CachePlan, CacheStats, fill, folder_fingerprint, plan
+from ..errors import DISK_ERRNOS, WanpairError
 from ..models.text_encoder import load_text_encoder
 from ..models.vae import load_vae
 from ..models.tasks import expert_name, expert_noun
@@ -37,14 +36,12 @@ from ..sizes import human_seconds
 from . import placement
 from .data import CachedData, step_counts, validation_set
 from .expert import ExpertResult, ExpertTraining
-from .metadata import differences, finished_lora_differences, run_identity
-from .metrics import best_validation, drop_metrics_after, plot_loss, read_metrics
+from .metadata import differences, finished_lora_differences, run_identity, side_differences
+from .metrics import best_validation, plot_loss, read_metrics
+from .outputs import ExpertOutputs, describe
 from .preflight import Checked, preflight
-from .state import list_states, load_state, lock_path, run_lock
-from .worker import result_path
-
-# Errors of the disk the outputs go to, which a user fixes by freeing space or permissions and running again.
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.EACCES}
+from .run_lock import lock_path, run_lock
+from .state import list_states, load_state
 
 
 @dataclass
@@ -53,6 +50,8 @@ class ExpertJob:
 
     expert: str
     state: Path | None = None
+    step: int = 0  # the state's
+    start_over: bool = False  # --overwrite: what an earlier run of this expert made goes first
 
 
 class LoraPairRecipe:
@@ -133,53 +132,73 @@ class LoraPairRecipe:
                           self.validation, self.validation_kind, self.p.task.conditioned)
 
     def sampler(self):
+        from ..sample import make_sampler
+
         return make_sampler(self.p, self.sample_prompts(), self.cache_plan.prompt_paths, self.device)
 
     # ---------------------------------------------------------------- which experts, from where
     def plan_experts(self, experts: tuple[str, ...], resume: str | None) -> tuple[list[ExpertJob], list[str]]:
-        """(experts to train, each from its state or the start; experts whose finished LoRA is kept)."""
-        jobs, kept, problems = [], [], []
+        """(experts to train, each from its state or the start; experts whose finished LoRA is kept).
+
+        Nothing is removed here, and nothing an earlier run made is ever replaced without `--overwrite`: each
+        expert keeps its finished LoRA of this very run, or continues from its newest state (or the one
+        `--resume` names) when that state trains the same thing -- settings that only change how or where the
+        work runs (`SIDE_SETTINGS`) may differ --, or starts when it has no earlier work. Anything else is
+        refused, all experts' problems at once, naming what changed and the two ways on."""
+        if self.overwrite and resume:
+            raise WanpairError("--resume continues a run and --overwrite starts it over: pass one of them.")
         explicit = Path(resume).expanduser().resolve() if resume not in (None, "latest") else None
         if explicit is not None and not explicit.is_file():
             raise WanpairError(f"--resume {explicit}: no such training state file.")
+        named = load_state(explicit) if explicit is not None else None
+        if named is not None and named["expert"] not in experts:
+            raise WanpairError(f"--resume {explicit}: that state is of the {expert_noun(named['expert'])}, which this "
+                               f"command does not train ({', '.join(experts)}).")
+        data = self.cached_data(paths=False)
+        jobs, kept, problems = [], [], []
         for e in experts:
-            identity = run_identity(self.p, e, self.dits[e], self.training_items)
-            final = self.p.lora_path(e)
-            if self.overwrite and not resume:
-                jobs.append(ExpertJob(e))
+            if self.overwrite:
+                jobs.append(ExpertJob(e, start_over=True))
                 continue
-            if final.exists():
-                changed = finished_lora_differences(final, identity)
+            identity = run_identity(self.p, e, self.dits[e], data.training_items, data.batch_sizes)
+            outputs = ExpertOutputs(self.p, e)
+            if outputs.final.exists():
+                changed = finished_lora_differences(outputs.final, identity)
                 if changed is None:
                     kept.append(e)
-                    print(f"keeping {final.name}: this project already trained it with these settings and data "
-                          "(--overwrite trains it again)")
-                    continue
-                if not self.overwrite:
-                    problems.append(f"{final} already exists, made with a different {', '.join(changed)}; pass "
-                                    "--overwrite to replace it, or change `name`.")
-                    continue
-            candidates = [explicit] if explicit is not None else list_states(self.p.run_dir, e)[-1:]
-            state = None
-            for path in candidates:
-                saved = load_state(path)
-                if saved["expert"] != e:
-                    continue
-                changed = differences(saved.get("identity") or {"wanpair.settings": json.dumps(saved["settings"])},
-                                      identity)
-                if not changed:
-                    state = path
-                elif resume:
-                    problems.append(f"the run changed since {path} was saved ({', '.join(changed)}); resuming would "
-                                    "not continue the same run. Restore it, or start over with --overwrite.")
+                    print(f"keeping {outputs.final.name}: this project already trained it with these settings and "
+                          "data (--overwrite trains it again)")
+                    if named is not None and named["expert"] == e:
+                        problems.append(f"--resume {explicit}: {outputs.final.name} is already finished; to train it "
+                                        f"again from that state, move {outputs.final.name} away first.")
                 else:
-                    print(f"note: {path.name} is from a run with a different {', '.join(changed)}; "
-                          f"{expert_noun(e)} starts over")
-            if state and not resume:
-                print(f"continuing {expert_noun(e)} from {state.name} (a run of this project that stopped there)")
-            jobs.append(ExpertJob(e, state))
-        if explicit is not None and not any(j.state == explicit for j in jobs) and not problems:
-            problems.append(f"--resume {explicit}: that state is not of an expert this command trains.")
+                    problems.append(f"{outputs.final} already exists, made with a different {', '.join(changed)}. "
+                                    f"Restore {'them' if len(changed) > 1 else 'it'} to keep it, pass --overwrite to "
+                                    "train it again (removes it and that run's states, intermediate LoRAs, metrics and "
+                                    "samples), or change `name`.")
+                continue
+            path = explicit if named is not None and named["expert"] == e else (outputs.states() or [None])[-1]
+            saved = (named if path == explicit else load_state(path)) if path is not None else None
+            if saved is None:
+                earlier = outputs.earlier_work()
+                if earlier:
+                    problems.append(f"{expert_noun(e)}: an earlier run left {describe(earlier, self.p.run_dir)} and no "
+                                    f"training state to continue from (in {self.p.run_dir}). Pass --overwrite to start "
+                                    "over (removes them), or move them away.")
+                else:
+                    jobs.append(ExpertJob(e))
+                continue
+            changed = differences(saved.get("identity") or {}, identity, outputs=False)
+            if changed:
+                problems.append(f"{expert_noun(e)}: its saved state {path.name} (step {saved['step']}) is from a run with "
+                                f"a different {', '.join(changed)}. To continue it, restore "
+                                f"{'them' if len(changed) > 1 else 'it'}; to start over, pass --overwrite (removes that "
+                                "run's states, intermediate LoRAs, metrics and samples).")
+                continue
+            side = side_differences(saved.get("settings", {}), self.p)
+            print(f"continuing {expert_noun(e)} from {path.name} (step {saved['step']})"
+                  + (f"; changed since, without changing what is trained: {', '.join(side)}" if side else ""))
+            jobs.append(ExpertJob(e, path, saved["step"]))
         if resume and not problems and not kept and not any(j.state for j in jobs):
             problems.append(f"no saved training state in {self.p.run_dir / 'state'}; set save_state_every_n_steps "
                             "(or _epochs) in [train] so a run can be resumed.")
@@ -188,15 +207,16 @@ class LoraPairRecipe:
         return jobs, kept
 
     def forget_replaced_runs(self, jobs: list[ExpertJob]) -> None:
-        """Metrics rows after each job's starting point (a killed run's last steps, or the whole previous
-        run of an expert that starts over) go; so do the states of an expert that starts over."""
-        metrics = self.p.run_dir / "metrics.jsonl"
+        """What the planned jobs replace: with --overwrite, everything an expert's earlier run made; when
+        continuing, the metrics rows a killed run logged after its state; when starting without earlier work,
+        stray rows of a run that saved nothing."""
         for job in jobs:
-            step = load_state(job.state)["step"] if job.state else 0
-            drop_metrics_after(metrics, job.expert, step)
-            if job.state is None:
-                for old in list_states(self.p.run_dir, job.expert):
-                    old.unlink()
+            outputs = ExpertOutputs(self.p, job.expert)
+            if job.start_over:
+                n = outputs.remove_all()
+                if n:
+                    print(f"--overwrite: removed {n} files of the earlier {expert_noun(job.expert)} run")
+            outputs.forget_metrics_after(job.step, including_start=job.state is None)
 
     # ---------------------------------------------------------------- training
     def train_experts(self, jobs: list[ExpertJob]) -> list[ExpertResult]:
@@ -211,14 +231,15 @@ class LoraPairRecipe:
         handoff = {"project": str(self.p.path), "device": self.device.type, "data": data.to_json(),
                    "prompts": self.sample_prompts(), "prompt_paths": [str(p) for p in self.cache_plan.prompt_paths],
                    "allow_expert_mismatch": self.allow_expert_mismatch}
-        states = {j.expert: j.state for j in jobs}
-        totals = {g.expert: step_counts(len(data.batches()), self.t.gradient_accumulation_steps, g.processes,
+        starts = {j.expert: (j.state, j.step) for j in jobs}
+        totals = {g.expert: step_counts(data.batches_per_epoch, self.t.gradient_accumulation_steps, g.processes,
                                         self.t.epochs, self.t.max_steps)[1] for wave in waves for g in wave}
         for job in jobs:
-            result_path(self.p.run_dir, job.expert).unlink(missing_ok=True)
+            placement.result_path(self.p.run_dir, job.expert).unlink(missing_ok=True)
         lock = lock_path(self.p.output_dir, self.p.name)
-        placement.run_waves(waves, handoff, self.p.run_dir, states, totals, lock)
-        return [ExpertResult.from_json(json.loads(result_path(self.p.run_dir, j.expert).read_text())) for j in jobs]
+        placement.run_waves(waves, handoff, self.p.run_dir, starts, totals, lock)
+        return [ExpertResult.from_json(json.loads(placement.result_path(self.p.run_dir, j.expert).read_text()))
+                for j in jobs]
 
     def train_here(self, jobs: list[ExpertJob]) -> list[ExpertResult]:
         """Each expert in turn, in this process (on every rank, under a launcher)."""
@@ -294,7 +315,7 @@ class LoraPairRecipe:
             return {}
         step, value, kind = best
         final = self.p.lora_path(expert)
-        saved = {int(p.stem.rsplit("-step", 1)[1]): p for p in final.parent.glob(f"{final.stem}-step*{final.suffix}")}
+        saved = {int(p.stem.rsplit("-step", 1)[1]): p for p in ExpertOutputs(self.p, expert).intermediate_loras()}
         rows = [r for r in read_metrics(metrics) if r.get("expert") == expert and "loss" in r]
         saved[max((r["step"] for r in rows), default=0)] = final
         nearest = min(saved, key=lambda s: (abs(s - step), -s))
@@ -320,15 +341,3 @@ def time_line(seconds: dict[str, float], trained: list[ExpertResult]) -> str:
     experts = "".join(f"; {expert_name(r.expert)} {r.timings.describe()}" for r in trained)
     return (f"time: {human_seconds(seconds['total'])} — check {human_seconds(seconds['check'])}, "
             f"cache {human_seconds(seconds['cache'])}{experts}")
-
-
-def make_sampler(project: Project, prompts: list[str], prompt_paths: list[Path], device: torch.device):
-    """Samples during training, from prompt embeddings cached with the captions (no text encoder kept)."""
-    if not prompts:
-        return None
-    from ..sample import SampleSettings, TrainingSampler
-
-    embeds = [read_entry(p) for p in prompt_paths]
-    cfg = project.sample
-    settings = SampleSettings(width=cfg.width, height=cfg.height, frames=cfg.frames, steps=cfg.steps, seed=cfg.seed)
-    return TrainingSampler(project, prompts, embeds[:-1], embeds[-1], settings, device, project.train.compute_dtype)

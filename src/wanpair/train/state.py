@@ -1,4 +1,4 @@
-"""Resumable training state, the run lock, and stopping cleanly on Ctrl-C / SIGTERM.
+"""Resumable training state, and stopping cleanly on Ctrl-C / SIGTERM.
 
 A state is everything the next step depends on: LoRA weights, optimizer and scheduler state,
 step / epoch / position in the epoch's (seeded) order, and every random generator (Python, NumPy,
@@ -14,20 +14,43 @@ unpickling one must not be able to run code.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
 import signal
-from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, write_text_atomic
+from ..atomic import atomic_path
 from ..errors import WanpairError
 from ..models.tasks import EXPERT_NAMES
+
+
+@dataclass
+class Progress:
+    """Where one expert's run stands, apart from its weights, optimizer, schedule and generators: what the
+    loop advances, and what a training state holds beside those (under these same keys)."""
+
+    step: int = 0  # optimizer steps applied
+    epoch: int = 1  # the epoch the next step belongs to
+    pos: int = 0  # micro-batches of that epoch already trained
+    epoch_losses: list[float] = field(default_factory=list)  # the mean loss of each epoch done
+    losses: list[float] = field(default_factory=list)  # this epoch's step losses so far
+    smoothed: float | None = None  # the moving average the progress bar and metrics show
+    kept: list[str] = field(default_factory=list)  # intermediate LoRAs kept so far (keep_last)
+    last_val: tuple[int, float] | None = None  # (step, loss) of the newest validation
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Progress":
+        progress = cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+        progress.last_val = tuple(progress.last_val) if progress.last_val else None
+        return progress
+
+    def to_state(self) -> dict:
+        return asdict(self)
 
 
 class StopRequested(Exception):
@@ -99,61 +122,6 @@ def load_state(path: Path) -> dict:
     if not isinstance(state, dict) or "expert" not in state or "lora" not in state:
         raise WanpairError(f"{path} is not a wanpair training state.")
     return state
-
-
-def lock_path(output_dir: Path, name: str) -> Path:
-    return output_dir / f".{name}.lock"
-
-
-def lock_holder(lock: Path) -> int:
-    """A still-running process of the run whose lock this is (0 if none): the lock file lists the run's own
-    pid first, then the pids of its worker processes (`add_lock_holders`), which may outlive it for the
-    seconds they take to save after it was killed."""
-    try:
-        pids = [int(x) for x in lock.read_text().split()]
-    except (OSError, ValueError):
-        return 0
-    return next((pid for pid in pids if pid_alive(pid)), 0)
-
-
-def add_lock_holders(lock: Path, pids: list[int]) -> None:
-    """Worker processes write for the run too: while one of them lives, the run counts as running."""
-    write_text_atomic(lock, " ".join(lock.read_text().split() + [str(p) for p in pids]))
-
-
-def pid_alive(pid: int) -> bool:
-    """Is process `pid` running (one of another user's counts: it exists)? A killed process that its parent
-    has not reaped yet (a zombie, state Z in /proc on Linux) is not."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # /proc/PID/stat: "pid (name) state ..."; the name may hold spaces and parentheses
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-@contextmanager
-def run_lock(output_dir: Path, name: str):
-    """One writer per output name: a second run refuses to start while the first is alive."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_path(output_dir, name)
-    if lock.exists():
-        pid = lock_holder(lock)
-        if pid and pid != os.getpid():
-            raise WanpairError(f"another wanpair run (pid {pid}) is writing {output_dir}/{name}; wait for it, or "
-                               f"give this run another name. (Lock file: {lock})")
-        print(f"note: removing a stale lock {lock} left by an earlier run that is no longer running")
-    write_text_atomic(lock, str(os.getpid()))
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 class StopFlag:

@@ -3,7 +3,8 @@
     for each micro-batch (x0, eps, t, text):   loss_k = mean((model(x_t, 1000 t, text) - (eps - x0))^2)
                                                 backward(w * loss_k)
     if every gradient is finite:                AdamW update, then the learning-rate schedule
-                                                (otherwise the update is skipped: no NaN reaches the LoRA)
+                                                (otherwise the update is skipped: no NaN reaches the LoRA,
+                                                and the step is not counted)
 
 `w` makes the step's gradient the mean over all micro-batches of the optimizer step, however they are
 spread over processes: with n micro-batches in the step and W processes averaging their gradients
@@ -33,8 +34,15 @@ MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch
 class Verdict:
     """What a queued update did, read by `finish`."""
 
-    finite: torch.Tensor | bool  # loss and gradients finite, so the update applies (a device tensor: not read yet)
-    scaler_skipped: bool = False  # fp16: the loss scaler skipped it and lowered its scale (normal early on)
+    finite: torch.Tensor | bool  # loss (and, but in fp16, gradients) finite: a device tensor, not read yet
+    scaler_skipped: torch.Tensor | bool = False  # fp16: the loss scaler found non-finite gradients, skipped, and
+    # halved its scale (a device tensor, not read yet)
+
+
+# What `finish` says of a step.
+APPLIED = "applied"
+NON_FINITE = "non-finite"  # its loss or gradients are NaN or inf: skipped
+SCALER_SKIPPED = "scaler-skipped"  # fp16: its scaled gradients overflowed; skipped with the scale halved
 
 
 def forward_backward(model, accelerator, micro_batches: list[MicroBatch], compute_dtype: torch.dtype,
@@ -56,10 +64,14 @@ def update(optimizer, accelerator, params, loss: torch.Tensor, max_grad_norm: fl
 
     Fused AdamW (the GPU default) takes the verdict as a device tensor and skips on the GPU, so the check
     costs no host sync; other optimizers need the verdict first, one sync. In fp16 accelerate's loss
-    scaler does this itself (and lowers the scale)."""
+    scaler checks the gradients itself (and lowers the scale); the verdict is then the loss's alone."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-    finite: torch.Tensor | bool = True
-    if accelerator.mixed_precision != "fp16":
+    finite: torch.Tensor | bool = loss.isfinite()
+    scaler = accelerator.scaler
+    # torch's GradScaler keeps its scale as a device tensor and halves it exactly when it skips a step (fused
+    # AdamW skips on the device, where accelerate's `step_was_skipped` cannot see it): compared there, no sync.
+    scale_before = scaler._scale.clone() if scaler is not None else None
+    if scaler is None:
         grads = [p.grad for p in params if p.grad is not None]
         norms = torch._foreach_norm(grads) if grads else []  # one fused pass instead of a check per tensor
         finite = torch.stack([*norms, loss]).isfinite().all()
@@ -68,21 +80,23 @@ def update(optimizer, accelerator, params, loss: torch.Tensor, max_grad_norm: fl
     if finite is not False:
         if max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, max_grad_norm)
-        if isinstance(finite, torch.Tensor):
+        if isinstance(finite, torch.Tensor) and accelerator.scaler is None:
             inner.found_inf = (~finite).float()  # read by torch's fused AdamW: skip on the device
         optimizer.step()
         inner.found_inf = None
     optimizer.zero_grad(set_to_none=True)
-    return Verdict(finite, bool(getattr(optimizer, "step_was_skipped", False)))
+    return Verdict(finite, False if scaler is None else scaler._scale < scale_before)
 
 
-def finish(verdict: Verdict, scheduler) -> bool:
-    """Wait for a queued update's verdict (the step's host sync): whether it was applied; steps the
-    learning-rate schedule if so (not after an fp16 scaler skip, which counts as a step all the same)."""
-    ok = bool(verdict.finite)
-    if ok and not verdict.scaler_skipped:
-        scheduler.step()
-    return ok
+def finish(verdict: Verdict, scheduler) -> str:
+    """Wait for a queued update's verdict (the step's host sync): APPLIED (and the learning-rate schedule
+    steps), NON_FINITE or SCALER_SKIPPED (no update, no schedule step: the step is not counted)."""
+    if not bool(verdict.finite):
+        return NON_FINITE
+    if bool(verdict.scaler_skipped):
+        return SCALER_SKIPPED
+    scheduler.step()
+    return APPLIED
 
 
 def train_step(model, optimizer, scheduler, accelerator, params, micro_batches: list[MicroBatch],
@@ -91,5 +105,5 @@ def train_step(model, optimizer, scheduler, accelerator, params, micro_batches: 
     """The three phases in their plain order, waiting for the step's end (the benchmark's per-step
     timing): (mean loss, whether the update was applied)."""
     loss = forward_backward(model, accelerator, micro_batches, compute_dtype, weighting, loss_weight)
-    ok = finish(update(optimizer, accelerator, params, loss, max_grad_norm), scheduler)
-    return loss.item(), ok
+    outcome = finish(update(optimizer, accelerator, params, loss, max_grad_norm), scheduler)
+    return loss.item(), outcome == APPLIED

@@ -7,6 +7,7 @@ HANDOFF.json is written by the recipe after its preflight and caches (`wanpair.t
 project file, the cached data and the sampling prompts' cache entries. The worker checks and encodes
 nothing; it trains its expert, and rank 0 writes the LoRA, states, metrics and `.result-<expert>.json`.
 Exit codes: 0 done, 2 an error it explained, 128 + signal after a clean stop (state and partial LoRA saved).
+It shares the run's lock, inherited from `wanpair train`, until it exits (`wanpair.train.run_lock`).
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ..atomic import write_text_atomic
-    from ..errors import WanpairError
+    from ..errors import DISK_ERRNOS, WanpairError
+    from ..logs import configure_logging
     from ..models.dit import inspect_dit
     from ..project import load_project
+    from ..sample import make_sampler
     from .data import CachedData
     from .expert import ExpertTraining
-    from .recipe import DISK_ERRNOS, make_sampler
-    from ..cli import configure_logging
+    from .placement import result_path
     from .state import StopRequested, load_state
 
     configure_logging(verbose=False)
@@ -81,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
 def stop_when_orphaned() -> None:
     """Stop as on Ctrl-C -- state and partial LoRA saved -- once the `wanpair train` that started this worker
     is gone: killed outright (SIGKILL, the OOM killer), it could not pass the stop on itself, and a worker
-    left training would hold the GPU and race the user's next run. A thread, not the kernel's parent-death
-    signal, because under torchrun the parent is torchrun; every rank watches, and the ranks agree on the
-    step to stop at as they do for a forwarded Ctrl-C."""
+    left training would hold the GPU and the run's lock until its last step. A thread, not the kernel's
+    parent-death signal, because under torchrun the parent is torchrun; every rank watches, and the ranks
+    agree on the step to stop at as they do for a forwarded Ctrl-C."""
     from .placement import PARENT_PID
-    from .state import pid_alive
+    from .run_lock import pid_alive
 
     parent = int(os.environ.get(PARENT_PID, "0"))
     if not parent:
@@ -101,10 +103,6 @@ def stop_when_orphaned() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def result_path(run_dir: Path, expert: str) -> Path:
-    return run_dir / f".result-{expert}.json"
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
 const COLORS = { high: "#d62728", low: "#1f77b4", full: "#9467bd" };
 const NAMES = { high: "high-noise", low: "low-noise", full: "full-range" };
-const state = { runId: null, offset: 0, rows: [], timers: [], facts: null };
+const state = { runId: null, offset: 0, file: "", rows: [], timers: [], facts: null };
 
 const $ = (sel) => document.querySelector(sel);
 const el = (tag, attrs = {}, ...kids) => {
@@ -56,7 +56,7 @@ function openRun(id) {
 
 async function showRun(id) {
   for (const t of state.timers) clearInterval(t);
-  Object.assign(state, { runId: id, offset: 0, rows: [] });
+  Object.assign(state, { runId: id, offset: 0, file: "", rows: [] });
   $("#run").hidden = false;
   await refreshFacts();
   await pollMetrics();
@@ -76,9 +76,10 @@ async function refreshFacts() {
 }
 
 async function pollMetrics() {
-  const got = await getJSON(`/api/runs/${state.runId}/metrics?offset=${state.offset}`);
-  state.offset = got.offset;
-  if (got.rows.length || !state.rows.length) {
+  const got = await getJSON(`/api/runs/${state.runId}/metrics?offset=${state.offset}&file=${encodeURIComponent(state.file)}`);
+  Object.assign(state, { offset: got.offset, file: got.file });
+  if (got.reset) state.rows = [];  // a resume rewrote metrics.jsonl without the killed run's last rows: start again
+  if (got.rows.length || !state.rows.length || got.reset) {
     state.rows.push(...got.rows);
     renderCharts();
     updateProgress();

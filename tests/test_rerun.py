@@ -1,0 +1,159 @@
+"""A rerun never loses saved progress: it continues what trains the same thing, refuses by name what does
+not, and only --overwrite removes an earlier run's work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import set_train
+from wanpair.cli import main
+from wanpair.project import load_project
+from wanpair.train.recipe import LoraPairRecipe
+
+# 18 steps per expert; states at 4, 8, 12, 16 (the last two kept)
+SETTINGS = dict(epochs=1, learning_rate=2e-3, save_state_every_n_steps=4, keep_states=2, tensorboard=False,
+                validate_every_n_steps=0)
+
+
+@pytest.fixture(scope="module")
+def stopped(trained, tmp_path_factory):
+    """Both experts trained with states, then their final LoRAs removed: a run killed after its last state
+    (step 16 of 18), with the killed run's last metrics rows still in metrics.jsonl. Also the finished LoRAs,
+    to compare with (the uninterrupted run). Do not modify: copy it."""
+    root = tmp_path_factory.mktemp("rerun") / "demo"
+    shutil.copytree(trained, root, ignore=shutil.ignore_patterns("output"))  # its caches, nothing trained
+    set_train(root / "wanpair.toml", **SETTINGS)
+    project, _ = load_project(root / "wanpair.toml")
+    LoraPairRecipe(project).run()
+    finished = root.parent / "finished"
+    finished.mkdir()
+    for e in ("high", "low"):
+        shutil.move(project.lora_path(e), finished / f"{e}.safetensors")
+    return root
+
+
+@pytest.fixture
+def run(stopped, tmp_path):
+    dst = tmp_path / "demo"
+    shutil.copytree(stopped, dst)
+    return dst
+
+
+def _project(root):
+    return load_project(root / "wanpair.toml")[0]
+
+
+def _same_lora(a, b) -> bool:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _rows(project, expert):
+    rows = [json.loads(x) for x in (project.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in rows if r["expert"] == expert]
+
+
+def _states(project):
+    return sorted(p.name for p in (project.run_dir / "state").glob("*.pt"))
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"]], ids=["rerun", "--resume"])
+def test_a_change_of_how_the_run_works_continues_from_the_newest_state(run, stopped, resume, capsys):
+    """After an out-of-memory error users set memory_mode = "low"; with other cadences too, the run
+    continues where it stopped and ends as the uninterrupted run did, bit for bit."""
+    set_train(run / "wanpair.toml", **{**SETTINGS, "memory_mode": "low", "keep_states": 3, "compile": "off",
+                                       "save_every_n_steps": 9, "max_bad_steps": 3})
+    assert main(["train", str(run / "wanpair.toml"), *resume]) == 0
+    out = capsys.readouterr().out
+    assert "continuing the high-noise expert from high-step00000016.pt (step 16); changed since, without changing what " \
+           "is trained: [train] compile, [train] keep_states, [train] max_bad_steps, [train] memory_mode, " \
+           "[train] save_every_n_steps" in out
+    project = _project(run)
+    for e in ("high", "low"):
+        assert _same_lora(project.lora_path(e), stopped.parent / "finished" / f"{e}.safetensors"), e
+        assert [r["step"] for r in _rows(project, e)] == list(range(1, 19))  # the killed run's 17, 18 not doubled
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"]], ids=["rerun", "--resume"])
+def test_a_change_of_what_is_trained_is_refused_by_name_and_deletes_nothing(run, resume, capsys):
+    project = _project(run)
+    before = _states(project)
+    set_train(run / "wanpair.toml", **{**SETTINGS, "learning_rate": 1e-3, "rank": 8})
+    assert main(["train", str(run / "wanpair.toml"), *resume]) == 2
+    err = capsys.readouterr().err
+    assert "the high-noise expert: its saved state high-step00000016.pt (step 16) is from a run with a different " \
+           "[train] learning_rate, [train] rank. To continue it, restore them; to start over, pass --overwrite" in err
+    assert "the low-noise expert: its saved state low-step00000016.pt" in err
+    assert _states(project) == before == ["high-step00000012.pt", "high-step00000016.pt", "low-step00000012.pt",
+                                          "low-step00000016.pt"]
+
+
+def test_a_dataset_change_that_moves_the_batch_order_is_refused_by_name(run, capsys):
+    """A state's position counts batches of the old order: with batch_size 3 it would 'resume' at step 16 of a
+    6-step plan and save an untrained LoRA as finished."""
+    config = run / "dataset" / "dataset.toml"
+    original = config.read_text()
+    config.write_text(original.replace("batch_size = 1", "batch_size = 3"))
+    assert main(["train", str(run / "wanpair.toml"), "--resume"]) == 2
+    assert "is from a run with a different dataset.toml batch_size." in capsys.readouterr().err
+    config.write_text(original.replace("num_repeats = 1", "num_repeats = 2"))
+    assert main(["train", str(run / "wanpair.toml")]) == 2
+    assert "is from a run with a different dataset.toml num_repeats." in capsys.readouterr().err
+
+
+def test_resume_of_one_experts_state_continues_the_other_from_its_own(run, stopped, capsys):
+    """--resume high-step12 (an older state, under another name): high continues from it, low from its own
+    newest state; nothing of low's is deleted."""
+    project = _project(run)
+    backup = project.run_dir / "state" / "high-backup.pt"
+    shutil.copy(project.run_dir / "state" / "high-step00000012.pt", backup)
+    assert main(["train", str(run / "wanpair.toml"), "--resume", str(backup)]) == 0
+    out = capsys.readouterr().out
+    assert "continuing the high-noise expert from high-backup.pt (step 12)" in out
+    assert "continuing the low-noise expert from low-step00000016.pt (step 16)" in out
+    for e in ("high", "low"):
+        assert _same_lora(project.lora_path(e), stopped.parent / "finished" / f"{e}.safetensors"), e
+        assert [r["step"] for r in _rows(project, e)] == list(range(1, 19))
+
+
+def test_overwrite_removes_everything_of_the_earlier_run_and_nothing_else_does(run, capsys):
+    project = _project(run)
+    final = project.lora_path("high")
+    old = [final.with_name(f"{final.stem}-step000006{final.suffix}"),
+           final.with_name(f"{final.stem}-partial-step000007{final.suffix}"),
+           project.run_dir / "samples" / "high-step000006_00_a_red_circle_highLora+lowBase.png",
+           project.run_dir / "tensorboard" / "high" / "events.out.tfevents.1.host"]
+    for path in old:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"earlier run")
+    # without states to continue from, the earlier intermediate, partial LoRAs and samples are not replaced silently
+    for state in (project.run_dir / "state").glob("high-*.pt"):
+        state.unlink()
+    assert main(["train", str(run / "wanpair.toml"), "--expert", "high"]) == 2
+    assert "the high-noise expert: an earlier run left 1 intermediate LoRA, 1 partial LoRA, 1 sample and no training " \
+           "state to continue from" in capsys.readouterr().err
+    assert all(p.exists() for p in old)
+
+    set_train(run / "wanpair.toml", **{**SETTINGS, "learning_rate": 1e-3, "tensorboard": True, "save_every_n_steps": 9,
+                                       "validate_every_n_steps": 9, "lr_scheduler": "linear"})
+    assert main(["train", str(run / "wanpair.toml"), "--expert", "high", "--overwrite"]) == 0
+    assert not any(p.exists() for p in old)
+    assert [p.name for p in final.parent.glob(f"{final.stem}-*")] == [f"{final.stem}-step000009{final.suffix}"]
+    rows = _rows(project, "high")
+    assert [r["step"] for r in rows] == list(range(0, 19))  # one step-0 validation row: the new run's
+    # the logged learning rate is the one each step's update used: linear decay over 18 steps gives step k
+    # lr * (1 - (k - 1) / 18) (the same formula computed two ways, torch's LambdaLR and here: equal to 1e-12)
+    assert [r["lr"] for r in rows[1:]] == pytest.approx([1e-3 * (1 - (k - 1) / 18) for k in range(1, 19)], rel=1e-12)
+    assert len(list((project.run_dir / "tensorboard" / "high").iterdir())) == 1
+    assert _states(project)[:2] == ["high-step00000012.pt", "high-step00000016.pt"]  # the new run's
+    assert _states(project)[-2:] == ["low-step00000012.pt", "low-step00000016.pt"]  # the other expert's: untouched
+
+
+def test_resume_and_overwrite_together_are_refused(run, capsys):
+    assert main(["train", str(run / "wanpair.toml"), "--resume", "--overwrite"]) == 2
+    assert "--resume continues a run and --overwrite starts it over: pass one of them." in capsys.readouterr().err
