@@ -305,7 +305,7 @@ class Rehearsal:
 
     def orphans_saved(self, project: Path) -> bool:
         """After `wanpair train` was killed outright: its workers stop themselves, saving; how long it took."""
-        from wanpair.train.state import lock_holder, lock_path
+        from wanpair.train.run_lock import lock_holder, lock_path
 
         start = time.perf_counter()
         lock = lock_path(project.parent / f"out-{project.stem}", f"rehearsal_{project.stem}")

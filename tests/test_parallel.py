@@ -217,3 +217,20 @@ def test_the_placement_line_names_where_each_expert_runs():
         "high-noise on GPU 0,1 (data-parallel over 2) and low-noise on GPU 2,3 (data-parallel over 2) at the same time"
     assert describe([[Group("high", 2, [0, 1])], [Group("low", 2, [0, 1])]]) == \
         "high-noise on GPU 0,1 (data-parallel over 2); then low-noise on GPU 0,1 (data-parallel over 2)"
+
+
+def test_a_worker_whose_parent_pipe_breaks_stops_as_on_ctrl_c_instead_of_dying_of_the_write():
+    """`wanpair train` killed outright: a worker writing a line before its watch notices must not die of the
+    broken pipe (it would save nothing); its stream asks for the stop instead."""
+    import io
+    import os
+
+    from wanpair.train.worker import _ToParent
+
+    read, write = os.pipe()
+    os.close(read)  # the parent is gone
+    calls = []
+    stream = _ToParent(io.TextIOWrapper(io.FileIO(write, "w"), line_buffering=True), lambda: calls.append(1))
+    assert stream.write("step 12\n") == len("step 12\n")
+    stream.flush()
+    assert calls  # the worker was told to stop, and nothing was raised

@@ -121,24 +121,24 @@ def test_overfitting_one_image_drives_the_loss_down(demo):
     CPU kernels ran (ATEN_CPU_CAPABILITY default / avx2 / avx512: rounding alone), so a bound at a fixed step
     measured the rounding (the old bound failed on AVX-512 machines); with four, every path leaves the start
     within 50 steps and follows the same curve (step-loss means per 50 steps 1.03, 0.72, 0.44, 0.30, 0.25,
-    0.23, 0.22 on all three).
+    0.23 on all three).
     Measured: the validation loss (fixed noise and timesteps) of the final LoRA over the untrained one's,
-    both from this run: 0.1527 / 0.1535 / 0.1532 (default / avx2 / avx512). Bound 0.19: a 24 % margin over
-    that, while a trainer at half the speed (175 steps: 0.211) fails it. 350 steps take about the time the
+    both from this run: 0.1611 / 0.1611 / 0.1607 (default / avx2 / avx512). Bound 0.2: a 24 % margin over
+    that, while a trainer at half the speed (150 steps: 0.241) fails it. 300 steps take about the time the
     600 single-draw steps took."""
     for p in (demo / "dataset").glob("img_*"):
         if not p.stem.endswith("01"):
             p.unlink()
     toml = demo / "dataset" / "dataset.toml"
     toml.write_text(toml.read_text().replace("batch_size = 1", "batch_size = 4").replace("num_repeats = 1", "num_repeats = 4"))
-    set_train(demo / "wanpair.toml", epochs=350, learning_rate=3e-3, lr_scheduler="constant", fp8_base=False, rank=128,
+    set_train(demo / "wanpair.toml", epochs=300, learning_rate=3e-3, lr_scheduler="constant", fp8_base=False, rank=128,
               alpha=128.0, mixed_precision="no", gradient_checkpointing=False, tensorboard=False,
               validate_every_n_steps=1000, validation_timesteps=8)  # validated before the first step and after the last
     project, _ = load_project(demo / "wanpair.toml")
     LoraPairRecipe(project, overwrite=True).run(("high",))
     rows = [json.loads(x) for x in (project.run_dir / "metrics.jsonl").read_text().splitlines()]
     untrained, trained = [x["val_loss"] for x in rows if "val_loss" in x]
-    assert trained < 0.19 * untrained
+    assert trained < 0.2 * untrained
 
 
 def test_logit_normal_conditioned_on_the_window():

@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     from .placement import result_path
     from .state import StopRequested, load_state
 
+    stop_when_orphaned()  # first: the logging set up next writes through the streams it guards
     configure_logging(verbose=False)
-    stop_when_orphaned()
     handoff = json.loads(args.handoff.read_text(encoding="utf-8"))
     project, _ = load_project(handoff["project"])
     device = torch.device(handoff["device"])
@@ -92,17 +92,51 @@ def stop_when_orphaned() -> None:
     parent = int(os.environ.get(PARENT_PID, "0"))
     if not parent:
         return
+    orphaned = threading.Event()
 
-    def watch():
-        while pid_alive(parent):
-            time.sleep(1.0)
-        # our output went to the parent, so the pipe is broken: a print would now raise, not save
+    def stop() -> None:
+        """Our output went to the parent, so the pipe is broken: a print would now raise, not save."""
+        if orphaned.is_set():
+            return
+        orphaned.set()
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
         os.kill(os.getpid(), signal.SIGTERM)
 
+    def watch():
+        while pid_alive(parent) and not orphaned.is_set():
+            time.sleep(1.0)
+        stop()
+
+    # A worker that writes a line in the second before the watch notices would die of the broken pipe,
+    # saving nothing (seen on an H200: one of two workers did): its streams notice too.
+    sys.stdout, sys.stderr = _ToParent(sys.stdout, stop), _ToParent(sys.stderr, stop)
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class _ToParent:
+    """One of a worker's output streams, a pipe to `wanpair train`: when the pipe breaks (the parent was
+    killed), `orphaned` is called -- the worker stops as on Ctrl-C -- instead of the write raising."""
+
+    def __init__(self, stream, orphaned):
+        self.stream, self.orphaned = stream, orphaned
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.orphaned()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.orphaned()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 if __name__ == "__main__":
