@@ -140,8 +140,8 @@ def _start(project):
 def test_a_killed_expert_stops_the_other_which_saves_then_ctrl_c_stops_both_and_the_run_continues(
         shared_demo, tmp_path, reference):
     """A worker killed (a crash, the out-of-memory killer): the other saves and stops, and the same command
-    continues both; Ctrl-C during that run stops both, each saving; `--resume` then ends with the LoRAs of
-    a run never stopped."""
+    continues both; Ctrl-C during that run stops both (an expert already at its end finishes), each saving;
+    `--resume` then ends with the LoRAs of a run never stopped."""
     project = _copy(shared_demo, tmp_path, "interrupted", **REFERENCE, experts_parallel="on")
     parent = _start(project)
     low = _worker(parent, "low")
@@ -161,10 +161,16 @@ def test_a_killed_expert_stops_the_other_which_saves_then_ctrl_c_stops_both_and_
     parent.send_signal(signal.SIGINT)
     out, _ = parent.communicate(timeout=120)
     assert parent.returncode == 130, out
+    stopped = 0
     for expert in ("High", "Low"):
         steps = [int(p.stem.rsplit("step", 1)[1]) for p in
                  project.output_dir.glob(f"WAN2.2-{expert}Noise_*-partial-step*.safetensors")]
-        assert max(steps, default=0) > before[expert.lower()], out  # saved again, later
+        # saved again, later -- unless its last steps were done before the Ctrl-C reached it (a loaded machine
+        # runs the two workers at different speeds): then its final LoRA is there
+        later = max(steps, default=0) > before[expert.lower()]
+        assert later or project.lora_path(expert.lower()).exists(), out
+        stopped += later
+    assert stopped, out  # the Ctrl-C stopped at least one of them mid-run
     assert main(["train", str(project.path), "--resume"]) == 0
     for expert in ("high", "low"):
         assert _same(_tensors(project, expert), _tensors(reference, expert)), expert

@@ -152,7 +152,11 @@ def test_init_finds_the_single_model_and_writes_its_project(trained_wan21, tmp_p
     images = tmp_path / "images"
     shutil.copytree(trained_wan21 / "dataset", images, ignore=shutil.ignore_patterns("dataset.toml", "cache"))
     monkeypatch.chdir(tmp_path)
-    main(["init", str(images), "--model", "t2v-1.3B", "--models", str(trained_wan21 / "models")])
+    models = tmp_path / "models"
+    shutil.copytree(trained_wan21 / "models", models)
+    for pattern, recipe_name in (("*vae*", "wan_2.1_vae.safetensors"), ("*t5*.pth", "models_t5_umt5-xxl-enc-bf16.pth")):
+        next(models.glob(pattern)).rename(models / recipe_name)  # the recipe's names, which init looks for
+    main(["init", str(images), "--model", "t2v-1.3B", "--models", str(models)])
     text = (tmp_path / "wanpair.toml").read_text()
     assert 'model = "t2v-1.3B"' in text and "LoRA: WAN2.1-1.3B_images.safetensors" in text
     assert "dit        = " in text and "high_noise" not in text

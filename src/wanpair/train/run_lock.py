@@ -22,9 +22,10 @@ from pathlib import Path
 
 from ..errors import WanpairError
 
-# The dashboard probes the lock by taking it shared for an instant: a starting run tries this long before it
-# refuses, and a refused one this long for the holder's pid, which the holder writes just after it locks.
-PATIENCE_S = 2.0
+# The dashboard probes the lock by taking it shared for microseconds: a starting run tries this long before it
+# refuses, and a refused one this long for the holder's pid, which the holder writes just after it locks. (Not
+# longer: a run must not slip in behind a killed run's workers as they finish saving.)
+PATIENCE_S = 0.25
 _held: dict[Path, int] = {}  # the run locks this process holds: their descriptors
 
 
