@@ -157,3 +157,13 @@ def test_overwrite_removes_everything_of_the_earlier_run_and_nothing_else_does(r
 def test_resume_and_overwrite_together_are_refused(run, capsys):
     assert main(["train", str(run / "wanpair.toml"), "--resume", "--overwrite"]) == 2
     assert "--resume continues a run and --overwrite starts it over: pass one of them." in capsys.readouterr().err
+
+
+def test_a_state_from_another_number_of_processes_is_refused(run, capsys):
+    """A step takes micro-batches from every process: a state of a 2-GPU run is not a position in a 1-GPU run."""
+    path = _project(run).run_dir / "state" / "high-step00000016.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "processes": 2}, path)
+    assert main(["train", str(run / "wanpair.toml"), "--expert", "high"]) == 2
+    assert "the high-noise expert: its state was saved by a run of 2 processes (GPUs), and this one has 1" in \
+        capsys.readouterr().err

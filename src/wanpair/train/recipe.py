@@ -215,7 +215,7 @@ class LoraPairRecipe:
             if job.start_over:
                 n = outputs.remove_all()
                 if n:
-                    print(f"--overwrite: removed {n} files of the earlier {expert_noun(job.expert)} run")
+                    print(f"--overwrite: removed {n} files an earlier run of {expert_noun(job.expert)} made")
             outputs.forget_metrics_after(job.step, including_start=job.state is None)
 
     # ---------------------------------------------------------------- training
