@@ -185,3 +185,10 @@ def test_an_empty_init_lora_is_not_set_and_a_folder_is_refused(demo, capsys):
     project.write_text(text + '\n[experts.high]\ninit_lora = "models"\n')
     assert main(["check", str(project)]) == 2
     assert f"[experts.high] init_lora {demo / 'models'} is not a file." in capsys.readouterr().err
+
+
+def test_a_table_written_as_a_plain_value_is_named_not_a_traceback(demo, capsys):
+    project = demo / "wanpair.toml"
+    project.write_text(project.read_text().replace('name = "demo_shapes_v1"', 'name = "demo_shapes_v1"\nsample = 5'))
+    assert main(["check", str(project)]) == 2
+    assert "sample = 5 must be a table: [sample] on a line of its own, its keys below." in capsys.readouterr().err

@@ -463,22 +463,28 @@ def load_project(path: str | Path) -> tuple[Project, list[str]]:
     name = raw.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[\w.\-]+", name or ""):
         problems.append(f"{path}: name = {name!r} must be set to a file-name-safe string, e.g. name = \"my_character_v1\".")
-    models_raw = raw.get("models", {})
-    if not isinstance(models_raw, dict):
-        problems.append(f"{path}: models must be the [models] table of file paths.")
-        models_raw = {}
-    dataset_raw = raw.get("dataset", {})
+
+    def table(key: str) -> dict:
+        """A table of the file ([models], [train], ...): one written as a plain value is named, and read as empty."""
+        value = raw.get(key, {})
+        if isinstance(value, dict):
+            return value
+        problems.append(f"{path}: {key} = {value!r} must be a table: [{key}] on a line of its own, its keys below.")
+        return {}
+
+    models_raw = table("models")
+    dataset_raw = table("dataset")
     for key in dataset_raw:
         if key != "config":
             problems.append(_unknown(key, ["config"], "[dataset]", path))
     if "config" not in dataset_raw or _unset(dataset_raw["config"]):
         problems.append(f"{path}: [dataset] config is {'missing' if 'config' not in dataset_raw else 'not set'} "
                         "(path to your Musubi-style dataset.toml).")
-    train = _train_settings(raw.get("train", {}), path, problems)
+    train = _train_settings(table("train"), path, problems)
     task = _task(raw.get("model"), {k: v for k, v in models_raw.items() if not _unset(v)}, path, problems, resolve)
     _model_keys(models_raw, task, path, problems)
-    experts = _experts(raw.get("experts", {}), path, problems, warnings, resolve, task)
-    sample = _sample(raw.get("sample", {}), path, problems, resolve)
+    experts = _experts(table("experts"), path, problems, warnings, resolve, task)
+    sample = _sample(table("sample"), path, problems, resolve)
     if task.conditioned and (sample.every_n_epochs or sample.every_n_steps):
         problems.append(f"{path}: [sample] during training is for text-to-video; an {task.name} sample needs a first "
                         "frame. Remove every_n_epochs/every_n_steps and run `wanpair sample --image FRAME.png` "
