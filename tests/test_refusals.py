@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 
+import pytest
 from PIL import Image
 
 from conftest import set_train
@@ -192,3 +193,17 @@ def test_a_table_written_as_a_plain_value_is_named_not_a_traceback(demo, capsys)
     project.write_text(project.read_text().replace('name = "demo_shapes_v1"', 'name = "demo_shapes_v1"\nsample = 5'))
     assert main(["check", str(project)]) == 2
     assert "sample = 5 must be a table: [sample] on a line of its own, its keys below." in capsys.readouterr().err
+
+
+def test_optimizer_args_that_do_not_fit_are_refused_before_any_model_loads(demo, monkeypatch):
+    """A misspelt argument or an impossible value: named by the pre-flight check, not after the expert loaded."""
+    import wanpair.models as models
+    from wanpair.errors import WanpairError
+    from wanpair.train.recipe import LoraPairRecipe
+
+    monkeypatch.setattr(models, "load_dit", lambda *a, **k: pytest.fail("a model was loaded"))
+    for args, why in ((["momentm=0.9"], "unexpected keyword argument 'momentm'"), (["betas=(2.0, 0.9)"], "beta")):
+        set_train(demo / "wanpair.toml", epochs=1, optimizer_args=args)
+        project = load_project(demo / "wanpair.toml")[0]
+        with pytest.raises(WanpairError, match=rf"\[train\] optimizer_args .* do not fit adamw: .*{why}"):
+            LoraPairRecipe(project).preflight(("high",))

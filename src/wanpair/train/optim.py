@@ -56,8 +56,8 @@ def build_optimizer(params, t: TrainSettings) -> torch.optim.Optimizer:
             except ImportError:
                 raise WanpairError("optimizer = \"prodigy\" needs prodigyopt: pip install prodigyopt") from None
             return Prodigy(params, **kwargs)
-    except TypeError as e:
-        raise WanpairError(f"optimizer_args do not fit {name}: {e}") from None
+    except (TypeError, ValueError) as e:  # an argument the optimizer does not take, or a value it refuses
+        raise WanpairError(f"optimizer_args {t.optimizer_args} do not fit {name}: {e}") from None
     raise WanpairError(f"unknown optimizer {name!r}")
 
 

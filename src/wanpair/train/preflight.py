@@ -30,7 +30,7 @@ from ..sizes import human_bytes
 from .data import CachedData, step_counts, validation_set
 from .lora import check_initial_lora
 from .memory_plan import block_linear_params
-from .optim import warmup_steps
+from .optim import build_optimizer, warmup_steps
 
 
 @dataclass
@@ -115,6 +115,7 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
             f"frame: there is nothing to learn from {len(stills)} image item(s) (e.g. {stills[0].image}). Use video "
             "clips (video_directory in dataset.toml), or train the t2v-A14B pair on the images.")
     problems += check_warmup(project, found)
+    problems += check_optimizer(project)
     problems += check_disk(project, experts, found, quiet)
     if problems:
         raise WanpairError("cannot start training:\n" + "\n".join(f"- {p}" for p in problems))
@@ -144,6 +145,16 @@ def check_warmup(project: Project, found: Checked) -> list[str]:
     return [f"{project.path}: [train] {key} = {getattr(t, key)!r} warms up over {warmup} steps, but the run has "
             f"{total} optimizer steps ({run}): the learning rate would still be rising when training ends. Warm up "
             f"over fewer than {total} steps, or train longer."]
+
+
+def check_optimizer(project: Project) -> list[str]:
+    """The optimizer with its `optimizer_args`, built once for a throwaway parameter: a misspelt argument, an
+    impossible value or a missing package is named now, not after the expert has loaded."""
+    try:
+        build_optimizer([torch.nn.Parameter(torch.zeros(1))], project.train)
+    except WanpairError as e:
+        return [f"{project.path}: [train] {e}"]
+    return []
 
 
 def check_disk(project: Project, experts: tuple[str, ...], found: Checked, quiet: bool = False) -> list[str]:
