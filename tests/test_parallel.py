@@ -150,6 +150,7 @@ def test_a_killed_expert_stops_the_other_which_saves_then_ctrl_c_stops_both_and_
     low.kill()  # SIGKILL
     out, _ = parent.communicate(timeout=120)
     assert parent.returncode == 2, out
+    assert "[low] low-noise:" not in out and "[high] high-noise:" not in out, out  # workers draw no bars: the parent does
     assert "the low-noise expert stopped with an error" in out
     assert "the high-noise expert saved its state and a partial LoRA" in out
     assert list(project.output_dir.glob("WAN2.2-HighNoise_*-partial-step*.safetensors"))

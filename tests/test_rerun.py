@@ -87,7 +87,8 @@ def test_a_change_of_what_is_trained_is_refused_by_name_and_deletes_nothing(run,
     assert main(["train", str(run / "wanpair.toml"), *resume]) == 2
     err = capsys.readouterr().err
     assert "the high-noise expert: its saved state high-step00000016.pt (step 16) is from a run with a different " \
-           "[train] learning_rate, [train] rank. To continue it, restore them; to start over, pass --overwrite" in err
+           "[train] learning_rate, [train] rank. To continue it, restore them; to start over, pass --overwrite " \
+           "--expert high" in err
     assert "the low-noise expert: its saved state low-step00000016.pt" in err
     assert _states(project) == before == ["high-step00000012.pt", "high-step00000016.pt", "low-step00000012.pt",
                                           "low-step00000016.pt"]
@@ -107,14 +108,20 @@ def test_a_dataset_change_that_moves_the_batch_order_is_refused_by_name(run, cap
 
 
 def test_resume_of_one_experts_state_continues_the_other_from_its_own(run, stopped, capsys):
-    """--resume high-step12 (an older state, under another name): high continues from it, low from its own
-    newest state; nothing of low's is deleted."""
+    """--resume of high's state under another name (the step is read from the state): high continues from it,
+    low from its own newest state; nothing of low's is deleted. An older state while newer ones exist is refused:
+    they would outlive the continuation and pass for its own."""
     project = _project(run)
-    backup = project.run_dir / "state" / "high-backup.pt"
-    shutil.copy(project.run_dir / "state" / "high-step00000012.pt", backup)
+    older = project.run_dir / "state" / "high-step00000012.pt"
+    assert main(["train", str(run / "wanpair.toml"), "--resume", str(older)]) == 2
+    assert "--resume high-step00000012.pt: the high-noise expert has newer states (high-step00000016.pt)" in \
+        capsys.readouterr().err
+    backup = project.run_dir.parent / "high-backup.pt"
+    shutil.move(project.run_dir / "state" / "high-step00000016.pt", backup)
+    older.unlink()
     assert main(["train", str(run / "wanpair.toml"), "--resume", str(backup)]) == 0
     out = capsys.readouterr().out
-    assert "continuing the high-noise expert from high-backup.pt (step 12)" in out
+    assert "continuing the high-noise expert from high-backup.pt (step 16)" in out
     assert "continuing the low-noise expert from low-step00000016.pt (step 16)" in out
     for e in ("high", "low"):
         assert _same_lora(project.lora_path(e), stopped.parent / "finished" / f"{e}.safetensors"), e

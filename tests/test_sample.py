@@ -112,7 +112,7 @@ def test_samples_during_training_name_which_loras_ran(demo, capsys):
     assert sorted(p.name for p in (project.run_dir / "samples").glob("high-*.png")) == [
         "high-step000018_00_a_red_circle_on_a_white_background_highLora+lowBase.png"]
     assert "note: samples during training use the low-noise base model without a LoRA: " \
-           "WAN2.2-LowNoise_demo_shapes_v1.safetensors is from a run with other settings or data." in capsys.readouterr().out
+           "WAN2.2-LowNoise_demo_shapes_v1.safetensors is not this run's (other settings or data, or unreadable)." in capsys.readouterr().out
 
 
 def test_samples_during_training_check_the_gpu_has_room_before_loading_the_other_expert(trained, monkeypatch, capsys):

@@ -343,14 +343,17 @@ class TrainingSampler:
         path = self.project.lora_path(other)
         if not path.exists():
             return None
-        with safe_open(str(path), framework="pt") as f:
-            found = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                found = f.metadata() or {}
+        except Exception:  # a damaged or foreign file (safetensors raises several types) is not this run's
+            found = {}
         if same_run(found, identity):
             return path
         if other not in self.noted:
             self.noted.add(other)
             print(f"note: samples during training use the {expert_name(other)} base model without a LoRA: "
-                  f"{path.name} is from a run with other settings or data.")
+                  f"{path.name} is not this run's (other settings or data, or unreadable).")
         return None
 
     def _room_for(self, other: str) -> bool:
@@ -361,7 +364,8 @@ class TrainingSampler:
         from .models.dit import inspect_dit
 
         torch.cuda.empty_cache()
-        need = expert_bytes(inspect_dit(self.project.dit_path(other)).config, 1) + 2**30
+        need = expert_bytes(inspect_dit(self.project.dit_path(other)).config, 1) + 2 * 2**30  # + its other weights
+        # (~0.3 GB) and a sampling step's activations
         free, _ = torch.cuda.mem_get_info(self.device)
         if need <= free:
             return True

@@ -100,12 +100,12 @@ class ExpertResult:
 
 class ExpertTraining:
     def __init__(self, project: Project, expert: str, dit: DitInfo, data: CachedData, device: torch.device,
-                 sampler=None, allow_expert_mismatch: bool = False, progress: bool = True):
+                 sampler=None, allow_expert_mismatch: bool = False, show_bar: bool = True):
         self.p, self.t, self.expert, self.dit, self.data = project, project.train, expert, dit, data
         self.window = project.experts[expert]
         self.sampler = sampler
         self.allow_expert_mismatch = allow_expert_mismatch
-        self.progress = progress
+        self.show_bar = show_bar  # a worker's bar would reach its parent's console as lines: the parent draws it
         self.device = device
         # accelerate keeps one process-wide state; a second unit in the same process (the next expert,
         # tests) may use another precision, so every unit starts from a clean one.
@@ -173,7 +173,7 @@ class ExpertTraining:
         if state.get("processes", 1) != self.world:  # each step takes micro-batches from every process
             raise WanpairError(f"{expert_noun(self.expert)}: its state was saved by a run of {state.get('processes', 1)} "
                                f"processes (GPUs), and this one has {self.world}: a step there is not a step here, so "
-                               "it cannot continue. Run it on as many, or start over with --overwrite.")
+                               "it cannot continue. Run it on as many (the same --gpus and experts_parallel as before).")
         self.progress = Progress.from_state(state)
         named = dict(self.unwrapped.named_parameters())
         with torch.no_grad():
@@ -302,7 +302,7 @@ class ExpertTraining:
                   "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type}
         self.metrics = MetricsLog(self.p.run_dir, expert, t.tensorboard, header, self.progress.step) if self.writes else None
         self.bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=expert_name(expert), unit="step",
-                        disable=not (self.writes and self.progress))
+                        disable=not (self.writes and self.show_bar))
         if self.val_items and self.progress.step == 0 and self.metrics:
             self.metrics.log({"step": 0, **self.validation_row()})
         self.bad, self.scaler_skips, self.start = 0, 0, time.perf_counter()

@@ -113,8 +113,12 @@ _SETTINGS_KEYS = ("wanpair.settings", "wanpair.output_settings")
 def differences(found: dict, identity: dict[str, str], outputs: bool = True) -> list[str]:
     """Which parts of the identity differ, in words (empty: it is this run's). `outputs=False` leaves out
     how the LoRA is saved (a state continues under a new save_dtype)."""
+    unrecorded = [k for k in _IDENTITY_NAMES if k not in found]
+    if unrecorded and "wanpair.settings" in found:  # saved by a wanpair from before these keys: they are unknown
+        return ["wanpair version (an earlier one, which did not record the "
+                f"{', '.join(_IDENTITY_NAMES[k] for k in unrecorded)})"]
     changed = [name for k, name in _IDENTITY_NAMES.items() if found.get(k) != identity[k]]
-    for key in _SETTINGS_KEYS[:2 if outputs else 1]:
+    for key in ("wanpair.settings", "wanpair.output_settings") if outputs else ("wanpair.settings",):
         old, new = _settings(found, key), json.loads(identity[key])
         if old is None:  # a file from before this key existed: which setting differs is unknown
             changed.append("[train] settings")

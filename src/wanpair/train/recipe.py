@@ -91,10 +91,6 @@ class LoraPairRecipe:
                 "training items, so it measures fit, not generalisation (add [[validation]] to dataset.toml or set "
                 "validation_split)"))
 
-    @property
-    def training_items(self):
-        return self.cached_data(paths=False).training_items
-
     # ---------------------------------------------------------------- caches
     def sample_prompts(self) -> list[str]:
         cfg = self.p.sample
@@ -173,18 +169,24 @@ class LoraPairRecipe:
                                         f"again from that state, move {outputs.final.name} away first.")
                 else:
                     problems.append(f"{outputs.final} already exists, made with a different {', '.join(changed)}. "
-                                    f"Restore {'them' if len(changed) > 1 else 'it'} to keep it, pass --overwrite to "
-                                    "train it again (removes it and that run's states, intermediate LoRAs, metrics and "
-                                    "samples), or change `name`.")
+                                    f"Restore {'them' if len(changed) > 1 else 'it'} to keep it, train it again with "
+                                    f"{self.overwrite_flags(e)} (removes it and that run's states, intermediate LoRAs, "
+                                    "metrics and samples), or change `name`.")
                 continue
             path = explicit if named is not None and named["expert"] == e else (outputs.states() or [None])[-1]
             saved = (named if path == explicit else load_state(path)) if path is not None else None
+            newer = [s for s in outputs.states() if s != path and _step_of(s) > saved["step"]] if saved else []
+            if newer:  # they would outlive this continuation, and a later rerun would take them for its own
+                problems.append(f"--resume {path.name}: {expert_noun(e)} has newer states ({', '.join(s.name for s in newer)}) "
+                                f"of the run it would leave. Move them out of {newer[0].parent} to continue from the "
+                                "older one, or resume from the newest.")
+                continue
             if saved is None:
                 earlier = outputs.earlier_work()
                 if earlier:
                     problems.append(f"{expert_noun(e)}: an earlier run left {describe(earlier, self.p.run_dir)} and no "
-                                    f"training state to continue from (in {self.p.run_dir}). Pass --overwrite to start "
-                                    "over (removes them), or move them away.")
+                                    f"training state to continue from (in {self.p.run_dir}). Start it over with "
+                                    f"{self.overwrite_flags(e)} (removes them), or move them away.")
                 else:
                     jobs.append(ExpertJob(e))
                 continue
@@ -192,8 +194,8 @@ class LoraPairRecipe:
             if changed:
                 problems.append(f"{expert_noun(e)}: its saved state {path.name} (step {saved['step']}) is from a run with "
                                 f"a different {', '.join(changed)}. To continue it, restore "
-                                f"{'them' if len(changed) > 1 else 'it'}; to start over, pass --overwrite (removes that "
-                                "run's states, intermediate LoRAs, metrics and samples).")
+                                f"{'them' if len(changed) > 1 else 'it'}; to start over, pass {self.overwrite_flags(e)} "
+                                "(removes that run's states, intermediate LoRAs, metrics and samples).")
                 continue
             side = side_differences(saved.get("settings", {}), self.p)
             print(f"continuing {expert_noun(e)} from {path.name} (step {saved['step']})"
@@ -205,6 +207,10 @@ class LoraPairRecipe:
         if problems:
             raise WanpairError("cannot start training:\n" + "\n".join(f"- {p}" for p in problems))
         return jobs, kept
+
+    def overwrite_flags(self, expert: str) -> str:
+        """How to start one expert over: `--overwrite` removes the work of every expert the command trains."""
+        return f"--overwrite --expert {expert}" if self.p.task.paired else "--overwrite"
 
     def forget_replaced_runs(self, jobs: list[ExpertJob]) -> None:
         """What the planned jobs replace: with --overwrite, everything an expert's earlier run made; when
@@ -282,9 +288,9 @@ class LoraPairRecipe:
             jobs, kept = self.plan_experts(experts, resume)
             if ranks is not None:
                 ranks.wait_for_everyone()  # every rank has read the states before rank 0 tidies them
-            if first:
-                self.forget_replaced_runs(jobs)
             try:
+                if first:
+                    self.forget_replaced_runs(jobs)
                 with ranks.local_main_process_first() if ranks is not None else contextlib.nullcontext():
                     self.prepare_caches()
                 clock["cached"] = time.perf_counter()
@@ -341,3 +347,8 @@ def time_line(seconds: dict[str, float], trained: list[ExpertResult]) -> str:
     experts = "".join(f"; {expert_name(r.expert)} {r.timings.describe()}" for r in trained)
     return (f"time: {human_seconds(seconds['total'])} — check {human_seconds(seconds['check'])}, "
             f"cache {human_seconds(seconds['cache'])}{experts}")
+
+
+def _step_of(state: Path) -> int:
+    """The step in a state's file name (`high-step00000400.pt`), as `save_state` writes it."""
+    return int(state.stem.rsplit("-step", 1)[1])

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     data = CachedData.from_json(handoff["data"])
     sampler = make_sampler(project, handoff["prompts"], [Path(p) for p in handoff["prompt_paths"]], device)
     unit = ExpertTraining(project, args.expert, inspect_dit(project.dit_path(args.expert)), data, device, sampler,
-                          handoff["allow_expert_mismatch"], progress=False)
+                          handoff["allow_expert_mismatch"], show_bar=False)
     try:
         result = unit.run(load_state(args.state) if args.state else None)
     except StopRequested as e:
@@ -92,20 +92,19 @@ def stop_when_orphaned() -> None:
     parent = int(os.environ.get(PARENT_PID, "0"))
     if not parent:
         return
-    orphaned = threading.Event()
+    orphaned = threading.Lock()  # taken once, by whichever notices first (a second SIGTERM is a second Ctrl-C)
 
     def stop() -> None:
         """Our output went to the parent, so the pipe is broken: a print would now raise, not save."""
-        if orphaned.is_set():
+        if not orphaned.acquire(blocking=False):
             return
-        orphaned.set()
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
         os.kill(os.getpid(), signal.SIGTERM)
 
     def watch():
-        while pid_alive(parent) and not orphaned.is_set():
+        while pid_alive(parent) and not orphaned.locked():
             time.sleep(1.0)
         stop()
 
