@@ -29,9 +29,10 @@ from wanpair.train.recipe import LoraPairRecipe
 
 SETTINGS = dict(learning_rate=2e-3, save_dtype="fp32", tensorboard=False)
 # the module's reference run, which the pair-parallel, data-parallel and interrupted runs must each equal:
-# 18 optimizer steps of 2 micro-batches per expert, long enough that both workers are still training when
-# their first states (step 4) appear; two data-parallel ranks of one micro-batch make the same steps
-REFERENCE = dict(epochs=2, save_state_every_n_steps=4, gradient_accumulation_steps=2)
+# 36 optimizer steps of 2 micro-batches per expert, long enough that both workers are still training when
+# their first states (step 4) appear and a stop reaches them (idle, a tiny worker takes ~0.03 s a step); two
+# data-parallel ranks of one micro-batch make the same steps
+REFERENCE = dict(epochs=4, save_state_every_n_steps=4, gradient_accumulation_steps=2)
 
 
 def _train(project, *args):
@@ -65,11 +66,11 @@ def _same(a, b):
 def test_pair_parallel_gives_the_same_loras_as_one_expert_after_the_other(shared_demo, tmp_path, reference):
     project = _copy(shared_demo, tmp_path, "parallel", **REFERENCE, experts_parallel="on")
     results = LoraPairRecipe(project).run()
-    assert [r.expert for r in results] == ["high", "low"] and all(r.steps == 18 for r in results)
+    assert [r.expert for r in results] == ["high", "low"] and all(r.steps == 36 for r in results)
     for expert in ("high", "low"):  # the reference trained them one after the other, in one process
         assert _same(_tensors(project, expert), _tensors(reference, expert)), expert
     rows = (project.run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 2 * (1 + 18)  # a validation row at step 0 and 18 steps each; both workers appended to the one metrics file, no line lost or torn
+    assert len(rows) == 2 * (1 + 36)  # a validation row at step 0 and 36 steps each; both workers appended to the one metrics file, no line lost or torn
 
 
 def test_data_parallel_over_two_processes_equals_one_process_with_twice_the_accumulation(shared_demo, tmp_path,
@@ -86,7 +87,7 @@ def test_data_parallel_over_two_processes_equals_one_process_with_twice_the_accu
     for k in a:
         assert ((a[k] - b[k]).norm() / a[k].norm().clamp(min=1e-12)).item() < 1e-5, k
     rows = (project.run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 1 + 18  # validation at step 0; 18 micro-batches per epoch, 2 per optimizer step, 2 epochs; only rank 0 logs
+    assert len(rows) == 1 + 36  # validation at step 0; 18 micro-batches per epoch, 2 per optimizer step, 4 epochs; only rank 0 logs
     assert not list(project.output_dir.glob("*partial*"))
 
 
@@ -184,7 +185,8 @@ def test_killing_wanpair_train_outright_stops_both_workers_which_save_and_a_new_
     (Continuing from such a save is the killed-expert test's, after its Ctrl-C.)"""
     from wanpair.train.run_lock import lock_holder, lock_path
 
-    project = _copy(shared_demo, tmp_path, "orphaned", **REFERENCE, experts_parallel="on")
+    # more epochs than the reference: neither worker may finish its run while the other reaches its first state
+    project = _copy(shared_demo, tmp_path, "orphaned", **{**REFERENCE, "epochs": 20}, experts_parallel="on")
     parent = _start(project)
     workers = [_worker(parent, "high"), _worker(parent, "low")]
     _wait_for_state(project, "low", parent)
