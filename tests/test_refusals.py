@@ -207,3 +207,14 @@ def test_optimizer_args_that_do_not_fit_are_refused_before_any_model_loads(demo,
         project = load_project(demo / "wanpair.toml")[0]
         with pytest.raises(WanpairError, match=rf"\[train\] optimizer_args .* do not fit adamw: .*{why}"):
             LoraPairRecipe(project).preflight(("high",))
+
+
+def test_values_of_the_wrong_kind_in_tables_are_named_not_a_traceback(demo, capsys):
+    config = demo / "dataset" / "dataset.toml"
+    config.write_text(config.read_text().replace('image_directory = "."', 'video_directory = "."\ntarget_frames = 5'))
+    assert main(["check", str(demo / "wanpair.toml")]) == 2
+    assert "[[datasets]] #1.target_frames = 5 should be a list." in capsys.readouterr().err
+    project = demo / "wanpair.toml"
+    project.write_text(project.read_text() + "\n[experts]\nhigh = 5\n")
+    assert main(["check", str(project)]) == 2
+    assert "[experts] high = 5 must be a table: [experts.high] on a line of its own" in capsys.readouterr().err

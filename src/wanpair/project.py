@@ -347,6 +347,10 @@ def _experts(raw: dict, path: Path, problems: list[str], warnings: list[str], re
                             "LoRA's settings go in [experts.full]." if name in ("high", "low") and not task.paired
                             else _unknown(name, experts, "[experts]", path))
             continue
+        if not isinstance(table, dict):
+            problems.append(f"{path}: [experts] {name} = {table!r} must be a table: [experts.{name}] on a line of its "
+                            "own, its keys below.")
+            continue
         for key, value in table.items():
             if key == "init_lora":
                 if not isinstance(value, str):

@@ -132,7 +132,10 @@ def load_dataset_config(path: str | Path) -> list[DatasetSpec]:
             problems.append(f"{path}: {where} must be a table.")
             continue
         is_video = "video_directory" in entry or "video_jsonl_file" in entry
+        known = len(problems)
         _check_types(entry, VIDEO_KEYS if is_video else IMAGE_KEYS, where, path, problems)
+        if len(problems) > known:  # a value of the wrong type (target_frames = 5): named, and the entry not read
+            continue
         merged = {**general, **entry}
         src_keys = [k for k in (("video_directory", "video_jsonl_file") if is_video else ("image_directory", "image_jsonl_file")) if k in entry]
         if len(src_keys) != 1:
