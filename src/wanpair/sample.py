@@ -323,6 +323,7 @@ class TrainingSampler:
         self.vae = None
         self.skipping = False
         self.noted: set[str] = set()  # experts whose stale LoRA file was mentioned
+        self.configs: dict[str, dict] = {}  # the other experts' configs, for the room check
 
     def _other(self, other: str, lora_path: Path | None):
         key = f"{other}:{lora_path}"
@@ -364,8 +365,10 @@ class TrainingSampler:
         from .models.dit import inspect_dit
 
         torch.cuda.empty_cache()
-        need = expert_bytes(inspect_dit(self.project.dit_path(other)).config, 1) + 2 * 2**30  # + its other weights
-        # (~0.3 GB) and a sampling step's activations
+        if other not in self.configs:  # read from its file's header once, not at every sample
+            self.configs[other] = inspect_dit(self.project.dit_path(other)).config
+        need = expert_bytes(self.configs[other], 1) + 2 * 2**30  # + its other weights (~0.3 GB) and a sampling
+        # step's activations
         free, _ = torch.cuda.mem_get_info(self.device)
         if need <= free:
             return True

@@ -41,7 +41,7 @@ from .metrics import best_validation, plot_loss, read_metrics
 from .outputs import ExpertOutputs, describe
 from .preflight import Checked, preflight
 from .run_lock import lock_path, run_lock
-from .state import list_states, load_state
+from .state import list_states, load_state, state_step
 
 
 @dataclass
@@ -175,7 +175,7 @@ class LoraPairRecipe:
                 continue
             path = explicit if named is not None and named["expert"] == e else (outputs.states() or [None])[-1]
             saved = (named if path == explicit else load_state(path)) if path is not None else None
-            newer = [s for s in outputs.states() if s != path and _step_of(s) > saved["step"]] if saved else []
+            newer = [s for s in outputs.states() if s != path and state_step(s) > saved["step"]] if saved else []
             if newer:  # they would outlive this continuation, and a later rerun would take them for its own
                 problems.append(f"--resume {path.name}: {expert_noun(e)} has newer states ({', '.join(s.name for s in newer)}) "
                                 f"of the run it would leave. Move them out of {newer[0].parent} to continue from the "
@@ -347,8 +347,3 @@ def time_line(seconds: dict[str, float], trained: list[ExpertResult]) -> str:
     experts = "".join(f"; {expert_name(r.expert)} {r.timings.describe()}" for r in trained)
     return (f"time: {human_seconds(seconds['total'])} — check {human_seconds(seconds['check'])}, "
             f"cache {human_seconds(seconds['cache'])}{experts}")
-
-
-def _step_of(state: Path) -> int:
-    """The step in a state's file name (`high-step00000400.pt`), as `save_state` writes it."""
-    return int(state.stem.rsplit("-step", 1)[1])

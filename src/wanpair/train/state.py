@@ -100,13 +100,18 @@ def save_state(run_dir: Path, expert: str, state: dict, keep: int) -> Path:
     return path
 
 
+def state_step(path: Path) -> int:
+    """The step in a state's file name as `save_state` writes it (`high-step00000400.pt`; another name: -1)."""
+    m = re.match(rf"(?:{'|'.join(EXPERT_NAMES)})-step(\d+)\.pt$", path.name)
+    return int(m[1]) if m else -1
+
+
 def list_states(run_dir: Path, expert: str | None = None) -> list[Path]:
     """The states of one expert (or all: high-noise before low-noise), oldest first."""
     order = {e: i for i, e in enumerate(EXPERT_NAMES)}
 
     def key(p: Path):
-        m = re.match(rf"({'|'.join(EXPERT_NAMES)})-step(\d+)\.pt$", p.name)
-        return (order[m[1]], int(m[2])) if m else (9, 0)
+        return order.get(p.name.split("-step", 1)[0], 9), state_step(p)
 
     return sorted((p for p in state_dir(run_dir).glob(f"{expert or '*'}-step*.pt")), key=key)
 

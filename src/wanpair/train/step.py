@@ -66,12 +66,14 @@ def update(optimizer, accelerator, params, loss: torch.Tensor, max_grad_norm: fl
     costs no host sync; other optimizers need the verdict first, one sync. In fp16 accelerate's loss
     scaler checks the gradients itself (and lowers the scale); the verdict is then the loss's alone."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-    finite: torch.Tensor | bool = loss.isfinite()
     scaler = accelerator.scaler
     # torch's GradScaler keeps its scale as a device tensor and halves it exactly when it skips a step (fused
     # AdamW skips on the device, where accelerate's `step_was_skipped` cannot see it): compared there, no sync.
     scale_before = scaler._scale.clone() if scaler is not None else None
-    if scaler is None:
+    finite: torch.Tensor | bool
+    if scaler is not None:
+        finite = loss.isfinite()
+    else:
         grads = [p.grad for p in params if p.grad is not None]
         norms = torch._foreach_norm(grads) if grads else []  # one fused pass instead of a check per tensor
         finite = torch.stack([*norms, loss]).isfinite().all()
