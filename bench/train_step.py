@@ -65,6 +65,7 @@ VARIANTS = {  # TrainSettings overrides; "default" is exactly what `wanpair trai
     "fp8mm-compile-cudagraphs": dict(fp8_matmul="on", compile="on", **ALL_CKPT),  # probe: all checkpointed, CUDA graphs
     "default-exact-accum": {},  # the default with the fp8 matmuls' fast accumulation off (Fp8Linear.fast_accum)
     "default-peftcast": {},  # the default with peft's fp32 cast of every LoRA input left on (see run_variant)
+    "default-graph": {},  # probe: the default with the step's forward and backward replayed as one CUDA graph
     # all 40 checkpointed in one way each (FORCED_POLICY below), for comparison; fp8mm-compile: as the plan chooses
     "ckpt-eager": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
     "ckpt-graph-recompute": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
@@ -159,8 +160,69 @@ def print_gaps(events, n: int) -> None:
         print(f"  gap {gap / 1e3:6.2f} ms after {a[:60]}  before {b[:60]}")
 
 
+def graphed_forward_backward(model, acc, params, batch, compute):
+    """A probe (issue 31): the forward and backward passes of `batch` captured once as a CUDA graph, so that a
+    step is one launch instead of ~8 700. Returns `forward_backward`'s replacement for batches of this shape:
+    it copies them into the captured inputs, replays, and points each LoRA parameter's `.grad` at the graph's
+    gradient (`update` sets them to None after each step)."""
+    from wanpair.train.step import forward_backward
+
+    static = [None if x is None else x.clone() for x in batch[0]]
+    side = torch.cuda.Stream()  # a warm-up pass on a side stream first, as torch.cuda.graph's notes advise
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward_backward(model, acc, [tuple(static)], compute)
+    torch.cuda.current_stream().wait_stream(side)
+    for p in params:
+        p.grad = None  # the captured backward writes fresh gradients instead of adding to old ones
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = forward_backward(model, acc, [tuple(static)], compute)
+    grads = [p.grad for p in params]
+
+    def run(model_, acc_, micro_batches, compute_):
+        for dst, src in zip(static, micro_batches[0]):
+            if dst is not None:
+                dst.copy_(src)
+        graph.replay()
+        for p, g in zip(params, grads):
+            p.grad = g
+        return loss.clone()  # the queued-ahead loop reads a step's loss after the next replay
+
+    return run
+
+
+def time_validation(model, acc, batch, compute, forwards: int = 16) -> dict:
+    """Seconds for `forwards` no-grad forward passes of the batch (what one validation evaluation does: 4
+    items x 4 timesteps), with the compiled blocks run eagerly (until 2026-12-03) and compiled (their no-grad
+    graph compiles at the first pass, timed apart)."""
+    from wanpair.train.flow_matching import flow_matching_loss
+    from wanpair.train.speed import eager
+
+    x0, noise, t, text, _ = batch[0]
+
+    def evaluate(n: int) -> float:
+        torch.cuda.synchronize()
+        s = time.perf_counter()
+        total = torch.zeros((), device=x0.device)
+        for _ in range(n):
+            total += flow_matching_loss(model, x0, noise, t, text, compute).float()
+        total.item()
+        return time.perf_counter() - s
+
+    model.eval()
+    with torch.no_grad(), acc.autocast():
+        with eager():
+            evaluate(1)
+            eager_s = evaluate(forwards)
+        first_s = evaluate(1)
+        compiled_s = evaluate(forwards)
+    model.train()
+    return dict(validation_eager_s=eager_s, validation_compiled_s=compiled_s, validation_first_compiled_s=first_s)
+
+
 def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, device: torch.device,
-                profile: bool = False) -> dict:
+                profile: bool = False, validation: bool = False) -> dict:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -216,11 +278,29 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
+    step_fb = forward_backward
     for i in range(warmup + steps):
+        if name.endswith("-graph") and i == warmup:
+            ref_loss = forward_backward(model, acc, batch, compute).item()
+            ref_grads = torch.cat([p.grad.flatten().float() for p in params])
+            optimizer.zero_grad(set_to_none=True)
+            step_fb = graphed_forward_backward(model, acc, params, batch, compute)
+            graph_loss = step_fb(model, acc, batch, compute).item()
+            graph_grads = torch.cat([p.grad.flatten().float() for p in params])
+            optimizer.zero_grad(set_to_none=True)
+            checks = dict(graph_loss=graph_loss, eager_loss=ref_loss,
+                          graph_grad_max_abs_diff=(graph_grads - ref_grads).abs().max().item(),
+                          graph_grad_cosine=torch.nn.functional.cosine_similarity(graph_grads, ref_grads, dim=0).item())
+            print("graph vs eager, same batch and LoRA:", checks, flush=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         s = time.perf_counter()
-        loss, _ = train_step(model, optimizer, scheduler, acc, params, batch, compute, 0.0)
+        if step_fb is forward_backward:
+            loss, _ = train_step(model, optimizer, scheduler, acc, params, batch, compute, 0.0)
+        else:
+            fb_loss = step_fb(model, acc, batch, compute)
+            finish(update(optimizer, acc, params, fb_loss, 0.0), scheduler)
+            loss = fb_loss.item()
         losses.append(loss)  # train_step waited for the step
         if i >= warmup:
             times.append(time.perf_counter() - s)
@@ -236,12 +316,15 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
         torch.cuda.synchronize()
     s, verdict = time.perf_counter(), None
     for i in range(steps):
-        loss = forward_backward(model, acc, batch, compute)
+        loss = step_fb(model, acc, batch, compute)
         if verdict is not None:
             finish(verdict, scheduler)
         verdict = update(optimizer, acc, params, loss, 0.0)
     finish(verdict, scheduler)
     pipelined = (time.perf_counter() - s) / steps
+    probes = time_validation(model, acc, batch, compute) if validation and device.type == "cuda" else {}
+    if probes:
+        print("one validation evaluation (16 forwards):", probes, flush=True)
     if profile and device.type == "cuda":
         print_profile(functools.partial(train_step, model, optimizer, scheduler, acc, params, batch, compute, 0.0))
     copied = sum(st.copied_bytes for st in {c.streamer for c in getattr(model.blocks, "calls", {}).values()})
@@ -254,7 +337,8 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
                   tflops=flops / med / 1e12, mfu=(flops / med / 1e12 / peak) if peak else None,
                   loss_finite=all(map(lambda v: v == v and abs(v) < float("inf"), losses)), gpu=gpu,
                   checkpointed=plan.checkpointed, streamed=len(plan.streamed), planned_gib=plan.estimate_gib,
-                  budget_gib=plan.budget_gib, streamed_gib_per_step=copied / (warmup + steps) / 2**30)
+                  budget_gib=plan.budget_gib, streamed_gib_per_step=copied / (warmup + steps) / 2**30,
+                  **(checks if name.endswith("-graph") else {}), **probes)
     if device.type == "cuda":
         result.update(max_allocated_gib=torch.cuda.max_memory_allocated(device) / 2**30,
                       max_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
@@ -322,6 +406,8 @@ def main() -> int:
     ap.add_argument("--variant", action="append", choices=list(VARIANTS), help="repeatable; default: default")
     ap.add_argument("--cap-gib", type=float, help="limit this process's GPU memory (per-process memory fraction)")
     ap.add_argument("--profile", action="store_true", help="after timing, print GPU kernel time by kind")
+    ap.add_argument("--validation", action="store_true", help="after timing, time one validation evaluation, "
+                    "eager and compiled")
     ap.add_argument("--accuracy", action="store_true", help="compare fp8 storage / matmuls with bf16 instead of timing")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -344,7 +430,7 @@ def main() -> int:
     rows = []
     for name in args.variant or ["default"]:
         try:
-            r = run_variant(name, cfg, shape, args.steps, args.warmup, device, args.profile)
+            r = run_variant(name, cfg, shape, args.steps, args.warmup, device, args.profile, args.validation)
         except Exception as e:  # a failed variant is a result too; go on with the others
             r = dict(variant=name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
             gc.collect()

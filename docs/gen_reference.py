@@ -60,6 +60,9 @@ MEANING = {
         "low_noise": "the pair's low-noise expert, e.g. `wan2.2_t2v_low_noise_14B_fp16.safetensors` (or "
                      "`transformer_2/`)",
         "dit": "a Wan 2.1 project's one model, e.g. `wan2.1_t2v_14B_fp16.safetensors`",
+        "captioner": "the Qwen2.5-VL-7B-Instruct folder that `wanpair caption` uses (default: "
+                     "`models/Qwen2.5-VL-7B-Instruct`, where `wanpair download --captioner` puts it); see "
+                     "[Captioning](captioning.md)",
     },
     "train": {
         "rank": "LoRA rank (`network_dim`)",
@@ -244,8 +247,9 @@ def models_table() -> str:
     comments = field_comments(Models)
     used_by = {f.name: [t for t in TASKS if f.name in (*TASKS[t].dit_keys, "vae", "t5", "tokenizer")] for f in fields}
     return table(("key", "needed by", "meaning"),
-                 ((f"`{f.name}`", ", ".join(f"`{t}`" for t in used_by[f.name]) if len(used_by[f.name]) < len(TASKS)
-                   else "every model", meaning("models", f.name, comments)) for f in fields))
+                 ((f"`{f.name}`", "every model" if len(used_by[f.name]) == len(TASKS) else
+                   ", ".join(f"`{t}`" for t in used_by[f.name]) or "no training (optional)",
+                   meaning("models", f.name, comments)) for f in fields))
 
 
 def allowed(key: str, bounds: dict) -> str:

@@ -22,7 +22,7 @@ from wanpair.train.flow_matching import flow_matching_loss
 from wanpair.train.metrics import read_metrics
 from wanpair.train.model_setup import prepare_expert
 from wanpair.train.recipe import LoraPairRecipe
-from wanpair.train.speed import compile_blocks
+from wanpair.train.speed import checkpoint_blocks, compile_blocks, eager
 from wanpair.train.streaming import stream_blocks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -132,12 +132,13 @@ def _grads(model, params, inputs):
     return loss.detach(), [p.grad.clone() for p in params]
 
 
-def _trainable(layers: int, settings: TrainSettings):
+def _trainable(layers: int, settings: TrainSettings, tokens: int = 0):
     """A tiny expert with LoRA whose B matrices are non-zero (so gradients reach A too); the same seed
-    gives the same base and the same LoRA."""
+    gives the same base and the same LoRA. `tokens`: what the memory plan plans for (a compiled expert's plan
+    needs it)."""
     model = _expert(layers)
     torch.manual_seed(1)
-    params, _ = prepare_expert(model, settings, torch.bfloat16)
+    params, _ = prepare_expert(model, settings, torch.bfloat16, tokens)
     _lora_b_nonzero(model)
     return model, params
 
@@ -171,6 +172,22 @@ def test_the_compiled_block_gives_the_eager_loss_and_gradients():
     (la, ga), (lb, gb) = _grads(eager, p_eager, inputs), _grads(compiled, p_compiled, inputs)
     # inductor fuses and reorders bf16 arithmetic: equal up to bf16 rounding (~0.4 % per op)
     assert rel(lb, la) < 1e-2 and max(rel(b, a) for a, b in zip(ga, gb)) < 5e-2
+
+
+def test_a_validation_pass_through_compiled_blocks_gives_the_eager_loss():
+    """Validation runs the compiled blocks without gradients (a graph of their own, compiled at the first
+    evaluation): the loss is eager's up to inductor's bf16 reordering, with blocks kept, and recomputing or
+    keeping attention inside their graph (their checkpoint is skipped without gradients)."""
+    model, params = _trainable(3, TrainSettings(checkpoint_blocks=0, compile="on"), tokens=64)  # _inputs(): 8x8
+    checkpoint_blocks(model, [None, "recompute", "save-attention"])
+    inputs = _inputs()
+    _grads(model, params, inputs)  # the training graph first, as in a run
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        with eager():
+            reference = flow_matching_loss(model, *inputs, torch.bfloat16)
+        compiled = flow_matching_loss(model, *inputs, torch.bfloat16)
+    assert rel(compiled, reference) < 1e-2
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -40,6 +40,7 @@ Also the Wan 2.2 I2V A14B pair, and Wan 2.1 T2V 14B / 1.3B (one model, one LoRA)
 
 On a fresh GPU machine:
   wanpair download                  fetch the recipe's weight files (the only command that uses the network)
+  wanpair caption my_dataset/       write a .txt caption for every image that has none (Qwen2.5-VL)
   wanpair init my_dataset/          write dataset.toml + wanpair.toml for a folder of images and captions
   wanpair doctor wanpair.toml       check the machine and the project before a long run
 
@@ -49,7 +50,7 @@ Then:
   wanpair train wanpair.toml        check, cache, train both experts, save both LoRAs
   wanpair sample wanpair.toml --prompt "..."   see what the pair does (both experts, like Wan 2.2)
   wanpair inspect LORA / export / merge        which expert a LoRA is for; convert; bake into a base
-  wanpair dashboard                 watch and compare runs in the browser (local, read-only)
+  wanpair dashboard                 make, start, queue and watch runs in the browser (local)
 
 A project file (wanpair.toml) names your model files, your Musubi-style dataset.toml and a
 run name; every training setting defaults to the proven recipe. `wanpair demo` writes one
@@ -109,6 +110,12 @@ def cmd_download(args) -> int:
     from .setup.download import download
     from .setup.scaffold import set_models_table
 
+    if args.captioner:
+        (folder,) = download(Path(args.dir).resolve(), captioner=True).values()
+        option = "" if Path(args.dir).resolve() == Path("models").resolve() else f" --captioner {folder}"
+        print(f"the captioner is in {folder} and verified; `wanpair caption DATASET_DIR{option}` uses it"
+              + (" (or name it as [models] captioner in the project)" if option else ""))
+        return 0
     paths = download(Path(args.dir).resolve(), args.variant, args.model)
     print(f"all {len(paths)} model entries are in {Path(args.dir).resolve()} and verified")
     print(set_models_table(Path(args.project).resolve(), paths, TASKS[args.model]))
@@ -118,16 +125,39 @@ def cmd_download(args) -> int:
 def cmd_init(args) -> int:
     from .data.dataset_config import load_dataset_config
     from .data.items import check_dataset
-    from .setup.scaffold import init
+    from .setup.scaffold import plan_init
 
     project = Path(args.project).resolve()
-    for line in init(Path(args.dataset_dir), project, args.name, Path(args.models).resolve(), args.force,
-                     TASKS[args.model]):
+    # the files' texts first: what init would refuse is refused before a captioner loads
+    plan = plan_init(Path(args.dataset_dir), project, args.name, Path(args.models).resolve(), args.force,
+                     TASKS[args.model])
+    if args.caption:  # then the captions, so that the check below sees them
+        from .caption import caption_folder, find_captioner
+
+        report = caption_folder(args.dataset_dir, find_captioner(project, Path(args.models)), trigger=args.trigger)
+        print(report.render())
+    for line in plan.write():
         print(line)
     report = check_dataset(load_dataset_config(Path(args.dataset_dir).resolve() / "dataset.toml"))
     print(report.render())
     print(f"\nnext: wanpair doctor {args.project}   then: wanpair train {args.project}")
     return 1 if report.errors else 0
+
+
+def cmd_caption(args) -> int:
+    from .caption import DEFAULT_PROMPT, caption_folder, find_captioner, read_prompt
+
+    prompt = read_prompt(args.prompt) if args.prompt else DEFAULT_PROMPT
+    captioner = Path(args.captioner).resolve() if args.captioner else find_captioner(Path(args.project), Path("models"))
+    report = caption_folder(args.dir, captioner, trigger=args.trigger, prompt=prompt, force=args.force,
+                            dry_run=args.dry_run, device=args.device, precision=args.precision,
+                            batch_size=args.batch_size)
+    print(report.render())
+    dataset = Path(args.dir) / "dataset.toml"
+    if report.written and not args.dry_run:
+        print(f"\nread them: wanpair check {dataset} --captions" if dataset.is_file() else
+              f"\nnext: wanpair init {args.dir}   (then `wanpair check {dataset} --captions` lists them)")
+    return 1 if report.failed else 0
 
 
 def cmd_doctor(args) -> int:
@@ -147,7 +177,7 @@ def cmd_dashboard(args) -> int:
     for root in roots:
         if not root.is_dir():
             raise WanpairError(f"{root} is not a folder; give the output folders your runs write to (default: .).")
-    serve(roots, args.host, args.port)
+    serve(roots, args.host, args.port, args.token)
     return 0
 
 
@@ -168,6 +198,9 @@ def cmd_check(args) -> int:
         dataset_config = path
     report = check_dataset(load_dataset_config(dataset_config), tokenizer)
     print(report.render())
+    if args.captions:
+        for image, caption in dict((it.image, it.caption) for it in report.items).items():
+            print(f"\n{image.name}: {caption}")
     return 1 if report.errors or report.warnings else 0
 
 
@@ -374,7 +407,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "wanpair trains on fp8 weights either way")
     p.add_argument("--project", default="wanpair.toml",
                    help="the project file whose [models] table is written (created if missing; default ./wanpair.toml)")
+    p.add_argument("--captioner", action="store_true",
+                   help="fetch only the captioner of `wanpair caption` instead: Qwen2.5-VL-7B-Instruct (16.6 GB) "
+                        "into DIR/Qwen2.5-VL-7B-Instruct; the project file is left as it is")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("caption", epilog=_guide("captioning"),
+                       help="write a .txt caption beside every image and clip that has none (Qwen2.5-VL, GPU)",
+                       description="Caption the images and video clips of DIR with a vision-language model "
+                                   "(Qwen2.5-VL-7B-Instruct; `wanpair download --captioner` fetches it): NAME.txt beside "
+                                   "NAME.png, one dense English paragraph in the style Wan was trained on (subject, "
+                                   "action, setting, camera, lighting), the trigger words first. A clip is described "
+                                   "from 8 frames spread across it. Captions already there are kept unless --force. "
+                                   "Needs a CUDA GPU (bf16, or fp8 weights when memory is short; 16 GB is enough). "
+                                   "Exit 0 when every file got its caption, 1 when some failed (listed).")
+    p.add_argument("dir", help="the folder with your images (or clips)")
+    p.add_argument("--trigger", default="", help='words that start every caption, e.g. --trigger "sks person"')
+    p.add_argument("--prompt", metavar="FILE",
+                   help="a text file with your own instruction for the captioner (default: the one in "
+                        "docs/captioning.md)")
+    p.add_argument("--force", action="store_true", help="replace captions that are there already")
+    p.add_argument("--dry-run", action="store_true", help="print the captions it would write; write nothing")
+    p.add_argument("--captioner", metavar="FOLDER",
+                   help="the Qwen2.5-VL folder (default: [models] captioner of --project, else "
+                        "./models/Qwen2.5-VL-7B-Instruct)")
+    p.add_argument("--project", default="wanpair.toml", help="the project whose [models] captioner to use, if it "
+                                                             "names one (default ./wanpair.toml)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto (default): the GPU when there is one. The 7B model is refused on the CPU")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp8"), default="auto",
+                   help="the weights on the GPU: auto (default) = bf16 when it fits in free memory, else fp8")
+    p.add_argument("--batch-size", type=int, default=8, help="files captioned at once (default 8: twice as fast as 4 on an H200, 18 GiB at 960x960)")
+    p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("init", epilog=_guide("getting-started"),
                        help="write dataset.toml and wanpair.toml for a folder of images (or videos) and captions",
@@ -388,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_option(p, "which pair the project trains (i2v-A14B needs video clips)")
     p.add_argument("--project", default="wanpair.toml", help="the project file to write (default: ./wanpair.toml)")
     p.add_argument("--force", action="store_true", help="replace an existing dataset.toml / project file")
+    p.add_argument("--caption", action="store_true",
+                   help="first write the captions that are missing, as `wanpair caption` does (a GPU and the "
+                        "captioner: `wanpair download --captioner`)")
+    p.add_argument("--trigger", default="", help='with --caption: words that start every new caption, e.g. "sks person"')
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("doctor", epilog=_guide("getting-started", "speed-memory"),
@@ -400,15 +468,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("dashboard", epilog=_guide("dashboard"),
-                       help="watch and compare LoRA-pair runs in the browser (local, read-only)",
-                       description="Serve a web page over the runs under the given folders (each run: "
-                                   "<output_dir>/<name>/metrics.jsonl): state, steps and ETA of both experts, loss, "
-                                   "validation loss, learning rate, speed and memory of the pair side by side and live, "
-                                   "the samples in a grid, the LoRA files and the command that samples a chosen pair. "
-                                   "Works offline; serves nothing outside the run folders.")
-    p.add_argument("dirs", nargs="*", metavar="DIR", help="folders to look for runs in (default: the current folder)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+                       help="make, start, stop, continue, queue and watch LoRA-pair runs in the browser (local)",
+                       description="Serve a web page over the given folders: make a new run from a folder of media "
+                                   "and captions (the check report, the model files, the settings; it writes what "
+                                   "`wanpair init` writes), start it with the doctor's plan shown first, stop it "
+                                   "(Ctrl-C: state and partial LoRAs saved), continue it, queue runs one after another "
+                                   "(one training at a time); watch every run (<output_dir>/<name>/metrics.jsonl): "
+                                   "state, steps and ETA of both experts, loss, validation loss, learning rate, speed "
+                                   "and memory side by side and live, the log, the samples in a grid, the LoRA files "
+                                   "to download. Prints a URL with a token: requests that write or start need it. "
+                                   "Works offline; reads and writes only inside the folders given.")
+    p.add_argument("dirs", nargs="*", metavar="DIR",
+                   help="folders to find runs and datasets in, and the only ones it writes to (default: the current "
+                        "folder); the queue is kept in the first one's .wanpair-dashboard/")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; another prints a warning)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--token", help="the token requests that write or start must carry (default: a new random one)")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("check", epilog=_guide("datasets"),
@@ -418,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bucket, duplicates, over-long captions, and the bucket table. Exit code 0 = "
                                    "clean, 1 = problems found.")
     p.add_argument("file", help="a wanpair.toml project or a Musubi dataset.toml")
+    p.add_argument("--captions", action="store_true", help="also print every item's caption, to read them over")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("cache", epilog=_guide("datasets"),

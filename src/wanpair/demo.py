@@ -11,6 +11,7 @@ the ordinary `train` path on a generated `wanpair.toml`, so it exercises the cod
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,59 @@ def make_demo(root: Path, task: Task = T2V) -> Path:
         "epochs = 8\n"
     )
     return project
+
+
+# A tiny Qwen2.5-VL for the captioner's tests: the real classes at toy sizes (head dim 8: M-RoPE sections 1+1+2).
+TINY_CAPTIONER = dict(
+    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+              rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+    vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                fullatt_block_indexes=[0]),
+    max_pixels=112 * 112)  # at most 16 image tokens a picture
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# Qwen's ChatML as its model card describes it: a default system turn, then each turn between <|im_start|>ROLE and
+# <|im_end|>, an image as <|vision_start|><|image_pad|><|vision_end|> where it stands in the user's turn.
+QWEN_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_captioner(folder: Path, text: dict, vision: dict, max_pixels: int, vocab_size: int | None = None,
+                   device: str = "cpu", dtype: torch.dtype = torch.float32) -> Path:
+    """A random Qwen2.5-VL of the given sizes, saved as the hub's folder is (config, weights, tokenizer, image
+    processor, chat template). The tokenizer is byte-level over printable ASCII and Qwen's special tokens, padded
+    with tokens no text encodes to to `vocab_size` (the 7B's 152064, for a benchmark)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    chars = [c for b, c in bytes_to_unicode().items() if 32 <= b < 127 or b == 10]
+    filler = max(0, (vocab_size or 0) - len(chars) - len(QWEN_SPECIAL_TOKENS))
+    vocab = {token: i for i, token in enumerate([*chars, *(f"<filler_{i}>" for i in range(filler))])}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    ids = dict(zip(QWEN_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS))))
+    config = Qwen2_5_VLConfig(
+        text_config={**text, "vocab_size": vocab_size or len(tokenizer), "bos_token_id": ids["<|endoftext|>"],
+                     "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]},
+        vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        vision_token_id=ids["<|vision_pad|>"])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, torch_dtype=dtype)
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_pixels)
+    processor.save_pretrained(folder)
+    settings = json.loads((folder / "preprocessor_config.json").read_text())  # named as in Qwen's own folder
+    settings.update(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor")
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings, indent=2))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_CHAT_TEMPLATE}))
+    return folder

@@ -43,6 +43,7 @@ class Models:
     high_noise: Path | None = None  # a Wan 2.2 pair's experts
     low_noise: Path | None = None
     dit: Path | None = None  # a Wan 2.1 single model
+    captioner: Path | None = None  # optional, not for training: the Qwen2.5-VL folder `wanpair caption` uses
 
 
 @dataclass
@@ -156,6 +157,7 @@ class Project:
 
 TOP_KEYS = {"name", "model", "author", "output_dir", "models", "dataset", "train", "experts", "sample"}
 MODEL_KEYS = {f.name for f in dataclasses.fields(Models)}
+OPTIONAL_MODEL_KEYS = {"captioner"}  # "" = not set, and no training needs them
 TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings)}
 CHOICES = {
     "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
@@ -437,7 +439,7 @@ def _model_keys(models_raw: dict, task: Task, path: Path, problems: list[str]) -
     for key, value in models_raw.items():
         if not isinstance(value, str):
             problems.append(f"{path}: [models] {key} = {value!r} should be a path (a string).")
-    unset = [k for k, v in models_raw.items() if k in MODEL_KEYS and _unset(v)]
+    unset = [k for k, v in models_raw.items() if k in MODEL_KEYS - OPTIONAL_MODEL_KEYS and _unset(v)]
     if unset:
         keys = " and ".join([", ".join(unset[:-1]), unset[-1]] if len(unset) > 1 else unset)
         problems.append(
@@ -495,7 +497,7 @@ def load_project(path: str | Path) -> tuple[Project, list[str]]:
                         "after training.")
     if problems:
         raise WanpairError("\n".join(problems))
-    models = Models(**{k: resolve(v) for k, v in models_raw.items()})
+    models = Models(**{k: resolve(v) for k, v in models_raw.items() if not _unset(v)})
     project = Project(
         path=path, name=name, models=models, dataset_config=resolve(dataset_raw["config"]),
         output_dir=resolve(raw.get("output_dir", "output")), author=str(raw.get("author", "")),

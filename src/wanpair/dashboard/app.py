@@ -1,25 +1,87 @@
-"""`wanpair dashboard`: a local, read-only web page over LoRA-pair runs (Flask; charts by Plotly).
+"""`wanpair dashboard`: a local web page that makes, runs and watches LoRA-pair runs (Flask; charts by Plotly).
 
 Every asset comes from this package or from the `plotly` package (its bundled plotly.min.js), so the
-page works offline. It binds to 127.0.0.1 unless told otherwise, and serves no file outside a run
-folder (`runs.safe_file`). The page polls `/api/.../metrics?offset=&file=` for lines appended since its
-last read, so a running training's charts grow without a reload; after a resume rewrote the file, the
-answer says `reset` and the page draws the charts again from the rows it gets.
+page works offline. The page polls `/api/.../metrics?offset=&file=` for lines appended since its last
+read, so a running training's charts grow without a reload; after a resume rewrote the file, the answer
+says `reset` and the page draws the charts again from the rows it gets.
+
+Because the page can start processes and write files, it follows Jupyter's safety model: it binds to
+127.0.0.1 unless told otherwise; a random token made at launch is printed in the URL, and every request
+that writes or starts (a POST) must carry it in the `X-Wanpair-Token` header -- never a cookie, so another
+site cannot make a browser send it (no CSRF); reading stays open. Paths come from the page as (root,
+relative path) and are checked by `paths.Roots`; files are served and written only inside the roots.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import functools
+import hmac
+import os
+import secrets
+import subprocess
+import sys
 from pathlib import Path
 
 from flask import Flask, Response, abort, jsonify, render_template, request, send_file
 
+from ..errors import WanpairError
+from ..models.tasks import TASKS
 from . import runs as R
+from .jobs import ACTIVE, JobQueue, caption_job, train_job
+from .new_run import (NeedsConfirmation, NewRun, captioner_in, captions, check_report, dataset_folders,
+                      model_choices, recipe_settings, write_caption)
+from .paths import PathRefused, Roots
+
+TOKEN_HEADER = "X-Wanpair-Token"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+QUEUE_FOLDER = ".wanpair-dashboard"  # in the first root: the queue, the jobs' logs and the dashboard's lock
 
 
-def create_app(roots: list[Path]) -> Flask:
+def create_app(roots: list[Path], token: str | None = None, tick_s: float | None = 1.0) -> Flask:
+    """The app over `roots`; `token`: what writes must carry (default: a new random one, in app.config);
+    `tick_s`: how often the queue looks at its jobs (None: only when asked, for tests)."""
     app = Flask(__name__)
-    roots = [Path(r).resolve() for r in roots]
+    app.json.sort_keys = False  # [models] keys in the project's order
+    where = Roots.of(roots)
+    roots = list(where.paths)
+    app.config["token"] = token = token or secrets.token_urlsafe(24)
+    if tick_s:  # a serving dashboard: the only one that runs this queue
+        app.config["lock"] = _only_dashboard_of(roots[0] / QUEUE_FOLDER)
+    jobs = JobQueue(roots[0] / QUEUE_FOLDER, lambda: R.training_now(roots))
+    app.config["jobs"] = jobs
+    if tick_s:
+        jobs.run_forever(tick_s)
+
+    @app.before_request
+    def writes_need_the_token():
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return None
+        given = request.headers.get(TOKEN_HEADER, "")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            what = "without the dashboard's token" if not given else "with a wrong token"
+            return jsonify(error=f"refused: a request that writes or starts was sent {what}. Open the URL "
+                                 "`wanpair dashboard` printed (it ends in ?token=...)."), 403
+        return None
+
+    @app.errorhandler(WanpairError)
+    def refused(e: WanpairError):
+        status = 403 if isinstance(e, PathRefused) else 409 if isinstance(e, NeedsConfirmation) else 400
+        return jsonify(error=str(e), confirm=isinstance(e, NeedsConfirmation)), status
+
+    def body() -> dict:
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise WanpairError("the request must be a JSON object.")
+        return data
+
+    def job_view(job) -> dict:
+        run = R.Run(Path(job.run_dir)) if job.run_dir else None
+        progress = R.summary_of(run) if run and run.metrics.exists() else None
+        return dataclasses.asdict(job) | {"owned": jobs.owned(job), "tail": jobs.log_tail(job, 12),
+                                          "run": progress and progress["id"], "eta_s": progress and progress["eta_s"],
+                                          "project_at": where.locate(Path(job.project)) if job.project else None}
 
     def run_by_id(run_id: str) -> R.Run:
         run = next((r for r in R.find_runs(roots) if r.id == run_id), None)
@@ -29,7 +91,7 @@ def create_app(roots: list[Path]) -> Flask:
 
     @app.get("/")
     def index():
-        return render_template("index.html", roots=[str(r) for r in roots])
+        return render_template("index.html", roots=[str(r) for r in roots], settings=recipe_settings(), tasks=list(TASKS))
 
     @app.get("/static/plotly.min.js")
     def plotly_js():
@@ -43,8 +105,17 @@ def create_app(roots: list[Path]) -> Flask:
     @app.get("/api/runs/<run_id>")
     def api_run(run_id):
         run = run_by_id(run_id)
+        job = next((j for j in reversed(jobs.jobs) if j.run_dir == str(run.run_dir)), None)
         return jsonify(R.summary_of(run) | {"samples": R.samples_of(run), "loras": R.loras_of(run),
-                                             "project": R.project_of(run)})
+                                             "project": R.project_of(run) or (job and job.project),
+                                             "job": job and job.id, "log": jobs.log_tail(job, 30) if job else []})
+
+    @app.get("/api/runs/<run_id>/lora/<name>")
+    def lora_file(run_id, name):
+        lora = next((l for l in R.loras_of(run_by_id(run_id)) if l["file"] == name), None)
+        if lora is None:
+            abort(404)
+        return send_file(lora["path"], as_attachment=True)
 
     @app.get("/api/runs/<run_id>/metrics")
     def api_metrics(run_id):
@@ -58,6 +129,97 @@ def create_app(roots: list[Path]) -> Flask:
             abort(404)
         return send_file(path, conditional=True)
 
+    # ------------------------------------------------------------ a new run
+    @app.get("/api/folders")
+    def api_folders():
+        return jsonify(roots=[str(r) for r in roots], folders=dataset_folders(where))
+
+    @app.get("/api/folder")
+    def api_folder():
+        folder = where.resolve(request.args.get("root", type=int), request.args.get("path", ""))
+        report = check_report(folder, request.args.get("force") == "true")
+        return jsonify(items=captions(folder, where), report=report.render(), errors=report.errors,
+                       warnings=report.warnings)
+
+    @app.get("/media")
+    def media():
+        path = where.resolve(request.args.get("root", type=int), request.args.get("path", ""))
+        if not path.is_file() or path.suffix.lower() not in R.MEDIA:
+            abort(404)
+        return send_file(path, conditional=True)
+
+    @app.get("/api/models")
+    def api_models():
+        return jsonify(model_choices(where, request.args.get("task", "")))
+
+    @app.post("/api/caption")
+    def api_caption():
+        data = body()
+        cap = write_caption(where.resolve(data.get("root"), data.get("path")), str(data.get("text", "")), where)
+        return jsonify(written=where.locate(cap))
+
+    @app.post("/api/caption-job")
+    def api_caption_job():
+        data = body()
+        folder = where.resolve(data.get("root"), data.get("path"))
+        if not folder.is_dir():
+            raise WanpairError(f"{folder} is not a folder of images or clips.")
+        return jsonify(job_view(jobs.add(caption_job(folder, captioner_in(where), str(data.get("trigger", "")).strip()))))
+
+    @app.post("/api/new-run/preview")
+    def api_preview():
+        data = body()
+        new = NewRun.from_request(data, where)
+        plan = new.plan(recipe_dataset=data.get("recipe_dataset") is True)
+        return jsonify(project=where.locate(plan.project), project_toml=plan.project_text,
+                       dataset=where.locate(plan.dataset), dataset_toml=plan.dataset_text,
+                       existing=[str(p) for p in new.existing(plan)], problems=new.problems(plan), notes=plan.notes)
+
+    @app.post("/api/new-run")
+    def api_new_run():
+        data = body()
+        plan, done = NewRun.from_request(data, where).create(recipe_dataset=data.get("recipe_dataset") is True,
+                                                             replace=data.get("replace") is True)
+        return jsonify(project=where.locate(plan.project), done=done)
+
+    @app.get("/api/plan")
+    def api_plan():
+        """`wanpair doctor PROJECT`, in a process of its own: in this one it would hold a CUDA context on every
+        GPU for as long as the dashboard lives. While another run trains, its memory plan is measured beside
+        that run and may fail; the run then waits in the queue, so the verdict does not stop it being queued."""
+        project = where.resolve(request.args.get("root", type=int), request.args.get("path", ""))
+        doctor = subprocess.run([sys.executable, "-m", "wanpair.cli", "doctor", str(project)], cwd=project.parent,
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        busy = {Path(j.lock) for j in jobs.jobs if j.lock and j.state in ACTIVE} | set(R.training_now(roots))
+        training = ", ".join(sorted(l.name[1:-5] for l in busy))
+        lines = (doctor.stdout + doctor.stderr).rstrip().splitlines() + [
+            f"· this plan was measured while {training} trains: this run waits in the queue and starts when it "
+            "ends (one training at a time on this machine)" if busy else "· no other training under these folders now"]
+        return jsonify(ok=doctor.returncode == 0 or bool(busy), lines=lines)
+
+    # ------------------------------------------------------------ the queue
+    @app.get("/api/jobs")
+    def api_jobs():
+        return jsonify([job_view(j) for j in reversed(jobs.jobs)])
+
+    @app.get("/api/jobs/<job_id>/log")
+    def api_job_log(job_id):
+        return jsonify(lines=jobs.log_tail(jobs.get(job_id), request.args.get("lines", 200, type=int)))
+
+    @app.post("/api/jobs")
+    def api_add_job():
+        data = body()
+        project = where.resolve(data.get("root"), data.get("path"))
+        return jsonify(job_view(jobs.add(train_job(project, overwrite=data.get("overwrite") is True))))
+
+    @app.post("/api/jobs/<job_id>/stop")
+    def api_stop(job_id):
+        return jsonify(job_view(jobs.stop(job_id)))
+
+    @app.post("/api/jobs/<job_id>/continue")
+    def api_continue(job_id):
+        return jsonify(job_view(jobs.again(job_id)))
+
     return app
 
 
@@ -68,11 +230,44 @@ def _plotly_js() -> str:
     return get_plotlyjs()
 
 
-def serve(roots: list[Path], host: str, port: int) -> None:
+def _only_dashboard_of(folder: Path):
+    """The dashboard's lock on `folder` (its queue), held for its lifetime: two dashboards on one queue would
+    both start its jobs. A flock, so a dashboard that died holds nothing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = open(folder / "dashboard.lock", "a+")  # held open as long as the app lives
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip()
+        lock.close()
+        raise WanpairError(f"another wanpair dashboard{f' (pid {pid})' if pid.isdigit() else ''} already serves "
+                           f"{folder.parent} (its queue: {folder}); open its URL, or stop it first.") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def launch_message(roots: list[Path], host: str, port: int, token: str) -> str:
+    """What `wanpair dashboard` prints: the URL with its token, and a warning when others can reach it."""
+    shown = f"[{host}]" if ":" in host else host
+    lines = [f"wanpair dashboard: http://{shown}:{port}/?token={token}",
+             f"  runs under {', '.join(str(r) for r in roots)}; this URL starts runs, the page without its token only "
+             "shows them. Ctrl-C stops the dashboard, not the trainings it started."]
+    if host not in LOCAL_HOSTS:
+        lines.insert(0, f"WARNING: --host {host} lets other machines reach this page; whoever has the URL with its "
+                        "token can start trainings and write files in these folders. Prefer the default 127.0.0.1 "
+                        f"and `ssh -L {port}:127.0.0.1:{port} gpu-box` from your computer (docs/dashboard.md).")
+    return "\n".join(lines)
+
+
+def serve(roots: list[Path], host: str, port: int, token: str | None = None) -> None:
     import logging
 
     from werkzeug.serving import run_simple
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request: the page polls every 2 s
-    print(f"wanpair dashboard: http://{host}:{port}/  (runs under {', '.join(str(r) for r in roots)}; Ctrl-C stops)")
-    run_simple(host, port, create_app(roots), threaded=True)
+    app = create_app(roots, token)
+    print(launch_message(roots, host, port, app.config["token"]))
+    run_simple(host, port, app, threaded=True)

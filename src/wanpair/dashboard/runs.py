@@ -52,17 +52,27 @@ class Run:
         return self.run_dir / "metrics.jsonl"
 
 
-def find_runs(roots: list[Path]) -> list[Run]:
-    runs = set()
+def _folders(roots: list[Path]):
+    """(folder, its file names) under the roots, down to SEARCH_DEPTH, past hidden folders and runs' own."""
     for root in roots:
         root = root.resolve()
         for dirpath, dirnames, filenames in os.walk(root):
             depth = len(Path(dirpath).relative_to(root).parts)
             dirnames[:] = [d for d in dirnames if depth < SEARCH_DEPTH and not d.startswith(".")
                            and d not in ("cache", "state", "samples", "tensorboard")]
-            if "metrics.jsonl" in filenames:
-                runs.add(Run(Path(dirpath)))
+            yield Path(dirpath), filenames
+
+
+def find_runs(roots: list[Path]) -> list[Run]:
+    runs = {Run(folder) for folder, filenames in _folders(roots) if "metrics.jsonl" in filenames}
     return sorted(runs, key=lambda r: -r.metrics.stat().st_mtime)
+
+
+def training_now(roots: list[Path]) -> list[Path]:
+    """The run locks under the roots that a training holds now (one still caching has no metrics yet, but
+    holds its lock)."""
+    return [folder / name for folder, filenames in _folders(roots) for name in filenames
+            if name.startswith(".") and name.endswith(".lock") and lock_is_held(folder / name)]
 
 
 def read_rows(path: Path, offset: int = 0) -> tuple[list[dict], int]:

@@ -20,7 +20,8 @@ from ..errors import WanpairError
 from .buckets import choose_bucket
 from .dataset_config import DatasetSpec
 from .images import IMAGE_EXTENSIONS, load_rgb
-from .video import VIDEO_EXTENSIONS, WAN_FPS, clip_ranges, content_hash, is_video, read_frames, resample
+from .media import caption_path, dataset_media
+from .video import VIDEO_EXTENSIONS, WAN_FPS, clip_ranges, content_hash, read_frames, resample
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,10 @@ def _pairs(spec: DatasetSpec, report: Report) -> list[tuple[Path, str | None, Pa
     if not spec.source.is_dir():
         report.errors.append(f"{spec.source}: {media}_directory does not exist (dataset #{spec.index + 1}).")
         return []
+    entries = dataset_media(spec.source, spec.kind)
     if spec.kind == "video":
-        entries = sorted(p for p in spec.source.iterdir() if not p.name.startswith(".") and p.name != "cache" and is_video(p))
         kinds = "videos (" + ", ".join(sorted(VIDEO_EXTENSIONS)) + ", or folders of frames)"
     else:
-        entries = sorted(p for p in spec.source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         kinds = "images (" + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"
     stems = {p.name if p.is_dir() else p.stem for p in entries}
     for cap in sorted(spec.source.glob(f"*{spec.caption_extension}")):
@@ -107,7 +107,7 @@ def _pairs(spec: DatasetSpec, report: Report) -> list[tuple[Path, str | None, Pa
             report.warnings.append(f"{cap}: caption without an {media} (no {cap.stem}.*); it is ignored.")
     pairs = []
     for entry in entries:
-        cap = spec.source / f"{entry.name if entry.is_dir() else entry.stem}{spec.caption_extension}"
+        cap = caption_path(entry, spec.caption_extension)
         if not cap.is_file():
             report.errors.append(f"{entry}: no caption file {cap.name}; write one (same name, {spec.caption_extension}).")
             continue

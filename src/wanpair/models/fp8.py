@@ -143,10 +143,10 @@ def block_linears(model) -> list[tuple[str, torch.nn.Module]]:
             if n.startswith("blocks.") and isinstance(m, torch.nn.Linear) and ".lora_" not in n]
 
 
-def to_fp8_linears(model, compute_dtype: torch.dtype) -> None:
-    """Replace every block `nn.Linear` by an `Fp8Linear`, quantising its weight (meta modules stay
-    empty for a loader to fill with `set_weight`)."""
-    for name, linear in block_linears(model):
+def to_fp8_linears(model, compute_dtype: torch.dtype, linears: list[tuple[str, torch.nn.Module]] | None = None) -> None:
+    """Replace every block `nn.Linear` (or the `linears` given, named inside `model`) by an `Fp8Linear`,
+    quantising its weight (meta modules stay empty for a loader to fill with `set_weight`)."""
+    for name, linear in block_linears(model) if linears is None else linears:
         if isinstance(linear, Fp8Linear):
             continue
         parent_name, _, child = name.rpartition(".")

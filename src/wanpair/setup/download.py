@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_text_atomic
+from ..caption import CAPTIONER_DIR, CAPTIONER_REPO
 from ..errors import WanpairError
 from ..models.tasks import T2V, T2V_1_3B, TASKS
 from ..sizes import human_bytes
@@ -40,6 +41,12 @@ class HubFile:
     path: str
     variant: str = ""  # "" = every variant
     model: str = ""  # "" = every pair (`wanpair.models.tasks`)
+    into: str = ""  # the folder under the models folder it goes into ("": its path in the repository, as is)
+
+    @property
+    def key(self) -> str:
+        """Where it goes, relative to the models folder (also its row in the verified-hashes file)."""
+        return f"{self.into}/{self.path}" if self.into else self.path
 
 
 RECIPE_FILES = (
@@ -53,6 +60,14 @@ RECIPE_FILES = (
     *(HubFile("tokenizer", WAN_I2V, f"{TOKENIZER_DIR}/{name}")
       for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")),
 )
+# The captioner (`wanpair caption`), fetched alone by `wanpair download --captioner`: the files transformers
+# loads Qwen2.5-VL-7B-Instruct from (its config, tokenizer, image processor and chat template, and the five
+# bf16 shards), into models/Qwen2.5-VL-7B-Instruct/.
+CAPTIONER_FILES = tuple(
+    HubFile("captioner", CAPTIONER_REPO, name, into=CAPTIONER_DIR)
+    for name in ("config.json", "generation_config.json", "preprocessor_config.json", "chat_template.json",
+                 "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "model.safetensors.index.json",
+                 *(f"model-{i:05d}-of-00005.safetensors" for i in range(1, 6))))
 VARIANTS = ("fp16", "fp8")
 VERIFIED = ".wanpair-verified.json"  # in the models folder: what was hashed, at which size and mtime
 DISK_MARGIN = 1 << 30  # keep 1 GiB free beyond what the files need
@@ -66,7 +81,7 @@ def model_paths(folder: Path, variant: str, model: str = T2V.name) -> dict[str, 
     """The `[models]` table the files of `variant` make, once downloaded into `folder`."""
     paths = {}
     for f in files_for(variant, model):
-        local = folder / f.path
+        local = folder / f.key
         paths[f.role] = local.parent if f.role == "tokenizer" else local
     return paths
 
@@ -164,9 +179,10 @@ def _remote_info(files: list[HubFile], endpoint: str) -> dict[HubFile, Remote]:
     return info
 
 
-def download(folder: Path, variant: str = "fp16", model: str = T2V.name) -> dict[str, Path]:
-    """Fetch the recipe's files of `variant` for the `model` pair into `folder`; returns the `[models]`
-    paths. Files already there and matching the hub's hash are kept; everything is checked before and after."""
+def download(folder: Path, variant: str = "fp16", model: str = T2V.name, captioner: bool = False) -> dict[str, Path]:
+    """Fetch the recipe's files of `variant` for the `model` pair into `folder` (`captioner`: the captioner's
+    files instead); returns the `[models]` paths. Files already there and matching the hub's hash are kept;
+    everything is checked before and after."""
     from huggingface_hub import constants, hf_hub_download
 
     if variant not in VARIANTS:
@@ -175,31 +191,32 @@ def download(folder: Path, variant: str = "fp16", model: str = T2V.name) -> dict
         raise WanpairError(f"--model {model!r}: choose one of {', '.join(TASKS)}.")
     folder.mkdir(parents=True, exist_ok=True)
     endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")  # a mirror, if the user set one
-    files = files_for(variant, model)
+    files = list(CAPTIONER_FILES) if captioner else files_for(variant, model)
+    paths = {"captioner": folder / CAPTIONER_DIR} if captioner else model_paths(folder, variant, model)
     verified = Verified(folder)
     try:
         remote = _remote_info(files, endpoint)
     except HubUnreachable:
-        if not all(verified.matches(folder / f.path, f.path) for f in files):
+        if not all(verified.matches(folder / f.key, f.key) for f in files):
             raise
         print(f"the hub is not reachable; all {len(files)} files in {folder} were verified before and are unchanged")
-        return model_paths(folder, variant, model)
+        return paths
     todo = []
     for f in files:
-        local, expected = folder / f.path, remote[f].sha256 or remote[f].git_oid
+        local, expected = folder / f.key, remote[f].sha256 or remote[f].git_oid
         if local.is_file() and local.stat().st_size == remote[f].size:
-            if verified.matches(local, f.path, expected):
-                print(f"ok      {f.path} (verified before, unchanged)")
+            if verified.matches(local, f.key, expected):
+                print(f"ok      {f.key} (verified before, unchanged)")
                 continue
-            print(f"verify  {f.path} ({human_bytes(remote[f].size)}) ...", flush=True)
+            print(f"verify  {f.key} ({human_bytes(remote[f].size)}) ...", flush=True)
             digest = file_hash(local, remote[f])
             if digest == expected:
-                verified.remember(local, f.path, digest)
-                print(f"ok      {f.path} (matches the hub's hash)")
+                verified.remember(local, f.key, digest)
+                print(f"ok      {f.key} (matches the hub's hash)")
                 continue
-            print(f"damaged {f.path}: its hash is not the hub's; fetching it again")
+            print(f"damaged {f.key}: its hash is not the hub's; fetching it again")
         elif local.exists():
-            print(f"damaged {f.path}: {human_bytes(local.stat().st_size)} instead of {human_bytes(remote[f].size)}; "
+            print(f"damaged {f.key}: {human_bytes(local.stat().st_size)} instead of {human_bytes(remote[f].size)}; "
                   "fetching it again")
         if local.exists():
             local.unlink()
@@ -215,14 +232,14 @@ def download(folder: Path, variant: str = "fp16", model: str = T2V.name) -> dict
     for f in todo:
         print(f"fetch   {f.repo}: {f.path} ({human_bytes(remote[f].size)})", flush=True)
         try:
-            hf_hub_download(f.repo, f.path, local_dir=folder, endpoint=endpoint)
+            hf_hub_download(f.repo, f.path, local_dir=folder / f.into, endpoint=endpoint)
         except Exception as e:  # the hub's errors, and the network's
             raise _hub_error(e, f, endpoint) from None
-        local, expected = folder / f.path, remote[f].sha256 or remote[f].git_oid
+        local, expected = folder / f.key, remote[f].sha256 or remote[f].git_oid
         digest = file_hash(local, remote[f])
         if digest != expected:
             local.unlink()
-            raise WanpairError(f"{f.path} arrived damaged (its hash is not the hub's); it was removed. Run the same "
+            raise WanpairError(f"{f.key} arrived damaged (its hash is not the hub's); it was removed. Run the same "
                                "command again to fetch it once more.")
-        verified.remember(local, f.path, digest)
-    return model_paths(folder, variant, model)
+        verified.remember(local, f.key, digest)
+    return paths

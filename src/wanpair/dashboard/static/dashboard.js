@@ -1,4 +1,5 @@
-// wanpair dashboard: the runs list, and one run's two experts side by side (a Wan 2.1 run: its one model), growing live.
+// wanpair dashboard: the queue, a new run's form, the runs list, and one run's two experts side by side (a Wan 2.1
+// run: its one model), growing live. Requests that write or start carry the token from the page's URL in a header.
 "use strict";
 
 const COLORS = { high: "#d62728", low: "#1f77b4", full: "#9467bd" };
@@ -31,8 +32,30 @@ function stepsText(p) {
 
 async function getJSON(url) {
   const r = await fetch(url);
-  if (!r.ok) throw new Error(`${url}: ${r.status}`);
+  if (!r.ok) throw new Error((await r.json().catch(() => ({}))).error || `${url}: ${r.status}`);
   return r.json();
+}
+
+// the token `wanpair dashboard` printed in the URL (as Jupyter does); sent in a header, never kept in a cookie
+const TOKEN = new URLSearchParams(location.search).get("token") || "";
+
+async function post(url, body = {}) {
+  const r = await fetch(url, { method: "POST", body: JSON.stringify(body),
+    headers: { "Content-Type": "application/json", "X-Wanpair-Token": TOKEN } });
+  const got = await r.json().catch(() => ({}));
+  if (!r.ok) throw Object.assign(new Error(got.error || `${url}: ${r.status}`), { confirm: got.confirm });
+  return got;
+}
+
+// a POST the user asked for; a refusal is shown, a file that would be replaced is asked about first
+async function act(url, body, asked = false) {
+  try {
+    return await post(url, body);
+  } catch (e) {
+    if (e.confirm && !asked && confirm(e.message)) return act(url, { ...body, replace: true }, true);
+    if (!e.confirm) alert(e.message);
+    return null;
+  }
 }
 
 // ---------------------------------------------------------------- the runs list
@@ -73,6 +96,7 @@ async function refreshFacts() {
     el("span", {}, ` · ${run.device || ""} · ${run.folder}`));
   renderSamples(run.samples);
   renderLoras(run.loras, run.project);
+  $("#run-log").textContent = run.log.length ? run.log.join("\n") : "No log: this run was not started by this dashboard.";
 }
 
 async function pollMetrics() {
@@ -181,7 +205,8 @@ function renderLoras(loras, project) {
     const isFinal = !/-(step|partial-step)\d+\.safetensors$/.test(l.file);
     radio.checked = chosen[`use-${l.expert}`] ? chosen[`use-${l.expert}`] === l.path : isFinal;
     radio.onchange = () => command(project);
-    return el("tr", { class: l.partial ? "partial" : "" }, el("td", {}, l.expert ? radio : ""), el("td", {}, l.file),
+    const file = el("a", { href: `/api/runs/${state.runId}/lora/${encodeURIComponent(l.file)}`, download: l.file }, l.file);
+    return el("tr", { class: l.partial ? "partial" : "" }, el("td", {}, l.expert ? radio : ""), el("td", {}, file),
       el("td", {}, l.expert || "?"), el("td", {}, l.window || ""), el("td", {}, l.rank || ""), el("td", {}, l.steps || ""),
       el("td", {}, l.val_loss || ""), el("td", { class: "mono" }, l.base || ""), el("td", {}, String(l.size_mb)));
   }));
@@ -196,6 +221,143 @@ function command(project) {
   $("#sample-command").textContent = parts.join(" ");
 }
 
+// ---------------------------------------------------------------- the queue
+const ENDED = ["finished", "stopped", "failed", "interrupted"];
+
+async function loadJobs() {
+  const jobs = await getJSON("/api/jobs");
+  const body = $("#jobs tbody");
+  const button = (label, url) => el("button", { class: `job-${label}`, onclick: async (ev) => {
+    ev.stopPropagation(); await act(url, {}); loadJobs(); } }, label);
+  body.replaceChildren(...jobs.map((j) => el("tr", { class: `state-${j.state}`, "data-job": j.id,
+      onclick: () => { if (j.run) openRun(j.run); } },
+    el("td", {}, j.title), el("td", { class: "state" }, j.state + (j.state === "running" && !j.owned ? " (started by an earlier dashboard)" : "") + (j.reason ? `: ${j.reason}` : "")),
+    el("td", {}, j.state === "running" ? duration(j.eta_s) : "—"),
+    el("td", {}, new Date(j.queued_at * 1000).toLocaleTimeString()),
+    el("td", {}, j.started_at ? new Date(j.started_at * 1000).toLocaleTimeString() : "—"),
+    el("td", {}, ...(j.state === "running" ? [button("stop", `/api/jobs/${j.id}/stop`)] :
+                     j.state === "queued" ? [button("cancel", `/api/jobs/${j.id}/stop`)] :
+                     ENDED.includes(j.state) && j.state !== "finished" ? [button("continue", `/api/jobs/${j.id}/continue`)] : [])))));
+  if (!jobs.length) body.replaceChildren(el("tr", {}, el("td", { colspan: 6 }, "Nothing queued: make a new run below.")));
+  const latest = jobs.find((j) => j.state === "running" || j.state === "stopping") || jobs[0];
+  $("#job-log").hidden = !latest;
+  if (latest) $("#job-log").textContent = `${latest.title} — last lines of its log:\n${latest.tail.join("\n")}`;
+}
+
+// ---------------------------------------------------------------- a new run
+const form = { folders: [], project: null };
+const where = (value) => JSON.parse(value);  // a <select>'s value: {"root": i, "path": "..."}
+
+async function loadFolders() {
+  const got = await getJSON("/api/folders");
+  const picked = $("#nr-folder").value;
+  form.folders = got.folders;
+  $("#nr-folder").replaceChildren(el("option", { value: "" }, "— pick a folder —"), ...got.folders.map((f) =>
+    el("option", { value: JSON.stringify({ root: f.root, path: f.path }) },
+      `${got.roots[f.root]}/${f.path} (${f.items} items${f.dataset_toml ? ", has dataset.toml" : ""})`)));
+  $("#nr-folder").value = picked;  // a refresh after a run was made keeps the folder picked
+}
+
+async function showFolder() {
+  if (!$("#nr-folder").value) return;
+  const f = where($("#nr-folder").value);
+  if (!$("#nr-name").value) $("#nr-name").value = f.path.split("/").pop().replace(/[^\w.\-]+/g, "_");
+  $("#nr-check").textContent = "checking…";
+  try {
+    const got = await getJSON(`/api/folder?root=${f.root}&path=${encodeURIComponent(f.path)}&force=${$("#nr-force").checked}`);
+    $("#nr-check").textContent = got.report;
+    $("#nr-check").className = `report ${got.errors.length ? "bad" : got.warnings.length ? "warn" : "ok"}`;
+    $("#nr-create").disabled = got.errors.length > 0;  // errors block; warnings are shown
+    renderCaptions(got.items);
+  } catch (e) {
+    $("#nr-check").textContent = e.message;
+    $("#nr-check").className = "report bad";
+  }
+}
+
+function renderCaptions(items) {
+  $("#nr-captions").replaceChildren(...items.map((it) => {
+    const text = el("textarea", { rows: 3, cols: 28 });
+    text.value = it.caption ?? "";
+    const save = el("button", { onclick: async () => {
+      if (await act("/api/caption", { ...it.media, text: text.value })) { save.textContent = "saved"; showFolder(); }
+    } }, "save caption");
+    text.oninput = () => { save.textContent = "save caption"; };
+    const picture = it.preview ? el("img", { src: `/media?root=${it.preview.root}&path=${encodeURIComponent(it.preview.path)}`, alt: it.media.path })
+                               : el("span", {}, it.media.path);
+    return el("figure", { class: `caption${it.caption === null ? " missing" : ""}` }, picture,
+      el("figcaption", {}, it.media.path.split("/").pop()), text, save);
+  }));
+}
+
+async function loadModels() {
+  const choices = await getJSON(`/api/models?task=${$("#nr-task").value}`);
+  $("#nr-models").replaceChildren(...Object.entries(choices).map(([key, files]) => el("label", {}, `${key} `,
+    el("select", { "data-model": key }, ...(files.length ? files.map((f) => el("option", { value: JSON.stringify({ root: f.root, path: f.path }) },
+      f.path + (f.recipe ? "" : " (not the recipe's name)"))) : [el("option", { value: "" }, "none found under models/: `wanpair download`")])))));
+}
+
+function request() {
+  const models = {}, train = {};
+  for (const s of document.querySelectorAll("#nr-models select")) if (s.value) models[s.dataset.model] = where(s.value);
+  for (const s of document.querySelectorAll("[data-setting]")) if (s.value !== "") train[s.dataset.setting] = s.value;
+  const folder = where($("#nr-folder").value);
+  return { root: folder.root, folder: folder.path, name: $("#nr-name").value,
+           task: $("#nr-task").value, models, train, prompts: $("#nr-prompts").value,
+           sample_every_n_epochs: $("#nr-sample-every").value, recipe_dataset: $("#nr-force").checked };
+}
+
+async function preview() {
+  if (!$("#nr-folder").value) return alert("pick a folder first");
+  const got = await act("/api/new-run/preview", request());
+  if (!got) return;
+  $("#nr-files").hidden = false;
+  $("#nr-project-name").textContent = `${got.project.path}${got.existing.length ? ` — replaces: ${got.existing.join(", ")}` : ""}`;
+  $("#nr-project-toml").textContent = got.project_toml;
+  $("#nr-dataset-name").textContent = `${got.dataset.path}${got.dataset_toml === null ? " (kept as it is)" : ""}`;
+  $("#nr-dataset-toml").textContent = got.dataset_toml ?? "";
+  $("#nr-problems").replaceChildren(...[...got.problems, ...got.notes].map((p) => el("li", {}, p)));
+}
+
+async function create() {
+  if (!$("#nr-folder").value) return alert("pick a folder first");
+  const got = await act("/api/new-run", request());
+  if (!got) return;
+  form.project = got.project;
+  $("#nr-created").hidden = false;
+  $("#nr-done").textContent = got.done.join("\n");
+  $("#nr-plan").textContent = "asking the doctor…";
+  const plan = await getJSON(`/api/plan?root=${got.project.root}&path=${encodeURIComponent(got.project.path)}`);
+  $("#nr-plan").textContent = plan.lines.join("\n");
+  $("#nr-start").disabled = !plan.ok;
+  loadFolders();
+}
+
+async function start() {
+  const overwrite = $("#nr-overwrite").checked;
+  if (overwrite && !confirm("Start over: remove this run's earlier states, intermediate LoRAs, metrics and samples?")) return;
+  if (await act("/api/jobs", { ...form.project, overwrite })) loadJobs();
+}
+
+// captions for the media that have none, by `wanpair caption` (queued: it takes the GPU like a training)
+async function captionMissing() {
+  if (!$("#nr-folder").value) return alert("pick a folder first");
+  if (await act("/api/caption-job", { ...where($("#nr-folder").value), trigger: $("#nr-trigger").value })) loadJobs();
+}
+
+function setUpForm() {
+  $("#access").textContent = TOKEN ? "" : "read-only: open the URL `wanpair dashboard` printed (with ?token=) to start runs";
+  $("#nr-folder").onchange = showFolder;
+  $("#nr-force").onchange = showFolder;
+  $("#nr-task").onchange = loadModels;
+  $("#nr-caption").onclick = captionMissing;
+  $("#nr-preview").onclick = preview;
+  $("#nr-create").onclick = create;
+  $("#nr-start").onclick = start;
+  loadFolders();
+  loadModels();
+}
+
 // ---------------------------------------------------------------- start
 $("#viewer").onclick = () => { $("#viewer").hidden = true; $("#viewer-body").replaceChildren(); };
 window.addEventListener("hashchange", route);
@@ -203,6 +365,9 @@ function route() {
   const m = location.hash.match(/run=([0-9a-f]+)/);
   if (m && m[1] !== state.runId) showRun(m[1]);
 }
+setUpForm();
 loadRuns();
+loadJobs();
 setInterval(loadRuns, 5000);
+setInterval(loadJobs, 2000);
 route();

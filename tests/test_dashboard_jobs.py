@@ -1,0 +1,433 @@
+"""The dashboard that runs the work: a new run made from a folder in the browser, started, stopped, continued
+and queued (the whole flow in headless Chromium on the demo's tiny models); and, over HTTP, what keeps a page
+that starts processes and writes files safe: the token, the roots, no overwrite without a confirmation."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from werkzeug.serving import make_server
+
+from test_dashboard import SHOTS, _browser, _wait
+from wanpair.dashboard.app import LOCAL_HOSTS, TOKEN_HEADER, create_app, launch_message
+from wanpair.dashboard.jobs import Job, JobQueue, caption_job, process_start
+from wanpair.errors import WanpairError
+from wanpair.project import TrainSettings, load_project
+from wanpair.train.run_lock import lock_path, run_lock
+
+TOKEN = "test-token"
+OK = {TOKEN_HEADER: TOKEN}
+
+
+def _models(client) -> dict:
+    """The first choice of each [models] key, as the page preselects it."""
+    return {key: files[0] for key, files in client.get("/api/models?task=t2v-A14B").get_json().items()}
+
+
+def _new_run(client, name="mine", **train) -> dict:
+    return {"root": 0, "folder": "dataset", "name": name, "task": "t2v-A14B", "models": _models(client),
+            "train": {"epochs": 1, "validate_every_n_steps": 0, **train}}
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def client(demo):
+    return create_app([demo], token=TOKEN, tick_s=None).test_client()
+
+
+# ---------------------------------------------------------------- a new run: what it writes
+def test_a_new_run_writes_what_init_writes_with_the_chosen_settings(client, demo):
+    preview = client.post("/api/new-run/preview", json=_new_run(client, epochs=3, learning_rate="0.002"), headers=OK)
+    got = preview.get_json()
+    assert preview.status_code == 200 and got["problems"] == [] and got["existing"] == []
+    assert got["dataset_toml"] is None  # the demo's own dataset.toml is kept
+    assert "epochs = 3  # recipe: 100" in got["project_toml"] and "# rank = 16" in got["project_toml"]
+    assert not (demo / "mine.toml").exists()  # a preview writes nothing
+    made = client.post("/api/new-run", json=_new_run(client, epochs=3, learning_rate="0.002"), headers=OK)
+    assert made.status_code == 200 and made.get_json()["project"] == {"root": 0, "path": "mine.toml"}
+    assert (demo / "mine.toml").read_text() == got["project_toml"]
+    project, _ = load_project(demo / "mine.toml")
+    assert (project.name, project.train.epochs, project.train.rank) == ("mine", 3, TrainSettings().rank)
+    assert abs(project.train.learning_rate - 0.002) < 1e-12  # written and read back as the same decimal
+    assert project.models.vae.name == "wan_2.1_vae_tiny.safetensors" and project.run_dir == demo / "output" / "mine"
+
+
+def test_a_setting_the_loader_refuses_is_named_and_nothing_is_written(client, demo):
+    before = _snapshot(demo)
+    r = client.post("/api/new-run", json=_new_run(client, epochs=0), headers=OK)
+    assert r.status_code == 400
+    assert f"{demo / 'mine.toml'}: [train] epochs = 0: epochs must be at least 1" in r.get_json()["error"]
+    assert _snapshot(demo) == before  # not even the scratch file the loader read
+
+
+def test_files_that_exist_are_replaced_only_after_the_user_agreed_to_those_files(client, demo):
+    assert client.post("/api/new-run", json=_new_run(client), headers=OK).status_code == 200
+    first = (demo / "mine.toml").read_text()
+    dataset = (demo / "dataset" / "dataset.toml").read_text()
+    again = client.post("/api/new-run", json=_new_run(client, epochs=2), headers=OK)
+    assert again.status_code == 409 and again.get_json()["confirm"]
+    assert again.get_json()["error"] == f"{demo / 'mine.toml'} already exists; replace (as `wanpair init --force`)?"
+    assert (demo / "mine.toml").read_text() == first
+    agreed = client.post("/api/new-run", json=_new_run(client, epochs=2) | {"replace": True}, headers=OK)
+    assert agreed.status_code == 200 and "epochs = 2" in (demo / "mine.toml").read_text()
+    assert (demo / "dataset" / "dataset.toml").read_text() == dataset  # the question did not name it: kept
+    recipe = client.post("/api/new-run", json=_new_run(client) | {"recipe_dataset": True}, headers=OK)
+    assert recipe.status_code == 409 and recipe.get_json()["error"].startswith(
+        f"{demo / 'mine.toml'}, {demo / 'dataset' / 'dataset.toml'} already exist; ")
+    assert (demo / "dataset" / "dataset.toml").read_text() == dataset
+    both = client.post("/api/new-run", json=_new_run(client) | {"recipe_dataset": True, "replace": True}, headers=OK)
+    assert both.status_code == 200 and 'resolution = [960, 960]' in (demo / "dataset" / "dataset.toml").read_text()
+
+
+@pytest.mark.parametrize("bad", [{"train": [1]}, {"models": "vae.safetensors"}], ids=["train", "models"])
+def test_a_form_table_that_is_not_an_object_is_refused(client, bad):
+    r = client.post("/api/new-run", json=_new_run(client) | bad, headers=OK)
+    key, value = next(iter(bad.items()))
+    assert r.status_code == 400 and r.get_json()["error"].startswith(f"{key} = {value!r} must be an object")
+
+
+def test_the_check_report_and_captions_are_shown_and_a_caption_is_edited(client, demo):
+    got = client.get("/api/folder?root=0&path=dataset").get_json()
+    assert "18 items, 0 errors, 0 warnings" in got["report"] and len(got["items"]) == 18
+    first = got["items"][0]
+    assert first["media"] == {"root": 0, "path": "dataset/img_01.png"} and first["caption"].startswith("a red circle")
+    assert client.get(f"/media?root=0&path={first['preview']['path']}").status_code == 200
+    (demo / "dataset" / "img_02.txt").unlink()
+    assert "ERROR   " in client.get("/api/folder?root=0&path=dataset").get_json()["report"]  # errors block
+    r = client.post("/api/caption", json={"root": 0, "path": "dataset/img_01.png", "text": " a red disc \n"}, headers=OK)
+    assert r.status_code == 200 and (demo / "dataset" / "img_01.txt").read_text() == "a red disc\n"
+    (demo / "dataset" / "originals").mkdir()  # a folder of images in an image dataset: not a clip of it
+    (demo / "dataset" / "originals" / "a.png").write_bytes((demo / "dataset" / "img_01.png").read_bytes())
+    r = client.post("/api/caption", json={"root": 0, "path": "dataset/originals", "text": "x"}, headers=OK)
+    assert r.status_code == 400 and "is not an image or video of a dataset folder" in r.get_json()["error"]
+    assert not (demo / "dataset" / "originals.txt").exists()
+
+
+def test_weights_linked_from_outside_the_roots_are_not_offered(demo, tmp_path):
+    outside = tmp_path / "weights"
+    outside.mkdir()
+    (outside / "elsewhere.safetensors").write_bytes(b"x")
+    (demo / "models" / "elsewhere.safetensors").symlink_to(outside / "elsewhere.safetensors")
+    got = create_app([demo], token=TOKEN, tick_s=None).test_client().get("/api/models?task=t2v-A14B")
+    assert got.status_code == 200 and got.get_json()["vae"][0]["path"].endswith("wan_2.1_vae_tiny.safetensors")
+    assert not any("elsewhere" in f["path"] for files in got.get_json().values() for f in files)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "models").symlink_to(demo / "models")  # the whole models/ folder is a link out of this root
+    got = create_app([linked], token=TOKEN, tick_s=None).test_client().get("/api/models?task=t2v-A14B")
+    assert got.status_code == 200 and all(files == [] for files in got.get_json().values())
+
+
+def test_the_plan_is_the_doctor_in_its_own_process_and_a_training_run_does_not_block_queuing(client, demo, monkeypatch):
+    """In the dashboard's process, the doctor would keep a CUDA context on every GPU for the dashboard's life;
+    while another run trains, its memory plan fails beside it, yet the run can still wait in the queue."""
+    import subprocess
+    import sys
+
+    calls = []
+
+    def doctor(argv, **kw):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 1, "✗ memory plan: needs 90 GB, 20 GB free\n", "")
+
+    monkeypatch.setattr(subprocess, "run", doctor)
+    plan = client.get("/api/plan?root=0&path=wanpair.toml").get_json()
+    assert calls == [[sys.executable, "-m", "wanpair.cli", "doctor", str(demo / "wanpair.toml")]]
+    assert plan == {"ok": False, "lines": ["✗ memory plan: needs 90 GB, 20 GB free",
+                                           "· no other training under these folders now"]}
+    with run_lock(demo / "output", "other"):
+        plan = client.get("/api/plan?root=0&path=wanpair.toml").get_json()
+    assert plan["ok"] and plan["lines"][-1].startswith("· this plan was measured while other trains: this run "
+                                                       "waits in the queue and starts when it ends")
+
+
+# ---------------------------------------------------------------- safety
+WRITES = [("/api/new-run", lambda c: _new_run(c)), ("/api/caption", lambda c: {"root": 0, "path": "dataset/img_01.png",
+                                                                               "text": "changed"}),
+          ("/api/jobs", lambda c: {"root": 0, "path": "wanpair.toml"})]
+
+
+@pytest.mark.parametrize("headers", [{}, {TOKEN_HEADER: "wrong"}, {TOKEN_HEADER: ""}, {"Cookie": f"token={TOKEN}"}],
+                         ids=["missing", "wrong", "empty", "in-a-cookie"])
+def test_writes_and_starts_need_the_token_in_the_header(client, demo, headers):
+    before = _snapshot(demo)
+    for url, body in WRITES:
+        r = client.post(url, json=body(client), headers=headers)
+        assert r.status_code == 403 and r.get_json()["error"].startswith("refused: a request that writes"), url
+    assert client.post("/api/jobs/anything/stop", headers=headers).status_code == 403
+    assert _snapshot(demo) == before and client.get("/api/jobs").get_json() == []  # nothing written, nothing started
+    assert client.get("/api/runs").status_code == 200  # reading stays open
+
+
+def test_paths_that_leave_the_roots_are_refused(client, demo, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "img.png").write_bytes((demo / "dataset" / "img_01.png").read_bytes())
+    (outside / "img.txt").write_text("private\n")
+    (demo / "link-out").symlink_to(outside)  # a link inside the root that leads out of it
+    (demo / "dataset" / "img_01.txt").unlink()
+    (demo / "dataset" / "img_01.txt").symlink_to(outside / "img.txt")  # a caption that is a link out
+    before = _snapshot(demo) | {f"outside/{k}": v for k, v in _snapshot(outside).items()}
+    escapes = ["../outside", str(outside), "link-out", "dataset/../../outside", "..\\outside"]
+    for path in escapes:
+        r = client.post("/api/new-run", json=_new_run(client) | {"folder": path}, headers=OK)
+        assert r.status_code == 403, (path, r.get_json())
+        media = f"{path}/img.png"
+        assert client.post("/api/caption", json={"root": 0, "path": media, "text": "x"}, headers=OK).status_code == 403
+        assert client.post("/api/jobs", json={"root": 0, "path": f"{path}/p.toml"}, headers=OK).status_code == 403
+        assert client.get("/media", query_string={"root": 0, "path": media}).status_code == 403
+        assert client.get("/api/folder", query_string={"root": 0, "path": path}).status_code == 403
+    dataset = create_app([demo / "dataset"], token=TOKEN, tick_s=None).test_client()  # a root of images
+    r = dataset.post("/api/caption", json={"root": 0, "path": ".", "text": "x"}, headers=OK)
+    assert r.status_code == 403 and "is a folder the dashboard was started on" in r.get_json()["error"]
+    assert not (demo / "dataset.txt").exists()  # the root's caption would be beside it, outside it
+    assert client.get("/api/folder?root=0&path=dataset").get_json()["items"][0]["caption"] is None  # not read
+    r = client.post("/api/caption", json={"root": 0, "path": "dataset/img_01.png", "text": "x"}, headers=OK)
+    assert r.status_code == 403 and "leads out of the dashboard's folders" in r.get_json()["error"]
+    assert client.post("/api/new-run", json=_new_run(client) | {"root": 1}, headers=OK).status_code == 403
+    models = _new_run(client)
+    models["models"]["vae"] = {"root": 0, "path": "link-out/img.png"}
+    assert client.post("/api/new-run", json=models, headers=OK).status_code == 403
+    after = _snapshot(demo) | {f"outside/{k}": v for k, v in _snapshot(outside).items()}
+    assert after == before
+
+
+def test_it_binds_to_this_machine_and_warns_for_others():
+    for host in LOCAL_HOSTS:
+        assert "WARNING" not in launch_message([Path("/runs")], host, 7860, "abc")
+    message = launch_message([Path("/runs")], "0.0.0.0", 8080, "abc")
+    assert message.startswith("WARNING: --host 0.0.0.0 lets other machines reach this page")
+    assert "http://0.0.0.0:8080/?token=abc" in message and "`ssh -L 8080:127.0.0.1:8080 gpu-box`" in message
+
+
+def test_a_second_dashboard_on_the_same_folder_is_refused(demo):
+    first = create_app([demo], token=TOKEN, tick_s=3600)  # serving: it runs the queue
+    with pytest.raises(WanpairError) as refused:
+        create_app([demo], token=TOKEN, tick_s=3600)
+    assert str(refused.value) == (f"another wanpair dashboard (pid {os.getpid()}) already serves {demo} (its queue: "
+                                  f"{demo / '.wanpair-dashboard'}); open its URL, or stop it first.")
+    first.config["lock"].close()  # the first one ended
+    create_app([demo], token=TOKEN, tick_s=3600).config["lock"].close()
+
+
+# ---------------------------------------------------------------- the queue
+def _quick(title: str, folder: Path, lock: Path | None = None) -> Job:
+    """A job that ends in a second or two: `wanpair --version`."""
+    return Job(["--version"], title, str(folder), lock=str(lock) if lock else None)
+
+
+def _until(condition, seconds: float = 60.0):
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.1)
+
+
+def test_the_form_captions_the_missing_ones_as_a_queued_job(client, demo):
+    """The new-run form's "caption the missing ones": a `wanpair caption` job in the queue (it takes the GPU
+    like a training), on the captioner `wanpair download --captioner` puts under a root's models/ folder."""
+    from wanpair.demo import TINY_CAPTIONER, make_captioner
+    from wanpair.setup.download import CAPTIONER_DIR
+
+    ask = {"root": 0, "path": "dataset", "trigger": " sks shape "}
+    refused = client.post("/api/caption-job", json=ask, headers=OK)
+    assert refused.status_code == 400 and "wanpair download --captioner" in refused.get_json()["error"]
+    make_captioner(demo / "models" / CAPTIONER_DIR, **TINY_CAPTIONER)
+    for name in ("img_01.txt", "img_02.txt"):
+        (demo / "dataset" / name).unlink()
+    kept = (demo / "dataset" / "img_03.txt").read_text()
+    job = client.post("/api/caption-job", json=ask, headers=OK).get_json()
+    assert job["argv"] == ["caption", str(demo / "dataset"), "--captioner", str(demo / "models" / CAPTIONER_DIR),
+                           "--trigger=sks shape"]
+    queue = client.application.config["jobs"]
+    _until(lambda: queue.tick() or queue.get(job["id"]).state not in ("queued", "running"), 180)
+    assert queue.get(job["id"]).state == "finished", queue.log_tail(queue.get(job["id"]))
+    for name in ("img_01.txt", "img_02.txt"):
+        assert (demo / "dataset" / name).read_text().startswith("sks shape, ")
+    assert (demo / "dataset" / "img_03.txt").read_text() == kept  # a caption that was there is never replaced
+
+
+def test_a_trigger_that_starts_with_a_dash_stays_the_trigger(tmp_path):
+    assert caption_job(tmp_path / "set", tmp_path / "captioner", "-sks").argv[-1] == "--trigger=-sks"
+
+
+def test_a_job_stopped_twice_gets_one_ctrl_c(tmp_path, monkeypatch):
+    """A second Ctrl-C means "stop at once, without saving": a second Stop while the first saves sends nothing."""
+    import wanpair.dashboard.jobs as J
+
+    queue = JobQueue(tmp_path / "q", busy=lambda: [])
+    job = queue.add(_quick("first", tmp_path))
+    sent = []
+    monkeypatch.setattr(J.os, "killpg", lambda pid, sig: sent.append((pid, sig)))
+    assert queue.stop(job.id).state == "stopping" and queue.stop(job.id).state == "stopping"
+    assert sent == [(job.pid, J.signal.SIGINT)]
+
+
+def test_a_job_that_cannot_start_fails_with_the_reason_and_the_queue_goes_on(tmp_path):
+    queue = JobQueue(tmp_path / "q", busy=lambda: [])
+    gone = queue.add(_quick("gone", tmp_path / "deleted"))
+    after = queue.add(_quick("after", tmp_path))
+    assert gone.state == "failed" and gone.reason.startswith(f"could not start in {tmp_path / 'deleted'}: ")
+    _until(lambda: queue.tick() or after.state == "finished")
+
+
+def test_the_queue_persists_and_starts_the_next_job_when_one_ends(tmp_path):
+    queue = JobQueue(tmp_path / "q", busy=lambda: [])
+    first = queue.add(_quick("first", tmp_path))
+    second = queue.add(_quick("second", tmp_path))
+    assert (first.state, second.state) == ("running", "queued")  # one at a time
+    saved = json.loads((tmp_path / "q" / "queue.json").read_text())["jobs"]
+    assert [(j["title"], j["state"]) for j in saved] == [("first", "running"), ("second", "queued")]
+    _until(lambda: queue.tick() or second.state == "running")
+    assert first.state == "finished" and first.returncode == 0
+    assert queue.log_tail(first)[-1].startswith("wanpair ")  # its output went to its log
+    _until(lambda: queue.tick() or second.state == "finished")
+    reloaded = JobQueue(tmp_path / "q", busy=lambda: [])
+    assert [(j.title, j.state) for j in reloaded.jobs] == [("first", "finished"), ("second", "finished")]
+
+
+def test_after_a_restart_a_job_still_training_is_not_started_again_and_the_queue_waits(tmp_path):
+    """The dashboard died with two trainings marked running: one lives on (it holds its run lock), the other
+    is gone. The first is shown running (not owned) and nothing starts beside it; the other, interrupted."""
+    from dataclasses import asdict
+
+    out, folder = tmp_path / "output", tmp_path / "q"
+    folder.mkdir()
+    jobs = [Job(["train", "mine.toml"], "train mine", str(tmp_path), str(lock_path(out, "mine")), state="running",
+                pid=os.getpid()),
+            Job(["train", "other.toml"], "train other", str(tmp_path), str(lock_path(out, "other")), state="running",
+                pid=2**22 + 1)]
+    (folder / "queue.json").write_text(json.dumps({"jobs": [asdict(j) for j in jobs]}))
+    locks = []
+    with run_lock(out, "mine"):
+        locks.append(lock_path(out, "mine"))
+        after = JobQueue(folder, busy=lambda: locks)
+        assert [(j.title, j.state) for j in after.jobs] == [("train mine", "running"), ("train other", "interrupted")]
+        assert not after.owned(after.jobs[0])
+        waiting = after.add(_quick("next", tmp_path))
+        after.tick()
+        assert waiting.state == "queued" and after.jobs[0].state == "running"  # the queue waits for it
+        locks.clear()
+    _until(lambda: after.tick() or waiting.state == "finished")
+    assert after.jobs[0].state == "interrupted"  # it ended unseen, with no metrics to tell how
+
+
+def test_after_a_restart_a_job_without_a_lock_is_followed_by_its_process(tmp_path):
+    """A caption job holds no run lock: the process with its pid and start time is it (pids are reused)."""
+    from dataclasses import asdict
+
+    folder = tmp_path / "q"
+    folder.mkdir()
+    me = os.getpid()
+    jobs = [Job(["caption", "set"], "caption set", str(tmp_path), state="running", pid=me, pid_started=process_start(me)),
+            Job(["caption", "old"], "caption old", str(tmp_path), state="running", pid=me,
+                pid_started=process_start(me) - 1)]  # the pid now names another process
+    (folder / "queue.json").write_text(json.dumps({"jobs": [asdict(j) for j in jobs]}))
+    after = JobQueue(folder, busy=lambda: [])
+    assert [(j.title, j.state) for j in after.jobs] == [("caption set", "running"), ("caption old", "interrupted")]
+    waiting = after.add(_quick("next", tmp_path))
+    after.tick()
+    assert waiting.state == "queued" and not after.owned(after.jobs[0])  # the queue waits for it
+
+
+# ---------------------------------------------------------------- the whole flow, in a browser
+def test_a_run_is_made_started_stopped_continued_and_a_queued_one_follows_in_the_browser(demo):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    app = create_app([demo], token=TOKEN, tick_s=0.3)
+    srv = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_port}/?token={TOKEN}"
+    browser = _browser()
+    find = browser.find_element
+
+    def job_rows(b):
+        return [(r.get_attribute("data-job"), r.text) for r in b.find_elements(By.CSS_SELECTOR, "#jobs tbody tr[data-job]")]
+
+    def job_state(b, title: str) -> str:
+        return next((text for _, text in job_rows(b) if text.startswith(title + " ")), "")
+
+    def make(name: str, epochs: int) -> None:
+        find(By.ID, "nr-name").clear()
+        find(By.ID, "nr-name").send_keys(name)
+        find(By.ID, "nr-epochs").clear()
+        find(By.ID, "nr-epochs").send_keys(str(epochs))
+        find(By.ID, "nr-preview").click()
+        _wait(browser, lambda b: f"epochs = {epochs}  # recipe: 100" in b.find_element(By.ID, "nr-project-toml").text)
+        find(By.ID, "nr-create").click()
+        _wait(browser, lambda b: f"(run '{name}')" in b.find_element(By.ID, "nr-plan").text)  # the doctor's, first
+        find(By.ID, "nr-start").click()
+
+    try:
+        browser.get(url)
+        find(By.CSS_SELECTOR, "#new-run summary").click()
+        folder = _wait(browser, lambda b: [o for o in b.find_elements(By.CSS_SELECTOR, "#nr-folder option")
+                                           if "dataset (18 items" in o.text])[0]
+        Select(find(By.ID, "nr-folder")).select_by_visible_text(folder.text)
+        _wait(browser, lambda b: "18 items, 0 errors" in b.find_element(By.ID, "nr-check").text)  # the check report
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#nr-captions figure img")) == 18
+        chosen = {s.get_attribute("data-model"): Select(s).first_selected_option.text
+                  for s in browser.find_elements(By.CSS_SELECTOR, "#nr-models select")}
+        assert chosen["vae"].startswith("models/wan_2.1_vae_tiny") and chosen["t5"].startswith("models/models_t5")
+        find(By.ID, "nr-validate_every_n_steps").send_keys("0")
+        find(By.ID, "nr-learning_rate").send_keys("0.002")
+        make("flow_a", 6)
+        _wait(browser, lambda b: "running" in job_state(b, "train flow_a"), 30)
+        plan = find(By.ID, "nr-plan").text
+        assert "no GPU: training runs on the CPU" in plan and "no other training" in plan
+        # progress appears: the job's ETA, then the run's steps in its own view
+        _wait(browser, lambda b: job_state(b, "train flow_a").split("running")[1].strip()[:1].isdigit(), 60)
+        next(r for r in browser.find_elements(By.CSS_SELECTOR, "#jobs tbody tr[data-job]")
+             if r.text.startswith("train flow_a")).click()
+        _wait(browser, lambda b: " of 108 steps" in b.find_element(By.ID, "progress-high").text)
+        _wait(browser, lambda b: "training the high-noise expert" in b.find_element(By.ID, "run-log").text, 15)
+        browser.find_element(By.CSS_SELECTOR, "#jobs tbody tr[data-job] button.job-stop").click()
+        _wait(browser, lambda b: "stopped" in job_state(b, "train flow_a"), 60)
+        run_dir = demo / "output" / "flow_a"
+        assert list((run_dir / "state").glob("*.pt")) and list(demo.glob("output/*flow_a-partial-step*.safetensors"))
+        browser.find_element(By.CSS_SELECTOR, "#jobs tbody tr[data-job] button.job-continue").click()
+        _wait(browser, lambda b: "running" in job_state(b, "continue train flow_a"), 30)
+        make("flow_b", 1)  # queued behind the run that trains now, which its plan says
+        assert "measured while flow_a trains: this run waits in the queue" in find(By.ID, "nr-plan").text
+        _wait(browser, lambda b: "queued" in job_state(b, "train flow_b"))
+        if SHOTS:
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            browser.execute_script("window.scrollTo(0, 0)")
+            browser.save_screenshot(str(SHOTS / "dashboard-queue.png"))
+        _wait(browser, lambda b: "finished" in job_state(b, "continue train flow_a"), 120)
+        _wait(browser, lambda b: "finished" in job_state(b, "train flow_b"), 120)  # it started by itself
+        assert "--resume" not in " ".join(app.config["jobs"].jobs[1].argv)  # the same command continued it
+        # the finished pair is listed, to download
+        browser.get(url)
+        row = _wait(browser, lambda b: [r for r in b.find_elements(By.CSS_SELECTOR, "#runs tbody tr[data-run]")
+                                        if r.text.startswith("flow_a ")])[0]
+        assert "finished" in row.text
+        row.click()
+        links = _wait(browser, lambda b: [a for a in b.find_elements(By.CSS_SELECTOR, "#loras tbody a")
+                                          if "partial" not in a.text])
+        assert sorted(a.text for a in links) == ["WAN2.2-HighNoise_flow_a.safetensors", "WAN2.2-LowNoise_flow_a.safetensors"]
+        with app.test_client() as c:
+            got = c.get(links[0].get_attribute("href").split(str(srv.server_port), 1)[1])
+            assert got.status_code == 200 and got.data == (demo / "output" / links[0].text).read_bytes()
+    finally:
+        browser.quit()
+        srv.shutdown()
+        queue = app.config["jobs"]
+        for job in list(queue.jobs):  # nothing left to start or running after a failure
+            if job.state == "queued":
+                queue.stop(job.id)
+        for job in queue.jobs:
+            if job.state in ("running", "stopping") and job.pid:
+                try:
+                    os.killpg(job.pid, 9)
+                except ProcessLookupError:
+                    pass
