@@ -4,6 +4,7 @@ that starts processes and writes files safe: the token, the roots, no overwrite 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -427,7 +428,5 @@ def test_a_run_is_made_started_stopped_continued_and_a_queued_one_follows_in_the
                 queue.stop(job.id)
         for job in queue.jobs:
             if job.state in ("running", "stopping") and job.pid:
-                try:
+                with contextlib.suppress(ProcessLookupError):  # it ended already
                     os.killpg(job.pid, 9)
-                except ProcessLookupError:
-                    pass

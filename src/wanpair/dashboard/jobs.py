@@ -16,6 +16,7 @@ means "stop at once, without saving".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -149,11 +150,9 @@ class JobQueue:
                 if not self.owned(job) and not (job.lock and lock_holder(Path(job.lock)) == job.pid):
                     raise WanpairError(f"{job.title} (pid {job.pid}) was started by an earlier dashboard and no "
                                        "longer holds its run; nothing to stop.")
-                try:
+                with contextlib.suppress(ProcessLookupError):  # it ended just now: the next tick reaps it
                     os.killpg(job.pid, signal.SIGINT)  # its own process group: the command and any workers of it
                     job.state = "stopping"
-                except ProcessLookupError:  # it ended just now: the next tick reaps it
-                    pass
             else:
                 raise WanpairError(f"{job.title} is {job.state}, not running or queued.")
             self._save()
