@@ -23,6 +23,7 @@ from wanpair.sample import save_output
 from wanpair.train.metrics import MetricsLog, drop_metrics_after
 from wanpair.train.run_lock import run_lock
 
+TOKEN = "test-token"
 SHOTS = Path(os.environ.get("WANPAIR_SCREENSHOTS", "")) if os.environ.get("WANPAIR_SCREENSHOTS") else None
 
 
@@ -45,19 +46,28 @@ def run_tree(trained, tmp_path) -> Path:
 
 @pytest.fixture
 def server(run_tree):
-    srv = make_server("127.0.0.1", 0, create_app([run_tree]), threaded=True)
+    srv = make_server("127.0.0.1", 0, create_app([run_tree], token=TOKEN), threaded=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{srv.server_port}", run_tree
     srv.shutdown()
 
 
-def _get(url: str):
+def reader(app):
+    """A test client of `app` that sends the dashboard's token with every request, as the page does."""
+    client = app.test_client()
+    client.environ_base["HTTP_X_WANPAIR_TOKEN"] = app.config["token"]
+    return client
+
+
+def _get(url: str, headers: dict | None = None):
+    """GET through a real socket, with the token unless `headers` says otherwise."""
     import urllib.error
     import urllib.request
 
+    request = urllib.request.Request(url, headers={"X-Wanpair-Token": TOKEN} if headers is None else headers)
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(request, timeout=10) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, b""
@@ -99,11 +109,11 @@ def test_half_written_metrics_are_read_up_to_the_last_whole_line(tmp_path):
     path = tmp_path / "run" / "metrics.jsonl"
     with open(path, "ab") as f:
         f.write(b'{"expert": "high", "step": 2, "lo')  # a line still being written
-    rows, offset = R.read_rows(path)
+    rows, offset = R.read_rows(R.Run(path.parent))
     assert [r["step"] for r in rows] == [1] and offset < path.stat().st_size
     with open(path, "ab") as f:
         f.write(b'ss": 0.9, "s_per_step": 0.5}\n{torn by a kill}\n')
-    more, _ = R.read_rows(path, offset)
+    more, _ = R.read_rows(R.Run(path.parent), offset)
     assert [r["step"] for r in more] == [2]  # the rest of the line arrived; the torn one is skipped
     p = R.progress(rows + more, now=time.time())["experts"]["high"]
     assert (p["done"], p["total"], p["s_per_step"], p["eta_s"]) == (2, 10, 0.5, 4.0)
@@ -123,7 +133,7 @@ def test_a_resume_that_rewrites_the_metrics_starts_the_charts_again(tmp_path):
         log.close()
 
     log(range(1, 9))  # the run killed after step 8, its last state at step 4
-    client = create_app([tmp_path]).test_client()
+    client = reader(create_app([tmp_path]))
     (run,) = client.get("/api/runs").get_json()
 
     def poll(got):
@@ -193,7 +203,7 @@ def test_the_page_shows_the_pair_and_follows_a_running_training(server, tmp_path
             "return document.getElementById('chart-loss').data.filter(t => t.name === 'high-noise loss')[0].x.length")
 
     try:
-        browser.get(url)
+        browser.get(f"{url}/?token={TOKEN}")
         row = _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#runs tbody tr[data-run]"))[0]
         assert "finished" in row.text and "18 of 18" in row.text
         row.click()
@@ -241,8 +251,8 @@ def test_a_single_model_run_shows_its_one_lora(trained_wan21, tmp_path):
     run_dir = next(root.rglob("metrics.jsonl")).parent
     save_output(np.random.default_rng(0).random((1, 32, 48, 3)),
                 run_dir / "samples" / "full-step000018_00_a_blue_teapot_fullLora", {"prompt": "a blue teapot"}, 16)
-    app = create_app([root])
-    with app.test_client() as client:
+    app = create_app([root], token=TOKEN)
+    with reader(app) as client:
         (run,) = client.get("/api/runs").get_json()
         assert list(run["experts"]) == ["full"] and run["experts"]["full"]["done"] == 18
         detail = client.get(f"/api/runs/{run['id']}").get_json()
@@ -252,7 +262,7 @@ def test_a_single_model_run_shows_its_one_lora(trained_wan21, tmp_path):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     browser = _browser()
     try:
-        browser.get(f"http://127.0.0.1:{srv.server_port}")
+        browser.get(f"http://127.0.0.1:{srv.server_port}/?token={TOKEN}")
         row = _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#runs tbody tr[data-run]"))[0]
         assert "18 of 18 (one model)" in row.text
         row.click()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,9 +16,10 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
-from test_dashboard import SHOTS, _browser, _wait
+from test_dashboard import SHOTS, _browser, _wait, reader
 from wanpair.dashboard.app import LOCAL_HOSTS, TOKEN_HEADER, create_app, launch_message
-from wanpair.dashboard.jobs import Job, JobQueue, caption_job, process_start
+from wanpair.dashboard.jobs import ACTIVE, Job, JobQueue, caption_job, process_start, train_job
+from wanpair.dashboard.paths import Roots
 from wanpair.errors import WanpairError
 from wanpair.project import TrainSettings, load_project
 from wanpair.train.run_lock import lock_path, run_lock
@@ -41,7 +44,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def client(demo):
-    return create_app([demo], token=TOKEN, tick_s=None).test_client()
+    return reader(create_app([demo], token=TOKEN, tick_s=None))
 
 
 # ---------------------------------------------------------------- a new run: what it writes
@@ -117,13 +120,13 @@ def test_weights_linked_from_outside_the_roots_are_not_offered(demo, tmp_path):
     outside.mkdir()
     (outside / "elsewhere.safetensors").write_bytes(b"x")
     (demo / "models" / "elsewhere.safetensors").symlink_to(outside / "elsewhere.safetensors")
-    got = create_app([demo], token=TOKEN, tick_s=None).test_client().get("/api/models?task=t2v-A14B")
+    got = reader(create_app([demo], token=TOKEN, tick_s=None)).get("/api/models?task=t2v-A14B")
     assert got.status_code == 200 and got.get_json()["vae"][0]["path"].endswith("wan_2.1_vae_tiny.safetensors")
     assert not any("elsewhere" in f["path"] for files in got.get_json().values() for f in files)
     linked = tmp_path / "linked"
     linked.mkdir()
     (linked / "models").symlink_to(demo / "models")  # the whole models/ folder is a link out of this root
-    got = create_app([linked], token=TOKEN, tick_s=None).test_client().get("/api/models?task=t2v-A14B")
+    got = reader(create_app([linked], token=TOKEN, tick_s=None)).get("/api/models?task=t2v-A14B")
     assert got.status_code == 200 and all(files == [] for files in got.get_json().values())
 
 
@@ -140,12 +143,12 @@ def test_the_plan_is_the_doctor_in_its_own_process_and_a_training_run_does_not_b
         return subprocess.CompletedProcess(argv, 1, "✗ memory plan: needs 90 GB, 20 GB free\n", "")
 
     monkeypatch.setattr(subprocess, "run", doctor)
-    plan = client.get("/api/plan?root=0&path=wanpair.toml").get_json()
+    plan = client.post("/api/plan", json={"root": 0, "path": "wanpair.toml"}, headers=OK).get_json()
     assert calls == [[sys.executable, "-m", "wanpair.cli", "doctor", str(demo / "wanpair.toml")]]
     assert plan == {"ok": False, "lines": ["✗ memory plan: needs 90 GB, 20 GB free",
                                            "· no other training under these folders now"]}
     with run_lock(demo / "output", "other"):
-        plan = client.get("/api/plan?root=0&path=wanpair.toml").get_json()
+        plan = client.post("/api/plan", json={"root": 0, "path": "wanpair.toml"}, headers=OK).get_json()
     assert plan["ok"] and plan["lines"][-1].startswith("· this plan was measured while other trains: this run "
                                                        "waits in the queue and starts when it ends")
 
@@ -160,12 +163,16 @@ WRITES = [("/api/new-run", lambda c: _new_run(c)), ("/api/caption", lambda c: {"
                          ids=["missing", "wrong", "empty", "in-a-cookie"])
 def test_writes_and_starts_need_the_token_in_the_header(client, demo, headers):
     before = _snapshot(demo)
+    bare = client.application.test_client()  # sends only `headers`
     for url, body in WRITES:
-        r = client.post(url, json=body(client), headers=headers)
+        r = bare.post(url, json=body(client), headers=headers)
         assert r.status_code == 403 and r.get_json()["error"].startswith("refused: a request that writes"), url
-    assert client.post("/api/jobs/anything/stop", headers=headers).status_code == 403
+        r = bare.post(f"{url}?token={TOKEN}", json=body(client), headers=headers)  # in the URL: not for writes
+        assert r.status_code == 403, url
+    assert bare.post("/api/jobs/anything/stop", headers=headers).status_code == 403
     assert _snapshot(demo) == before and client.get("/api/jobs").get_json() == []  # nothing written, nothing started
-    assert client.get("/api/runs").status_code == 200  # reading stays open
+    assert bare.get("/api/runs", headers=headers).status_code == 403  # nor is anything read without the token
+    assert bare.get(f"/api/runs?token={TOKEN}").status_code == 200 and client.get("/api/runs").status_code == 200
 
 
 def test_paths_that_leave_the_roots_are_refused(client, demo, tmp_path):
@@ -186,13 +193,13 @@ def test_paths_that_leave_the_roots_are_refused(client, demo, tmp_path):
         assert client.post("/api/jobs", json={"root": 0, "path": f"{path}/p.toml"}, headers=OK).status_code == 403
         assert client.get("/media", query_string={"root": 0, "path": media}).status_code == 403
         assert client.get("/api/folder", query_string={"root": 0, "path": path}).status_code == 403
-    dataset = create_app([demo / "dataset"], token=TOKEN, tick_s=None).test_client()  # a root of images
+    dataset = reader(create_app([demo / "dataset"], token=TOKEN, tick_s=None))  # a root of images
     r = dataset.post("/api/caption", json={"root": 0, "path": ".", "text": "x"}, headers=OK)
     assert r.status_code == 403 and "is a folder the dashboard was started on" in r.get_json()["error"]
     assert not (demo / "dataset.txt").exists()  # the root's caption would be beside it, outside it
     assert client.get("/api/folder?root=0&path=dataset").get_json()["items"][0]["caption"] is None  # not read
     r = client.post("/api/caption", json={"root": 0, "path": "dataset/img_01.png", "text": "x"}, headers=OK)
-    assert r.status_code == 403 and "leads out of the dashboard's folders" in r.get_json()["error"]
+    assert r.status_code == 403 and "dataset/img_01.txt is a link (to " in r.get_json()["error"]
     assert client.post("/api/new-run", json=_new_run(client) | {"root": 1}, headers=OK).status_code == 403
     models = _new_run(client)
     models["models"]["vae"] = {"root": 0, "path": "link-out/img.png"}
@@ -220,9 +227,12 @@ def test_a_second_dashboard_on_the_same_folder_is_refused(demo):
 
 
 # ---------------------------------------------------------------- the queue
-def _quick(title: str, folder: Path, lock: Path | None = None) -> Job:
-    """A job that ends in a second or two: `wanpair --version`."""
-    return Job(["--version"], title, str(folder), lock=str(lock) if lock else None)
+def _quick(title: str, folder: Path) -> Job:
+    """A job that ends in a second or two: a caption job of `folder/title` (what a queue file records and
+    a restarted dashboard rebuilds) whose command is `wanpair --version`."""
+    job = caption_job(folder / title, folder / "captioner")
+    job.argv, job.cwd = ["--version"], str(folder)
+    return job
 
 
 def _until(condition, seconds: float = 60.0):
@@ -264,7 +274,7 @@ def test_a_job_stopped_twice_gets_one_ctrl_c(tmp_path, monkeypatch):
     """A second Ctrl-C means "stop at once, without saving": a second Stop while the first saves sends nothing."""
     import wanpair.dashboard.jobs as J
 
-    queue = JobQueue(tmp_path / "q", busy=lambda: [])
+    queue = JobQueue(tmp_path / "q", Roots.of([tmp_path]), busy=lambda: [])
     job = queue.add(_quick("first", tmp_path))
     sent = []
     monkeypatch.setattr(J.os, "killpg", lambda pid, sig: sent.append((pid, sig)))
@@ -273,7 +283,7 @@ def test_a_job_stopped_twice_gets_one_ctrl_c(tmp_path, monkeypatch):
 
 
 def test_a_job_that_cannot_start_fails_with_the_reason_and_the_queue_goes_on(tmp_path):
-    queue = JobQueue(tmp_path / "q", busy=lambda: [])
+    queue = JobQueue(tmp_path / "q", Roots.of([tmp_path]), busy=lambda: [])
     gone = queue.add(_quick("gone", tmp_path / "deleted"))
     after = queue.add(_quick("after", tmp_path))
     assert gone.state == "failed" and gone.reason.startswith(f"could not start in {tmp_path / 'deleted'}: ")
@@ -281,62 +291,123 @@ def test_a_job_that_cannot_start_fails_with_the_reason_and_the_queue_goes_on(tmp
 
 
 def test_the_queue_persists_and_starts_the_next_job_when_one_ends(tmp_path):
-    queue = JobQueue(tmp_path / "q", busy=lambda: [])
+    queue = JobQueue(tmp_path / "q", Roots.of([tmp_path]), busy=lambda: [])
     first = queue.add(_quick("first", tmp_path))
     second = queue.add(_quick("second", tmp_path))
     assert (first.state, second.state) == ("running", "queued")  # one at a time
     saved = json.loads((tmp_path / "q" / "queue.json").read_text())["jobs"]
-    assert [(j["title"], j["state"]) for j in saved] == [("first", "running"), ("second", "queued")]
+    assert [(j["title"], j["state"]) for j in saved] == [("caption first", "running"), ("caption second", "queued")]
     _until(lambda: queue.tick() or second.state == "running")
     assert first.state == "finished" and first.returncode == 0
     assert queue.log_tail(first)[-1].startswith("wanpair ")  # its output went to its log
     _until(lambda: queue.tick() or second.state == "finished")
-    reloaded = JobQueue(tmp_path / "q", busy=lambda: [])
-    assert [(j.title, j.state) for j in reloaded.jobs] == [("first", "finished"), ("second", "finished")]
+    third = queue.add(_quick("third", tmp_path / "deleted"))
+    queue.jobs.append(_quick("fourth", tmp_path))  # queued behind it when the dashboard went away
+    queue._save()
+    reloaded = JobQueue(tmp_path / "q", Roots.of([tmp_path]), busy=lambda: [])
+    assert [(j.title, j.state) for j in reloaded.jobs] == [("caption first", "finished"), ("caption second", "finished"),
+                                                          ("caption third", "failed"), ("caption fourth", "held")]
+    reloaded.tick()
+    assert reloaded.jobs[-1].state == "held"  # it waits for a click: a restart starts nothing by itself
+    assert reloaded.jobs[-1].argv[0] == "caption"  # rebuilt from what it acts on, not from the file's command
 
 
-def test_after_a_restart_a_job_still_training_is_not_started_again_and_the_queue_waits(tmp_path):
-    """The dashboard died with two trainings marked running: one lives on (it holds its run lock), the other
-    is gone. The first is shown running (not owned) and nothing starts beside it; the other, interrupted."""
+def test_a_stop_in_a_jobs_first_seconds_ends_it_as_stopped_without_a_traceback(demo):
+    """Stopped while `wanpair train` still imports torch (before any training code runs): the job is
+    "stopped", not "failed", and its log says so in a word instead of a KeyboardInterrupt traceback."""
+    queue = JobQueue(demo / "q", Roots.of([demo]), busy=lambda: [])
+    job = queue.add(train_job(demo / "wanpair.toml"))
+    _until(lambda: b"torch" in Path(f"/proc/{job.pid}/maps").read_bytes(), 60)  # inside its imports
+    queue.stop(job.id)
+    _until(lambda: queue.tick() or job.state not in ACTIVE, 60)
+    assert job.state == "stopped" and job.returncode == 130
+    assert queue.log_tail(job)[-1] == "interrupted" and not any("Traceback" in line for line in queue.log_tail(job, 200))
+
+
+def _restarted(queue_folder: Path, roots: list[Path], jobs: list[Job], busy=lambda: []) -> JobQueue:
+    """A dashboard restarted over a queue file that recorded `jobs` as an earlier one left them."""
     from dataclasses import asdict
 
-    out, folder = tmp_path / "output", tmp_path / "q"
-    folder.mkdir()
-    jobs = [Job(["train", "mine.toml"], "train mine", str(tmp_path), str(lock_path(out, "mine")), state="running",
-                pid=os.getpid()),
-            Job(["train", "other.toml"], "train other", str(tmp_path), str(lock_path(out, "other")), state="running",
-                pid=2**22 + 1)]
-    (folder / "queue.json").write_text(json.dumps({"jobs": [asdict(j) for j in jobs]}))
+    queue_folder.mkdir(exist_ok=True)
+    (queue_folder / "queue.json").write_text(json.dumps({"jobs": [asdict(j) for j in jobs]}))
+    return JobQueue(queue_folder, Roots.of(roots), busy=busy)
+
+
+def _running(job: Job, pid: int | None = None) -> Job:
+    job.state, job.pid, job.pid_started = "running", pid, process_start(pid)
+    return job
+
+
+def _sleeping_as(job: Job) -> subprocess.Popen:
+    """A process whose command line is the job's own (`... -m wanpair.cli ARGV`), as the queue starts it; it
+    sleeps until killed and exits like `wanpair train` stopped by Ctrl-C."""
+    code = ("import signal, sys, time; signal.signal(signal.SIGINT, lambda *_: sys.exit(130)); print('ready', "
+            "flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, "-m", "wanpair.cli", *job.argv], start_new_session=True,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    return proc
+
+
+def test_after_a_restart_a_job_still_training_is_not_started_again_and_the_queue_waits(demo):
+    """The dashboard died with two trainings marked running: one lives on (it holds its run lock), the other
+    is gone. The first is shown running (not owned) and nothing starts beside it; the other, interrupted."""
+    other = demo / "other.toml"
+    other.write_text((demo / "wanpair.toml").read_text().replace('name = "demo_shapes_v1"', 'name = "other"'))
+    mine, gone = train_job(demo / "wanpair.toml"), train_job(other)
     locks = []
-    with run_lock(out, "mine"):
-        locks.append(lock_path(out, "mine"))
-        after = JobQueue(folder, busy=lambda: locks)
-        assert [(j.title, j.state) for j in after.jobs] == [("train mine", "running"), ("train other", "interrupted")]
+    with run_lock(Path(mine.lock).parent, "demo_shapes_v1"):
+        locks.append(Path(mine.lock))
+        after = _restarted(demo / "q", [demo], [_running(mine, os.getpid()), _running(gone, 2**22 + 1)],
+                           busy=lambda: locks)
+        assert [(j.title, j.state) for j in after.jobs] == [("train demo_shapes_v1", "running"), ("train other", "interrupted")]
         assert not after.owned(after.jobs[0])
-        waiting = after.add(_quick("next", tmp_path))
+        waiting = after.add(_quick("next", demo))
         after.tick()
         assert waiting.state == "queued" and after.jobs[0].state == "running"  # the queue waits for it
         locks.clear()
     _until(lambda: after.tick() or waiting.state == "finished")
-    assert after.jobs[0].state == "interrupted"  # it ended unseen, with no metrics to tell how
+    assert after.jobs[0].state in ("interrupted", "finished")  # it ended unseen: the run's files tell how
 
 
-def test_after_a_restart_a_job_without_a_lock_is_followed_by_its_process(tmp_path):
-    """A caption job holds no run lock: the process with its pid and start time is it (pids are reused)."""
-    from dataclasses import asdict
+def test_a_training_restarted_before_it_takes_its_lock_is_followed_by_its_process(demo):
+    """A dashboard (re)started in the seconds before `wanpair train` takes its run lock: the job lives while
+    its process (pid, start time, its own command line) lives, nothing starts beside it, and the new
+    dashboard can stop it; it ends as stopped. A pid that now runs something else is not it."""
+    job = train_job(demo / "wanpair.toml")
+    proc = _sleeping_as(job)
+    try:
+        impostor = _running(train_job(demo / "wanpair.toml"), os.getpid())  # a live pid, but pytest's command
+        after = _restarted(demo / "q", [demo], [_running(job, proc.pid), impostor])
+        assert [j.state for j in after.jobs] == ["running", "interrupted"]
+        waiting = after.add(_quick("next", demo))
+        after.tick()
+        assert waiting.state == "queued"  # one training at a time, even before it holds its lock
+        assert after.stop(after.jobs[0].id).state == "stopping"
+        assert proc.wait(10) == 130
+        _until(lambda: after.tick() or after.jobs[0].state not in ACTIVE)
+        assert after.jobs[0].state == "stopped"
+    finally:
+        proc.kill()
 
-    folder = tmp_path / "q"
-    folder.mkdir()
-    me = os.getpid()
-    jobs = [Job(["caption", "set"], "caption set", str(tmp_path), state="running", pid=me, pid_started=process_start(me)),
-            Job(["caption", "old"], "caption old", str(tmp_path), state="running", pid=me,
-                pid_started=process_start(me) - 1)]  # the pid now names another process
-    (folder / "queue.json").write_text(json.dumps({"jobs": [asdict(j) for j in jobs]}))
-    after = JobQueue(folder, busy=lambda: [])
-    assert [(j.title, j.state) for j in after.jobs] == [("caption set", "running"), ("caption old", "interrupted")]
-    waiting = after.add(_quick("next", tmp_path))
-    after.tick()
-    assert waiting.state == "queued" and not after.owned(after.jobs[0])  # the queue waits for it
+
+def test_after_a_restart_a_caption_job_is_followed_by_its_process_and_can_be_stopped(demo, tmp_path):
+    """A caption job holds no run lock: the process with its pid, start time and command line is it (pids are
+    reused); a restarted dashboard shows it running, waits for it, and stops it."""
+    job = caption_job(demo / "dataset", demo / "captioner")
+    proc = _sleeping_as(job)
+    try:
+        old = _running(caption_job(demo / "dataset", demo / "captioner"), proc.pid)
+        old.pid_started -= 1  # the pid now names another process
+        after = _restarted(demo / "q", [demo], [_running(job, proc.pid), old])
+        assert [(j.title, j.state) for j in after.jobs] == [("caption dataset", "running"), ("caption dataset", "interrupted")]
+        waiting = after.add(_quick("next", demo))
+        after.tick()
+        assert waiting.state == "queued" and not after.owned(after.jobs[0])  # the queue waits for it
+        after.stop(after.jobs[0].id)
+        assert proc.wait(10) == 130
+    finally:
+        proc.kill()
 
 
 # ---------------------------------------------------------------- the whole flow, in a browser

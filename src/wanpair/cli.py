@@ -26,10 +26,9 @@ os.environ.setdefault("TORCH_COMPILE_CACHE_KEY_TAG", "wanpair-" + hashlib.sha256
     (Path(__file__).parent / f).read_bytes() for f in ("models/fp8.py", "train/streaming.py"))).hexdigest()[:16])
 
 from . import __version__
-from .errors import WanpairError
+from .errors import StopRequested, WanpairError
 from .logs import configure_logging
 from .models.tasks import TASKS, expert_name, expert_noun
-from .train.state import StopRequested
 
 DESCRIPTION = """\
 Train the LoRA pair that Wan 2.2 T2V A14B needs -- one LoRA for the high-noise expert
@@ -177,7 +176,7 @@ def cmd_dashboard(args) -> int:
     for root in roots:
         if not root.is_dir():
             raise WanpairError(f"{root} is not a folder; give the output folders your runs write to (default: .).")
-    serve(roots, args.host, args.port, args.token)
+    serve(roots, args.host, args.port, args.token, args.allow_host)
     return 0
 
 
@@ -476,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(one training at a time); watch every run (<output_dir>/<name>/metrics.jsonl): "
                                    "state, steps and ETA of both experts, loss, validation loss, learning rate, speed "
                                    "and memory side by side and live, the log, the samples in a grid, the LoRA files "
-                                   "to download. Prints a URL with a token: requests that write or start need it. "
+                                   "to download. Prints a URL with a token: every request for your data, and every one that writes or starts, "
+                                   "needs it. "
                                    "Works offline; reads and writes only inside the folders given.")
     p.add_argument("dirs", nargs="*", metavar="DIR",
                    help="folders to find runs and datasets in, and the only ones it writes to (default: the current "
@@ -484,7 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; another prints a warning)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--token", help="the token requests that write or start must carry (default: a new random one)")
+    p.add_argument("--token", help="the token every request must carry (default: a new random one)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests made to this host name (repeat for more); by default only localhost "
+                        "and IP addresses, so that no web page can reach it by DNS rebinding; '*': any name")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("check", epilog=_guide("datasets"),
@@ -620,9 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    try:
+    try:  # the parser too: it imports the sampler's defaults, and a Ctrl-C there is a stop like any other
+        args = build_parser().parse_args(argv)
+        configure_logging(args.verbose)
         with warnings.catch_warnings():  # the libraries' deprecation chatter, for this command only
             if not args.verbose:
                 warnings.filterwarnings("ignore", category=FutureWarning)

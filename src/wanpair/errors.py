@@ -19,3 +19,13 @@ class DamagedFile(WanpairError):
     def __init__(self, reason: str, advice: str = "Download it again."):
         super().__init__(f"{reason} {advice}")
         self.reason = reason
+
+
+class StopRequested(Exception):
+    """Raised after a clean stop (Ctrl-C, SIGTERM): state and a partial LoRA have been saved. Here, not beside
+    the training state, so that the CLI catches it without importing torch: a Ctrl-C in a command's first
+    second then ends it as a stop, not with a traceback from inside an import."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -1,11 +1,17 @@
 """The dashboard's queue: `wanpair` commands it runs one after another, as processes it owns.
 
-A job is a wanpair command's arguments and what it acts on: a training's project file and its run lock
-(`train_job`). Another command becomes a job in a few lines the same way. The queue lives in a JSON file
-written atomically at every change, so it survives a dashboard restart. A job that was running when the
-dashboard went away may still run: its run lock tells (`lock_is_held`); it is shown as running but not
-owned, and the queue waits for it. It is never started a second time. A job without a lock (a caption job)
-is told by its process: the same pid with the same start time (`process_start`; pids are reused).
+A job is a kind of command the page offers and what it acts on: `train` a project file (`train_job`: the
+command, its folder and its run lock follow from the project), `caption` a folder (`caption_job`). The
+queue lives in a JSON file written atomically at every change, so it survives a dashboard restart -- but
+that file is only a record: a job read back is built anew from its kind and inputs, which must lie under
+the dashboard's roots (`rebuilt`), never from a command line stored in it, the file must be the user's own
+and writable by no one else, and the jobs that were waiting wait for a click ("held") instead of starting
+by themselves. So a queue file planted by an archive or another user can start nothing.
+
+A job that was running when the dashboard went away may still run: its run lock is held, or its process
+lives -- the same pid with the same start time (`process_start`; pids are reused) running the job's own
+command line (a training holds no lock in its first seconds). It is shown as running but not owned, the
+queue waits for it, it is never started a second time, and it can be stopped from the new dashboard.
 
 One training at a time on this machine: the queue starts its next job only while no run under the roots
 holds its lock (a training started from a shell counts too), which is how a GPU already training is
@@ -19,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -33,11 +41,14 @@ from typing import Callable
 from ..atomic import write_text_atomic
 from ..errors import WanpairError
 from ..project import load_project
-from ..train.run_lock import lock_holder, lock_is_held, lock_path
+from ..train.run_lock import lock_is_held, lock_path
+from .paths import PathRefused, Roots, open_inside
 from .runs import Run, state_of
 
 ACTIVE = ("running", "stopping")
-STOPPED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # what `wanpair train` exits with after a clean stop
+STATES = ("held", "queued", *ACTIVE, "finished", "stopped", "failed", "interrupted", "cancelled")
+# how `wanpair train` ends after a clean stop (130, 143), or a process stopped by the signal itself (early on)
+STOPPED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)
 
 
 @dataclass
@@ -48,8 +59,10 @@ class Job:
     lock: str | None = None  # the run lock it takes (a training)
     run_dir: str | None = None
     project: str | None = None
+    kind: str = ""  # "train" or "caption": with `inputs`, all a job read back from the queue file is built from
+    inputs: dict = field(default_factory=dict)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
-    state: str = "queued"  # queued, running, stopping | finished, stopped, failed, interrupted, cancelled
+    state: str = "queued"  # held (after a restart), queued, running, stopping | finished, stopped, failed, ...
     pid: int | None = None
     pid_started: int | None = None  # the process's start time (`process_start`): tells it from a reused pid
     returncode: int | None = None
@@ -64,14 +77,46 @@ def train_job(project_file: Path, overwrite: bool = False) -> Job:
     project, _ = load_project(project_file)
     return Job(["train", str(project.path), *(["--overwrite"] if overwrite else [])],
                f"train {project.name}" + (" (start over)" if overwrite else ""), str(project.path.parent),
-               str(lock_path(project.output_dir, project.name)), str(project.run_dir), str(project.path))
+               str(lock_path(project.output_dir, project.name)), str(project.run_dir.resolve()), str(project.path),
+               kind="train", inputs={"project_file": str(project.path), "overwrite": overwrite})
 
 
 def caption_job(folder: Path, captioner: Path, trigger: str = "") -> Job:
     """`wanpair caption FOLDER`: captions for the media that have none (it never replaces one). It takes the
     GPU, so it waits its turn like a training; run again after a stop, it goes on with the files still bare."""
     return Job(["caption", str(folder), "--captioner", str(captioner), *([f"--trigger={trigger}"] if trigger else [])],
-               f"caption {folder.name}", str(folder.parent))
+               f"caption {folder.name}", str(folder.parent), kind="caption",
+               inputs={"folder": str(folder), "captioner": str(captioner), "trigger": trigger})
+
+
+BUILDERS = {"train": (train_job, {"project_file": Path, "overwrite": bool}),
+            "caption": (caption_job, {"folder": Path, "captioner": Path, "trigger": str})}
+RECORDED = {"id": str, "state": str, "pid": int, "pid_started": int, "returncode": int, "reason": str,
+            "queued_at": float, "started_at": float, "ended_at": float}  # what a job's record adds to its inputs
+
+
+def rebuilt(row, roots: Roots) -> Job:
+    """A job of the queue file, built anew from its kind and inputs as the page would have made it (paths under
+    the roots); the record's own command line, folder and lock are never used. WanpairError says why not."""
+    kind, inputs = (row.get("kind"), row.get("inputs")) if isinstance(row, dict) else (None, None)
+    if kind not in BUILDERS or not isinstance(inputs, dict):
+        raise WanpairError(f"a job of kind {kind!r}; the dashboard runs {' and '.join(BUILDERS)} jobs")
+    types = BUILDERS[kind][1]
+    if set(inputs) != set(types) or not all(isinstance(inputs[k], str if t is Path else t) for k, t in types.items()):
+        raise WanpairError(f"a {kind} job whose inputs are not {', '.join(types)}")
+    for key in (k for k, t in types.items() if t is Path):
+        if roots.locate(Path(inputs[key])) is None:
+            raise WanpairError(f"a {kind} job on {inputs[key]}, outside the dashboard's folders")
+    job = _build(kind, inputs)
+    for key, t in RECORDED.items():
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float) if t is float else t)):
+            raise WanpairError(f"a job whose {key} is {value!r}")
+        if value is not None:
+            setattr(job, key, value)
+    if not re.fullmatch(r"[0-9a-f]{1,32}", job.id) or job.state not in STATES:
+        raise WanpairError(f"a job with id {job.id!r} in state {job.state!r}")
+    return job
 
 
 def process_start(pid: int | None) -> int | None:
@@ -83,38 +128,65 @@ def process_start(pid: int | None) -> int | None:
         return None
 
 
+def _build(kind: str, inputs: dict) -> Job:
+    build, types = BUILDERS[kind]
+    return build(**{k: Path(v) if types[k] is Path else v for k, v in inputs.items()})
+
+
+def its_process_lives(job: Job) -> bool:
+    """Is the job's own process alive: its pid, started when it was (pids are reused), running its command?"""
+    if job.pid is None or job.pid_started is None or process_start(job.pid) != job.pid_started:
+        return False
+    try:
+        cmdline = [a.decode("utf-8", "surrogateescape") for a in Path(f"/proc/{job.pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+    except OSError:
+        return False
+    return cmdline[-len(job.argv) - 2:] == ["-m", "wanpair.cli", *job.argv]
+
+
 def still_runs(job: Job) -> bool:
-    """Does the process of a job an earlier dashboard started live on? A training holds its run lock; another
-    job's process is the one with its pid and start time."""
-    if job.lock:
-        return lock_is_held(Path(job.lock))
-    return job.pid_started is not None and process_start(job.pid) == job.pid_started
+    """Does a job an earlier dashboard started live on? Its run lock is held (a training, or its workers still
+    saving), or its process lives (a caption job; a training in its first seconds, before it takes the lock)."""
+    return bool(job.lock and lock_is_held(Path(job.lock))) or its_process_lives(job)
 
 
 class JobQueue:
     """The jobs, their processes and the file that keeps them. `busy()`: the run locks held now under the
     roots; `tick()` (called every second by the dashboard) reaps what ended and starts what is next."""
 
-    def __init__(self, folder: Path, busy: Callable[[], list[Path]]):
+    def __init__(self, folder: Path, roots: Roots, busy: Callable[[], list[Path]]):
+        self.folder = folder
         self.file = folder / "queue.json"
         self.logs = folder / "logs"
+        self.roots = roots
         self.busy = busy
         self._mutex = threading.RLock()
         self._procs: dict[str, subprocess.Popen] = {}
         self.jobs = self._load()
 
     def _load(self) -> list[Job]:
+        for path in (self.folder, self.file):
+            _the_users_own(path)
         try:
             rows = json.loads(self.file.read_text(encoding="utf-8"))["jobs"]
-            jobs = [Job(**row) for row in rows]
+            if not isinstance(rows, list):
+                raise TypeError("its jobs are not a list")
         except FileNotFoundError:
             return []
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise WanpairError(f"{self.file} cannot be read as the dashboard's queue ({e}); move it away to start "
                                "with an empty queue.") from None
-        for job in jobs:  # the dashboard that started these is gone: do they still run?
+        jobs = []
+        for i, row in enumerate(rows):
+            try:
+                jobs.append(rebuilt(row, self.roots))
+            except WanpairError as e:
+                print(f"wanpair dashboard: job {i + 1} of {self.file} is left out: {e}.", file=sys.stderr)
+        for job in jobs:  # the dashboard that started these is gone: do they still run? the waiting ones wait
             if job.state in ACTIVE and not still_runs(job):
                 job.state, job.ended_at = "interrupted", time.time()
+            elif job.state == "queued":
+                job.state = "held"
         return jobs
 
     def _save(self) -> None:
@@ -139,17 +211,17 @@ class JobQueue:
         return job
 
     def stop(self, job_id: str) -> Job:
-        """A running job: Ctrl-C to its process group. A queued one: taken off the queue."""
+        """A running job: Ctrl-C to its process group. A queued (or held) one: taken off the queue."""
         with self._mutex:
             job = self.get(job_id)
-            if job.state == "queued":
+            if job.state in ("queued", "held"):
                 job.state, job.ended_at = "cancelled", time.time()
             elif job.state == "stopping":
                 return job  # asked already: a second SIGINT would stop it at once, without saving
             elif job.state in ACTIVE:
-                if not self.owned(job) and not (job.lock and lock_holder(Path(job.lock)) == job.pid):
-                    raise WanpairError(f"{job.title} (pid {job.pid}) was started by an earlier dashboard and no "
-                                       "longer holds its run; nothing to stop.")
+                if not self.owned(job) and not its_process_lives(job):
+                    raise WanpairError(f"{job.title} (pid {job.pid}) was started by an earlier dashboard and its "
+                                       "process has ended (its workers may still be saving); nothing to stop.")
                 with contextlib.suppress(ProcessLookupError):  # it ended just now: the next tick reaps it
                     os.killpg(job.pid, signal.SIGINT)  # its own process group: the command and any workers of it
                     job.state = "stopping"
@@ -158,15 +230,28 @@ class JobQueue:
             self._save()
             return job
 
+    def release(self, job_id: str) -> Job:
+        """A job held after a restart, queued again: the user clicked it."""
+        with self._mutex:
+            job = self.get(job_id)
+            if job.state != "held":
+                raise WanpairError(f"{job.title} is {job.state}, not waiting for a click.")
+            job.state = "queued"
+            self._save()
+        self.tick()
+        return job
+
     def again(self, job_id: str) -> Job:
         """The same command queued anew, never with --overwrite: a training continues from its last state."""
         old = self.get(job_id)
-        if old.state in ("queued", *ACTIVE):
+        if old.state in ("held", "queued", *ACTIVE):
             raise WanpairError(f"{old.title} is {old.state}; continue it once it has stopped.")
-        argv = [a for a in old.argv if a != "--overwrite"]
-        title = old.title.replace(" (start over)", "")
-        return self.add(Job(argv, title if title.startswith("continue") else f"continue {title}", old.cwd,
-                            old.lock, old.run_dir, old.project))
+        if old.kind not in BUILDERS:
+            raise WanpairError(f"{old.title} is not a job the dashboard can run again.")
+        job = _build(old.kind, old.inputs | ({"overwrite": False} if old.kind == "train" else {}))
+        job.title = old.title.replace(" (start over)", "")
+        job.title = job.title if job.title.startswith("continue") else f"continue {job.title}"
+        return self.add(job)
 
     def tick(self) -> None:
         with self._mutex:
@@ -190,13 +275,14 @@ class JobQueue:
                     continue
                 del self._procs[job.id]
                 job.returncode = proc.returncode
-                job.state = ("finished" if proc.returncode == 0 else
-                             "stopped" if proc.returncode in STOPPED_CODES else "failed")
+                job.state = ("finished" if proc.returncode == 0 else  # asked to stop, it ended: stopped, however
+                             "stopped" if proc.returncode in STOPPED_CODES or job.state == "stopping" else "failed")
             elif still_runs(job):
                 continue  # an earlier dashboard's, still running
-            else:  # an earlier dashboard's, ended unseen: the run's files tell how
+            else:  # an earlier dashboard's, ended unseen: stopped if asked to, else the run's files tell how
                 run = Run(Path(job.run_dir)) if job.run_dir else None
-                job.state = state_of(run) if run and run.metrics.exists() else "interrupted"
+                job.state = ("stopped" if job.state == "stopping" else
+                             state_of(run) if run and run.metrics.exists() else "interrupted")
             job.ended_at = time.time()
             changed = True
         return changed
@@ -206,8 +292,10 @@ class JobQueue:
         the reason, so that the queue goes on."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log follows the run line by line
         try:
-            self.logs.mkdir(parents=True, exist_ok=True)
-            with open(self.log_file(job), "ab") as log:
+            self.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # O_NOFOLLOW: a link planted under the log's name is not written through
+            fd = os.open(self.log_file(job), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            with open(fd, "ab") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "wanpair.cli", *job.argv], cwd=job.cwd, env=env,
                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)  # its own process group: Ctrl-C reaches all of it
@@ -223,10 +311,10 @@ class JobQueue:
     def log_tail(self, job: Job, lines: int = 40) -> list[str]:
         """The last lines of the job's output; progress bars redraw with carriage returns: their last state."""
         try:
-            with open(self.log_file(job), "rb") as f:
+            with open_inside(self.log_file(job), [self.logs]) as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
                 text = f.read().decode("utf-8", "replace")
-        except OSError:
+        except (OSError, PathRefused):
             return []
         return list(deque((line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n")
                            if line.strip("\r ")), maxlen=lines))
@@ -243,3 +331,18 @@ class JobQueue:
         thread = threading.Thread(target=loop, name="wanpair-queue", daemon=True)
         thread.start()
         return thread
+
+
+def _the_users_own(path: Path) -> None:
+    """Refuse (by name) a queue folder or file that is a link, is not this user's, or others can write: the
+    queue is trusted to say what ran and what waits, so only the user may have written it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    why = ("is a link" if stat.S_ISLNK(st.st_mode) else
+           f"belongs to user id {st.st_uid}, not to you ({os.getuid()})" if st.st_uid != os.getuid() else
+           f"can be written by others (mode {stat.filemode(st.st_mode)})" if st.st_mode & 0o022 else None)
+    if why:
+        raise WanpairError(f"{path} {why}: it is not a queue this dashboard wrote for you. Move it away (the "
+                           f"dashboard starts with an empty queue), or if it is yours: chmod go-w {path}.")

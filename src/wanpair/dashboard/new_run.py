@@ -15,7 +15,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import write_text_atomic
 from ..data.dataset_config import load_dataset_config
 from ..data.images import IMAGE_EXTENSIONS
 from ..data.items import Report, check_dataset
@@ -24,13 +23,14 @@ from ..errors import WanpairError
 from ..models.tasks import TASKS, T2V
 from ..project import CHOICES, TrainSettings, load_project
 from ..setup.scaffold import InitPlan, dataset_toml, model_candidates, model_order, plan_init
-from .paths import PathRefused, Roots
+from .paths import PathRefused, Roots, write_text_inside
 
 # The settings the form shows (with the recipe's default); every other one stays the recipe's, and is in the
 # written file, commented, to change by hand.
 FORM_SETTINGS = ("epochs", "learning_rate", "rank", "memory_mode", "validate_every_n_steps")
 SKIPPED_FOLDERS = {"cache", "output", "models", "state", "samples", "tensorboard"}
 FOLDER_DEPTH = 3
+CAPTION_LIMIT = 64 * 1024  # bytes: a caption longer than this is no caption (umT5 reads 512 tokens)
 WEIGHT_SUFFIXES = {".safetensors", ".pth", ".pt", ".bin"}
 MODEL_HINTS = {"high_noise": "high_noise", "low_noise": "low_noise", "vae": "vae", "t5": "t5"}  # files named
 # otherwise than the recipe's (the demo's tiny ones, a renamed download): these words in the name come first
@@ -72,31 +72,32 @@ def dataset_folders(roots: Roots) -> list[dict]:
 
 def captions(folder: Path, roots: Roots) -> list[dict]:
     """Each medium with its caption, for the page to show side by side and edit; a caption that is a link out
-    of the roots is not read (None)."""
+    of the roots (checked on the opened file) is not read (None)."""
     out = []
     for media in media_of(folder):
         cap = caption_path(media)
         preview = media if media.is_file() else next((p for p in sorted(media.iterdir())
                                                       if p.suffix.lower() in IMAGE_EXTENSIONS), None)
+        text = roots.read_text(cap, CAPTION_LIMIT)
         out.append({"media": roots.locate(media), "preview": roots.locate(preview) if preview else None,
-                    "caption": cap.read_text(encoding="utf-8", errors="replace").strip()
-                    if cap.is_file() and roots.locate(cap) else None})
+                    "caption": text.strip() if text is not None else None})
     return out
 
 
 def write_caption(media: Path, text: str, roots: Roots) -> Path:
     """Replace the caption of `media` (atomically): `media` must be one its folder trains on (`media_of`), not a
-    root itself (whose caption would be written beside the root, outside it), and the caption file, links
-    followed, must be inside a root."""
+    root itself (whose caption would be written beside the root, outside it); the caption is written as a
+    regular file of that folder, checked on the opened folder (`Roots.write_text`: never through a link)."""
+    if len(text.encode("utf-8", "surrogatepass")) > CAPTION_LIMIT:
+        raise WanpairError(f"a caption of {len(text)} characters is refused: at most {CAPTION_LIMIT // 1024} KiB "
+                           "(training reads the first 512 umT5 tokens, a few thousand characters).")
     if media in roots.paths:
         raise PathRefused(f"{media} is a folder the dashboard was started on; its caption would be written "
                           "outside it. Name an image or video inside it.")
     if not media.parent.is_dir() or media not in media_of(media.parent):
         raise WanpairError(f"{media} is not an image or video of a dataset folder; captions are written beside one.")
     cap = caption_path(media)
-    if roots.locate(cap) is None:
-        raise PathRefused(f"{cap} leads out of the dashboard's folders; edit it where it lives.")
-    write_text_atomic(cap.resolve(), text.strip() + "\n")
+    roots.write_text(cap, text.strip() + "\n")
     return cap
 
 
@@ -251,10 +252,13 @@ class NewRun:
         if problems:
             raise WanpairError("\n".join(problems))
         done = []
+        def write(path: Path, text: str) -> None:  # inside the root, as a file of its folder, never via a link
+            write_text_inside(path, text, [self.root])
+
         if self.prompts:
-            write_text_atomic(self.prompts_file(), "\n".join(self.prompts) + "\n")
+            write(self.prompts_file(), "\n".join(self.prompts) + "\n")
             done.append(f"wrote {self.prompts_file()}")
-        return plan, done + plan.write()
+        return plan, done + plan.write(write)
 
 
 def _integer(value, key: str) -> int:

@@ -6,6 +6,10 @@ end) and saved states or partial LoRAs (a stop that can be resumed). Files may b
 are read: a metrics line without its newline is left for the next read, a torn JSON line is skipped. A
 resume rewrites `metrics.jsonl` as a new, often shorter file (`drop_metrics_after`): a reader following it
 by offset is told to start again (`rows_since`).
+
+Runs are found by walking the roots without following links, so a run's folder is where it seems; every
+file of it is then read through `paths.open_inside`, checked on the opened descriptor to lie in the run's
+folder (its LoRAs: in the output folder): a planted link to a file elsewhere is not read, listed or served.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..errors import WanpairError
 from ..models.files import safetensors_header
 from ..models.tasks import EXPERT_NAMES
 from ..train.run_lock import lock_is_held, lock_path
+from .paths import PathRefused, list_inside, open_inside, read_text_inside
 
 EXPERTS = tuple(EXPERT_NAMES)  # a pair's experts, or a single model's one ("full": all timesteps)
 MEDIA = {".png", ".jpg", ".jpeg", ".webp", ".mp4", ".webm"}
@@ -33,7 +38,7 @@ ACTIVE_S = 120  # an expert that logged within this many seconds is progressing 
 
 @dataclass(frozen=True)
 class Run:
-    run_dir: Path
+    run_dir: Path  # where it physically is (found by a walk that follows no link, or resolved)
 
     @property
     def id(self) -> str:
@@ -65,7 +70,7 @@ def _folders(roots: list[Path]):
 
 def find_runs(roots: list[Path]) -> list[Run]:
     runs = {Run(folder) for folder, filenames in _folders(roots) if "metrics.jsonl" in filenames}
-    return sorted(runs, key=lambda r: -r.metrics.stat().st_mtime)
+    return sorted(runs, key=lambda r: -r.metrics.stat(follow_symlinks=False).st_mtime)
 
 
 def training_now(roots: list[Path]) -> list[Path]:
@@ -75,26 +80,26 @@ def training_now(roots: list[Path]) -> list[Path]:
             if name.startswith(".") and name.endswith(".lock") and lock_is_held(folder / name)]
 
 
-def read_rows(path: Path, offset: int = 0) -> tuple[list[dict], int]:
-    """Complete rows from byte `offset` on, and the offset after the last complete line."""
+def read_rows(run: Run, offset: int = 0) -> tuple[list[dict], int]:
+    """Complete rows of the run's metrics from byte `offset` on, and the offset after the last complete line."""
     try:
-        with open(path, "rb") as f:
+        with open_inside(run.metrics, [run.run_dir]) as f:
             return _rows_from(f, offset)
-    except OSError:
+    except (OSError, PathRefused):
         return [], offset
 
 
-def rows_since(path: Path, offset: int = 0, file: str = "") -> dict:
-    """What a poller of `path` has not seen: the complete rows after its `offset` in the file it read (`file`:
-    that file's identity, as this returned it). Once `path` is another file -- a resume wrote it anew -- or is
-    shorter than `offset`, all its rows, and `reset`: the poller's rows are no longer the run's."""
+def rows_since(run: Run, offset: int = 0, file: str = "") -> dict:
+    """What a poller of the run's metrics has not seen: the complete rows after its `offset` in the file it read
+    (`file`: that file's identity, as this returned it). Once the metrics are another file -- a resume wrote it
+    anew -- or shorter than `offset`, all its rows, and `reset`: the poller's rows are no longer the run's."""
     try:
-        with open(path, "rb") as f:
+        with open_inside(run.metrics, [run.run_dir]) as f:
             st = os.fstat(f.fileno())
             current = f"{st.st_dev}:{st.st_ino}"
             reset = offset > 0 and (offset > st.st_size or file not in ("", current))
             rows, offset = _rows_from(f, 0 if reset else offset)
-    except OSError:
+    except (OSError, PathRefused):
         return {"rows": [], "offset": offset, "file": file, "reset": False}
     return {"rows": rows, "offset": offset, "file": current, "reset": reset}
 
@@ -114,11 +119,12 @@ def _rows_from(f, offset: int) -> tuple[list[dict], int]:
     return rows, offset + end
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object file, or {} while it is missing, half-written or not an object."""
+def read_json(path: Path, within: Path) -> dict:
+    """A JSON object file that lies in `within`, or {} while it is missing, half-written, not an object or
+    a link out."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        value = json.loads(read_text_inside(path, [within]) or "")
+    except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -129,7 +135,8 @@ def state_of(run: Run) -> str:
     summary = run.run_dir / "summary.json"
     if summary.exists() and summary.stat().st_mtime >= run.metrics.stat().st_mtime - 1:
         return "finished"
-    if list((run.run_dir / "state").glob("*.pt")) or list(run.output_dir.glob(f"*_{run.name}-partial-step*.safetensors")):
+    if any(n.endswith(".pt") for n in list_inside(run.run_dir / "state", [run.run_dir])) \
+            or list(run.output_dir.glob(f"*_{run.name}-partial-step*.safetensors")):
         return "stopped"
     return "failed"
 
@@ -160,21 +167,22 @@ def progress(rows: list[dict], now: float | None = None) -> dict:
 
 
 def summary_of(run: Run) -> dict:
-    rows, _ = read_rows(run.metrics)
+    rows, _ = read_rows(run)
     p = progress(rows)
     device = next((x["device"] for x in p["experts"].values() if x["device"]), None) \
-        or read_json(run.run_dir / "summary.json").get("device")
+        or read_json(run.run_dir / "summary.json", run.run_dir).get("device")
     return {"id": run.id, "name": run.name, "folder": str(run.run_dir), "state": state_of(run), **p, "device": device}
 
 
 def samples_of(run: Run) -> list[dict]:
     """Images and videos under samples/: expert, step, prompt (from the .json beside, else the name), combination."""
-    out = []
-    for path in sorted((run.run_dir / "samples").glob("*")):
+    out, folder = [], run.run_dir / "samples"
+    for path in (folder / name for name in list_inside(folder, [run.run_dir])):
         if path.suffix.lower() not in MEDIA or not path.is_file():
             continue
         m = SAMPLE_NAME.match(path.stem)
-        prompt = read_json(path.with_suffix(".json")).get("prompt") or (m.group(4).replace("_", " ") if m else path.stem)
+        prompt = read_json(path.with_suffix(".json"), run.run_dir).get("prompt") \
+            or (m.group(4).replace("_", " ") if m else path.stem)
         out.append({"file": f"samples/{path.name}", "video": path.suffix.lower() in (".mp4", ".webm"),
                     "expert": m.group(1) if m else None, "step": int(m.group(2)) if m else None,
                     "prompt": prompt, "combination": m.group(5) if m else ""})
@@ -187,25 +195,41 @@ def loras_of(run: Run) -> list[dict]:
     for path in sorted({*run.output_dir.glob(f"WAN2.2-*Noise_{run.name}*.safetensors"),
                         *run.output_dir.glob(f"WAN2.1-*_{run.name}*.safetensors")}):
         try:
-            meta = safetensors_header(path).get("__metadata__", {})
+            with open_inside(path, [run.output_dir]) as f:  # a link out of the output folder is not this run's
+                meta = safetensors_header(path, f).get("__metadata__", {})
+                size = os.fstat(f.fileno()).st_size
+        except PathRefused:
+            continue
         except (OSError, WanpairError):  # being written, or damaged: listed without facts
-            meta = {}
+            meta, size = {}, 0
         out.append({"file": path.name, "path": str(path), "expert": meta.get("wanpair.expert"),
                     "window": meta.get("wanpair.timestep_window"), "rank": meta.get("ss_network_dim"),
                     "steps": meta.get("ss_steps"), "base": meta.get("wanpair.base_fingerprint"),
                     "val_loss": meta.get("wanpair.validation_loss"), "partial": meta.get("wanpair.partial") == "true",
-                    "size_mb": round(path.stat().st_size / 2**20, 1)})
+                    "size_mb": round(size / 2**20, 1)})
     return out
 
 
 def project_of(run: Run) -> str | None:
-    return read_json(run.run_dir / "summary.json").get("project")
+    return read_json(run.run_dir / "summary.json", run.run_dir).get("project")
 
 
-def safe_file(run: Run, rel: str) -> Path | None:
-    """A media file inside the run folder, or None: nothing outside it (no `..`, no link leading out)."""
-    path = (run.run_dir / rel).resolve()
-    root = run.run_dir.resolve()
-    if root not in path.parents or not path.is_file() or path.suffix.lower() not in MEDIA | {".json"}:
+def open_run_file(run: Run, rel: str):
+    """A sample (or its .json) of the run, opened, or None: nothing outside the run folder (no `..`, no link
+    leading out, checked on the opened file), nothing but media and JSON."""
+    if "\0" in rel or ".." in Path(rel).parts or Path(rel).suffix.lower() not in MEDIA | {".json"}:
         return None
-    return path
+    try:
+        return open_inside(run.run_dir / rel, [run.run_dir])
+    except (OSError, PathRefused):
+        return None
+
+
+def open_lora(run: Run, name: str):
+    """One of the run's LoRAs (as `loras_of` lists it), opened, or None; a link out of the output folder is not."""
+    if not any(lora["file"] == name for lora in loras_of(run)):
+        return None
+    try:
+        return open_inside(run.output_dir / name, [run.output_dir])
+    except (OSError, PathRefused):
+        return None

@@ -7,14 +7,16 @@ path before anything large is read.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import torch
 
@@ -62,10 +64,11 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def safetensors_header(path: Path) -> dict:
-    """The parsed header (with `__data_start__`, where tensor bytes begin), validated against the file size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+def safetensors_header(path: Path, opened: BinaryIO | None = None) -> dict:
+    """The parsed header (with `__data_start__`, where tensor bytes begin), validated against the file size.
+    `opened`: the file already open (the dashboard reads only a descriptor it has checked; `path` names it)."""
+    with (contextlib.nullcontext(opened) if opened is not None else open(path, "rb")) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise DamagedFile(f"{path} is not a safetensors file (only {size} bytes).")

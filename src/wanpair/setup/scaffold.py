@@ -180,10 +180,11 @@ class InitPlan:
     name: str
     notes: list[str]
 
-    def write(self) -> list[str]:
+    def write(self, write_text=write_text_atomic) -> list[str]:
+        """Write the files (`write_text`: how; the dashboard's writes only inside its roots, never via a link)."""
         if self.dataset_text is not None:
-            write_text_atomic(self.dataset, self.dataset_text)
-        write_text_atomic(self.project, self.project_text)
+            write_text(self.dataset, self.dataset_text)
+        write_text(self.project, self.project_text)
         return [f"kept {self.dataset} (it exists; --force writes the recipe's instead)" if self.dataset_text is None
                 else f"wrote {self.dataset}", f"wrote {self.project} (name = {self.name!r})", *self.notes]
 

@@ -30,7 +30,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
-from ..errors import WanpairError
+from ..errors import StopRequested, WanpairError
 from ..export.formats import read_lora
 from ..export.merge import check_expert
 from ..models.dit import DitInfo, load_dit
@@ -44,7 +44,7 @@ from .metadata import lora_metadata, run_identity
 from .metrics import MetricsLog
 from .model_setup import prepare_expert
 from .optim import build_optimizer, build_scheduler
-from .state import Progress, StopFlag, StopRequested, capture_rngs, lora_params, restore_rngs, save_state
+from .state import Progress, StopFlag, capture_rngs, lora_params, restore_rngs, save_state
 from .step import APPLIED, SCALER_SKIPPED, Verdict, finish, forward_backward, update
 from .timesteps import sample_timesteps
 

@@ -33,10 +33,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import write_text_atomic
-from ..errors import WanpairError
+from ..errors import StopRequested, WanpairError
 from ..models.tasks import expert_name, expert_noun
 from .run_lock import add_lock_holders, lock_fd
-from .state import StopRequested
 
 # The worker's environment names the `wanpair train` process: killed outright (SIGKILL, the OOM killer) it
 # cannot pass a stop on, so each worker watches it and stops itself, saving (`wanpair.train.worker`).

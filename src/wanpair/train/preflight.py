@@ -9,8 +9,8 @@ seconds, with the file and the fix named.
 
 from __future__ import annotations
 
+import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -158,13 +158,14 @@ def check_optimizer(project: Project) -> list[str]:
 
 
 def check_disk(project: Project, experts: tuple[str, ...], found: Checked, quiet: bool = False) -> list[str]:
-    """Is the output folder writable, and is there room for caches, LoRAs and states? (an estimate)"""
+    """Is the output folder writable, and is there room for caches, LoRAs and states? (an estimate) Nothing is
+    written: a check (`wanpair doctor`, the dashboard's plan) leaves no folder behind; a folder not made yet is
+    judged by the nearest one that exists (access(2) also says no on a read-only mount)."""
     t, out = project.train, project.output_dir
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.NamedTemporaryFile(dir=out).close()  # can we create (and remove) a file there?
-    except OSError as e:
-        return [f"output_dir {out} is not writable ({e}); choose another output_dir."]
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return [f"output_dir {out} is not writable ({existing} is not a folder you can write to); choose another "
+                "output_dir."]
     if not found.items or not found.dits:
         return []
     cfg = next(iter(found.dits.values())).config
@@ -176,7 +177,7 @@ def check_disk(project: Project, experts: tuple[str, ...], found: Checked, quiet
     cache = sum(channels * ((it.frames - 1) // 4 + 1) * (it.bucket[0] // 8) * (it.bucket[1] // 8) * 4
                 + TEXT_LEN * cfg["text_dim"] * 2 for it in found.items)
     need = cache + len(experts) * (saves * lora_bytes + states * lora_params * 4 * 3)
-    free = shutil.disk_usage(out).free
+    free = shutil.disk_usage(existing).free
     if not quiet:
         print(f"disk: about {human_bytes(need)} needed for caches, LoRAs and states; {human_bytes(free)} free in {out}")
     if need > free:

@@ -68,9 +68,10 @@ def add_lock_holders(lock: Path, pids: list[int]) -> None:
 
 
 def lock_is_held(lock: Path) -> bool:
-    """Does a process hold `lock` now? A probe that leaves the file as it is: a shared lock taken for an instant."""
+    """Does a process hold `lock` now? A probe that leaves the file as it is: a shared lock taken for an instant.
+    A run's lock is never a link nor a FIFO: one planted in its place is not held (and cannot block the probe)."""
     try:
-        fd = os.open(lock, os.O_RDONLY)
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
     try:

@@ -53,14 +53,6 @@ class Progress:
         return asdict(self)
 
 
-class StopRequested(Exception):
-    """Raised after a clean stop (Ctrl-C, SIGTERM): state and a partial LoRA have been saved."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
 def lora_params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from .data import CachedData
     from .expert import ExpertTraining
     from .placement import result_path
-    from .state import StopRequested, load_state
+    from ..errors import StopRequested
+    from .state import load_state
 
     stop_when_orphaned()  # first: the logging set up next writes through the streams it guards
     configure_logging(verbose=False)

@@ -1,5 +1,6 @@
 // wanpair dashboard: the queue, a new run's form, the runs list, and one run's two experts side by side (a Wan 2.1
-// run: its one model), growing live. Requests that write or start carry the token from the page's URL in a header.
+// run: its one model), growing live. Every request carries the token from the page's URL: in a header, or (images,
+// videos, downloads, which cannot send headers) in the URL.
 "use strict";
 
 const COLORS = { high: "#d62728", low: "#1f77b4", full: "#9467bd" };
@@ -30,14 +31,16 @@ function stepsText(p) {
   return p.total ? `${p.done} of ${p.total}` : (p.done ? `${p.done}` : "—");
 }
 
+// the token `wanpair dashboard` printed in the URL (as Jupyter does); sent in a header, never kept in a cookie
+const TOKEN = new URLSearchParams(location.search).get("token") || "";
+// a file's URL for an <img>, <video> or download link: these cannot send the header
+const withToken = (url) => `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(TOKEN)}`;
+
 async function getJSON(url) {
-  const r = await fetch(url);
+  const r = await fetch(url, { headers: { "X-Wanpair-Token": TOKEN } });
   if (!r.ok) throw new Error((await r.json().catch(() => ({}))).error || `${url}: ${r.status}`);
   return r.json();
 }
-
-// the token `wanpair dashboard` printed in the URL (as Jupyter does); sent in a header, never kept in a cookie
-const TOKEN = new URLSearchParams(location.search).get("token") || "";
 
 async function post(url, body = {}) {
   const r = await fetch(url, { method: "POST", body: JSON.stringify(body),
@@ -166,7 +169,7 @@ function renderCharts() {
 }
 
 function media(s, big) {
-  const src = `/files/${state.runId}/${s.file}`;
+  const src = withToken(`/files/${state.runId}/${s.file}`);
   return s.video ? el("video", { src, controls: "", muted: "", loop: "", ...(big ? { autoplay: "" } : {}) })
                  : el("img", { src, alt: s.prompt, loading: "lazy" });
 }
@@ -205,7 +208,7 @@ function renderLoras(loras, project) {
     const isFinal = !/-(step|partial-step)\d+\.safetensors$/.test(l.file);
     radio.checked = chosen[`use-${l.expert}`] ? chosen[`use-${l.expert}`] === l.path : isFinal;
     radio.onchange = () => command(project);
-    const file = el("a", { href: `/api/runs/${state.runId}/lora/${encodeURIComponent(l.file)}`, download: l.file }, l.file);
+    const file = el("a", { href: withToken(`/api/runs/${state.runId}/lora/${encodeURIComponent(l.file)}`), download: l.file }, l.file);
     return el("tr", { class: l.partial ? "partial" : "" }, el("td", {}, l.expert ? radio : ""), el("td", {}, file),
       el("td", {}, l.expert || "?"), el("td", {}, l.window || ""), el("td", {}, l.rank || ""), el("td", {}, l.steps || ""),
       el("td", {}, l.val_loss || ""), el("td", { class: "mono" }, l.base || ""), el("td", {}, String(l.size_mb)));
@@ -231,12 +234,13 @@ async function loadJobs() {
     ev.stopPropagation(); await act(url, {}); loadJobs(); } }, label);
   body.replaceChildren(...jobs.map((j) => el("tr", { class: `state-${j.state}`, "data-job": j.id,
       onclick: () => { if (j.run) openRun(j.run); } },
-    el("td", {}, j.title), el("td", { class: "state" }, j.state + (j.state === "running" && !j.owned ? " (started by an earlier dashboard)" : "") + (j.reason ? `: ${j.reason}` : "")),
+    el("td", {}, j.title), el("td", { class: "state" }, j.state + (j.state === "running" && !j.owned ? " (started by an earlier dashboard)" : "") + (j.state === "held" ? " (queued before the dashboard restarted: queue it again?)" : "") + (j.reason ? `: ${j.reason}` : "")),
     el("td", {}, j.state === "running" ? duration(j.eta_s) : "—"),
     el("td", {}, new Date(j.queued_at * 1000).toLocaleTimeString()),
     el("td", {}, j.started_at ? new Date(j.started_at * 1000).toLocaleTimeString() : "—"),
     el("td", {}, ...(j.state === "running" ? [button("stop", `/api/jobs/${j.id}/stop`)] :
                      j.state === "queued" ? [button("cancel", `/api/jobs/${j.id}/stop`)] :
+                     j.state === "held" ? [button("queue", `/api/jobs/${j.id}/queue`), button("cancel", `/api/jobs/${j.id}/stop`)] :
                      ENDED.includes(j.state) && j.state !== "finished" ? [button("continue", `/api/jobs/${j.id}/continue`)] : [])))));
   if (!jobs.length) body.replaceChildren(el("tr", {}, el("td", { colspan: 6 }, "Nothing queued: make a new run below.")));
   const latest = jobs.find((j) => j.state === "running" || j.state === "stopping") || jobs[0];
@@ -283,7 +287,7 @@ function renderCaptions(items) {
       if (await act("/api/caption", { ...it.media, text: text.value })) { save.textContent = "saved"; showFolder(); }
     } }, "save caption");
     text.oninput = () => { save.textContent = "save caption"; };
-    const picture = it.preview ? el("img", { src: `/media?root=${it.preview.root}&path=${encodeURIComponent(it.preview.path)}`, alt: it.media.path })
+    const picture = it.preview ? el("img", { src: withToken(`/media?root=${it.preview.root}&path=${encodeURIComponent(it.preview.path)}`), alt: it.media.path })
                                : el("span", {}, it.media.path);
     return el("figure", { class: `caption${it.caption === null ? " missing" : ""}` }, picture,
       el("figcaption", {}, it.media.path.split("/").pop()), text, save);
@@ -327,7 +331,7 @@ async function create() {
   $("#nr-created").hidden = false;
   $("#nr-done").textContent = got.done.join("\n");
   $("#nr-plan").textContent = "asking the doctor…";
-  const plan = await getJSON(`/api/plan?root=${got.project.root}&path=${encodeURIComponent(got.project.path)}`);
+  const plan = await post("/api/plan", got.project).catch((e) => ({ ok: false, lines: [e.message] }));
   $("#nr-plan").textContent = plan.lines.join("\n");
   $("#nr-start").disabled = !plan.ok;
   loadFolders();
@@ -346,7 +350,7 @@ async function captionMissing() {
 }
 
 function setUpForm() {
-  $("#access").textContent = TOKEN ? "" : "read-only: open the URL `wanpair dashboard` printed (with ?token=) to start runs";
+  $("#access").textContent = TOKEN ? "" : "open the URL `wanpair dashboard` printed (it ends in ?token=…)";
   $("#nr-folder").onchange = showFolder;
   $("#nr-force").onchange = showFolder;
   $("#nr-task").onchange = loadModels;
