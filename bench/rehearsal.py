@@ -23,7 +23,9 @@ Stages (`--stages`): default (train, resume, sample), pair (both experts at once
 killed outright, the same command again, sample, then the same pair one after the other for the ratio),
 trust (the high-noise expert in bf16 and in fp16; then fp16 with states and samples during training, both
 experts, killed after the first state, and the same command with `memory_mode = "low"` added, which must
-continue it and sample with the LoRAs this run made), i2v (the image-to-video pair from 17-frame 832x480
+continue it and sample with the LoRAs this run made), crash (the defaults' crash state: killed outright after an
+intermediate LoRA, the same command finishes the pair; killed before any state, the same command sets the
+earlier files aside and starts again), i2v (the image-to-video pair from 17-frame 832x480
 clips, then sampled from a first frame), export, low, folder, merge, wan21; each fits in one 10-minute
 command on an H100.
 `--stages smoke` is the shortest full-size proof, for a short lease: both experts from plain fp8 files (the
@@ -367,7 +369,7 @@ def rm(*paths: Path) -> None:
             p.unlink()
 
 
-STAGES = ("default", "pair", "trust", "i2v", "export", "low", "folder", "merge", "wan21")  # every user path: the full rehearsal
+STAGES = ("default", "pair", "trust", "crash", "i2v", "export", "low", "folder", "merge", "wan21")  # every user path
 QUICK = ("smoke",)  # the short proof, chosen by name only
 
 
@@ -421,6 +423,9 @@ def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES, write_onl
 
     if "trust" in stages and need(("fp16", "high"), ("fp8", "low")):  # the pair stages' files
         trust(r, rel["fp16", "high"], rel["fp8", "low"])
+
+    if "crash" in stages and need(("fp16", "high"), ("fp8", "low")):
+        crash(r, rel["fp16", "high"], rel["fp8", "low"])
 
     if "i2v" in stages:  # the image-to-video pair, from video clips
         clips = (work / "videos").is_dir() or r.make("clips", str(work))
@@ -564,6 +569,33 @@ def rerun_continues(r: Rehearsal, high: str, low: str, quiet: str) -> None:
     ok = len(loras) == 2 and all(made[e] and all(n.endswith(end) for n in made[e]) for e, end in named.items())
     r.record("samples during training (each with the LoRAs this run made)", ok, 0.0, None,
              f"{len(loras)} LoRAs; samples: {', '.join(made['high'] + made['low']) or 'none'}")
+
+
+def crash(r: Rehearsal, high: str, low: str) -> None:
+    """The defaults keep one crash state, renewed every tenth of the run: `wanpair train` killed outright after an
+    intermediate LoRA and a crash state, the same command (no --resume) continues and finishes the pair; the
+    size of a state and the time a save takes come from the `time:` line. Then with `crash_state = false`, killed
+    after an intermediate LoRA and before any state: the same command sets the killed run's files aside and
+    trains from the start."""
+    from wanpair.train.state import list_states, state_step
+
+    train = "max_steps = 20\nvalidate_every_n_steps = 0\nsave_every_n_steps = 3\n"
+    project = r.project("crash", high, low, train)
+    run = state_dir(project).parent
+    if not r.train("defaults (a crash state every 2 of 20 steps), SIGKILL after an intermediate LoRA and a state",
+                   project, kill_when=lambda: any(state_step(p) >= 4 for p in list_states(run, "high"))):
+        return
+    if r.train("the same command: continues from the crash state, finishes the pair", project,
+               expect=(r"continuing the high-noise expert from high-step\d+\.pt \(step \d+\)",
+                       r"states of \d+ MiB [\d.]+ s")):
+        left = [p.name for p in list_states(run)]
+        r.record("no state left once both experts finished", not left, 0.0, None, ", ".join(left) or "none")
+    bare = r.project("crash-bare", high, low, train + "crash_state = false\n")
+    out = state_dir(bare).parent.parent
+    if r.train("crash_state = false, SIGKILL after an intermediate LoRA", bare,
+               kill_when=lambda: any(out.glob("WAN2.2-HighNoise_*-step*.safetensors"))):
+        r.train("the same command: sets the killed run's files aside, trains from the start", bare,
+                expect=(r"they are set aside in \S+ \(nothing deleted\)",))
 
 
 def main() -> int:

@@ -78,6 +78,29 @@ def test_sigkill_then_resume_gives_bit_identical_loras(demo, reference):
     assert not list(project.output_dir.glob(".*.tmp")) and not list((project.run_dir / "state").glob(".*.tmp"))
 
 
+def test_a_default_run_killed_anywhere_is_finished_by_the_same_command(demo, reference):
+    """No state settings: one crash state, renewed every tenth of the run (every 2 of 18 steps here), so a run
+    killed at any step loses at most a tenth of it; the same command (no --resume) continues it, to the same
+    LoRAs as the uninterrupted run, and the finished expert leaves no state behind."""
+    from wanpair.train.state import list_states, state_step
+
+    set_train(demo / "wanpair.toml", **{**SETTINGS, "save_state_every_n_steps": 0})
+    project, _ = load_project(demo / "wanpair.toml")
+    proc = _start(demo / "wanpair.toml")
+    end = time.time() + 120
+    while not any(state_step(s) >= 6 for s in list_states(project.run_dir, "high")):
+        assert proc.poll() is None and time.time() < end, "no crash state at step 6 or later"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert not project.lora_path("high").exists()
+    assert len(list_states(project.run_dir, "high")) <= 2  # one, and its successor while the older one goes
+    assert main(["train", str(demo / "wanpair.toml")]) == 0
+    for expert in ("high", "low"):
+        assert _same(project.lora_path(expert), reference.lora_path(expert)), expert
+    assert list_states(project.run_dir) == []
+
+
 def test_sigterm_saves_a_partial_lora_and_state_and_resume_finishes_the_same(demo, reference):
     set_train(demo / "wanpair.toml", **SETTINGS)
     project, _ = load_project(demo / "wanpair.toml")

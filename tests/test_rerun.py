@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from conftest import set_train
 from wanpair.cli import main
@@ -128,8 +129,9 @@ def test_resume_of_one_experts_state_continues_the_other_from_its_own(run, stopp
         assert [r["step"] for r in _rows(project, e)] == list(range(1, 19))
 
 
-def test_overwrite_removes_everything_of_the_earlier_run_and_nothing_else_does(run, capsys):
-    project = _project(run)
+def _earlier_files(project, output_name: str | None = None) -> list:
+    """What a killed run of the high-noise expert left: an intermediate and a partial LoRA (their metadata naming
+    the run's final LoRA, as wanpair writes it), a sample and TensorBoard events."""
     final = project.lora_path("high")
     old = [final.with_name(f"{final.stem}-step000006{final.suffix}"),
            final.with_name(f"{final.stem}-partial-step000007{final.suffix}"),
@@ -137,27 +139,54 @@ def test_overwrite_removes_everything_of_the_earlier_run_and_nothing_else_does(r
            project.run_dir / "tensorboard" / "high" / "events.out.tfevents.1.host"]
     for path in old:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"earlier run")
-    # without states to continue from, the earlier intermediate, partial LoRAs and samples are not replaced silently
+        if path.suffix == ".safetensors":
+            save_file({"x": torch.zeros(1)}, str(path), {"ss_output_name": output_name or final.stem})
+        else:
+            path.write_bytes(b"earlier run")
+    return old
+
+
+def test_a_run_killed_before_its_first_state_starts_again_and_sets_the_earlier_files_aside(run, capsys):
+    """The same command always finishes a killed run: without a state to continue from, the earlier run's files
+    are moved aside (named, listed), never deleted, and the expert trains from the start."""
+    project = _project(run)
+    old = _earlier_files(project)
     for state in (project.run_dir / "state").glob("high-*.pt"):
         state.unlink()
-    assert main(["train", str(run / "wanpair.toml"), "--expert", "high"]) == 2
-    assert "the high-noise expert: an earlier run left 1 intermediate LoRA, 1 partial LoRA, 1 sample and no training " \
-           "state to continue from" in capsys.readouterr().err
-    assert all(p.exists() for p in old)
+    assert main(["train", str(run / "wanpair.toml"), "--expert", "high"]) == 0
+    out = capsys.readouterr().out
+    (aside,) = (project.run_dir / "earlier").iterdir()
+    assert aside.name.startswith("high-") and f"the high-noise expert: an earlier run left 1 intermediate LoRA, 1 " \
+        f"partial LoRA, 1 sample and no training state to continue from; they are set aside in {aside} (nothing " \
+        "deleted), and it trains from the start" in out
+    assert sorted(p.relative_to(aside).as_posix() for p in aside.rglob("*") if p.is_file()) == sorted(
+        [old[0].name, old[1].name, f"samples/{old[2].name}", f"tensorboard/high/{old[3].name}", "metrics-rows.jsonl"])
+    assert [r["step"] for r in _rows(project, "high")] == list(range(1, 19)) and project.lora_path("high").exists()
 
+
+def test_overwrite_removes_everything_of_the_earlier_run_and_nothing_else_does(run, capsys):
+    project = _project(run)
+    final = project.lora_path("high")
+    old = _earlier_files(project)
+    # project "demo_shapes_v1-step7" beside it: a name like an intermediate's, a run of its own (by its metadata)
+    neighbour = final.with_name(f"{final.stem}-step7{final.suffix}")
+    save_file({"x": torch.zeros(1)}, str(neighbour), {"ss_output_name": neighbour.stem})
+    backup = project.run_dir / "state" / "high-step00000016-backup.pt"  # a state the user copied aside
+    shutil.copy(project.run_dir / "state" / "high-step00000016.pt", backup)
     set_train(run / "wanpair.toml", **{**SETTINGS, "learning_rate": 1e-3, "tensorboard": True, "save_every_n_steps": 9,
                                        "validate_every_n_steps": 9, "lr_scheduler": "linear"})
     assert main(["train", str(run / "wanpair.toml"), "--expert", "high", "--overwrite"]) == 0
+    assert neighbour.exists() and backup.exists()  # not this run's: neither removed nor pruned
     assert not any(p.exists() for p in old)
-    assert [p.name for p in final.parent.glob(f"{final.stem}-*")] == [f"{final.stem}-step000009{final.suffix}"]
+    assert sorted(p.name for p in final.parent.glob(f"{final.stem}-*")) == [f"{final.stem}-step000009{final.suffix}",
+                                                                           neighbour.name]
     rows = _rows(project, "high")
     assert [r["step"] for r in rows] == list(range(0, 19))  # one step-0 validation row: the new run's
     # the logged learning rate is the one each step's update used: linear decay over 18 steps gives step k
     # lr * (1 - (k - 1) / 18) (the same formula computed two ways, torch's LambdaLR and here: equal to 1e-12)
     assert [r["lr"] for r in rows[1:]] == pytest.approx([1e-3 * (1 - (k - 1) / 18) for k in range(1, 19)], rel=1e-12)
     assert len(list((project.run_dir / "tensorboard" / "high").iterdir())) == 1
-    assert _states(project)[:2] == ["high-step00000012.pt", "high-step00000016.pt"]  # the new run's
+    assert _states(project)[:3] == ["high-step00000012.pt", "high-step00000016-backup.pt", "high-step00000016.pt"]
     assert _states(project)[-2:] == ["low-step00000012.pt", "low-step00000016.pt"]  # the other expert's: untouched
 
 
@@ -174,3 +203,40 @@ def test_a_state_from_another_number_of_processes_is_refused(run, capsys):
     assert main(["train", str(run / "wanpair.toml"), "--expert", "high"]) == 2
     assert "the high-noise expert: its state was saved by a run of 2 processes (GPUs), and this one has 1" in \
         capsys.readouterr().err
+
+
+@pytest.fixture
+def finished(trained, tmp_path):
+    dst = tmp_path / "finished"
+    shutil.copytree(trained, dst)
+    return dst
+
+
+def _drop_setting(lora, key: str) -> None:
+    """Rewrite `lora` as a release before setting `key` existed wrote it: its record does not name `key`."""
+    with safe_open(str(lora), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    recorded = json.loads(meta["wanpair.settings"])
+    del recorded[key]
+    save_file(tensors, str(lora), {**meta, "wanpair.settings": json.dumps(recorded, sort_keys=True)})
+
+
+def test_a_setting_a_record_does_not_name_reads_as_its_default(finished, capsys):
+    """Forward compatibility: a release that adds a [train] setting must not call every earlier LoRA "made with a
+    different [train] <new key>". A key missing from the record compares as its default."""
+    project = _project(finished)
+    for e in ("high", "low"):
+        _drop_setting(project.lora_path(e), "loss_weighting")
+    assert main(["train", str(finished / "wanpair.toml")]) == 0
+    assert capsys.readouterr().out.count("keeping WAN2.2-") == 2
+    set_train(finished / "wanpair.toml", learning_rate=5e-3, epochs=1, lr_scheduler="constant", loss_weighting="cosmap")
+    assert main(["train", str(finished / "wanpair.toml")]) == 2  # at another value than the default: another run
+    assert "made with a different [train] loss_weighting" in capsys.readouterr().err
+
+
+def test_fp8_matmul_changes_what_is_trained(finished, capsys):
+    """fp8 matmuls quantise the activations and gradients of the frozen base: switching them off after a finished
+    run trains again (with --overwrite), instead of keeping a LoRA trained with them as if it were the same."""
+    set_train(finished / "wanpair.toml", learning_rate=5e-3, epochs=1, lr_scheduler="constant", fp8_matmul="off")
+    assert main(["train", str(finished / "wanpair.toml")]) == 2
+    assert "made with a different [train] fp8_matmul" in capsys.readouterr().err

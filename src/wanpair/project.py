@@ -74,6 +74,7 @@ class TrainSettings:
     save_state_every_n_steps: int = 0  # resumable training state (wanpair train --resume)
     save_state_every_n_epochs: int = 0
     keep_states: int = 2  # states kept (0 = all)
+    crash_state: bool = True  # without a state cadence: one state per tenth of the run, so the same command continues a killed run
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops with a diagnosis
     epochs: int = 100
     max_steps: int = 0  # 0 = run all epochs
@@ -176,14 +177,15 @@ ON_OFF = {"fp8_matmul", "compile", "experts_parallel"}  # also accept true / fal
 # Settings that decide where and how fast the work runs, what is measured and what is saved along the way --
 # not what is trained. A LoRA or a state made under other values of these is still this run's: a rerun after
 # changing them (memory_mode = "low" after running out of memory, a new save cadence) continues it. How the
-# same math is computed (compile, checkpointing, fp8 matmuls of the frozen base, streaming) moves the last bits
-# of a number at most, as another GPU would.
+# same math is computed (compile, checkpointing, streaming) moves the last bits of a number at most, as another
+# GPU would. fp8_matmul is not one of them: it quantises the activations and gradients the frozen base
+# multiplies, which changes what is trained.
 SIDE_SETTINGS = {
     "experts_parallel", "device", "compile", "memory_mode", "memory_budget_gb", "gradient_checkpointing",
-    "checkpoint_blocks", "fp8_matmul",
+    "checkpoint_blocks",
     "validate_every_n_steps", "validation_timesteps", "validation_items", "tensorboard", "max_bad_steps",
     "save_every_n_epochs", "save_every_n_steps", "keep_last", "save_state_every_n_steps", "save_state_every_n_epochs",
-    "keep_states",
+    "keep_states", "crash_state",
 }
 # How the finished LoRA is written: a state continues under a new value; a finished file in another is not the
 # one asked for.

@@ -64,7 +64,7 @@ def _folders(roots: list[Path]):
         for dirpath, dirnames, filenames in os.walk(root):
             depth = len(Path(dirpath).relative_to(root).parts)
             dirnames[:] = [d for d in dirnames if depth < SEARCH_DEPTH and not d.startswith(".")
-                           and d not in ("cache", "state", "samples", "tensorboard")]
+                           and d not in ("cache", "state", "samples", "tensorboard", "earlier")]
             yield Path(dirpath), filenames
 
 
@@ -200,8 +200,10 @@ def loras_of(run: Run) -> list[dict]:
                 size = os.fstat(f.fileno()).st_size
         except PathRefused:
             continue
-        except (OSError, WanpairError):  # being written, or damaged: listed without facts
+        except (OSError, WanpairError):  # damaged: listed without facts
             meta, size = {}, 0
+        if meta.get("ss_output_name", f"_{run.name}").split("_", 1)[-1] != run.name:
+            continue  # project `<name>-step7`'s LoRA, beside this run's: by its metadata, another run's
         out.append({"file": path.name, "path": str(path), "expert": meta.get("wanpair.expert"),
                     "window": meta.get("wanpair.timestep_window"), "rank": meta.get("ss_network_dim"),
                     "steps": meta.get("ss_steps"), "base": meta.get("wanpair.base_fingerprint"),

@@ -19,6 +19,7 @@ every W-th micro-batch of a step, DDP averages the gradients, and only rank 0 wr
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, astuple, dataclass
@@ -44,7 +45,7 @@ from .metadata import lora_metadata, run_identity
 from .metrics import MetricsLog
 from .model_setup import prepare_expert
 from .optim import build_optimizer, build_scheduler
-from .state import Progress, StopFlag, capture_rngs, lora_params, restore_rngs, save_state
+from .state import Progress, StopFlag, capture_rngs, list_states, lora_params, restore_rngs, save_state
 from .step import APPLIED, SCALER_SKIPPED, Verdict, finish, forward_backward, update
 from .timesteps import sample_timesteps
 
@@ -69,6 +70,9 @@ class ExpertTimings:
     steps_s: float = 0.0
     validations: int = 0
     validation_s: float = 0.0
+    states: int = 0  # training states saved (crash states included), and the time writing them took
+    states_s: float = 0.0
+    state_bytes: int = 0  # the size of one
 
     def describe(self) -> str:
         parts = [f"loading {human_seconds(self.setup_s)}", f"first step {human_seconds(self.first_step_s)}"]
@@ -76,6 +80,8 @@ class ExpertTimings:
             parts.append(f"{self.steps} more steps {human_seconds(self.steps_s)} at {self.steps_s / self.steps:.3f} s")
         if self.validations:
             parts.append(f"{self.validations} validations {human_seconds(self.validation_s)}")
+        if self.states:
+            parts.append(f"{self.states} states of {self.state_bytes / 2**20:.0f} MiB {human_seconds(self.states_s)}")
         return f"{human_seconds(self.wall_s)} ({', '.join(parts)})"
 
 
@@ -348,7 +354,8 @@ class ExpertTraining:
         lora = every(t.save_every_n_steps, step) and not last
         epoch_lora = epoch_end and every(t.save_every_n_epochs, epoch) and not last
         return Due(lora=lora,
-                   state=not last and (every(t.save_state_every_n_steps, step) or (lora and self.saves_states)),
+                   state=not last and (every(t.save_state_every_n_steps, step) or (lora and self.saves_states)
+                                       or every(self.crash_state_every, step)),
                    sample=every(self.p.sample.every_n_steps, step),
                    validation=every(t.validate_every_n_steps, step) or last or lora or epoch_lora,
                    epoch_lora=epoch_lora,
@@ -461,6 +468,12 @@ class ExpertTraining:
         """States are written when asked for, and then also at every intermediate LoRA save."""
         return bool(self.t.save_state_every_n_steps or self.t.save_state_every_n_epochs)
 
+    @property
+    def crash_state_every(self) -> int:
+        """Steps between the crash states (`crash_state`: one state, kept only while the expert trains, when no
+        cadence is set): a tenth of the run, so a run killed any time loses at most ~10 % of it; 0 = none."""
+        return 0 if self.saves_states or not self.t.crash_state else max(1, math.ceil(self.total_steps / 10))
+
     def save_lora(self, out: Path, extra: dict[str, str] | None = None) -> int:
         """Write the LoRA as it is now (rank 0); returns how many modules it has."""
         if not self.writes:
@@ -499,7 +512,12 @@ class ExpertTraining:
     def save_state(self) -> Path | None:
         if not self.writes:
             return None
-        return save_state(self.p.run_dir, self.expert, self.snapshot(), self.t.keep_states)
+        started = time.perf_counter()
+        path = save_state(self.p.run_dir, self.expert, self.snapshot(), self.t.keep_states if self.saves_states else 1)
+        self.timings.states += 1
+        self.timings.states_s += time.perf_counter() - started
+        self.timings.state_bytes = path.stat().st_size
+        return path
 
     def sample(self) -> None:
         if self.sampler and self.writes:
@@ -536,6 +554,9 @@ class ExpertTraining:
         seconds = time.perf_counter() - self.start
         out = self.p.lora_path(self.expert)
         modules = self.save_lora(out)
+        if self.writes and not self.saves_states:  # a crash state has served: the finished LoRA replaces it
+            for state in list_states(self.p.run_dir, self.expert):
+                state.unlink(missing_ok=True)
         losses = self.progress.epoch_losses
         self.say(f"saved {out}  ({modules} LoRA modules, {self.progress.step} steps, {seconds:.1f} s; mean loss epoch 1 "
                  f"{losses[0]:.4f} -> epoch {len(losses)} {losses[-1]:.4f})")

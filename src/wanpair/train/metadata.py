@@ -18,7 +18,7 @@ from safetensors import safe_open
 from .. import __version__
 from ..data.items import Item
 from ..models.dit import DitInfo
-from ..project import OUTPUT_SETTINGS, SIDE_SETTINGS, Project
+from ..project import OUTPUT_SETTINGS, SIDE_SETTINGS, Project, TrainSettings
 
 
 def _digest(values) -> str:
@@ -134,20 +134,28 @@ _SHARED = ("wanpair.dataset_fingerprint", "wanpair.batch_size", "wanpair.num_rep
 
 def same_run(found: dict, identity: dict[str, str]) -> bool:
     """Is a finished LoRA (its metadata `found`) the other expert's of the run whose identity this is?"""
-    return found.get("wanpair.partial") != "true" and all(found.get(k) == identity[k] for k in _SHARED)
+    return found.get("wanpair.partial") != "true" and all(
+        _settings(found, k) == _settings(identity, k) if k in _SETTINGS_KEYS else found.get(k) == identity[k]
+        for k in _SHARED)
 
 
 def side_differences(saved_settings: dict, project: Project) -> list[str]:
     """The SIDE_SETTINGS a state was saved under that differ now (a rerun continues under the new ones)."""
-    now = asdict(project.train)
-    return [f"[train] {k}" for k in sorted(SIDE_SETTINGS) if k in saved_settings and saved_settings[k] != now[k]]
+    now, saved = (json.loads(json.dumps(x)) for x in (asdict(project.train), saved_settings))  # tuples as lists
+    return [f"[train] {k}" for k in sorted(SIDE_SETTINGS) if saved.get(k, _DEFAULTS[k]) != now[k]]
 
 
 def _settings(found: dict, key: str) -> dict | None:
+    """The [train] settings a file recorded under `key`; a setting it does not name (a file from a release
+    before that setting existed) reads as its default: a new setting left at its default changes nothing."""
     try:
-        return json.loads(found[key])
+        recorded = json.loads(found[key])
     except (KeyError, TypeError, json.JSONDecodeError):
         return None
+    return {**_DEFAULTS, **recorded} if isinstance(recorded, dict) else None
+
+
+_DEFAULTS = json.loads(json.dumps(asdict(TrainSettings())))  # as a record holds them (tuples as lists)
 
 
 def finished_lora_differences(path: Path, identity: dict[str, str]) -> list[str] | None:

@@ -4,18 +4,33 @@
 One expert's run leaves, beside its final LoRA `<output_dir>/<LoRA name>.safetensors`:
 intermediate LoRAs (`<LoRA name>-step<N>`), partial LoRAs saved on Ctrl-C (`<LoRA name>-partial-step<N>`),
 training states (`<name>/state/<expert>-step<N>.pt`), samples (`<name>/samples/<expert>-step<N>_*`), its
-TensorBoard events (`<name>/tensorboard/<expert>/`) and its rows in `<name>/metrics.jsonl`.
+TensorBoard events (`<name>/tensorboard/<expert>/`) and its rows in `<name>/metrics.jsonl`. A file is this
+run's by its name as written here and, for a LoRA, by its metadata (`lora_output_name`); a run that starts
+again without a state moves these aside (`set_aside`), only --overwrite removes them.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_text_atomic
+from ..errors import WanpairError
+from ..models.files import safetensors_header
 from ..project import Project
-from .metrics import drop_metrics_after
+from .metrics import drop_metrics_after, read_metrics
 from .state import list_states
+
+
+def lora_output_name(path: Path) -> str | None:
+    """The name of the final LoRA whose run wrote `path` (its `ss_output_name`), None when unreadable."""
+    try:
+        return safetensors_header(path).get("__metadata__", {}).get("ss_output_name")
+    except (OSError, WanpairError):
+        return None
 
 
 @dataclass
@@ -45,15 +60,36 @@ class ExpertOutputs:
         return self.project.run_dir / "tensorboard" / self.expert
 
     def _numbered(self, prefix: str) -> list[Path]:
+        """`<prefix><digits>` LoRAs that this run wrote: named so, and saying so in their metadata (the final
+        LoRA's name as `ss_output_name`), so that project `X-step7`'s final LoRA, in the same folder as project
+        `X`'s, is not taken for an intermediate of `X` (nor removed by its --overwrite)."""
         suffix = self.final.suffix
         found = [p for p in self.final.parent.glob(f"{prefix}*{suffix}")
-                 if p.name[len(prefix):-len(suffix)].isdigit()]
+                 if p.name[len(prefix):-len(suffix)].isdigit() and lora_output_name(p) == self.final.stem]
         return sorted(found, key=lambda p: int(p.name[len(prefix):-len(suffix)]))
 
     def earlier_work(self) -> list[Path]:
         """What an earlier run made that a user may want back: its states, intermediate and partial LoRAs,
         samples. (Metrics rows and TensorBoard events only describe a run: they go with it.)"""
         return [*self.states(), *self.intermediate_loras(), *self.partial_loras(), *self.samples()]
+
+    def set_aside(self) -> tuple[Path, list[Path]]:
+        """A run that left work but no state to continue from starts again: its intermediate and partial LoRAs,
+        samples, TensorBoard events and metrics rows are moved (never deleted) to
+        `<run_dir>/earlier/<expert>-<time>/`, for the user to keep or delete. Returns the folder and the files
+        (where they were)."""
+        run_dir = self.project.run_dir
+        folder = run_dir / "earlier" / f"{self.expert}-{time.strftime('%Y%m%d-%H%M%S')}"
+        work = self.earlier_work()
+        for path in [*work, *([self.tensorboard] if self.tensorboard.exists() else [])]:
+            dest = folder / (path.relative_to(run_dir) if path.is_relative_to(run_dir) else path.name)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, dest)
+        metrics = run_dir / "metrics.jsonl"
+        rows = [r for r in read_metrics(metrics) if r.get("expert") == self.expert] if metrics.exists() else []
+        if rows:
+            write_text_atomic(folder / "metrics-rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        return folder, work
 
     def remove_all(self) -> int:
         """`--overwrite`: the final LoRA and everything listed above, metrics rows (the step-0 validation

@@ -52,6 +52,7 @@ class ExpertJob:
     state: Path | None = None
     step: int = 0  # the state's
     start_over: bool = False  # --overwrite: what an earlier run of this expert made goes first
+    set_aside: bool = False  # a killed run's files without a state to continue from: moved aside, then from the start
 
 
 class LoraPairRecipe:
@@ -181,14 +182,8 @@ class LoraPairRecipe:
                                 f"of the run it would leave. Move them out of {newer[0].parent} to continue from the "
                                 "older one, or resume from the newest.")
                 continue
-            if saved is None:
-                earlier = outputs.earlier_work()
-                if earlier:
-                    problems.append(f"{expert_noun(e)}: an earlier run left {describe(earlier, self.p.run_dir)} and no "
-                                    f"training state to continue from (in {self.p.run_dir}). Start it over with "
-                                    f"{self.overwrite_flags(e)} (removes them), or move them away.")
-                else:
-                    jobs.append(ExpertJob(e))
+            if saved is None:  # a run killed before its first state (or without them): it starts again
+                jobs.append(ExpertJob(e, set_aside=bool(outputs.earlier_work())))
                 continue
             changed = differences(saved.get("identity") or {}, identity, outputs=False)
             if changed:
@@ -222,6 +217,11 @@ class LoraPairRecipe:
                 n = outputs.remove_all()
                 if n:
                     print(f"--overwrite: removed {n} files an earlier run of {expert_noun(job.expert)} made")
+            elif job.set_aside:
+                folder, moved = outputs.set_aside()
+                print(f"{expert_noun(job.expert)}: an earlier run left {describe(moved, self.p.run_dir)} and no training state "
+                      f"to continue from; they are set aside in {folder} (nothing deleted), and it trains from the "
+                      "start")
             outputs.forget_metrics_after(job.step, including_start=job.state is None)
 
     # ---------------------------------------------------------------- training

@@ -79,6 +79,8 @@ def lock_is_held(lock: Path) -> bool:
         return False
     except BlockingIOError:
         return True
+    except OSError:  # no flock on this file system: no run can hold it either (taking it says so)
+        return False
     finally:
         os.close(fd)  # lets go of the probe's shared lock
 
@@ -131,6 +133,12 @@ def _take(lock: Path, patience: float) -> int | None:
                 return None
             time.sleep(0.05)
             continue
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ...: a file system without flock
+            os.close(fd)
+            raise WanpairError(
+                f"the file system of {lock.parent} does not support file locks (flock: {e.strerror}); wanpair locks "
+                f"{lock.name} so that two runs never write one output. Set output_dir to a folder on a local disk, "
+                "or mount this one with locks (Lustre: the `flock` mount option; NFS: without `nolock`).") from None
         except BaseException:
             os.close(fd)
             raise

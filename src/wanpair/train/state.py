@@ -99,13 +99,15 @@ def state_step(path: Path) -> int:
 
 
 def list_states(run_dir: Path, expert: str | None = None) -> list[Path]:
-    """The states of one expert (or all: high-noise before low-noise), oldest first."""
+    """The states of one expert (or all: high-noise before low-noise), oldest first: only the files named as
+    `save_state` names them, so that a copy a user put aside (`high-step00000010-backup.pt`) is never taken
+    for one, pruned or removed."""
     order = {e: i for i, e in enumerate(EXPERT_NAMES)}
 
     def key(p: Path):
         return order.get(p.name.split("-step", 1)[0], 9), state_step(p)
 
-    return sorted((p for p in state_dir(run_dir).glob(f"{expert or '*'}-step*.pt")), key=key)
+    return sorted((p for p in state_dir(run_dir).glob(f"{expert or '*'}-step*.pt") if state_step(p) >= 0), key=key)
 
 
 def load_state(path: Path) -> dict:
