@@ -10,6 +10,11 @@ import pytest
 from wanpair.demo import make_demo
 
 
+# How long a test may wait for something it is sure will happen (a page to show a report, a process to reach a
+# state): each wait ends as soon as its condition holds, so this only bounds a hang. Not a guess at the machine's
+# speed: on two busy cores a check report took longer than the 20 s a wait once allowed.
+PATIENCE_S = 600.0
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """A pristine demo tree (dataset, tiny models in the real formats, project file). Do not modify."""

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from werkzeug.serving import make_server
 
+from conftest import PATIENCE_S
 from wanpair.cli import build_parser
 from wanpair.dashboard import runs as R
 from wanpair.dashboard.app import create_app
@@ -67,7 +68,7 @@ def _get(url: str, headers: dict | None = None):
 
     request = urllib.request.Request(url, headers={"X-Wanpair-Token": TOKEN} if headers is None else headers)
     try:
-        with urllib.request.urlopen(request, timeout=10) as r:
+        with urllib.request.urlopen(request, timeout=PATIENCE_S) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, b""
@@ -181,7 +182,7 @@ def _browser():
     return webdriver.Chrome(service=Service(driver_path), options=opts)
 
 
-def _wait(browser, condition, seconds: float = 20.0):
+def _wait(browser, condition, seconds: float = PATIENCE_S):
     """Until `condition(browser)` holds; an element the page re-rendered meanwhile (the facts refresh every
     10 s) is looked up again at the next poll."""
     from selenium.common.exceptions import StaleElementReferenceException

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
+from conftest import PATIENCE_S
 from test_dashboard import TOKEN, reader, run_tree  # noqa: F401  (run_tree: a fixture)
 from wanpair.cli import build_parser
 from wanpair.dashboard.app import TOKEN_HEADER, create_app
@@ -42,7 +43,7 @@ def served(run_tree):
 
 def _raw(port: int, method: str, path: str, host: str, headers: dict | None = None, body: bytes | None = None):
     """A request with exactly this `Host` header, as a browser sends it for a page whose name was rebound."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=PATIENCE_S)
     conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
     conn.putheader("Host", host)
     for key, value in {**(headers or {}), **({"Content-Length": str(len(body))} if body is not None else {})}.items():
@@ -192,8 +193,12 @@ def test_a_fifo_or_a_link_planted_where_a_file_is_read_does_not_hang_the_page(ru
     os.mkfifo(out / ".planted.lock")
     (out / ".linked.lock").symlink_to(tmp_path / "anything.lock")
     os.mkfifo(run_tree / "dataset" / "fifo.png")
+    (out / "dangling").mkdir()
+    (out / "dangling" / "metrics.jsonl").symlink_to(tmp_path / "gone.jsonl")  # with a summary: once hid every run
+    (out / "dangling" / "summary.json").write_text("{}")
     client = reader(create_app([run_tree], token=TOKEN, tick_s=None))
-    (run,) = client.get("/api/runs").get_json()  # probes the locks: a FIFO is not waited on
+    runs = client.get("/api/runs").get_json()  # probes the locks: a FIFO is not waited on
+    (run,) = [r for r in runs if r["name"] == "demo_shapes_v1"]
     assert len(client.get(f"/api/runs/{run['id']}").get_json()["loras"]) == 2
     assert client.get("/media?root=0&path=dataset/fifo.png").status_code == 404
     assert client.application.config["jobs"].busy() == []
@@ -219,7 +224,7 @@ class Swapper:
         self._thread.start()
         return self
 
-    def race(self, request, tries: int = 200, swaps: int = 50, seconds: float = 60.0) -> list:
+    def race(self, request, tries: int = 200, swaps: int = 50, seconds: float = PATIENCE_S) -> list:
         """`request()` again and again while this swaps, until both have happened often enough."""
         out, end = [], time.monotonic() + seconds
         while len(out) < tries or self.count < swaps:
@@ -374,7 +379,7 @@ def test_a_queue_file_that_is_not_the_users_own_is_refused_by_name(demo, tmp_pat
         queue.symlink_to(elsewhere)
     with pytest.raises(WanpairError) as refused:
         create_app([demo], token=TOKEN, tick_s=None)
-    assert str(queue) in str(refused.value) and "it is not a queue this dashboard wrote for you" in str(refused.value)
+    assert str(queue) in str(refused.value) and "it is not one this dashboard wrote for you" in str(refused.value)
 
 
 def test_the_queue_folder_is_the_users_alone(demo):
@@ -408,3 +413,102 @@ def test_large_bodies_and_odd_names_are_refused_with_a_reason_not_a_500(served):
                 f"/api/runs/{run_id}/lora/{'c' * 5000}"):
         assert client.get(url).status_code == 404
     assert client.get(f"/api/jobs/{'d' * 5000}/log").status_code == 400
+
+
+def test_the_dashboards_own_files_are_never_written_through_a_planted_link(demo, tmp_path):
+    """A planted `.wanpair-dashboard/dashboard.lock` or `logs` that is a link (or a second name of a file) is refused
+    before anything is written through it: the file it names keeps its text."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    folder = demo / ".wanpair-dashboard"
+    folder.mkdir(mode=0o700)
+    (folder / "dashboard.lock").symlink_to(victim)
+    with pytest.raises(OSError):  # O_NOFOLLOW: ELOOP
+        create_app([demo], token=TOKEN, tick_s=3600)
+    (folder / "dashboard.lock").unlink()
+    os.link(victim, folder / "dashboard.lock")  # a hard link: the same file under the dashboard's name
+    with pytest.raises(WanpairError, match="a second name of another file"):
+        create_app([demo], token=TOKEN, tick_s=3600)
+    (folder / "dashboard.lock").unlink()
+    (folder / "logs").symlink_to(tmp_path)
+    with pytest.raises(WanpairError, match="logs is a link"):
+        create_app([demo], token=TOKEN, tick_s=None)
+    assert victim.read_text() == "keep me\n" and sorted(p.name for p in tmp_path.iterdir()) == ["demo", "victim.txt"]
+
+
+def test_the_queue_survives_a_restart_under_a_group_writable_umask(demo):
+    """umask 002 (Debian and Ubuntu give each user a private group): the queue the dashboard wrote is its own."""
+    from wanpair.dashboard.jobs import JobQueue, train_job
+    from wanpair.dashboard.paths import Roots
+
+    old = os.umask(0o002)
+    try:
+        queue = JobQueue(demo / ".wanpair-dashboard", Roots.of([demo]), busy=lambda: ["busy"])
+        queue.add(train_job(demo / "wanpair.toml"))
+        assert (demo / ".wanpair-dashboard" / "queue.json").stat().st_mode & 0o077 == 0
+        again = JobQueue(demo / ".wanpair-dashboard", Roots.of([demo]), busy=lambda: ["busy"])
+        assert [j.state for j in again.jobs] == ["held"]
+        with pytest.raises(WanpairError, match="already held"):
+            again.add(train_job(demo / "wanpair.toml", overwrite=True))  # a twin of the held one
+    finally:
+        os.umask(old)
+
+
+def test_a_queue_from_before_kinds_keeps_its_train_and_caption_jobs(demo):
+    from wanpair.dashboard.jobs import JobQueue
+    from wanpair.dashboard.paths import Roots
+
+    rows = [{"argv": ["train", str(demo / "wanpair.toml"), "--overwrite"], "title": "t", "cwd": "/", "state": "finished",
+             "id": "ab"},
+            {"argv": ["caption", str(demo / "dataset"), "--captioner", str(demo / "models" / "c"), "--trigger=sks"],
+             "title": "c", "cwd": "/", "state": "queued", "id": "cd"},
+            {"argv": ["train", str(demo / "wanpair.toml"), "--resume", "/etc/x"], "state": "queued", "id": "ef"}]
+    _plant_queue(demo, rows)
+    queue = JobQueue(demo / ".wanpair-dashboard", Roots.of([demo]), busy=lambda: [])
+    assert [(j.kind, j.state, j.argv[-1]) for j in queue.jobs] == [("train", "finished", "--overwrite"),
+                                                                  ("caption", "held", "--trigger=sks")]
+
+
+def test_a_planted_dataset_toml_or_fifo_makes_the_page_read_or_wait_on_nothing(demo, tmp_path):
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "p.png").write_bytes((demo / "dataset" / "img_01.png").read_bytes())
+    (outside / "p.txt").write_text("a private caption\n")
+    (demo / "dataset" / "dataset.toml").write_text(f'[general]\nresolution = [960, 960]\n\n[[datasets]]\n'
+                                                    f'image_directory = "{outside}"\n')
+    client = reader(create_app([demo], token=TOKEN, tick_s=None))
+    got = client.get("/api/folder?root=0&path=dataset").get_json()
+    assert "private caption" not in json.dumps(got) and "Check it in a shell: wanpair check" in got["report"]
+    os.mkfifo(demo / "dataset.toml.fifo")
+    os.mkfifo(demo / "mine.toml")  # where the new run's project would go
+    form = {"root": 0, "folder": "dataset", "name": "mine", "task": "t2v-A14B", "models": {}, "train": {}}
+    got = client.post("/api/new-run/preview", json=form, headers=OK)
+    assert got.status_code == 403 and "is not a regular file" in got.get_json()["error"]
+    (demo / "link-models").symlink_to("/")
+    shutil.rmtree(demo / "models")
+    (demo / "models").symlink_to("/usr")  # a models/ that leads out is not walked
+    assert all(v == [] for v in client.get("/api/models?task=t2v-A14B").get_json().values())
+
+
+def test_odd_requests_are_answered_with_a_reason(served):
+    port, root, run_id, _ = served
+    here = f"127.0.0.1:{port}"
+    client = reader(create_app([root], token=TOKEN, tick_s=None))
+    assert client.get("/api/jobs/x/log?lines=-1").status_code == 400  # no job x: named
+    assert client.get(f"/api/runs/{run_id}/metrics?offset=-99999999999999999999").status_code == 200
+    nested = ("[" * 100_000).encode()
+    status, _ = _raw(port, "POST", "/api/caption", here, OK | {"Content-Type": "application/json"}, nested)
+    assert status == 400
+    status, _ = _raw(port, "POST", "/api/caption", here, OK | {"Origin": "http://[::1", "Content-Type": "application/json"},
+                     b"{}")
+    assert status == 403
+    got = client.post("/api/caption", json={"root": 0, "path": "dataset/\ud800.png", "text": "x"}, headers=OK)
+    assert got.status_code in (400, 403)
+    got = client.post("/api/new-run", json={"root": 0, "folder": "dataset", "train": {"epochs": "9" * 5000}}, headers=OK)
+    assert got.status_code == 400 and "whole number" in got.get_json()["error"]
+    for host in ("evil.com@127.0.0.1", "127.0.0.1#x", "127.0.0.1/x", "localhost\t"):
+        assert _raw(port, "GET", f"/api/runs?token={TOKEN}", host)[0] in (400, 403), host
+    name = "画" * 80 + ".png"  # 240 bytes: a caption's temporary file must still fit NAME_MAX
+    (root / "dataset" / name).write_bytes((root / "dataset" / "img_01.png").read_bytes())
+    got = client.post("/api/caption", json={"root": 0, "path": f"dataset/{name}", "text": "long name"}, headers=OK)
+    assert got.status_code == 200 and (root / "dataset" / ("画" * 80 + ".txt")).read_text() == "long name\n"

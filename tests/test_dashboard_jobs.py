@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
+from conftest import PATIENCE_S
 from test_dashboard import SHOTS, _browser, _wait, reader
 from wanpair.dashboard.app import LOCAL_HOSTS, TOKEN_HEADER, create_app, launch_message
 from wanpair.dashboard.jobs import ACTIVE, Job, JobQueue, caption_job, process_start, train_job
@@ -235,7 +236,7 @@ def _quick(title: str, folder: Path) -> Job:
     return job
 
 
-def _until(condition, seconds: float = 60.0):
+def _until(condition, seconds: float = PATIENCE_S):
     end = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < end, "timed out"
@@ -259,7 +260,7 @@ def test_the_form_captions_the_missing_ones_as_a_queued_job(client, demo):
     assert job["argv"] == ["caption", str(demo / "dataset"), "--captioner", str(demo / "models" / CAPTIONER_DIR),
                            "--trigger=sks shape"]
     queue = client.application.config["jobs"]
-    _until(lambda: queue.tick() or queue.get(job["id"]).state not in ("queued", "running"), 180)
+    _until(lambda: queue.tick() or queue.get(job["id"]).state not in ("queued", "running"))
     assert queue.get(job["id"]).state == "finished", queue.log_tail(queue.get(job["id"]))
     for name in ("img_01.txt", "img_02.txt"):
         assert (demo / "dataset" / name).read_text().startswith("sks shape, ")
@@ -317,9 +318,9 @@ def test_a_stop_in_a_jobs_first_seconds_ends_it_as_stopped_without_a_traceback(d
     "stopped", not "failed", and its log says so in a word instead of a KeyboardInterrupt traceback."""
     queue = JobQueue(demo / "q", Roots.of([demo]), busy=lambda: [])
     job = queue.add(train_job(demo / "wanpair.toml"))
-    _until(lambda: b"torch" in Path(f"/proc/{job.pid}/maps").read_bytes(), 60)  # inside its imports
+    _until(lambda: b"torch" in Path(f"/proc/{job.pid}/maps").read_bytes())  # inside its imports
     queue.stop(job.id)
-    _until(lambda: queue.tick() or job.state not in ACTIVE, 60)
+    _until(lambda: queue.tick() or job.state not in ACTIVE)
     assert job.state == "stopped" and job.returncode == 130
     assert queue.log_tail(job)[-1] == "interrupted" and not any("Traceback" in line for line in queue.log_tail(job, 200))
 
@@ -453,21 +454,21 @@ def test_a_run_is_made_started_stopped_continued_and_a_queued_one_follows_in_the
         find(By.ID, "nr-validate_every_n_steps").send_keys("0")
         find(By.ID, "nr-learning_rate").send_keys("0.002")
         make("flow_a", 6)
-        _wait(browser, lambda b: "running" in job_state(b, "train flow_a"), 30)
+        _wait(browser, lambda b: "running" in job_state(b, "train flow_a"))
         plan = find(By.ID, "nr-plan").text
         assert "no GPU: training runs on the CPU" in plan and "no other training" in plan
         # progress appears: the job's ETA, then the run's steps in its own view
-        _wait(browser, lambda b: job_state(b, "train flow_a").split("running")[1].strip()[:1].isdigit(), 60)
+        _wait(browser, lambda b: job_state(b, "train flow_a").split("running")[1].strip()[:1].isdigit())
         next(r for r in browser.find_elements(By.CSS_SELECTOR, "#jobs tbody tr[data-job]")
              if r.text.startswith("train flow_a")).click()
         _wait(browser, lambda b: " of 108 steps" in b.find_element(By.ID, "progress-high").text)
-        _wait(browser, lambda b: "training the high-noise expert" in b.find_element(By.ID, "run-log").text, 15)
+        _wait(browser, lambda b: "training the high-noise expert" in b.find_element(By.ID, "run-log").text)
         browser.find_element(By.CSS_SELECTOR, "#jobs tbody tr[data-job] button.job-stop").click()
-        _wait(browser, lambda b: "stopped" in job_state(b, "train flow_a"), 60)
+        _wait(browser, lambda b: "stopped" in job_state(b, "train flow_a"))
         run_dir = demo / "output" / "flow_a"
         assert list((run_dir / "state").glob("*.pt")) and list(demo.glob("output/*flow_a-partial-step*.safetensors"))
         browser.find_element(By.CSS_SELECTOR, "#jobs tbody tr[data-job] button.job-continue").click()
-        _wait(browser, lambda b: "running" in job_state(b, "continue train flow_a"), 30)
+        _wait(browser, lambda b: "running" in job_state(b, "continue train flow_a"))
         make("flow_b", 1)  # queued behind the run that trains now, which its plan says
         assert "measured while flow_a trains: this run waits in the queue" in find(By.ID, "nr-plan").text
         _wait(browser, lambda b: "queued" in job_state(b, "train flow_b"))
@@ -475,8 +476,8 @@ def test_a_run_is_made_started_stopped_continued_and_a_queued_one_follows_in_the
             SHOTS.mkdir(parents=True, exist_ok=True)
             browser.execute_script("window.scrollTo(0, 0)")
             browser.save_screenshot(str(SHOTS / "dashboard-queue.png"))
-        _wait(browser, lambda b: "finished" in job_state(b, "continue train flow_a"), 120)
-        _wait(browser, lambda b: "finished" in job_state(b, "train flow_b"), 120)  # it started by itself
+        _wait(browser, lambda b: "finished" in job_state(b, "continue train flow_a"))
+        _wait(browser, lambda b: "finished" in job_state(b, "train flow_b"))  # it started by itself
         assert "--resume" not in " ".join(app.config["jobs"].jobs[1].argv)  # the same command continued it
         # the finished pair is listed, to download
         browser.get(url)

@@ -90,3 +90,27 @@ def test_a_few_skips_while_the_scale_settles_are_not_counted_as_steps(fp16, monk
     lora = load_file(str(result.lora))
     assert all(torch.isfinite(v.float()).all() for v in lora.values())
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_up" in k)  # trained: up matrices start at zero
+
+
+def test_a_run_with_skips_ends_with_its_data_validates_there_and_says_how_many(fp16, monkeypatch):
+    """Skipped updates are not counted, and the data is used once per epoch: the run's last step is its last
+    data position's (step 15 of 18 batches with 3 skips), so the final validation is there, no intermediate
+    copy of the final or state of a finished run is written, the total the bar and the dashboard show comes
+    down to 15, and the summary says 3 updates were skipped."""
+    import json
+
+    set_train(fp16.path, epochs=1, tensorboard=False, mixed_precision="fp16", validate_every_n_steps=100,
+              learning_rate=2e-3, max_bad_steps=2, save_every_n_epochs=1)
+    project = load_project(fp16.path)[0]
+    _loss_times(monkeypatch, lambda n: 1e30 if n <= 3 else 1.0)
+    (result,) = LoraPairRecipe(project).run(("high",))
+    assert result.steps == 15 and result.skipped_updates == 3
+    rows = [json.loads(x) for x in (project.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 15]  # before training and at the last step
+    assert [r["total_steps"] for r in rows if "total_steps" in r] == [18]  # the plan
+    assert [r["steps_reachable"] for r in rows if "steps_reachable" in r] == [17, 16, 15]  # what the bar shows
+    from wanpair.dashboard.runs import progress
+    assert progress(rows)["experts"]["high"]["total"] == 15  # and the dashboard
+    assert not list(project.output_dir.glob("*-step*.safetensors"))  # the last step is the final save, not a copy
+    summary = json.loads((project.run_dir / "summary.json").read_text())
+    assert summary["experts"][0]["skipped_updates"] == 3

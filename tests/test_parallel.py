@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import set_train
+from conftest import PATIENCE_S, set_train
 from wanpair.cli import main
 from wanpair.errors import WanpairError
 from wanpair.project import load_project
@@ -38,7 +38,7 @@ REFERENCE = dict(epochs=4, save_state_every_n_steps=4, gradient_accumulation_ste
 def _train(project, *args):
     """`wanpair train` in a fresh process with one thread, as each worker has."""
     done = subprocess.run([sys.executable, "-m", "wanpair.cli", "train", str(project.path), *args],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=PATIENCE_S)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -79,7 +79,7 @@ def test_data_parallel_over_two_processes_equals_one_process_with_twice_the_accu
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "-m", "wanpair.cli", "train", str(project.path), "--expert", "high"],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=PATIENCE_S)
     assert done.returncode == 0, done.stdout + done.stderr
     a, b = _tensors(reference, "high"), _tensors(project, "high")
     # the same gradients, averaged by DDP across ranks instead of summed over micro-batches in one process:
@@ -105,7 +105,7 @@ def _state_steps(project, expert) -> list[int]:
     return [int(p.stem.rsplit("step", 1)[1]) for p in (project.run_dir / "state").glob(f"{expert}-step*.pt")]
 
 
-def _wait_for_state(project, expert, parent, after: int = 0, timeout=120):
+def _wait_for_state(project, expert, parent, after: int = 0, timeout=PATIENCE_S):
     """Until the expert has saved a state later than step `after`."""
     end = time.time() + timeout
     while time.time() < end:
@@ -149,7 +149,7 @@ def test_a_killed_expert_stops_the_other_which_saves_then_ctrl_c_stops_both_and_
     _wait_for_state(project, "low", parent)
     _wait_for_state(project, "high", parent)  # both in their loops (a worker still setting up has nothing to save)
     low.kill()  # SIGKILL
-    out, _ = parent.communicate(timeout=120)
+    out, _ = parent.communicate(timeout=PATIENCE_S)
     assert parent.returncode == 2, out
     assert "[low] low-noise:" not in out and "[high] high-noise:" not in out, out  # workers draw no bars: the parent does
     assert "the low-noise expert stopped with an error" in out
@@ -161,7 +161,7 @@ def test_a_killed_expert_stops_the_other_which_saves_then_ctrl_c_stops_both_and_
     for expert in ("low", "high"):
         _wait_for_state(project, expert, parent, after=before[expert])
     parent.send_signal(signal.SIGINT)
-    out, _ = parent.communicate(timeout=120)
+    out, _ = parent.communicate(timeout=PATIENCE_S)
     assert parent.returncode == 130, out
     stopped = 0
     for expert in ("High", "Low"):
@@ -197,7 +197,7 @@ def test_killing_wanpair_train_outright_stops_both_workers_which_save_and_a_new_
     assert lock_holder(lock) in {w.pid for w in workers}  # the run still counts as running while they save
     with pytest.raises(WanpairError, match="another wanpair run"):
         LoraPairRecipe(project).run()
-    _, alive = psutil.wait_procs(workers, timeout=120)
+    _, alive = psutil.wait_procs(workers, timeout=PATIENCE_S)
     assert not alive
     assert lock_holder(lock) == 0
     for expert in ("High", "Low"):  # each stopped cleanly: its partial LoRA and state were written
@@ -243,3 +243,30 @@ def test_a_worker_whose_parent_pipe_breaks_stops_as_on_ctrl_c_instead_of_dying_o
     assert stream.write("step 12\n") == len("step 12\n")
     stream.flush()
     assert calls  # the worker was told to stop, and nothing was raised
+
+
+def test_a_stop_while_the_workers_start_reaches_them_all(tmp_path, monkeypatch):
+    """Ctrl-C arrives after the high-noise worker started and before the low-noise one: the started one is
+    stopped, the other is never started (it would have trained to its end), and the run ends as a stop."""
+    from wanpair.errors import StopRequested
+    from wanpair.train import placement
+    from wanpair.train.run_lock import lock_path, run_lock
+
+    code = ("import signal, sys, time; signal.signal(signal.SIGINT, lambda *a: sys.exit(130)); "
+            "print('ready', flush=True); time.sleep(60)")
+    monkeypatch.setattr(placement, "worker_command", lambda group, handoff, state: [sys.executable, "-c", code])
+    started, real = [], subprocess.Popen
+
+    def popen(*args, **kwargs):
+        proc = real(*args, **kwargs)
+        started.append(proc)
+        proc.stdout.readline()  # its handler is in place
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, while the workers start
+        return proc
+
+    monkeypatch.setattr(placement.subprocess, "Popen", popen)
+    wave = [placement.Group("high", 1), placement.Group("low", 1)]
+    with run_lock(tmp_path, "run"), pytest.raises(StopRequested):
+        placement._run_wave(wave, tmp_path / "handoff.json", tmp_path / "metrics.jsonl", {"high": (None, 0),
+                            "low": (None, 0)}, {"high": 10, "low": 10}, lock_path(tmp_path, "run"))
+    assert len(started) == 1 and started[0].wait(PATIENCE_S) == 130

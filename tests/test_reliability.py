@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import set_train
+from conftest import PATIENCE_S, set_train
 from test_run_lock import hold_run_lock
 from wanpair.cli import main
 from wanpair.errors import WanpairError
@@ -31,7 +31,7 @@ def _start(project):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_states(run_dir, expert, n, proc, timeout=120):
+def _wait_for_states(run_dir, expert, n, proc, timeout=PATIENCE_S):
     end = time.time() + timeout
     while time.time() < end:
         if len(list((run_dir / "state").glob(f"{expert}-step*.pt"))) >= n:
@@ -87,7 +87,7 @@ def test_a_default_run_killed_anywhere_is_finished_by_the_same_command(demo, ref
     set_train(demo / "wanpair.toml", **{**SETTINGS, "save_state_every_n_steps": 0})
     project, _ = load_project(demo / "wanpair.toml")
     proc = _start(demo / "wanpair.toml")
-    end = time.time() + 120
+    end = time.time() + PATIENCE_S
     while not any(state_step(s) >= 6 for s in list_states(project.run_dir, "high")):
         assert proc.poll() is None and time.time() < end, "no crash state at step 6 or later"
         time.sleep(0.02)
@@ -107,7 +107,7 @@ def test_sigterm_saves_a_partial_lora_and_state_and_resume_finishes_the_same(dem
     proc = _start(demo / "wanpair.toml")
     _wait_for_states(project.run_dir, "high", 1, proc)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=PATIENCE_S)
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "--resume" in out
     (partial,) = project.output_dir.glob("WAN2.2-HighNoise_demo_shapes_v1-partial-step*.safetensors")

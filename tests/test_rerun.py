@@ -195,14 +195,39 @@ def test_resume_and_overwrite_together_are_refused(run, capsys):
     assert "--resume continues a run and --overwrite starts it over: pass one of them." in capsys.readouterr().err
 
 
-def test_a_state_from_another_number_of_processes_is_refused(run, capsys):
-    """A step takes micro-batches from every process: a state of a 2-GPU run is not a position in a 1-GPU run."""
+def test_a_state_from_another_number_of_processes_is_refused_before_anything_loads(run, capsys, monkeypatch):
+    """A step takes micro-batches from every process: a state of a 2-GPU run is not a position in a 1-GPU run.
+    Refused when the run is planned, before the caches (and the text encoder) or the expert load."""
+    import wanpair.train.recipe as recipe_mod
+
     path = _project(run).run_dir / "state" / "high-step00000016.pt"
     state = torch.load(path, weights_only=True)
     torch.save({**state, "processes": 2}, path)
+    monkeypatch.setattr(recipe_mod.LoraPairRecipe, "prepare_caches", lambda self: pytest.fail("loaded first"))
     assert main(["train", str(run / "wanpair.toml"), "--expert", "high"]) == 2
-    assert "the high-noise expert: its state was saved by a run of 2 processes (GPUs), and this one has 1" in \
-        capsys.readouterr().err
+    assert "the high-noise expert's state was saved by a run of 2 process(es) (GPUs), and experts_parallel = " \
+           "\"auto\" on 1 device(s) gives it 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("room, states, setting, placed", [
+    (True, {"high": 4, "low": 4}, "auto", [4, 4]),  # room for both at once, but the states were one after the other
+    (False, {"high": 2}, "auto", [2, 2]),  # no room now, but the state was saved pair-parallel: kept pair-parallel
+    (True, {"high": 2, "low": 2}, "auto", [2, 2]),
+    (True, {"high": 2}, "off", None),  # told to run one after the other, on 4: refused, naming both counts
+])
+def test_auto_placement_follows_the_states_process_counts(monkeypatch, room, states, setting, placed):
+    from wanpair.errors import WanpairError
+    from wanpair.train import placement
+
+    monkeypatch.setattr(placement.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(placement, "_room", lambda gpus: room)
+    if placed is None:
+        with pytest.raises(WanpairError, match=r"high-noise expert's state was saved by a run of 2 process\(es\) "
+                                               r"\(GPUs\), and experts_parallel = \"off\" on 4 GPU\(s\) gives it 4"):
+            placement.choose(["high", "low"], torch.device("cuda"), setting, None, states)
+        return
+    waves = placement.choose(["high", "low"], torch.device("cuda"), setting, None, states)
+    assert [g.processes for wave in waves for g in wave] == placed
 
 
 @pytest.fixture

@@ -75,8 +75,8 @@ def test_video_dataset_trains_end_to_end(demo, tmp_path, monkeypatch):
     import wanpair.cache
 
     decoded = []
-    real_read = wanpair.cache.read_frames
-    monkeypatch.setattr(wanpair.cache, "read_frames", lambda p: decoded.append(p) or real_read(p))
+    real_read = wanpair.cache.clip_frames
+    monkeypatch.setattr(wanpair.cache, "clip_frames", lambda p, *a: decoded.append((p.name, a[1], a[2])) or real_read(p, *a))
     make_videos(demo / "videos")
     text = (demo / "wanpair.toml").read_text().replace('config = "dataset/dataset.toml"', 'config = "videos/dataset.toml"')
     (demo / "wanpair.toml").write_text(text)
@@ -88,4 +88,40 @@ def test_video_dataset_trains_end_to_end(demo, tmp_path, monkeypatch):
     latent = load_file(recipe.cache_plan.latent_paths[nine])["value"]
     assert latent.shape == (16, 3, 6, 8)  # (9 - 1) / 4 + 1 latent frames of 48x64 / 8
     assert results[0].steps == 5 and results[0].lora.exists()
-    assert sorted(p.name for p in decoded) == ["clip_a.mp4", "clip_b"]  # each video decoded once for all its clips
+    assert sorted(decoded) == sorted((it.image.name, it.start, it.frames) for it in recipe.items)  # each clip alone
+
+
+def test_a_clip_is_decoded_alone_at_its_buckets_size_and_check_decodes_nothing(tmp_path, monkeypatch):
+    """Host memory stays one clip at its bucket's size: `check` reads a video's facts from its container (no
+    frame decoded), and the cache decodes only the frames a clip uses, cut to the bucket as each arrives, then
+    stops. Resampled from source_fps, frame k of the clip is source frame int(k * fps / 16)."""
+    from wanpair.data import video
+
+    write_mp4(tmp_path / "long.mp4", frames=40, size=(96, 64))
+    decoded, real = [], av.open
+
+    class Counting:  # the container, counting the frames decoded from it
+        def __init__(self, *args, **kwargs):
+            self.container = real(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.container.close()
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def decode(self, *args, **kwargs):
+            for frame in self.container.decode(*args, **kwargs):
+                decoded.append(len(decoded))
+                yield frame
+
+    monkeypatch.setattr(av, "open", Counting)
+    assert video.video_facts(tmp_path / "long.mp4", None) == (40, (96, 64)) and decoded == []
+    assert video.video_facts(tmp_path / "long.mp4", 32.0) == (20, (96, 64))  # at 16 fps: every other frame
+    clip = video.clip_frames(tmp_path / "long.mp4", 32.0, 2, 5, (48, 32))
+    assert clip.shape == (5, 32, 48, 3) and len(decoded) == 13  # source frames 0..12 (it uses 4, 6, ..., 12), then it stopped
+    levels = clip[:, 16, 24].mean(axis=1)  # the grey level write_mp4 gives frame i: i * 12 (within the codec's error)
+    assert np.all(np.abs(levels - np.array([4, 6, 8, 10, 12]) * 12) < 6)

@@ -43,8 +43,9 @@ def sync_folder(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the same directory; rename it over `final` only on success."""
+def atomic_path(final: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path in the same directory; rename it over `final` only on success. `mode`: the
+    file's mode (default: an ordinary write's, 0666 less the umask)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -54,7 +55,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp made it 0600
+        os.chmod(tmp_path, 0o666 & ~current_umask() if mode is None else mode)  # mkstemp made it 0600
         os.replace(tmp_path, final)
         sync_folder(final.parent)
     finally:
@@ -62,6 +63,6 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def write_text_atomic(final: str | os.PathLike, text: str) -> None:
-    with atomic_path(final) as tmp:
+def write_text_atomic(final: str | os.PathLike, text: str, mode: int | None = None) -> None:
+    with atomic_path(final, mode) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -9,7 +9,6 @@ unreadable entry is simply encoded again.
 
 from __future__ import annotations
 
-import functools
 import gc
 import hashlib
 import itertools
@@ -17,7 +16,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -27,7 +25,7 @@ from .atomic import atomic_path
 from .data.buckets import resize_and_crop
 from .data.images import load_rgb
 from .data.items import Item
-from .data.video import read_frames, resample
+from .data.video import clip_frames
 from .errors import DamagedFile
 from .models.i2v import condition_pixels
 from .models.files import fingerprint, safetensors_header
@@ -124,19 +122,13 @@ def plan(items: list[Item], cache_dirs: dict[int, Path], vae_fp: str, t5_fp: str
                      {p: text for p, text in texts.items() if not entry_ok(p)}, extra, conditioned)
 
 
-@functools.lru_cache(maxsize=1)
-def _video_frames(path: Path, source_fps: float | None) -> list:
-    """Decoded once for all the clips cut from one video (`fill` encodes a video's clips back to back)."""
-    return resample(read_frames(path), source_fps)
-
-
 def pixels(item: Item) -> torch.Tensor:
-    """The item's bucket-sized pixels as a [3, F, H, W] tensor in [-1, 1] (Wan's VAE input range)."""
+    """The item's bucket-sized pixels as a [3, F, H, W] tensor in [-1, 1] (Wan's VAE input range). A clip's
+    frames are decoded one at a time and cut to the bucket as they come (`clip_frames`), never the whole video."""
     if item.is_video:
-        frames = _video_frames(item.image, item.source_fps)[item.start:item.start + item.frames]
+        arr = clip_frames(item.image, item.source_fps, item.start, item.frames, item.bucket)  # F, H, W, 3
     else:
-        frames = [load_rgb(item.image)]
-    arr = np.stack([resize_and_crop(f, item.bucket) for f in frames])  # F, H, W, 3
+        arr = resize_and_crop(load_rgb(item.image), item.bucket)[None]
     return torch.from_numpy(arr).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
@@ -158,8 +150,8 @@ def fill(items: list[Item], cplan: CachePlan, load_vae_fn, load_text_fn, batch_s
                        texts_reused=len(set(cplan.text_paths) | set(cplan.prompt_paths)) - len(cplan.missing_texts))
     if cplan.missing_latents:
         vae = load_vae_fn()
-        # Batches hold one shape (bucket, frames). Images are ordered by shape; a video's clips stay
-        # together so the video is decoded once for all of them.
+        # Batches hold one shape (bucket, frames). Images are ordered by shape; a video's clips stay together
+        # (each decoded up to its own last frame, one clip at a time: host memory stays one clip's).
         def batch_key(i: int) -> tuple:
             return (str(items[i].image) if items[i].is_video else "", items[i].bucket, items[i].frames)
 
@@ -178,7 +170,6 @@ def fill(items: list[Item], cplan: CachePlan, load_vae_fn, load_text_fn, batch_s
                         stats.latents_encoded += 1
                     bar.update(len(chunk))
         del vae
-        _video_frames.cache_clear()
         gc.collect()
     if cplan.missing_texts:
         te, tok = load_text_fn()

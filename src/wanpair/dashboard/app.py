@@ -26,6 +26,7 @@ import functools
 import hmac
 import ipaddress
 import os
+import re
 import secrets
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -36,7 +37,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from ..errors import WanpairError
 from ..models.tasks import TASKS
 from . import runs as R
-from .jobs import ACTIVE, JobQueue, caption_job, train_job
+from .jobs import ACTIVE, JobQueue, caption_job, the_users_own, train_job
 from .new_run import (NeedsConfirmation, NewRun, captioner_in, captions, check_report, dataset_folders,
                       model_choices, recipe_settings, write_caption)
 from .paths import PathRefused, Roots
@@ -58,10 +59,22 @@ def allowed_hosts(bind_host: str, allow: list[str] | tuple[str, ...] = ()) -> fr
     return frozenset(names)
 
 
+HOST = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")  # a name or an address, and a port
+
+
+def _netloc(url: str) -> str | None:
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:
+        return None
+
+
 def host_is_allowed(host_header: str, allowed: frozenset[str]) -> bool:
     """Is `Host` one of `allowed` (any port: an ssh tunnel may use another), or an IP address? A page can make
     a browser send its own name with our address only by DNS rebinding; an address literal cannot be
     rebound. `*` in `allowed` lets any name through (behind a proxy that checks names itself)."""
+    if not HOST.fullmatch(host_header):  # no user info, path, fragment or white space: what browsers send
+        return False
     try:
         name = urlsplit("//" + host_header).hostname
     except ValueError:
@@ -119,7 +132,7 @@ def create_app(roots: list[Path], token: str | None = None, tick_s: float | None
             return _refused(f"refused: a request that writes or starts was sent {what}. Open the URL "
                             "`wanpair dashboard` printed (it ends in ?token=...).", 403)
         origin = request.headers.get("Origin")
-        if origin is not None and urlsplit(origin).netloc.lower() != request.environ["HTTP_HOST"].lower():
+        if origin is not None and _netloc(origin) != request.environ["HTTP_HOST"].lower():
             return _refused(f"refused: a request that writes or starts came from another site ({origin}).", 403)
         return None
 
@@ -140,13 +153,20 @@ def create_app(roots: list[Path], token: str | None = None, tick_s: float | None
         return jsonify(error=f"refused: the request is larger than {MAX_BODY // 2**20} MB; the dashboard's "
                              "requests are a form or a caption."), 413
 
+    @app.errorhandler(UnicodeError)
+    def not_text(e: UnicodeError):  # a lone surrogate in a path or a caption
+        return jsonify(error=f"refused: the request holds text that is not valid Unicode ({e.reason})."), 400
+
     @app.errorhandler(OSError)
     def file_system_said_no(e: OSError):  # a name too long, a file gone meanwhile: said, not a 500
         gone = isinstance(e, (FileNotFoundError, NotADirectoryError))
         return jsonify(error=f"refused: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")), 404 if gone else 400
 
     def body() -> dict:
-        data = request.get_json(silent=True)
+        try:
+            data = request.get_json(silent=True)
+        except RecursionError:  # nested deeper than a form or a caption ever is
+            data = None
         if not isinstance(data, dict):
             raise WanpairError("the request must be a JSON object.")
         return data
@@ -221,7 +241,7 @@ def create_app(roots: list[Path], token: str | None = None, tick_s: float | None
     @app.get("/api/folder")
     def api_folder():
         folder = where.resolve(request.args.get("root", type=int), request.args.get("path", ""))
-        report = check_report(folder, request.args.get("force") == "true")
+        report = check_report(folder, request.args.get("force") == "true", where)
         return jsonify(items=captions(folder, where), report=report.render(), errors=report.errors,
                        warnings=report.warnings)
 
@@ -331,7 +351,15 @@ def _only_dashboard_of(folder: Path):
     """The dashboard's lock on `folder` (its queue), held for its lifetime: two dashboards on one queue would
     both start its jobs. A flock, so a dashboard that died holds nothing."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # the queue and the logs: the user's alone
-    lock = open(folder / "dashboard.lock", "a+")  # held open as long as the app lives
+    the_users_own(folder)  # a planted link or a folder others write to: refused before anything is opened in it
+    # held open as long as the app lives; never through a link, never a second name of another file
+    fd = os.open(folder / "dashboard.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    lock = os.fdopen(fd, "r+")
+    try:
+        the_users_own(folder / "dashboard.lock", os.fstat(fd))
+    except WanpairError:
+        lock.close()
+        raise
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -99,6 +99,8 @@ def rebuilt(row, roots: Roots) -> Job:
     """A job of the queue file, built anew from its kind and inputs as the page would have made it (paths under
     the roots); the record's own command line, folder and lock are never used. WanpairError says why not."""
     kind, inputs = (row.get("kind"), row.get("inputs")) if isinstance(row, dict) else (None, None)
+    if kind is None and isinstance(row, dict):  # a record from before kinds: read its command as the page made it
+        kind, inputs = _from_argv(row.get("argv"))
     if kind not in BUILDERS or not isinstance(inputs, dict):
         raise WanpairError(f"a job of kind {kind!r}; the dashboard runs {' and '.join(BUILDERS)} jobs")
     types = BUILDERS[kind][1]
@@ -107,6 +109,8 @@ def rebuilt(row, roots: Roots) -> Job:
     for key in (k for k, t in types.items() if t is Path):
         if roots.locate(Path(inputs[key])) is None:
             raise WanpairError(f"a {kind} job on {inputs[key]}, outside the dashboard's folders")
+    if kind == "train" and not Path(inputs["project_file"]).is_file():  # gone, or a FIFO that would hang its reading
+        raise WanpairError(f"a train job of {inputs['project_file']}, which is not a project file (any more)")
     job = _build(kind, inputs)
     for key, t in RECORDED.items():
         value = row.get(key)
@@ -126,6 +130,19 @@ def process_start(pid: int | None) -> int | None:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]) if pid else None
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _from_argv(argv) -> tuple[str | None, dict | None]:
+    """(kind, inputs) of a command line `train_job` or `caption_job` made; (None, None) for any other."""
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        return None, None
+    if len(argv) in (2, 3) and argv[0] == "train" and argv[2:] in ([], ["--overwrite"]):
+        return "train", {"project_file": argv[1], "overwrite": argv[2:] == ["--overwrite"]}
+    if len(argv) in (4, 5) and argv[0] == "caption" and argv[2] == "--captioner" and \
+            all(a.startswith("--trigger=") for a in argv[4:]):
+        return "caption", {"folder": argv[1], "captioner": argv[3],
+                           "trigger": argv[4].removeprefix("--trigger=") if argv[4:] else ""}
+    return None, None
 
 
 def _build(kind: str, inputs: dict) -> Job:
@@ -165,15 +182,26 @@ class JobQueue:
         self.jobs = self._load()
 
     def _load(self) -> list[Job]:
-        for path in (self.folder, self.file):
-            _the_users_own(path)
+        for path in (self.folder, self.logs):
+            the_users_own(path)
         try:
-            rows = json.loads(self.file.read_text(encoding="utf-8"))["jobs"]
+            fd = os.open(self.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return []
+        except OSError as e:  # ELOOP: a link, named as one
+            the_users_own(self.file)
+            raise WanpairError(f"{self.file} cannot be opened as the dashboard's queue ({e.strerror}); move it away "
+                               "to start with an empty queue.") from None
+        with os.fdopen(fd, "rb") as f:
+            the_users_own(self.file, os.fstat(fd))
+            text = f.read()
+        try:
+            rows = json.loads(text)["jobs"]
             if not isinstance(rows, list):
                 raise TypeError("its jobs are not a list")
         except FileNotFoundError:
             return []
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise WanpairError(f"{self.file} cannot be read as the dashboard's queue ({e}); move it away to start "
                                "with an empty queue.") from None
         jobs = []
@@ -190,7 +218,8 @@ class JobQueue:
         return jobs
 
     def _save(self) -> None:
-        write_text_atomic(self.file, json.dumps({"jobs": [asdict(j) for j in self.jobs]}, indent=1))
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_text_atomic(self.file, json.dumps({"jobs": [asdict(j) for j in self.jobs]}, indent=1), mode=0o600)
 
     def get(self, job_id: str) -> Job:
         job = next((j for j in self.jobs if j.id == job_id), None)
@@ -203,12 +232,21 @@ class JobQueue:
 
     def add(self, job: Job) -> Job:
         with self._mutex:
-            if job.lock and any(j.lock == job.lock and j.state in ("queued", *ACTIVE) for j in self.jobs):
-                raise WanpairError(f"{job.title}: this run is already queued or running; stop it first.")
+            self._refuse_a_twin(job)
             self.jobs.append(job)
             self._save()
         self.tick()
         return job
+
+    def _refuse_a_twin(self, job: Job) -> None:
+        """One job per run (or per captioned folder) waiting or running: two would train one run twice, or the
+        second start it over while the first trains."""
+        same = [j for j in self.jobs if j is not job and j.state in ("held", "queued", *ACTIVE)
+                and ((job.lock and j.lock == job.lock) or (job.kind == "caption" and j.kind == "caption"
+                                                           and j.inputs.get("folder") == job.inputs.get("folder")))]
+        if same:
+            raise WanpairError(f"{job.title}: this run is already {same[0].state}; "
+                               f"{'queue or cancel' if same[0].state == 'held' else 'stop'} that one first.")
 
     def stop(self, job_id: str) -> Job:
         """A running job: Ctrl-C to its process group. A queued (or held) one: taken off the queue."""
@@ -236,6 +274,7 @@ class JobQueue:
             job = self.get(job_id)
             if job.state != "held":
                 raise WanpairError(f"{job.title} is {job.state}, not waiting for a click.")
+            self._refuse_a_twin(job)
             job.state = "queued"
             self._save()
         self.tick()
@@ -243,15 +282,16 @@ class JobQueue:
 
     def again(self, job_id: str) -> Job:
         """The same command queued anew, never with --overwrite: a training continues from its last state."""
-        old = self.get(job_id)
-        if old.state in ("held", "queued", *ACTIVE):
-            raise WanpairError(f"{old.title} is {old.state}; continue it once it has stopped.")
-        if old.kind not in BUILDERS:
-            raise WanpairError(f"{old.title} is not a job the dashboard can run again.")
-        job = _build(old.kind, old.inputs | ({"overwrite": False} if old.kind == "train" else {}))
-        job.title = old.title.replace(" (start over)", "")
-        job.title = job.title if job.title.startswith("continue") else f"continue {job.title}"
-        return self.add(job)
+        with self._mutex:  # read and queued at once: a double click queues it once
+            old = self.get(job_id)
+            if old.state in ("held", "queued", *ACTIVE):
+                raise WanpairError(f"{old.title} is {old.state}; continue it once it has stopped.")
+            if old.kind not in BUILDERS:
+                raise WanpairError(f"{old.title} is not a job the dashboard can run again.")
+            job = _build(old.kind, old.inputs | ({"overwrite": False} if old.kind == "train" else {}))
+            job.title = old.title.replace(" (start over)", "")
+            job.title = job.title if job.title.startswith("continue") else f"continue {job.title}"
+            return self.add(job)
 
     def tick(self) -> None:
         with self._mutex:
@@ -293,13 +333,19 @@ class JobQueue:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log follows the run line by line
         try:
             self.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # O_NOFOLLOW: a link planted under the log's name is not written through
-            fd = os.open(self.log_file(job), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            the_users_own(self.logs)
+            # O_NOFOLLOW: a link planted under the log's name is not written through; nor a second name of a file
+            fd = os.open(self.log_file(job), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+            try:
+                the_users_own(self.log_file(job), os.fstat(fd))
+            except WanpairError:
+                os.close(fd)
+                raise
             with open(fd, "ab") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "wanpair.cli", *job.argv], cwd=job.cwd, env=env,
                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)  # its own process group: Ctrl-C reaches all of it
-        except OSError as e:
+        except (OSError, WanpairError) as e:
             job.state, job.ended_at, job.reason = "failed", time.time(), f"could not start in {job.cwd}: {e}"
             return
         self._procs[job.id] = proc
@@ -309,7 +355,9 @@ class JobQueue:
         return self.logs / f"{job.id}.log"
 
     def log_tail(self, job: Job, lines: int = 40) -> list[str]:
-        """The last lines of the job's output; progress bars redraw with carriage returns: their last state."""
+        """The last lines of the job's output (at most 1 000); progress bars redraw with carriage returns: their
+        last state."""
+        lines = max(1, min(lines, 1000))
         try:
             with open_inside(self.log_file(job), [self.logs]) as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
@@ -333,16 +381,37 @@ class JobQueue:
         return thread
 
 
-def _the_users_own(path: Path) -> None:
-    """Refuse (by name) a queue folder or file that is a link, is not this user's, or others can write: the
-    queue is trusted to say what ran and what waits, so only the user may have written it."""
+def the_users_own(path: Path, st: os.stat_result | None = None) -> None:
+    """Refuse (by name) a file or folder of the dashboard's own (.wanpair-dashboard/, its queue, lock and logs)
+    that is a link, a special file, a second name of another file, not this user's, or writable by others: the
+    queue is trusted to say what ran and what waits, so only the user may have written it. `st`: the facts of
+    a descriptor already open on it (checked instead of the path, which may have changed since)."""
     try:
-        st = os.lstat(path)
+        st = st or os.lstat(path)
     except FileNotFoundError:
         return
+    kind_ok = stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1)
     why = ("is a link" if stat.S_ISLNK(st.st_mode) else
+           "is not a plain file or folder (a special file, or a second name of another file)" if not kind_ok else
            f"belongs to user id {st.st_uid}, not to you ({os.getuid()})" if st.st_uid != os.getuid() else
-           f"can be written by others (mode {stat.filemode(st.st_mode)})" if st.st_mode & 0o022 else None)
+           f"can be written by others (mode {stat.filemode(st.st_mode)})" if _others_can_write(st) else None)
     if why:
-        raise WanpairError(f"{path} {why}: it is not a queue this dashboard wrote for you. Move it away (the "
+        raise WanpairError(f"{path} {why}: it is not one this dashboard wrote for you. Move it away (the "
                            f"dashboard starts with an empty queue), or if it is yours: chmod go-w {path}.")
+
+
+def _others_can_write(st: os.stat_result) -> bool:
+    """Writable by another user: by everyone, or by a group other than the user's own private one (umask 002
+    systems give every file of a user group write to the group named after the user, which has only them)."""
+    if st.st_mode & 0o002:
+        return True
+    if not st.st_mode & 0o020:
+        return False
+    import grp
+    import pwd
+
+    try:
+        group, me = grp.getgrgid(st.st_gid), pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return True
+    return st.st_gid != pwd.getpwuid(os.getuid()).pw_gid or any(m != me for m in group.gr_mem)

@@ -75,6 +75,8 @@ def captions(folder: Path, roots: Roots) -> list[dict]:
     of the roots (checked on the opened file) is not read (None)."""
     out = []
     for media in media_of(folder):
+        if roots.locate(media) is None:  # a link out of the roots: not shown
+            continue
         cap = caption_path(media)
         preview = media if media.is_file() else next((p for p in sorted(media.iterdir())
                                                       if p.suffix.lower() in IMAGE_EXTENSIONS), None)
@@ -101,12 +103,20 @@ def write_caption(media: Path, text: str, roots: Roots) -> Path:
     return cap
 
 
-def check_report(folder: Path, force: bool) -> Report:
+def check_report(folder: Path, force: bool, roots: Roots) -> Report:
     """`wanpair check` of what training would read: the folder's dataset.toml, or (none, or `force`) the
-    recipe's, checked from a scratch copy that names the folder."""
+    recipe's, checked from a scratch copy that names the folder. A dataset.toml that names folders outside the
+    roots, or lists its media in a JSONL file (any path), is not read here (a planted one would make the page
+    read, name or wait on files elsewhere): the report says to check it with `wanpair check` in a shell."""
     existing = folder / "dataset.toml"
     if existing.is_file() and not force:
-        return check_dataset(load_dataset_config(existing))
+        specs = load_dataset_config(existing)
+        elsewhere = [str(s.source) for s in specs if s.from_jsonl or roots.locate(s.source) is None]
+        if elsewhere:
+            return Report(warnings=[f"{existing} reads {', '.join(elsewhere)}: a JSONL list or a folder outside the "
+                                    f"dashboard's folders, which the page does not read. Check it in a shell: "
+                                    f"wanpair check {existing}"])
+        return check_dataset(specs)
     with tempfile.TemporaryDirectory(prefix="wanpair-check-") as scratch:
         toml = Path(scratch) / "dataset.toml"
         toml.write_text(dataset_toml(media_kind(folder), directory=str(folder)), encoding="utf-8")
@@ -121,7 +131,7 @@ def model_choices(roots: Roots, task_name: str) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {key: [] for key in model_order(task)}
     for root in roots.paths:
         folder = root / "models"
-        if not folder.is_dir():
+        if not folder.is_dir() or roots.locate(folder) is None:  # a models/ that leads out is not walked
             continue
         named = model_candidates(folder, task)
         weights = sorted(p for p in folder.rglob("*") if p.suffix.lower() in WEIGHT_SUFFIXES and p.is_file()
@@ -211,7 +221,12 @@ class NewRun:
 
     def plan(self, recipe_dataset: bool) -> InitPlan:
         """The texts, as `wanpair init` makes them; an existing dataset.toml is kept unless `recipe_dataset`.
-        (An existing file is not refused here: `create` asks for the confirmation instead.)"""
+        (An existing file is not refused here: `create` asks for the confirmation instead; but one that is not a
+        regular file is, before anything reads it: a FIFO would hang the request.)"""
+        for path in (self.project_file(), self.prompts_file(), self.folder / "dataset.toml"):
+            if path.exists() and not path.is_file():
+                raise PathRefused(f"{path} is not a regular file; the dashboard neither reads nor replaces it. Move "
+                                  "it away first.")
         sample = {"prompts": self.prompts_file(), "every_n_epochs": self.sample_every_n_epochs} if self.prompts else None
         plan = plan_init(self.folder, self.project_file(), self.name or None, self.base / "models", True, self.task,
                          models=self.models, train=self.train, sample=sample)
@@ -227,7 +242,7 @@ class NewRun:
     def problems(self, plan: InitPlan) -> list[str]:
         """What the project loader refuses in the text, read from a hidden scratch file beside the project
         (so relative paths resolve as they will); the prompts file it names is only written on create."""
-        fd, scratch = tempfile.mkstemp(prefix=f".{plan.project.name}.", suffix=".check.toml", dir=plan.project.parent)
+        fd, scratch = tempfile.mkstemp(prefix=".wanpair-new-run.", suffix=".check.toml", dir=plan.project.parent)
         try:
             os.write(fd, plan.project_text.encode("utf-8"))
             os.close(fd)
@@ -262,9 +277,10 @@ class NewRun:
 
 
 def _integer(value, key: str) -> int:
-    if isinstance(value, bool) or not str(value).strip().lstrip("-").isdigit():
-        raise WanpairError(f"{key} = {value!r} must be a whole number.")
-    return int(value)
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.lstrip("-").isdigit() or len(text) > 18:
+        raise WanpairError(f"{key} = {str(value)[:40]!r} must be a whole number (of at most 18 digits).")
+    return int(text)
 
 
 def _settings(form: dict) -> dict:
@@ -280,7 +296,7 @@ def _settings(form: dict) -> dict:
             value = _integer(value, key)
         elif isinstance(default, float):
             try:
-                value = float(value)
+                value = float(str(value)[:64])
             except (TypeError, ValueError):
                 raise WanpairError(f"[train] {key} = {value!r} must be a number (recipe: {default}).") from None
         else:

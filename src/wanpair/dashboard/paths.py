@@ -107,7 +107,7 @@ def write_text_inside(path: Path, text: str, folders: Iterable[Path]) -> None:
     if path.name in ("", ".", ".."):
         raise PathRefused(f"{path} names no file.")
     dfd, real = _open_verified(path.parent, folders, os.O_RDONLY | os.O_DIRECTORY)
-    tmp = f".{path.name[:200]}.{secrets.token_hex(6)}.tmp"
+    tmp = f".wanpair-write.{secrets.token_hex(8)}.tmp"  # short whatever the name: NAME_MAX counts bytes
     try:
         try:
             st = os.stat(path.name, dir_fd=dfd, follow_symlinks=False)
@@ -153,6 +153,10 @@ class Roots:
             raise PathRefused(f"path {rel!r} must be a path relative to {self.paths[root]}.")
         if "\0" in rel:
             raise PathRefused(f"{rel!r} holds a NUL byte; no file is named so.")
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PathRefused(f"{rel!r} is not valid Unicode; no file is named so.") from None
         if len(rel.encode("utf-8", "surrogatepass")) > PATH_MAX or any(
                 len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in rel.split("/")):
             raise PathRefused(f"{rel[:80]!r}... is longer than a path (a name of at most {NAME_MAX} bytes, a path "

@@ -35,6 +35,14 @@ class Doctor:
             self._running.pop(project, None)
 
 
+TIMEOUT_S = 600  # a doctor takes seconds; one that hangs (a GPU driver in trouble) must not block every later plan
+
+
 def _doctor(project: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wanpair.cli", "doctor", str(project)], cwd=project.parent,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    argv = [sys.executable, "-m", "wanpair.cli", "doctor", str(project)]
+    try:
+        return subprocess.run(argv, cwd=project.parent, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(argv, 1, "", f"✗ wanpair doctor gave no answer in {TIMEOUT_S} s; run it in "
+                                                       f"a shell to see where it waits: wanpair doctor {project}\n")

@@ -70,7 +70,15 @@ def _folders(roots: list[Path]):
 
 def find_runs(roots: list[Path]) -> list[Run]:
     runs = {Run(folder) for folder, filenames in _folders(roots) if "metrics.jsonl" in filenames}
-    return sorted(runs, key=lambda r: -r.metrics.stat(follow_symlinks=False).st_mtime)
+    return sorted(runs, key=lambda r: -_mtime(r.metrics))
+
+
+def _mtime(path: Path) -> float:
+    """When `path` itself (not what a link names) changed; 0 when it is gone meanwhile."""
+    try:
+        return path.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return 0.0
 
 
 def training_now(roots: list[Path]) -> list[Path]:
@@ -84,7 +92,7 @@ def read_rows(run: Run, offset: int = 0) -> tuple[list[dict], int]:
     """Complete rows of the run's metrics from byte `offset` on, and the offset after the last complete line."""
     try:
         with open_inside(run.metrics, [run.run_dir]) as f:
-            return _rows_from(f, offset)
+            return _rows_from(f, max(0, offset))
     except (OSError, PathRefused):
         return [], offset
 
@@ -94,6 +102,7 @@ def rows_since(run: Run, offset: int = 0, file: str = "") -> dict:
     (`file`: that file's identity, as this returned it). Once the metrics are another file -- a resume wrote it
     anew -- or shorter than `offset`, all its rows, and `reset`: the poller's rows are no longer the run's."""
     try:
+        offset = max(0, offset)
         with open_inside(run.metrics, [run.run_dir]) as f:
             st = os.fstat(f.fileno())
             current = f"{st.st_dev}:{st.st_ino}"
@@ -133,7 +142,7 @@ def state_of(run: Run) -> str:
     if lock_is_held(lock_path(run.output_dir, run.name)):
         return "running"
     summary = run.run_dir / "summary.json"
-    if summary.exists() and summary.stat().st_mtime >= run.metrics.stat().st_mtime - 1:
+    if _mtime(summary) and _mtime(summary) >= _mtime(run.metrics) - 1:
         return "finished"
     if any(n.endswith(".pt") for n in list_inside(run.run_dir / "state", [run.run_dir])) \
             or list(run.output_dir.glob(f"*_{run.name}-partial-step*.safetensors")):
@@ -151,7 +160,8 @@ def progress(rows: list[dict], now: float | None = None) -> dict:
     for e in [e for e in EXPERTS if e in logged] or ["high", "low"]:
         mine = [r for r in rows if r.get("expert") == e]
         steps = [r for r in mine if "loss" in r]
-        total = next((r["total_steps"] for r in reversed(mine) if "total_steps" in r), None)
+        total = next((r.get("steps_reachable", r.get("total_steps")) for r in reversed(mine)  # fewer once updates
+                      if "steps_reachable" in r or "total_steps" in r), None)  # were skipped in a data-limited run
         done = steps[-1]["step"] if steps else 0
         recent = [r["s_per_step"] for r in steps[-20:] if "s_per_step" in r]
         s = statistics.median(recent) if recent else None

@@ -21,7 +21,7 @@ from .buckets import choose_bucket
 from .dataset_config import DatasetSpec
 from .images import IMAGE_EXTENSIONS, load_rgb
 from .media import caption_path, dataset_media
-from .video import VIDEO_EXTENSIONS, WAN_FPS, clip_ranges, content_hash, read_frames, resample
+from .video import VIDEO_EXTENSIONS, WAN_FPS, clip_ranges, content_hash, video_facts
 
 
 @dataclass(frozen=True)
@@ -127,17 +127,16 @@ def _image_items(spec: DatasetSpec, path: Path, caption: str, report: Report) ->
 def _video_items(spec: DatasetSpec, path: Path, caption: str, report: Report,
                  unused: list[tuple[Path, str]]) -> list[Item]:
     """The clips of one video; a video too short for any clip is noted in `unused`, with why."""
-    frames = resample(read_frames(path), spec.source_fps)
-    if not frames:
+    count, size = video_facts(path, spec.source_fps)  # no frame decoded: a long 4K clip would fill the memory
+    if not count:
         report.errors.append(f"{path}: the video has no frames; re-export or remove it.")
         return []
-    ranges = clip_ranges(len(frames), spec)
+    ranges = clip_ranges(count, spec)
     if not ranges:
         resampled = f" at {WAN_FPS} fps (resampled from source_fps {spec.source_fps})" if spec.source_fps else ""
-        unused.append((path, f"{len(frames)} frames{resampled}; target_frames {list(spec.target_frames)} need at "
+        unused.append((path, f"{count} frames{resampled}; target_frames {list(spec.target_frames)} need at "
                              f"least {min(spec.target_frames)}"))
         return []
-    size = frames[0].size
     bucket = choose_bucket(size, spec.resolution, spec.enable_bucket, spec.bucket_no_upscale)
     _warn_small(path, size, bucket, report)
     digest = content_hash(path)

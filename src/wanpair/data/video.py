@@ -17,7 +17,6 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .dataset_config import DatasetSpec
 from .images import IMAGE_EXTENSIONS, load_rgb
@@ -32,25 +31,72 @@ def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_EXTENSIONS
 
 
-def read_frames(path: Path) -> list[Image.Image]:
-    """All frames as RGB images; raises OSError/ValueError for unreadable videos."""
+def frame_files(folder: Path) -> list[Path]:
+    """A folder of frames: its images, in name order."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _step(source_fps: float | None) -> float:
+    """Source frames per Wan frame: a `source_fps` video is resampled to Wan's 16 fps by dropping frames."""
+    return source_fps / WAN_FPS if source_fps and source_fps > WAN_FPS else 1.0
+
+
+def video_facts(path: Path, source_fps: float | None) -> tuple[int, tuple[int, int]]:
+    """(frames at Wan's frame rate, (width, height)) without keeping a frame: a video file's from its container
+    (its frame count, else its packets counted, none decoded); a folder's frames are each opened once (a
+    truncated one is named now) and let go. A 20 s 4K clip decoded whole is ~15 GB of host memory."""
     if path.is_dir():
-        return [load_rgb(p) for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
-    import av
+        sizes = [load_rgb(f).size for f in frame_files(path)]  # each frame opened, checked and let go
+        size, count = (sizes[0] if sizes else (0, 0)), len(sizes)
+    else:
+        import av
 
-    try:
-        with av.open(str(path)) as container:
-            return [f.to_image().convert("RGB") for f in container.decode(video=0)]
-    except (av.error.FFmpegError, IndexError) as e:
-        raise ValueError(f"cannot decode video ({e})") from None
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                size = (stream.codec_context.width, stream.codec_context.height)
+                count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+        except (av.error.FFmpegError, IndexError) as e:
+            raise ValueError(f"cannot decode video ({e})") from None
+        if not all(size):
+            raise ValueError("cannot decode video (no picture size)")
+    return int(count / _step(source_fps)), size
 
 
-def resample(frames: list, source_fps: float | None) -> list:
-    """Drop frames so a `source_fps` video plays at Wan's 16 fps."""
-    if not source_fps or source_fps <= WAN_FPS:
-        return frames
-    step = source_fps / WAN_FPS
-    return [frames[int(k * step)] for k in range(int(len(frames) / step))]
+def clip_frames(path: Path, source_fps: float | None, start: int, length: int, bucket: tuple[int, int]) -> np.ndarray:
+    """The `length` frames from `start` (at Wan's frame rate) of a video, each cut to `bucket` as it is decoded:
+    [F, H, W, 3] uint8. Only the frames the clip uses are kept, one full-size frame at a time, and decoding stops
+    after its last: host memory is the clip at its bucket's size plus one frame."""
+    from .buckets import resize_and_crop
+
+    step = _step(source_fps)
+    wanted = {int(k * step): k - start for k in range(start, start + length)}  # source index -> place in the clip
+    out = np.empty((length, bucket[1], bucket[0], 3), dtype=np.uint8)
+    found = 0
+    if path.is_dir():
+        files = frame_files(path)
+        for index, place in wanted.items():
+            if index < len(files):
+                out[place] = resize_and_crop(load_rgb(files[index]), bucket)
+                found += 1
+    else:
+        import av
+
+        last = max(wanted)
+        try:
+            with av.open(str(path)) as container:
+                for index, frame in enumerate(container.decode(video=0)):
+                    if index in wanted:
+                        out[wanted[index]] = resize_and_crop(frame.to_image().convert("RGB"), bucket)
+                        found += 1
+                    if index >= last:
+                        break
+        except (av.error.FFmpegError, IndexError) as e:
+            raise ValueError(f"cannot decode video ({e})") from None
+    if found < length:
+        raise ValueError(f"the video has fewer frames than its container said: {found} of the clip's {length} from "
+                         f"frame {start} could be decoded")
+    return out
 
 
 def clip_ranges(frame_count: int, spec: DatasetSpec) -> list[tuple[int, int]]:

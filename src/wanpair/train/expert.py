@@ -95,6 +95,7 @@ class ExpertResult:
     last_epoch_loss: float
     epoch_losses: list[float]
     timings: ExpertTimings | None = None  # None: a finished LoRA kept from before
+    skipped_updates: int = 0  # steps whose update was skipped (fp16 loss scale settling, non-finite): not counted
 
     @classmethod
     def from_json(cls, d: dict) -> "ExpertResult":
@@ -305,6 +306,8 @@ class ExpertTraining:
         self.say(f"training {expert_noun(expert)} ({self.dit.path.name}) on timesteps {self.window.min_timestep}-"
                  f"{self.window.max_timestep}: {len(self.data.trained)} items, {self.epochs} epochs, {self.total_steps} steps"
                  + (f", data-parallel over {self.world} processes" if self.world > 1 else ""))
+        per_epoch = math.ceil(self.data.batches_per_epoch / self.per_step)
+        self.reach(self.progress.epoch, self.progress.pos // self.per_step, per_epoch)  # a continued run's skips
         dev = self.accelerator.device
         header = {"total_steps": self.total_steps,
                   "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type}
@@ -313,7 +316,7 @@ class ExpertTraining:
                         disable=not (self.writes and self.show_bar))
         if self.val_items and self.progress.step == 0 and self.metrics:
             self.metrics.log({"step": 0, **self.validation_row()})
-        self.bad, self.scaler_skips, self.start = 0, 0, time.perf_counter()
+        self.bad, self.scaler_skips, self.skipped, self.start = 0, 0, 0, time.perf_counter()
         pending: _Queued | None = None  # queued on the device, verdict not read yet
         with StopFlag() as stop:
             for epoch, g, groups in self.remaining_steps():
@@ -334,6 +337,19 @@ class ExpertTraining:
             if pending:
                 self.complete(pending, stop.signum)
         self.bar.close()
+
+    def reach(self, epoch: int, g: int, per_epoch: int) -> None:
+        """The run ends with its data (or at max_steps): when skipped updates leave fewer step positions from
+        step `g` of `epoch` on than steps still to count, its last step is the last position's, and the total
+        (the bar's, the dashboard's) says so. Its schedule keeps its planned length."""
+        reachable = self.progress.step + (self.epochs - epoch) * per_epoch + (per_epoch - g)
+        if reachable < self.total_steps:
+            self.total_steps = reachable
+            if getattr(self, "bar", None) is not None:
+                self.bar.total = reachable
+                self.bar.refresh()
+            if getattr(self, "metrics", None) is not None:
+                self.metrics.log({"step": self.progress.step, "steps_reachable": reachable})  # total_steps: the plan
 
     def overlappable(self, q: "_Queued") -> bool:
         """May the next step be queued before step `q` is read? Only when nothing but its metrics falls due
@@ -392,6 +408,9 @@ class ExpertTraining:
                      f"({self.bad} in a row)")
         if self.bad and self.bad >= self.t.max_bad_steps:
             raise WanpairError(self.nan_diagnosis(self.bad))
+        if not ok:
+            self.skipped += 1
+            self.reach(q.epoch, q.g + 1, q.n_groups)
         if ok:
             self.bad = self.scaler_skips = 0
             self.progress.losses.append(loss)
@@ -558,10 +577,12 @@ class ExpertTraining:
             for state in list_states(self.p.run_dir, self.expert):
                 state.unlink(missing_ok=True)
         losses = self.progress.epoch_losses
-        self.say(f"saved {out}  ({modules} LoRA modules, {self.progress.step} steps, {seconds:.1f} s; mean loss epoch 1 "
-                 f"{losses[0]:.4f} -> epoch {len(losses)} {losses[-1]:.4f})")
+        skipped = f", {self.skipped} updates skipped" if self.skipped else ""
+        self.say(f"saved {out}  ({modules} LoRA modules, {self.progress.step} steps{skipped}, {seconds:.1f} s; mean loss "
+                 f"epoch 1 {losses[0]:.4f} -> epoch {len(losses)} {losses[-1]:.4f})")
         self.timings.wall_s = time.perf_counter() - self.run_started
-        return ExpertResult(self.expert, out, self.progress.step, seconds, losses[0], losses[-1], losses, self.timings)
+        return ExpertResult(self.expert, out, self.progress.step, seconds, losses[0], losses[-1], losses, self.timings,
+                            self.skipped)
 
     def say(self, message: str) -> None:
         if self.writes:

@@ -59,26 +59,53 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def choose(experts: list[str], device: torch.device, setting: str, gpus: int | None) -> list[list[Group]] | None:
+def choose(experts: list[str], device: torch.device, setting: str, gpus: int | None,
+           states: dict[str, int] | None = None) -> list[list[Group]] | None:
     """Waves of groups that run at the same time (None: the experts in turn, in this process).
 
-    `setting` is `experts_parallel` (auto | on | off); `gpus` how many GPUs to use (None: all visible)."""
+    `setting` is `experts_parallel` (auto | on | off); `gpus` how many GPUs to use (None: all visible);
+    `states`: the number of processes each continuing expert's state was saved by. A step takes micro-batches
+    from every process, so an expert continues on the number it started on: `auto` follows the states (both
+    at once, or one after the other, whichever keeps them), and a placement that cannot is refused here,
+    naming both counts -- when the run is planned, before anything loads."""
     if launched_by_torchrun():
+        _same_counts(states, {e: int(os.environ["WORLD_SIZE"]) for e in experts}, "this launch")
         return None
     visible = torch.cuda.device_count() if device.type == "cuda" else 0
     n = visible if gpus is None else gpus
     if gpus is not None and (device.type != "cuda" or gpus > visible):
         raise WanpairError(f"--gpus {gpus}: this machine has {visible} visible CUDA GPU(s).")
-    pair = len(experts) == 2 and (setting == "on" or (setting == "auto" and n >= 2 and _room(range(n))))
-    if pair:
-        if n >= 2:
-            k = n // 2
-            return [[Group(e, k, list(range(i * k, (i + 1) * k))) for i, e in enumerate(experts)]]
-        share = 0.5 if device.type == "cuda" else 1.0
-        return [[Group(e, 1, [0] if device.type == "cuda" else None, share) for e in experts]]
     if n >= 2:
-        return [[Group(e, n, list(range(n)))] for e in experts]
-    return None
+        k = n // 2
+        paired = [[Group(e, k, list(range(i * k, (i + 1) * k))) for i, e in enumerate(experts)]]
+    else:  # one device: both share it
+        share = 0.5 if device.type == "cuda" else 1.0
+        paired = [[Group(e, 1, [0] if device.type == "cuda" else None, share) for e in experts]]
+    in_turn = [[Group(e, n, list(range(n)))] for e in experts] if n >= 2 else None
+    pair = len(experts) == 2 and (setting == "on" or (setting == "auto" and n >= 2 and _room(range(n))))
+    chosen, other = (paired, in_turn) if pair else (in_turn, paired if len(experts) == 2 else in_turn)
+    if states and setting == "auto" and not _matches(states, chosen, experts) and _matches(states, other, experts):
+        chosen = other  # continue each expert on the number of processes its state was saved by
+    _same_counts(states, _counts(chosen, experts), f'experts_parallel = "{setting}" on {max(n, 1)} '
+                                                   f'{"GPU" if device.type == "cuda" else "device"}(s)')
+    return chosen
+
+
+def _counts(waves: list[list[Group]] | None, experts: list[str]) -> dict[str, int]:
+    return {g.expert: g.processes for wave in waves for g in wave} if waves else dict.fromkeys(experts, 1)
+
+
+def _matches(states: dict[str, int], waves, experts: list[str]) -> bool:
+    counts = _counts(waves, experts)
+    return all(counts[e] == n for e, n in states.items() if e in counts)
+
+
+def _same_counts(states: dict[str, int] | None, counts: dict[str, int], where: str) -> None:
+    wrong = [f"{expert_noun(e)}'s state was saved by a run of {n} process(es) (GPUs), and {where} gives it "
+             f"{counts[e]}" for e, n in (states or {}).items() if e in counts and counts[e] != n]
+    if wrong:
+        raise WanpairError("; ".join(wrong) + ". A step there is not a step here: continue on that many GPUs "
+                           "(--gpus, experts_parallel), or start the expert over with --overwrite --expert X.")
 
 
 def _room(gpus) -> bool:
@@ -153,6 +180,8 @@ def _run_wave(wave: list[Group], handoff: Path, metrics: Path, starts: dict, tot
     with _forwarding_signals(lambda signum: (stopping.append(signum), _signal_all(workers, signum, again=True))):
         threads = str(max(1, (os.cpu_count() or 1) // sum(g.processes for g in wave)))
         for group in wave:
+            if stopping:  # a Stop while the workers start: the rest are not started (they have nothing to save)
+                break
             # each process gets its share of the cores: OpenMP threads of processes that share cores spin
             # against each other (seen: 20x slower steps on a 2-core machine with 2 threads each)
             env = {"OMP_NUM_THREADS": threads, **os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1",
@@ -166,6 +195,8 @@ def _run_wave(wave: list[Group], handoff: Path, metrics: Path, starts: dict, tot
             reader = threading.Thread(target=_forward_output, args=(proc, group.expert), daemon=True)
             reader.start()
             workers.append(_Worker(group, proc, reader))
+            if stopping:  # it came while this one was being started, before the handler could see it
+                _signal_all(workers, stopping[0])
         add_lock_holders(lock, [w.proc.pid for w in workers])
         while any(w.proc.poll() is None for w in workers):
             time.sleep(0.5)
@@ -186,7 +217,7 @@ def _run_wave(wave: list[Group], handoff: Path, metrics: Path, starts: dict, tot
             f"{names} stopped with an error (exit code {', '.join(str(w.proc.returncode) for w in failed)};"
             f" its messages are above){others}. Fix the cause and run the same command again: finished experts "
             "are kept, the others continue from their last state.")
-    if any(w.proc.returncode for w in workers):
+    if any(w.proc.returncode for w in workers) or len(workers) < len(wave):
         raise StopRequested("stopped; the experts saved their state and a partial LoRA. Run the same command "
                             "again (or with --resume) to continue.", stopping[0] if stopping else signal.SIGTERM)
 

@@ -171,8 +171,15 @@ def check_disk(project: Project, experts: tuple[str, ...], found: Checked, quiet
     cfg = next(iter(found.dits.values())).config
     lora_params = cfg["num_layers"] * t.rank * block_linear_params(cfg)[1]
     lora_bytes = lora_params * (4 if t.save_dtype == "fp32" else 2)
-    saves = 1 + (t.keep_last or (t.epochs if t.save_every_n_epochs or t.save_every_n_steps else 0))
-    states = (t.keep_states or 10) if (t.save_state_every_n_steps or t.save_state_every_n_epochs) else 0
+    # steps per epoch at most one per item and repeat (batch size 1, one process); max_steps bounds the run
+    per_epoch = sum(it.num_repeats for it in found.items)
+    steps = min(t.max_steps, t.epochs * per_epoch) if t.max_steps else t.epochs * per_epoch
+    epochs = -(-steps // per_epoch)
+    made = (epochs // t.save_every_n_epochs if t.save_every_n_epochs else 0) + \
+        (steps // t.save_every_n_steps if t.save_every_n_steps else 0)  # intermediate LoRAs
+    saves = 1 + min(made, t.keep_last or made)
+    cadence = t.save_state_every_n_steps or t.save_state_every_n_epochs
+    states = (t.keep_states or 10) + 1 if cadence else 2 if t.crash_state else 0  # +1: a new one before the oldest goes
     channels = 32 if project.task.conditioned else 16  # I2V entries also hold the first frame's latent
     cache = sum(channels * ((it.frames - 1) // 4 + 1) * (it.bucket[0] // 8) * (it.bucket[1] // 8) * 4
                 + TEXT_LEN * cfg["text_dim"] * 2 for it in found.items)

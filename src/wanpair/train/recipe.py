@@ -53,6 +53,7 @@ class ExpertJob:
     step: int = 0  # the state's
     start_over: bool = False  # --overwrite: what an earlier run of this expert made goes first
     set_aside: bool = False  # a killed run's files without a state to continue from: moved aside, then from the start
+    processes: int = 0  # how many processes the state was saved by (0: no state)
 
 
 class LoraPairRecipe:
@@ -63,6 +64,7 @@ class LoraPairRecipe:
         self.overwrite = overwrite
         self.allow_expert_mismatch = allow_expert_mismatch
         self.gpus = gpus
+        self.waves: list | None = None  # where the experts train (`placement.choose`), chosen by `plan_experts`
         self.checked = Checked()
         self.device = torch.device("cuda" if self.t.device == "auto" and torch.cuda.is_available()
                                    else "cpu" if self.t.device == "auto" else self.t.device)
@@ -195,12 +197,14 @@ class LoraPairRecipe:
             side = side_differences(saved.get("settings", {}), self.p)
             print(f"continuing {expert_noun(e)} from {path.name} (step {saved['step']})"
                   + (f"; changed since, without changing what is trained: {', '.join(side)}" if side else ""))
-            jobs.append(ExpertJob(e, path, saved["step"]))
+            jobs.append(ExpertJob(e, path, saved["step"], processes=saved.get("processes", 1)))
         if resume and not problems and not kept and not any(j.state for j in jobs):
             problems.append(f"no saved training state in {self.p.run_dir / 'state'}; set save_state_every_n_steps "
                             "(or _epochs) in [train] so a run can be resumed.")
         if problems:
             raise WanpairError("cannot start training:\n" + "\n".join(f"- {p}" for p in problems))
+        self.waves = placement.choose([j.expert for j in jobs], self.device, self.t.experts_parallel, self.gpus,
+                                      {j.expert: j.processes for j in jobs if j.processes}) if jobs else None
         return jobs, kept
 
     def overwrite_flags(self, expert: str) -> str:
@@ -229,7 +233,7 @@ class LoraPairRecipe:
         """Run each job's unit where `placement` says: here, one after the other, or in worker processes."""
         if not jobs:
             return []
-        waves = placement.choose([j.expert for j in jobs], self.device, self.t.experts_parallel, self.gpus)
+        waves = self.waves  # chosen when the run was planned (`plan_experts`): the states' process counts kept
         if waves is None:
             return self.train_here(jobs)
         print(f"placement: {placement.describe(waves)}")

@@ -169,7 +169,7 @@ function renderCharts() {
 }
 
 function media(s, big) {
-  const src = withToken(`/files/${state.runId}/${s.file}`);
+  const src = withToken(`/files/${state.runId}/${s.file.split("/").map(encodeURIComponent).join("/")}`);
   return s.video ? el("video", { src, controls: "", muted: "", loop: "", ...(big ? { autoplay: "" } : {}) })
                  : el("img", { src, alt: s.prompt, loading: "lazy" });
 }
