@@ -258,3 +258,21 @@ def _metrics(project):
     import json
 
     return [json.loads(x) for x in (project.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_the_disk_estimate_counts_the_saves_the_run_can_make(demo, capsys):
+    """20 steps saving every 3 make 6 intermediate LoRAs, not `epochs` (100) of them; the crash state counts."""
+    import re
+
+    from wanpair.train.preflight import preflight
+
+    def estimate(**settings) -> float:
+        set_train(demo / "wanpair.toml", **settings)
+        preflight(load_project(demo / "wanpair.toml")[0], ("high", "low"), torch.device("cpu"))
+        value, unit = re.search(r"disk: about ([\d.]+) (\w+) needed", capsys.readouterr().out).groups()
+        return float(value) * {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+
+    few = estimate(epochs=100, max_steps=20, save_every_n_steps=3)
+    many = estimate(epochs=100, save_every_n_steps=3)  # 100 epochs of 18 steps: 600 saves
+    without_state = estimate(epochs=100, max_steps=20, save_every_n_steps=3, crash_state=False)
+    assert many > 20 * few and without_state < few
