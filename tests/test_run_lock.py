@@ -141,3 +141,21 @@ def test_children_that_inherited_the_lock_keep_it_held_after_their_parent_was_ki
     assert _until(lambda: not lock_is_held(lock))
     with run_lock(tmp_path, "demo"):
         pass
+
+
+def test_a_file_system_without_flock_is_named_before_anything_runs(demo, monkeypatch, capsys):
+    """Lustre mounted `noflock`, some NFS: flock fails with ENOLCK / EOPNOTSUPP. Said in words, with what to do,
+    instead of a traceback; the dashboard's probe of such a lock reads it as not held."""
+    import errno
+
+    from wanpair.cli import main
+    from wanpair.train import run_lock as rl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(rl.fcntl, "flock", no_locks)
+    assert main(["train", str(demo / "wanpair.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "does not support file locks (flock: No locks available)" in err and "local disk" in err
+    assert "Traceback" not in err and not rl.lock_is_held(demo / "output" / ".demo_shapes_v1.lock")
