@@ -265,3 +265,24 @@ def test_fp8_matmul_changes_what_is_trained(finished, capsys):
     set_train(finished / "wanpair.toml", learning_rate=5e-3, epochs=1, lr_scheduler="constant", fp8_matmul="off")
     assert main(["train", str(finished / "wanpair.toml")]) == 2
     assert "made with a different [train] fp8_matmul" in capsys.readouterr().err
+
+
+def test_one_expert_left_continues_on_the_count_its_pair_parallel_state_had(monkeypatch):
+    """The low-noise expert of a pair-parallel run on 2 GPUs, killed after high finished: alone, on 1 GPU."""
+    from wanpair.train import placement
+
+    monkeypatch.setattr(placement.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(placement, "_room", lambda gpus: True)
+    assert placement.choose(["low"], torch.device("cuda"), "auto", None, {"low": 1}) is None  # here: one process
+    assert placement.choose(["low"], torch.device("cuda"), "auto", None) == [[placement.Group("low", 2, [0, 1])]]
+
+
+def test_a_record_from_before_fp8_matmul_counted_is_not_refused_for_it(finished, capsys):
+    """fp8_matmul was a side setting before: older LoRAs do not record it, and their value is unknown, not the
+    default -- such a LoRA is kept whatever fp8_matmul says now."""
+    project = _project(finished)
+    for e in ("high", "low"):
+        _drop_setting(project.lora_path(e), "fp8_matmul")
+    set_train(finished / "wanpair.toml", learning_rate=5e-3, epochs=1, lr_scheduler="constant", fp8_matmul="off")
+    assert main(["train", str(finished / "wanpair.toml")]) == 0
+    assert capsys.readouterr().out.count("keeping WAN2.2-") == 2

@@ -125,3 +125,17 @@ def test_a_clip_is_decoded_alone_at_its_buckets_size_and_check_decodes_nothing(t
     assert clip.shape == (5, 32, 48, 3) and len(decoded) == 13  # source frames 0..12 (it uses 4, 6, ..., 12), then it stopped
     levels = clip[:, 16, 24].mean(axis=1)  # the grey level write_mp4 gives frame i: i * 12 (within the codec's error)
     assert np.all(np.abs(levels - np.array([4, 6, 8, 10, 12]) * 12) < 6)
+
+
+def test_a_video_damaged_after_its_header_is_named_when_its_clip_is_read(tmp_path):
+    """`check` reads the container's facts only; a stream cut short shows when the cache reads the clip, and is
+    then named with what to do, not a traceback."""
+    from wanpair.cache import pixels
+    from wanpair.errors import WanpairError
+
+    toml = make_videos(tmp_path, target_frames="[17]")
+    (item,) = [it for it in check_dataset(load_dataset_config(toml)).items if it.image.name == "clip_a.mp4"]
+    data = (tmp_path / "clip_a.mp4").read_bytes()
+    (tmp_path / "clip_a.mp4").write_bytes(data[:len(data) // 2])
+    with pytest.raises(WanpairError, match=r"clip_a\.mp4: .*Re-export the video"):
+        pixels(item)

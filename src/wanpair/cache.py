@@ -26,7 +26,7 @@ from .data.buckets import resize_and_crop
 from .data.images import load_rgb
 from .data.items import Item
 from .data.video import clip_frames
-from .errors import DamagedFile
+from .errors import DamagedFile, WanpairError
 from .models.i2v import condition_pixels
 from .models.files import fingerprint, safetensors_header
 
@@ -126,7 +126,11 @@ def pixels(item: Item) -> torch.Tensor:
     """The item's bucket-sized pixels as a [3, F, H, W] tensor in [-1, 1] (Wan's VAE input range). A clip's
     frames are decoded one at a time and cut to the bucket as they come (`clip_frames`), never the whole video."""
     if item.is_video:
-        arr = clip_frames(item.image, item.source_fps, item.start, item.frames, item.bucket)  # F, H, W, 3
+        try:
+            arr = clip_frames(item.image, item.source_fps, item.start, item.frames, item.bucket)  # F, H, W, 3
+        except ValueError as e:  # `check` read only the container's facts: a damaged stream shows here
+            raise WanpairError(f"{item.image}: {e}; the clip of {item.frames} frames from frame {item.start} cannot be "
+                               "read. Re-export the video (or remove it from the dataset) and run again.") from None
     else:
         arr = resize_and_crop(load_rgb(item.image), item.bucket)[None]
     return torch.from_numpy(arr).permute(3, 0, 1, 2).float() / 127.5 - 1.0

@@ -573,7 +573,7 @@ class ExpertTraining:
         seconds = time.perf_counter() - self.start
         out = self.p.lora_path(self.expert)
         modules = self.save_lora(out)
-        if self.writes and not self.saves_states:  # a crash state has served: the finished LoRA replaces it
+        if self.writes and not self.saves_states:  # no cadence asked for: a crash (or Ctrl-C) state has served
             for state in list_states(self.p.run_dir, self.expert):
                 state.unlink(missing_ok=True)
         losses = self.progress.epoch_losses

@@ -119,7 +119,8 @@ def differences(found: dict, identity: dict[str, str], outputs: bool = True) -> 
                 f"{', '.join(_IDENTITY_NAMES[k] for k in unrecorded)})"]
     changed = [name for k, name in _IDENTITY_NAMES.items() if found.get(k) != identity[k]]
     for key in ("wanpair.settings", "wanpair.output_settings") if outputs else ("wanpair.settings",):
-        old, new = _settings(found, key), json.loads(identity[key])
+        new = json.loads(identity[key])
+        old = _settings(found, key, new)
         if old is None:  # a file from before this key existed: which setting differs is unknown
             changed.append("[train] settings")
         else:
@@ -135,7 +136,8 @@ _SHARED = ("wanpair.dataset_fingerprint", "wanpair.batch_size", "wanpair.num_rep
 def same_run(found: dict, identity: dict[str, str]) -> bool:
     """Is a finished LoRA (its metadata `found`) the other expert's of the run whose identity this is?"""
     return found.get("wanpair.partial") != "true" and all(
-        _settings(found, k) == _settings(identity, k) if k in _SETTINGS_KEYS else found.get(k) == identity[k]
+        _settings(found, k, json.loads(identity[k])) == _settings(identity, k) if k in _SETTINGS_KEYS
+        else found.get(k) == identity[k]
         for k in _SHARED)
 
 
@@ -145,17 +147,23 @@ def side_differences(saved_settings: dict, project: Project) -> list[str]:
     return [f"[train] {k}" for k in sorted(SIDE_SETTINGS) if saved.get(k, _DEFAULTS[k]) != now[k]]
 
 
-def _settings(found: dict, key: str) -> dict | None:
+def _settings(found: dict, key: str, now: dict | None = None) -> dict | None:
     """The [train] settings a file recorded under `key`; a setting it does not name (a file from a release
-    before that setting existed) reads as its default: a new setting left at its default changes nothing."""
+    before that setting existed) reads as its default: a new setting left at its default changes nothing. A
+    setting recorded only since it counts as trained (`LATE_KEYS`) was unknown before, not the default: it
+    reads as its value `now`."""
     try:
         recorded = json.loads(found[key])
     except (KeyError, TypeError, json.JSONDecodeError):
         return None
-    return {**_DEFAULTS, **recorded} if isinstance(recorded, dict) else None
+    if not isinstance(recorded, dict):
+        return None
+    late = {k: now[k] for k in LATE_KEYS if now and k in now and k not in recorded}
+    return {**_DEFAULTS, **late, **recorded}
 
 
 _DEFAULTS = json.loads(json.dumps(asdict(TrainSettings())))  # as a record holds them (tuples as lists)
+LATE_KEYS = ("fp8_matmul",)  # a side setting until 2026-12-06: earlier records do not say which value they had
 
 
 def finished_lora_differences(path: Path, identity: dict[str, str]) -> list[str] | None:

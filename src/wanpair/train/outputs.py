@@ -80,6 +80,8 @@ class ExpertOutputs:
         (where they were)."""
         run_dir = self.project.run_dir
         folder = run_dir / "earlier" / f"{self.expert}-{time.strftime('%Y%m%d-%H%M%S')}"
+        while folder.exists():  # set aside twice within a second: a folder of its own
+            folder = folder.with_name(folder.name + "+")
         work = self.earlier_work()
         for path in [*work, *([self.tensorboard] if self.tensorboard.exists() else [])]:
             dest = folder / (path.relative_to(run_dir) if path.is_relative_to(run_dir) else path.name)

@@ -84,8 +84,12 @@ def choose(experts: list[str], device: torch.device, setting: str, gpus: int | N
     in_turn = [[Group(e, n, list(range(n)))] for e in experts] if n >= 2 else None
     pair = len(experts) == 2 and (setting == "on" or (setting == "auto" and n >= 2 and _room(range(n))))
     chosen, other = (paired, in_turn) if pair else (in_turn, paired if len(experts) == 2 else in_turn)
-    if states and setting == "auto" and not _matches(states, chosen, experts) and _matches(states, other, experts):
-        chosen = other  # continue each expert on the number of processes its state was saved by
+    if states and setting == "auto" and not _matches(states, chosen, experts):
+        if _matches(states, other, experts):
+            chosen = other  # continue each expert on the number of processes its state was saved by
+        elif len(experts) == 1 and 1 <= states.get(experts[0], 0) <= max(n, 1):  # the other expert has finished:
+            k = states[experts[0]]  # this one alone, on as many GPUs as its pair-parallel state had
+            chosen = [[Group(experts[0], k, list(range(k)))]] if k > 1 else None
     _same_counts(states, _counts(chosen, experts), f'experts_parallel = "{setting}" on {max(n, 1)} '
                                                    f'{"GPU" if device.type == "cuda" else "device"}(s)')
     return chosen
@@ -105,7 +109,8 @@ def _same_counts(states: dict[str, int] | None, counts: dict[str, int], where: s
              f"{counts[e]}" for e, n in (states or {}).items() if e in counts and counts[e] != n]
     if wrong:
         raise WanpairError("; ".join(wrong) + ". A step there is not a step here: continue on that many GPUs "
-                           "(--gpus, experts_parallel), or start the expert over with --overwrite --expert X.")
+                           "(--gpus, experts_parallel), or start the expert over (--overwrite, with --expert for one "
+                           "of a pair).")
 
 
 def _room(gpus) -> bool:
