@@ -132,7 +132,7 @@ def pixels(item: Item) -> torch.Tensor:
             raise WanpairError(f"{item.image}: {e}; the clip of {item.frames} frames from frame {item.start} cannot be "
                                "read. Re-export the video (or remove it from the dataset) and run again.") from None
     else:
-        arr = resize_and_crop(load_rgb(item.image), item.bucket)[None]
+        arr = resize_and_crop(load_rgb(item.image), item.bucket)[None].copy()  # writable, as torch wants it
     return torch.from_numpy(arr).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
