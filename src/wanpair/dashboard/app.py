@@ -37,7 +37,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from ..errors import WanpairError
 from ..models.tasks import TASKS
 from . import runs as R
-from .jobs import ACTIVE, JobQueue, caption_job, the_users_own, train_job
+from .jobs import ACTIVE, JobQueue, caption_job, open_own, the_users_own, train_job
 from .new_run import (NeedsConfirmation, NewRun, captioner_in, captions, check_report, dataset_folders,
                       model_choices, recipe_settings, write_caption)
 from .paths import PathRefused, Roots
@@ -352,14 +352,7 @@ def _only_dashboard_of(folder: Path):
     both start its jobs. A flock, so a dashboard that died holds nothing."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # the queue and the logs: the user's alone
     the_users_own(folder)  # a planted link or a folder others write to: refused before anything is opened in it
-    # held open as long as the app lives; never through a link, never a second name of another file
-    fd = os.open(folder / "dashboard.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
-    lock = os.fdopen(fd, "r+")
-    try:
-        the_users_own(folder / "dashboard.lock", os.fstat(fd))
-    except WanpairError:
-        lock.close()
-        raise
+    lock = os.fdopen(open_own(folder / "dashboard.lock", os.O_RDWR | os.O_CREAT), "r+")  # held while the app lives
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

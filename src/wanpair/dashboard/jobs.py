@@ -185,7 +185,7 @@ class JobQueue:
         for path in (self.folder, self.logs):
             the_users_own(path)
         try:
-            fd = os.open(self.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = open_own(self.file, os.O_RDONLY)
         except FileNotFoundError:
             return []
         except OSError as e:  # ELOOP: a link, named as one
@@ -193,7 +193,6 @@ class JobQueue:
             raise WanpairError(f"{self.file} cannot be opened as the dashboard's queue ({e.strerror}); move it away "
                                "to start with an empty queue.") from None
         with os.fdopen(fd, "rb") as f:
-            the_users_own(self.file, os.fstat(fd))
             text = f.read()
         try:
             rows = json.loads(text)["jobs"]
@@ -334,14 +333,7 @@ class JobQueue:
         try:
             self.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
             the_users_own(self.logs)
-            # O_NOFOLLOW: a link planted under the log's name is not written through; nor a second name of a file
-            fd = os.open(self.log_file(job), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
-            try:
-                the_users_own(self.log_file(job), os.fstat(fd))
-            except WanpairError:
-                os.close(fd)
-                raise
-            with open(fd, "ab") as log:
+            with open(open_own(self.log_file(job), os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "wanpair.cli", *job.argv], cwd=job.cwd, env=env,
                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)  # its own process group: Ctrl-C reaches all of it
@@ -398,6 +390,18 @@ def the_users_own(path: Path, st: os.stat_result | None = None) -> None:
     if why:
         raise WanpairError(f"{path} {why}: it is not one this dashboard wrote for you. Move it away (the "
                            f"dashboard starts with an empty queue), or if it is yours: chmod go-w {path}.")
+
+
+def open_own(path: Path, flags: int) -> int:
+    """A descriptor of one of the dashboard's own files (`the_users_own`, checked on the descriptor): never
+    opened through a link (O_NOFOLLOW), never waiting on a FIFO (O_NONBLOCK), created 0600."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    try:
+        the_users_own(path, os.fstat(fd))
+    except WanpairError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _others_can_write(st: os.stat_result) -> bool:

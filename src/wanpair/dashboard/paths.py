@@ -115,10 +115,10 @@ def write_text_inside(path: Path, text: str, folders: Iterable[Path]) -> None:
             st = None
         if st is not None and stat.S_ISLNK(st.st_mode):
             target = os.readlink(path.name, dir_fd=dfd)
-            raise PathRefused(f"{path} is a link (to {target}); the dashboard writes a caption only as a file of "
-                              "its own beside its image. Remove the link, or edit the file it leads to yourself.")
+            raise PathRefused(f"{path} is a link (to {target}); the dashboard writes only a file of its own there, "
+                              "never through a link. Remove the link, or edit the file it leads to yourself.")
         if st is not None and not stat.S_ISREG(st.st_mode):
-            raise PathRefused(f"{path} is not a regular file; move it away to write a caption there.")
+            raise PathRefused(f"{path} is not a regular file; move it away for the dashboard to write there.")
         # created here, never followed, with the mode an ordinary write gets (0666 less the umask)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666, dir_fd=dfd)
         try:
@@ -157,8 +157,7 @@ class Roots:
             rel.encode("utf-8")
         except UnicodeEncodeError:
             raise PathRefused(f"{rel!r} is not valid Unicode; no file is named so.") from None
-        if len(rel.encode("utf-8", "surrogatepass")) > PATH_MAX or any(
-                len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in rel.split("/")):
+        if len(rel.encode()) > PATH_MAX or any(len(part.encode()) > NAME_MAX for part in rel.split("/")):
             raise PathRefused(f"{rel[:80]!r}... is longer than a path (a name of at most {NAME_MAX} bytes, a path "
                               f"of at most {PATH_MAX}) can be.")
         if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or rel.startswith("\\"):

@@ -306,8 +306,7 @@ class ExpertTraining:
         self.say(f"training {expert_noun(expert)} ({self.dit.path.name}) on timesteps {self.window.min_timestep}-"
                  f"{self.window.max_timestep}: {len(self.data.trained)} items, {self.epochs} epochs, {self.total_steps} steps"
                  + (f", data-parallel over {self.world} processes" if self.world > 1 else ""))
-        per_epoch = math.ceil(self.data.batches_per_epoch / self.per_step)
-        self.reach(self.progress.epoch, self.progress.pos // self.per_step, per_epoch)  # a continued run's skips
+        self.reach(self.progress.epoch, self.progress.pos // self.per_step)  # a continued run's skips
         dev = self.accelerator.device
         header = {"total_steps": self.total_steps,
                   "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type}
@@ -338,10 +337,11 @@ class ExpertTraining:
                 self.complete(pending, stop.signum)
         self.bar.close()
 
-    def reach(self, epoch: int, g: int, per_epoch: int) -> None:
+    def reach(self, epoch: int, g: int) -> None:
         """The run ends with its data (or at max_steps): when skipped updates leave fewer step positions from
         step `g` of `epoch` on than steps still to count, its last step is the last position's, and the total
         (the bar's, the dashboard's) says so. Its schedule keeps its planned length."""
+        per_epoch = math.ceil(self.data.batches_per_epoch / self.per_step)  # step positions in an epoch
         reachable = self.progress.step + (self.epochs - epoch) * per_epoch + (per_epoch - g)
         if reachable < self.total_steps:
             self.total_steps = reachable
@@ -410,7 +410,7 @@ class ExpertTraining:
             raise WanpairError(self.nan_diagnosis(self.bad))
         if not ok:
             self.skipped += 1
-            self.reach(q.epoch, q.g + 1, q.n_groups)
+            self.reach(q.epoch, q.g + 1)
         if ok:
             self.bad = self.scaler_skips = 0
             self.progress.losses.append(loss)
