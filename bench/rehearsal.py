@@ -25,7 +25,9 @@ trust (the high-noise expert in bf16 and in fp16; then fp16 with states and samp
 experts, killed after the first state, and the same command with `memory_mode = "low"` added, which must
 continue it and sample with the LoRAs this run made), crash (the defaults' crash state: killed outright after an
 intermediate LoRA, the same command finishes the pair; killed before any state, the same command sets the
-earlier files aside and starts again), i2v (the image-to-video pair from 17-frame 832x480
+earlier files aside and starts again), settle (fp16 whose loss scale settles: the first 3 updates skipped, the
+run still ends with its data and validates at its last step), share (per-expert learning rates logged to Trackio,
+read back from its store; the ComfyUI workflow), i2v (the image-to-video pair from 17-frame 832x480
 clips, then sampled from a first frame), export, low, folder, merge, wan21; each fits in one 10-minute
 command on an H100.
 `--stages smoke` is the shortest full-size proof, for a short lease: both experts from plain fp8 files (the
@@ -369,7 +371,8 @@ def rm(*paths: Path) -> None:
             p.unlink()
 
 
-STAGES = ("default", "pair", "trust", "crash", "i2v", "export", "low", "folder", "merge", "wan21")  # every user path
+STAGES = ("default", "pair", "trust", "crash", "settle", "counts", "share", "i2v", "export", "low", "folder", "merge",
+          "wan21")  # every user path
 QUICK = ("smoke",)  # the short proof, chosen by name only
 
 
@@ -426,6 +429,15 @@ def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES, write_onl
 
     if "crash" in stages and need(("fp16", "high"), ("fp8", "low")):
         crash(r, rel["fp16", "high"], rel["fp8", "low"])
+
+    if "settle" in stages and need(("fp16", "high"), ("fp8", "low")):
+        settle(r, rel["fp16", "high"], rel["fp8", "low"])
+
+    if "counts" in stages and need(("fp16", "high"), ("fp8", "low")):
+        counts(r, rel["fp16", "high"], rel["fp8", "low"])
+
+    if "share" in stages and need(("fp16", "high"), ("fp8", "low")):
+        share(r, rel["fp16", "high"], rel["fp8", "low"])
 
     if "i2v" in stages:  # the image-to-video pair, from video clips
         clips = (work / "videos").is_dir() or r.make("clips", str(work))
@@ -596,6 +608,116 @@ def crash(r: Rehearsal, high: str, low: str) -> None:
                kill_when=lambda: any(out.glob("WAN2.2-HighNoise_*-step*.safetensors"))):
         r.train("the same command: sets the killed run's files aside, trains from the start", bare,
                 expect=(r"they are set aside in \S+ \(nothing deleted\)",))
+
+
+OVERFLOW_HOOK = """# rehearsal: the first REHEARSAL_OVERFLOW_STEPS training losses x 1e6, so fp16's backward overflows and the
+# loss scaler skips those updates and halves its scale, as it does while its scale settles on real data
+import os
+if int(os.environ.get("REHEARSAL_OVERFLOW_STEPS", "0")):
+    import wanpair.train.step as step
+    real, calls = step.flow_matching_loss, [0]
+    def overflowing(*args, **kwargs):
+        calls[0] += 1
+        loss = real(*args, **kwargs)
+        return loss * 1e6 if calls[0] <= int(os.environ["REHEARSAL_OVERFLOW_STEPS"]) else loss
+    step.flow_matching_loss = overflowing
+"""
+
+
+def settle(r: Rehearsal, high: str, low: str) -> None:
+    """fp16 whose loss scale settles (issue 39, item 2): the high-noise expert over one epoch of the 18 images (18
+    step positions), its first 3 updates skipped by the scaler (their losses overflow fp16, forced by a
+    sitecustomize hook); the run must end with its data at step 15, validate there, and say 3 were skipped."""
+    hooks = r.work / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(OVERFLOW_HOOK)
+    project = r.project("settle", high, low, f'mixed_precision = "{FP16}"\nepochs = 1\nvalidate_every_n_steps = 100\n'
+                                             "log_with = []\n")
+    env = dict(r.env)
+    r.env |= {"REHEARSAL_OVERFLOW_STEPS": "3", "PYTHONPATH": f"{hooks}{os.pathsep}{r.env.get('PYTHONPATH', '')}"}
+    try:
+        ok = r.train(f"{FP16}: 3 updates skipped while the scale settles, data-limited (18 positions)", project,
+                     "--expert", "high", expect=(r"15 steps, 3 updates skipped",))
+    finally:
+        r.env = env
+    if not ok:
+        return
+    from safetensors import safe_open
+
+    rows = [x for x in metrics_rows(project) if x["expert"] == "high"]
+    reach = [x["steps_reachable"] for x in rows if "steps_reachable" in x]
+    val = [x["step"] for x in rows if "val_loss" in x]
+    lora = next((state_dir(project).parent.parent).glob("WAN2.2-HighNoise_*.safetensors"))
+    with safe_open(str(lora), framework="pt") as f:
+        meta = f.metadata()
+    summary = json.loads((state_dir(project).parent / "summary.json").read_text())
+    skipped = re.findall(r'"skipped_updates": (\d+)', json.dumps(summary))
+    r.record("it ends with its data, validated at its last step", reach[-1:] == [15] and val[-1:] == [15] and
+             meta["ss_steps"] == "15" and meta.get("wanpair.validation_step") == "15" and skipped == ["3"], 0.0, None,
+             f"steps_reachable {reach}, validated at steps {val}, LoRA ss_steps {meta['ss_steps']} validation step "
+             f"{meta.get('wanpair.validation_step')}, summary skipped_updates {skipped}")
+
+
+def counts(r: Rehearsal, high: str, low: str) -> None:
+    """A state of another process count is refused when the run is planned (issue 39, item 3), shown on one GPU: the
+    high-noise expert killed after its first state, that state's count rewritten to 2 (a data-parallel run's; one
+    GPU cannot make one), and the same command again must refuse it within seconds, before the expert loads."""
+    import torch
+
+    regular = r.project("regular", high, low, f"max_steps = {r.steps}\nvalidate_every_n_steps = 0\nlog_with = []\n"
+                                              "loraplus_lr_ratio = 4.0\nscale_weight_norms = 1.0\n")
+    if r.train("LoRA+ (ratio 4) and max-norm (1.0), high-noise expert", regular, "--expert", "high"):
+        rows = [x for x in metrics_rows(regular) if "max_key_norm" in x]
+        r.record("max-norm logged per step", len(rows) == r.steps, 0.0, None,
+                 f"{len(rows)} rows; last: keys_scaled {rows[-1]['keys_scaled']}, average_key_norm "
+                 f"{rows[-1]['average_key_norm']:.3g}, max_key_norm {rows[-1]['max_key_norm']:.3g}" if rows else "none")
+    project = r.project("counts", high, low, "max_steps = 8\nsave_state_every_n_steps = 2\nvalidate_every_n_steps = 0\n"
+                                             "log_with = []\n")
+    states = state_dir(project)
+    if not r.train("high-noise expert, SIGKILL after its first state", project, "--expert", "high",
+                   kill_when=lambda: any(states.glob("high-step*.pt"))):
+        return
+    path = sorted(states.glob("high-step*.pt"))[-1]
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state["processes"] = 2
+    torch.save(state, path)
+    done, lines, seconds, gib = r.cli("the same command, its state saved by 2 processes", "train", str(project),
+                                      "--expert", "high")
+    text = "\n".join(line for _, line in lines)
+    refused = not done and "state was saved by a run of 2 process(es) (GPUs)" in text
+    r.record("a state of 2 processes on one GPU: refused when planned", refused and seconds < 60 and (gib or 0) < 2, seconds,
+             gib, f"{'refused' if refused else 'NOT refused'} after {seconds:.1f} s, GPU memory used "
+                  f"{gib or 0:.1f} GiB: {_error(lines)[:200]}")
+
+
+def share(r: Rehearsal, high: str, low: str) -> None:
+    """Per-expert learning rates logged to Trackio (issue 40): the pair with [experts.high] learning_rate = 3e-5 and
+    log_with = "trackio" into a local store, read back (a run per expert in one group, each with its own rate);
+    then the ComfyUI workflow beside the LoRAs."""
+    store = r.work / "trackio"
+    os.environ["TRACKIO_DIR"] = r.env["TRACKIO_DIR"] = str(store)  # this process reads the store back
+    project = r.project("share", high, low, f"max_steps = {r.steps}\nvalidate_every_n_steps = 8\nlearning_rate = 2e-4\n"
+                                            'log_with = "trackio"\ntracker_project = "rehearsal"\n',
+                        tables="\n[experts.high]\nlearning_rate = 3e-5\n")
+    if not r.train('per-expert learning rates (high 3e-5, low 2e-4), log_with = "trackio"', project):
+        return
+    from trackio.sqlite_storage import SQLiteStorage
+
+    runs = sorted(SQLiteStorage.get_runs("rehearsal"))
+    ok, notes = runs == ["rehearsal_share-high", "rehearsal_share-low"], [f"runs {runs}"]
+    for expert, lr in (("high", 3e-5), ("low", 2e-4)):
+        logs = SQLiteStorage.get_logs("rehearsal", f"rehearsal_share-{expert}")
+        steps = [x for x in logs if "loss" in x]
+        config = SQLiteStorage.get_run_config("rehearsal", f"rehearsal_share-{expert}")
+        good = (len(steps) == r.steps and abs(steps[0]["lr"] - lr) < 1e-12 and config["learning_rate"] == lr
+                and config.get("_Group") == "rehearsal_share" and any("val_loss" in x for x in logs))
+        ok = ok and good
+        notes.append(f"{expert}: {len(steps)} steps, first lr {steps[0]['lr'] if steps else None}, config lr "
+                     f"{config.get('learning_rate')}, group {config.get('_Group')}, "
+                     f"{sum('val_loss' in x for x in logs)} validations")
+    r.record("Trackio's local store: a run per expert, each its own rate", ok, 0.0, None, "; ".join(notes))
+    done, lines, seconds, _ = r.cli("export --workflow", "export", str(project), "--workflow")
+    r.record("wanpair export --workflow", done, seconds, None, _error(lines) if not done else lines[-1][1][:160])
 
 
 def main() -> int:

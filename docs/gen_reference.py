@@ -27,9 +27,9 @@ from pathlib import Path
 from wanpair.atomic import write_text_atomic
 from wanpair.data import dataset_config as dc
 from wanpair.models.tasks import TASKS
-from wanpair.project import (CHOICES, ON_OFF, OUTPUT_SETTINGS, SAMPLE_BOUNDS, SIDE_SETTINGS, TOP_KEYS,
-                             TRAIN_BOUNDS, ExpertWindow, Models, SampleDuringTraining, TrainSettings,
-                             default_windows)
+from wanpair.project import (CHOICES, ON_OFF, OUTPUT_SETTINGS, PER_EXPERT_KEYS, SAMPLE_BOUNDS, SIDE_SETTINGS, TOP_KEYS,
+                             TRAIN_BOUNDS, Description, ExpertWindow, HubSettings, Models, SampleDuringTraining,
+                             TrainSettings, default_windows)
 from wanpair.setup.scaffold import toml_value
 
 # A generated table: its opening line, what was generated, and its closing line.
@@ -83,7 +83,7 @@ MEANING = {
         "loss_weighting": "per-timestep loss weights (SD3-style): `sigma_sqrt` (1/t²), `cosmap`",
         "save_every_n_epochs": "intermediate LoRAs `...-step000123.safetensors` every N epochs (0 = final only)",
         "save_every_n_steps": "intermediate LoRAs every N steps (0 = final only)",
-        "tensorboard": "TensorBoard events in `<output_dir>/<name>/tensorboard/`",
+        "log_with": "where the run reports besides `metrics.jsonl`: `\"tensorboard\"` (`<output_dir>/<name>/tensorboard/<expert>/`), `\"wandb\"`, `\"trackio\"`, a list of them, or `[]`; each expert is one run of a group of two named `<name>-high` / `<name>-low` ([Training runs](training.md#experiment-trackers)). The older `tensorboard = false` still reads as `log_with = []`",
         "save_state_every_n_steps": "resumable training state in `<output_dir>/<name>/state/` every N steps "
                                     "(`wanpair train --resume`)",
         "save_state_every_n_epochs": "the same, every N epochs",
@@ -121,6 +121,23 @@ MEANING = {
                             "it measures fit, and says so)",
         "validation_split": "hold out this fraction of the media (chosen by the seed, whole media) for validation "
                             "instead",
+    },
+    "metadata": {
+        "title": "the pair's name in the LoRA files (`modelspec.title`, with the expert: \"Shapes (high-noise "
+                 "expert)\") and the model card's heading; `\"\"` = the file's name",
+        "description": "what the pair does, in the files (`modelspec.description`) and at the top of the model card",
+        "license": "the Hub's license identifier, e.g. `\"apache-2.0\"`: the files' `modelspec.license` and the "
+                   "card's `license:`",
+        "tags": "extra tags for the files (`modelspec.tags`) and the card (which has `lora`, `text-to-video` or "
+                "`image-to-video`, `wan2.2` or `wan2.1`, `diffusers` and `wanpair` anyway)",
+        "trigger_words": "the words the captions use for the subject: `modelspec.trigger_phrase`, the card's "
+                         "*Trigger words* and `instance_prompt`",
+        "training_comment": "a note kept in the files (`ss_training_comment`)",
+    },
+    "hub": {
+        "repo": "a Hugging Face model repository, `\"USER/NAME\"`: each LoRA the run saves (and with "
+                "`push_states` each state) is pushed to it in the background; `\"\"` = no pushing while training "
+                "(`wanpair push` uploads a finished pair). A token is needed: `HF_TOKEN` or `hf auth login`",
     },
     "experts": {
         "min_timestep": "start of the expert's window (0–1000 scale)",
@@ -167,7 +184,7 @@ MEANING = {
         "source_fps": "the videos' frame rate; frames are dropped to play at Wan's 16 fps (unset: taken as they are)",
     },
 }
-TABLE_KEYS = {"models", "dataset", "train", "experts", "sample"}  # the project file's tables: sections of their own
+TABLE_KEYS = {"models", "dataset", "train", "experts", "sample", "metadata", "hub"}  # tables: sections of their own
 DATASET_DEFAULTS = {"cache_directory": "`cache/` beside the images (or the jsonl file)", "resolution": "(required)",
                     "source_fps": "(unset)", "control_directory": "(unset)"}
 
@@ -284,13 +301,15 @@ def train_table() -> str:
 
 
 def experts_table() -> str:
-    fields = dataclasses.fields(ExpertWindow)
+    fields = [f for f in dataclasses.fields(ExpertWindow) if f.name != "overrides"]  # its keys: PER_EXPERT_KEYS
     check_covered("experts", [f.name for f in fields])
     comments = field_comments(ExpertWindow)
     keys = table(("key", "meaning", "values"),
-                 ((f"`{f.name}`", meaning("experts", f.name, comments),
-                   "an integer in 0..1000" if f.name != "init_lora" else "a LoRA file (none by default)")
-                  for f in fields))
+                 [*((f"`{f.name}`", meaning("experts", f.name, comments),
+                     "an integer in 0..1000" if f.name != "init_lora" else "a LoRA file (none by default)")
+                    for f in fields),
+                  *((f"`{k}`", f"this expert's own [`{k}`](#{k}) (default: `[train]`'s); the other expert keeps "
+                               "the shared one", allowed(k, TRAIN_BOUNDS)) for k in PER_EXPERT_KEYS)])
     windows = table(("`model`", "table", "default window", "boundary"),
                     ((f"`{name}`", f"`[experts.{expert}]`", f"{w.min_timestep}–{w.max_timestep}",
                       str(task.boundary) if task.paired else "none: one model")
@@ -339,8 +358,18 @@ def dataset_table() -> str:
                  ((f"`{k}`", where(k), default(k), meaning("dataset", k, {}), values(k)) for k in keys))
 
 
+def plain_table(cls, name: str) -> str:
+    """[metadata] and [hub]: strings, booleans and lists, no ranges."""
+    fields = dataclasses.fields(cls)
+    check_covered(name, [f.name for f in fields])
+    comments = field_comments(cls)
+    return table(("key", "default", "meaning"),
+                 ((f"`{f.name}`", shown(default_of(f)), meaning(name, f.name, comments)) for f in fields))
+
+
 TABLES = {"top": top_table, "models": models_table, "train": train_table, "experts": experts_table,
-          "sample": sample_table, "dataset": dataset_table}
+          "sample": sample_table, "dataset": dataset_table,
+          "metadata": lambda: plain_table(Description, "metadata"), "hub": lambda: plain_table(HubSettings, "hub")}
 
 
 def render(name: str) -> str:

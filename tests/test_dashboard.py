@@ -104,7 +104,7 @@ def test_nothing_outside_a_run_folder_is_served(server, tmp_path):
 
 
 def test_half_written_metrics_are_read_up_to_the_last_whole_line(tmp_path):
-    log = MetricsLog(tmp_path / "run", "high", tensorboard=False, header={"total_steps": 10, "device": "cpu"})
+    log = MetricsLog(tmp_path / "run", "high", header={"total_steps": 10, "device": "cpu"})
     log.log({"step": 1, "loss": 1.0, "s_per_step": 0.5})
     log.close()
     path = tmp_path / "run" / "metrics.jsonl"
@@ -128,7 +128,7 @@ def test_a_resume_that_rewrites_the_metrics_starts_the_charts_again(tmp_path):
     path = run_dir / "metrics.jsonl"
 
     def log(steps):
-        log = MetricsLog(run_dir, "high", tensorboard=False)
+        log = MetricsLog(run_dir, "high")
         for step in steps:
             log.log({"step": step, "loss": 1.0 / step})
         log.close()
@@ -224,7 +224,7 @@ def test_the_page_shows_the_pair_and_follows_a_running_training(server, tmp_path
         browser.find_element(By.ID, "viewer").click()
         # the run goes on: training holds its lock again and a resumed high-noise expert appends steps 19..24 of 24
         with run_lock(run_dir.parent, run_dir.name):
-            log = MetricsLog(run_dir, "high", tensorboard=False, header={"total_steps": 24, "device": "cpu"})
+            log = MetricsLog(run_dir, "high", header={"total_steps": 24, "device": "cpu"})
             for step in range(19, 25):
                 log.log({"step": step, "epoch": 2, "loss": 0.5, "smoothed_loss": 0.5, "lr": 1e-4, "timestep": 900.0,
                          "s_per_step": 0.3, "samples_per_s": 3.3})

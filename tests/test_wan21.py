@@ -73,6 +73,20 @@ def test_sampling_defaults_are_wan21s_own():
     assert SampleSettings.for_task(T2V).steps == 40
 
 
+def test_samples_during_training_use_the_single_models_shift_and_guidance(trained_wan21, monkeypatch):
+    import torch
+
+    import wanpair.cache
+    from wanpair.sample import make_sampler
+
+    monkeypatch.setattr(wanpair.cache, "read_entry", lambda path: torch.zeros(3, 8))  # the cached prompt embeddings
+    project, _ = load_project(trained_wan21 / "wanpair.toml")
+    sampler = make_sampler(project, ["a red circle"], [trained_wan21 / "p.pt", trained_wan21 / "n.pt"],
+                           torch.device("cpu"))
+    s = sampler.settings
+    assert (s.shift, s.guidance_high, s.steps) == (5.0, 5.0, project.sample.steps)  # Wan2.1's, not Wan 2.2 T2V's 12
+
+
 def _project(root, tmp_path, text: str):
     path = tmp_path / "wanpair.toml"
     path.write_text(text.replace('"models/', f'"{root}/models/').replace('"dataset/', f'"{root}/dataset/'))

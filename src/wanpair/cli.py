@@ -38,7 +38,7 @@ Also the Wan 2.2 I2V A14B pair, and Wan 2.1 T2V 14B / 1.3B (one model, one LoRA)
   wanpair demo                      try everything on a tiny built-in example (CPU, ~1 minute)
 
 On a fresh GPU machine:
-  wanpair download                  fetch the recipe's weight files (the only command that uses the network)
+  wanpair download                  fetch the recipe's weight files from the Hugging Face Hub
   wanpair caption my_dataset/       write a .txt caption for every image that has none (Qwen2.5-VL)
   wanpair init my_dataset/          write dataset.toml + wanpair.toml for a folder of images and captions
   wanpair doctor wanpair.toml       check the machine and the project before a long run
@@ -49,11 +49,15 @@ Then:
   wanpair train wanpair.toml        check, cache, train both experts, save both LoRAs
   wanpair sample wanpair.toml --prompt "..."   see what the pair does (both experts, like Wan 2.2)
   wanpair inspect LORA / export / merge        which expert a LoRA is for; convert; bake into a base
+  wanpair push wanpair.toml --repo USER/NAME   share the pair, a model card and samples on the Hugging Face Hub
   wanpair dashboard                 make, start, queue and watch runs in the browser (local)
 
 A project file (wanpair.toml) names your model files, your Musubi-style dataset.toml and a
 run name; every training setting defaults to the proven recipe. `wanpair demo` writes one
 you can copy.
+
+The network is used by download and push, and by train with [hub] (pushing what it saves),
+--resume-from-hub, or log_with = "wandb" (unless WANDB_MODE=offline).
 """
 GUIDE = """\
 The user guide is the Markdown in the repository's docs/ folder (or `mkdocs serve`):
@@ -238,8 +242,10 @@ def cmd_train(args) -> int:
                            "timesteps; --expert picks an expert of a Wan 2.2 pair. Leave it out.")
     if args.experts_parallel:
         project.train.experts_parallel = args.experts_parallel
+    if args.resume_from_hub and (args.resume or args.overwrite):
+        raise WanpairError("--resume-from-hub continues from the states it fetches: leave out --resume and --overwrite.")
     results = LoraPairRecipe(project, overwrite=args.overwrite, allow_expert_mismatch=args.allow_expert_mismatch,
-                             gpus=args.gpus).run(experts, resume=args.resume)
+                             gpus=args.gpus).run(experts, resume=args.resume, resume_from_hub=args.resume_from_hub)
     for r in results:
         print(f"{expert_name(r.expert)} LoRA: {r.lora}")
     return 0
@@ -256,6 +262,10 @@ def cmd_export(args) -> int:
     from .export.formats import read_lora, write_lora
     from .train.lora import DTYPES
 
+    if args.workflow:
+        return export_workflow(args)
+    if not args.format:
+        raise WanpairError("--format is required to convert a LoRA (--workflow PROJECT writes a ComfyUI workflow).")
     lora = read_lora(args.lora)
     src = Path(args.lora)
     out = Path(args.out) if args.out else src.with_name(f"{src.stem}_{args.format}" + ("" if args.format == "peft" else ".safetensors"))
@@ -264,6 +274,23 @@ def cmd_export(args) -> int:
     write_lora(lora, out, args.format, DTYPES[args.dtype] if args.dtype else None)
     deltas = len(lora.diffs) + len(lora.bias_diffs)
     print(f"wrote {out} ({args.format} layout, {len(lora.modules)} modules" + (f", {deltas} deltas)" if deltas else ")"))
+    return 0
+
+
+def export_workflow(args) -> int:
+    """`export PROJECT --workflow`: the ComfyUI workflow of the project's LoRAs (training writes it too)."""
+    from .export.workflow import workflow_path, write_workflow
+
+    if args.format or args.dtype:
+        raise WanpairError("--workflow writes a project's ComfyUI workflow; --format and --dtype convert a LoRA.")
+    project = _project(args.lora)
+    out = Path(args.out) if args.out else workflow_path(project)
+    if args.out and out.exists() and not args.overwrite:
+        raise WanpairError(f"{out} already exists; pass --overwrite to replace it.")
+    print(f"wrote {write_workflow(project, out)} (drag it onto ComfyUI's canvas)")
+    missing = [p.name for p in map(project.lora_path, project.task.experts) if not p.exists()]
+    if missing:
+        print(f"note: it loads {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not trained yet")
     return 0
 
 
@@ -286,6 +313,19 @@ def cmd_merge(args) -> int:
     check_task(info.config, base, task, "--base")  # refuses what wanpair does not train, naming it
     n = merge_into_file(base, lora, out, task, args.strength, args.allow_expert_mismatch)
     print(f"wrote {out}: {n} layers merged at strength {args.strength}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .export.hub import push_pair
+    from .hub import parse_repo
+
+    project = _project(args.project)
+    repo = args.repo or project.hub.repo
+    if not repo:
+        raise WanpairError("--repo USER/NAME: the model repository to push to (or set [hub] repo in the project).")
+    parse_repo(repo, "--repo")
+    push_pair(project, repo, private=args.private or project.hub.private, states=args.states, dry_run=args.dry_run)
     return 0
 
 
@@ -532,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "that trains the same thing from its last state, and keeps a LoRA it already finished; "
                         "changes of how the run works (memory_mode, compile, save or validation cadences) are taken "
                         "on, changes of what it trains are refused by name")
+    p.add_argument("--resume-from-hub", metavar="USER/NAME[@REVISION]",
+                   help="continue a run from the newest training states in a Hugging Face repository (what [hub] "
+                        "push_states or `wanpair push --states` put there): they are fetched into the run's state "
+                        "folder, then the run continues as with --resume")
     p.add_argument("--gpus", type=int, metavar="N",
                    help="use N GPUs (default: all visible). With 2 or more the experts train side by side, one "
                         "GPU group each (see --experts-parallel); each group trains its expert data-parallel")
@@ -557,13 +601,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("export", epilog=_guide("sampling-export-merge"),
-                       help="convert a LoRA between musubi (ComfyUI), comfy, diffusers and peft layouts",
+                       help="convert a LoRA between musubi (ComfyUI), comfy, diffusers and peft layouts; "
+                            "--workflow: a project's ComfyUI workflow",
                        description="Convert a Wan LoRA between layouts. musubi = lora_unet_*.lora_down/up + alpha "
                                    "(the default ComfyUI and diffusers load); comfy = diffusion_model.*.lora_A/B; "
                                    "diffusers = transformer.*.lora_A/B (alpha folded in); peft = adapter folder. "
-                                   "Also reads Musubi-Tuner and ai-toolkit files.")
-    p.add_argument("lora", help="the LoRA to convert")
-    p.add_argument("--format", required=True, choices=("musubi", "comfy", "diffusers", "peft"))
+                                   "Also reads Musubi-Tuner and ai-toolkit files. With --workflow and a project "
+                                   "file instead: write its ComfyUI workflow (each LoRA on its expert, wanpair "
+                                   "sample's settings), as training does at its end.")
+    p.add_argument("lora", help="the LoRA to convert (with --workflow: the wanpair.toml project)")
+    p.add_argument("--format", choices=("musubi", "comfy", "diffusers", "peft"), help="the layout to write (required "
+                                                                                       "unless --workflow)")
+    p.add_argument("--workflow", action="store_true",
+                   help="write the project's ComfyUI workflow: <output_dir>/<name>_comfyui_workflow.json (or --out)")
     p.add_argument("--out", help="output path (default: <lora>_<format>.safetensors, or a folder for peft)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="convert weights to this dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -581,6 +631,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-expert-mismatch", action="store_true", help="merge even if the LoRA is for the other expert")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("push", epilog=_guide("sampling-export-merge"),
+                       help="upload the finished pair, a model card and the samples to a Hugging Face repository",
+                       description="Upload the project's finished LoRAs (as trained: the layout ComfyUI and diffusers "
+                                   "load), a model card README.md that says which file goes on which expert and how "
+                                   "to load the pair, the project's ComfyUI workflow if there is one, and the samples "
+                                   "of <output_dir>/<name>/samples, in one commit to a Hugging Face model repository "
+                                   "(created if it does not exist). A LoRA that is missing, partial or not this "
+                                   "project's is refused before anything is uploaded. Needs a token with write "
+                                   "access: HF_TOKEN or `hf auth login`. The card is also written beside the LoRAs, "
+                                   "as <output_dir>/<name>_README.md.")
+    p.add_argument("project", help="the wanpair.toml project whose pair to push")
+    p.add_argument("--repo", metavar="USER/NAME", help="the model repository (default: [hub] repo of the project)")
+    p.add_argument("--private", action="store_true",
+                   help="create the repository private (an existing one keeps its visibility)")
+    p.add_argument("--states", action="store_true",
+                   help="also each expert's newest training state, for `wanpair train --resume-from-hub` on another "
+                        "machine (large: ~0.9 GiB per 14B expert at rank 16)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="write the model card beside the LoRAs and list what would be uploaded; upload nothing")
+    p.set_defaults(func=cmd_push)
 
     from .sample import SampleSettings
 

@@ -61,6 +61,8 @@ class TrainSettings:
     lr_scheduler_num_cycles: int = 1  # cosine_with_restarts
     optimizer: str = "adamw"
     optimizer_args: list = field(default_factory=list)  # ["betas=(0.9, 0.99)", "eps=1e-8"]
+    loraplus_lr_ratio: float = 0.0  # LoRA+: the up matrices learn this many times faster (0 = off; 4-16 usual)
+    scale_weight_norms: float = 0.0  # max-norm: each module's weight change scaled back to this norm (0 = off)
     lora_dropout: float = 0.0
     rank_dropout: float = 0.0  # drop LoRA rank components per step (kohya/Musubi rank_dropout)
     module_dropout: float = 0.0  # skip a whole LoRA module per step (kohya/Musubi module_dropout)
@@ -70,7 +72,8 @@ class TrainSettings:
     save_every_n_epochs: int = 0  # 0 = only the final save
     save_every_n_steps: int = 0
     keep_last: int = 0  # intermediate LoRAs kept per expert (0 = all)
-    tensorboard: bool = True
+    log_with: list = field(default_factory=lambda: ["tensorboard"])  # trackers: tensorboard, wandb, trackio ([] = none)
+    tracker_project: str = "wanpair"  # the wandb / trackio project; each run is a group of two runs, <name>-high and -low
     save_state_every_n_steps: int = 0  # resumable training state (wanpair train --resume)
     save_state_every_n_epochs: int = 0
     keep_states: int = 2  # states kept (0 = all)
@@ -112,9 +115,13 @@ class TrainSettings:
 
 @dataclass
 class ExpertWindow:
+    """One expert's own part of the project: its timestep window, its starting LoRA, and the [train] values it
+    sets for itself (`PER_EXPERT_KEYS`: the high-noise expert often wants a lower learning rate)."""
+
     min_timestep: int
     max_timestep: int
     init_lora: Path | None = None  # continue training from this LoRA (wanpair, Musubi-Tuner, ai-toolkit, ...)
+    overrides: dict = field(default_factory=dict)  # e.g. {"learning_rate": 3e-5}: over [train] for this expert only
 
 
 @dataclass
@@ -132,6 +139,29 @@ class SampleDuringTraining:
 
 
 @dataclass
+class Description:
+    """[metadata]: what the LoRA files and the model card say about the pair, written into the modelspec keys
+    that ComfyUI and the Hub show (Musubi-Tuner's --metadata_* options). Changing them trains nothing again."""
+
+    title: str = ""  # "" = the LoRA's file name
+    description: str = ""
+    license: str = ""  # e.g. "apache-2.0" (the Hub's license identifiers)
+    tags: list = field(default_factory=list)
+    trigger_words: list = field(default_factory=list)  # the words the captions use for the subject
+    training_comment: str = ""
+
+
+@dataclass
+class HubSettings:
+    """[hub]: push each saved LoRA to a Hugging Face model repository while training (in the background: a
+    network error is reported, never stops the run). Token: HF_TOKEN or `hf auth login`, never written."""
+
+    repo: str = ""  # "USER/NAME"; "" = no pushing during training (`wanpair push` pushes a finished pair)
+    private: bool = False  # for a repository wanpair creates
+    push_states: bool = False  # also the training states (large: ~0.9 GiB each for a 14B expert at rank 16)
+
+
+@dataclass
 class Project:
     path: Path
     name: str
@@ -142,6 +172,8 @@ class Project:
     train: TrainSettings = field(default_factory=TrainSettings)
     experts: dict[str, ExpertWindow] = field(default_factory=lambda: default_windows(T2V))
     sample: SampleDuringTraining = field(default_factory=SampleDuringTraining)
+    metadata: Description = field(default_factory=Description)
+    hub: HubSettings = field(default_factory=HubSettings)
     task: Task = T2V  # which model: `model = "i2v-A14B"`, or what the [models] files are
 
     @property
@@ -155,8 +187,12 @@ class Project:
     def dit_path(self, expert: str) -> Path:
         return getattr(self.models, self.task.dit_key(expert))
 
+    def settings(self, expert: str) -> TrainSettings:
+        """What trains `expert`: [train], with what its [experts.<expert>] table sets for itself."""
+        return dataclasses.replace(self.train, **self.experts[expert].overrides)
 
-TOP_KEYS = {"name", "model", "author", "output_dir", "models", "dataset", "train", "experts", "sample"}
+
+TOP_KEYS = {"name", "model", "author", "output_dir", "models", "dataset", "train", "experts", "sample", "metadata", "hub"}
 MODEL_KEYS = {f.name for f in dataclasses.fields(Models)}
 OPTIONAL_MODEL_KEYS = {"captioner"}  # "" = not set, and no training needs them
 TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainSettings)}
@@ -173,6 +209,7 @@ CHOICES = {
     "memory_mode": ("auto", "fast", "low"),
     "experts_parallel": ("auto", "on", "off"),
 }
+TRACKERS = ("tensorboard", "wandb", "trackio")  # accelerate's names for them
 ON_OFF = {"fp8_matmul", "compile", "experts_parallel"}  # also accept true / false
 # Settings that decide where and how fast the work runs, what is measured and what is saved along the way --
 # not what is trained. A LoRA or a state made under other values of these is still this run's: a rerun after
@@ -180,10 +217,13 @@ ON_OFF = {"fp8_matmul", "compile", "experts_parallel"}  # also accept true / fal
 # same math is computed (compile, checkpointing, streaming) moves the last bits of a number at most, as another
 # GPU would. fp8_matmul is not one of them: it quantises the activations and gradients the frozen base
 # multiplies, which changes what is trained.
+# What an [experts.high] / [experts.low] table may set for its expert alone (diffusion-pipe#372: users lower the
+# high-noise expert's learning rate, ~3e-5, as it overtrains at the shared one); everything else is shared.
+PER_EXPERT_KEYS = ("learning_rate", "epochs", "max_steps", "rank", "alpha")
 SIDE_SETTINGS = {
     "experts_parallel", "device", "compile", "memory_mode", "memory_budget_gb", "gradient_checkpointing",
     "checkpoint_blocks",
-    "validate_every_n_steps", "validation_timesteps", "validation_items", "tensorboard", "max_bad_steps",
+    "validate_every_n_steps", "validation_timesteps", "validation_items", "log_with", "tracker_project", "max_bad_steps",
     "save_every_n_epochs", "save_every_n_steps", "keep_last", "save_state_every_n_steps", "save_state_every_n_epochs",
     "keep_states", "crash_state",
 }
@@ -239,6 +279,9 @@ TRAIN_BOUNDS = {
                                               "= 0); a warm-up of the whole run never reaches the learning rate"),
     "lr_scheduler_num_cycles": Bounds(1, why="cosine_with_restarts decays the learning rate this many times; 0 "
                                              "cycles never decay it"),
+    "loraplus_lr_ratio": Bounds(0, why="the up matrices' learning rate is this times learning_rate (LoRA+, Hayou et "
+                                       "al. 2024); 0 turns it off, below 0 they would climb the loss"),
+    "scale_weight_norms": Bounds(0, why="it is the largest norm a module's weight change may keep (0 = no limit)"),
     **dict.fromkeys(("lora_dropout", "rank_dropout", "module_dropout"),
                     Bounds(**FRACTION, why="a probability of dropping; at 1 everything is dropped and nothing trains")),
     **dict.fromkeys(("save_every_n_epochs", "save_every_n_steps", "save_state_every_n_steps",
@@ -287,44 +330,67 @@ def _unknown(key: str, valid, where: str, path: Path) -> str:
     return f"{path}: unknown key {key!r} in {where}.{did_you_mean(key, valid)}"
 
 
+def _train_value(table: str, key: str, value, path: Path, problems: list[str]):
+    """`value` for the [train] setting `key` (written in `[table]`) as the setting holds it, or None with the
+    problem added: its type, its choices, its bounds, its regexes."""
+    default = getattr(_TRAIN_DEFAULTS, key)
+    if key == "log_with" and isinstance(value, str):  # one tracker, or "" for none
+        value = [value] if value.strip() else []
+    if key in ON_OFF and isinstance(value, bool):
+        value = "on" if value else "off"
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, type(default)) and not isinstance(value, bool)
+    if not ok:
+        kind = "list of strings" if isinstance(default, list) else type(default).__name__
+        problems.append(f"{path}: [{table}] {key} = {value!r} should be a {kind}.")
+        return None
+    if key in CHOICES and value not in CHOICES[key]:
+        problems.append(f"{path}: [{table}] {key} = {value!r} must be one of {', '.join(CHOICES[key])}.")
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        problem = _out_of_bounds(table, key, value, TRAIN_BOUNDS.get(key), path)
+        if problem:
+            problems.append(problem)
+            return None
+    if key == "log_with" and (unknown := [v for v in value if v not in TRACKERS]):
+        problems.append(f"{path}: [{table}] log_with names {', '.join(map(repr, unknown))}; the trackers are "
+                        f"{', '.join(TRACKERS)} (a list for several, [] for none).")
+        return None
+    if key in ("include_modules", "exclude_modules"):
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                problems.append(f"{path}: [{table}] {key} pattern {pattern!r} is not a valid regex ({e}).")
+    return value
+
+
+_TRAIN_DEFAULTS = TrainSettings()
+
+
 def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings:
     values = {}
-    defaults = TrainSettings()
+    legacy = raw.get("tensorboard")  # before log_with: tensorboard = true / false
+    if "tensorboard" in raw:
+        raw = {k: v for k, v in raw.items() if k != "tensorboard"}
+        if not isinstance(legacy, bool):
+            problems.append(f"{path}: [train] tensorboard = {legacy!r} should be true or false (or use log_with).")
+        elif "log_with" not in raw:
+            raw["log_with"] = ["tensorboard"] if legacy else []
     for key, value in raw.items():
         if key not in TRAIN_FIELDS:
             problems.append(_unknown(key, TRAIN_FIELDS, "[train]", path))
             continue
-        default = getattr(defaults, key)
-        if key in ON_OFF and isinstance(value, bool):
-            value = "on" if value else "off"
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        elif isinstance(default, list):
-            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        else:
-            ok = isinstance(value, type(default)) and not isinstance(value, bool)
-        if not ok:
-            kind = "list of strings" if isinstance(default, list) else type(default).__name__
-            problems.append(f"{path}: [train] {key} = {value!r} should be a {kind}.")
-            continue
-        if key in CHOICES and value not in CHOICES[key]:
-            problems.append(f"{path}: [train] {key} = {value!r} must be one of {', '.join(CHOICES[key])}.")
-            continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            problem = _out_of_bounds("train", key, value, TRAIN_BOUNDS.get(key), path)
-            if problem:
-                problems.append(problem)
-                continue
-        if key in ("include_modules", "exclude_modules"):
-            for pattern in value:
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    problems.append(f"{path}: [train] {key} pattern {pattern!r} is not a valid regex ({e}).")
-        values[key] = value
+        value = _train_value("train", key, value, path, problems)
+        if value is not None:
+            values[key] = value
     t = TrainSettings(**values)
     if t.fp8_matmul == "on" and not t.fp8_base:
         problems.append(f"{path}: [train] fp8_matmul = \"on\" needs fp8_base = true (the weights it multiplies).")
@@ -363,8 +429,15 @@ def _experts(raw: dict, path: Path, problems: list[str], warnings: list[str], re
                     experts[name].init_lora = resolve(value)
                     if not experts[name].init_lora.is_file():
                         problems.append(f"{path}: [experts.{name}] init_lora {experts[name].init_lora} is not a file.")
+            elif key in PER_EXPERT_KEYS:
+                value = _train_value(f"experts.{name}", key, value, path, problems)
+                if value is not None:
+                    experts[name].overrides[key] = value
             elif key not in ("min_timestep", "max_timestep"):
-                problems.append(_unknown(key, ("min_timestep", "max_timestep", "init_lora"), f"[experts.{name}]", path))
+                problems.append(_unknown(key, ("min_timestep", "max_timestep", "init_lora", *PER_EXPERT_KEYS),
+                                         f"[experts.{name}]", path)
+                                + (f" Only {', '.join(PER_EXPERT_KEYS)} can differ between the experts; {key} is "
+                                   "shared: set it in [train]." if key in TRAIN_FIELDS else ""))
             elif not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1000:
                 problems.append(f"{path}: [experts.{name}] {key} = {value!r} must be an integer in 0..1000.")
             else:
@@ -407,6 +480,40 @@ def _sample(raw: dict, path: Path, problems: list[str], resolve) -> SampleDuring
         problems.append(f"{path}: [sample] frames = {out.frames}: frames must be 4k+1 (1, 5, 9, ... 81); the VAE "
                         "packs 4 frames per latent after the first.")
     return out
+
+
+def _plain_table(raw: dict, cls, table: str, path: Path, problems: list[str]):
+    """A table of strings, booleans and lists of strings ([metadata], [hub]) read into `cls`."""
+    out = cls()
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        default = getattr(out, key, None)
+        if key not in fields:
+            problems.append(_unknown(key, fields, f"[{table}]", path))
+        elif isinstance(default, list) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            problems.append(f"{path}: [{table}] {key} = {value!r} should be a list of strings, e.g. [\"a\", \"b\"].")
+        elif not isinstance(default, list) and type(value) is not type(default):
+            problems.append(f"{path}: [{table}] {key} = {value!r} should be a {type(default).__name__}.")
+        else:
+            setattr(out, key, value)
+    return out
+
+
+def _hub(raw: dict, path: Path, problems: list[str]) -> HubSettings:
+    hub = _plain_table(raw, HubSettings, "hub", path, problems)
+    if hub.repo:
+        # imported here, only for a [hub] repo: it takes a while, and project.py is imported by every command
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(hub.repo)
+            reason = "" if "/" in hub.repo else " (it names no user or organisation)"
+        except HFValidationError as e:
+            reason = f" ({str(e).split(':')[0]})"
+        if reason:
+            problems.append(f"{path}: [hub] repo = {hub.repo!r} should be USER/NAME (or ORG/NAME) of a model "
+                            f"repository{reason}.")
+    return hub
 
 
 def _task(value, models_raw: dict, path: Path, problems: list[str], resolve) -> Task:
@@ -493,6 +600,8 @@ def load_project(path: str | Path) -> tuple[Project, list[str]]:
     _model_keys(models_raw, task, path, problems)
     experts = _experts(table("experts"), path, problems, warnings, resolve, task)
     sample = _sample(table("sample"), path, problems, resolve)
+    metadata = _plain_table(table("metadata"), Description, "metadata", path, problems)
+    hub = _hub(table("hub"), path, problems)
     if task.conditioned and (sample.every_n_epochs or sample.every_n_steps):
         problems.append(f"{path}: [sample] during training is for text-to-video; an {task.name} sample needs a first "
                         "frame. Remove every_n_epochs/every_n_steps and run `wanpair sample --image FRAME.png` "
@@ -503,6 +612,6 @@ def load_project(path: str | Path) -> tuple[Project, list[str]]:
     project = Project(
         path=path, name=name, models=models, dataset_config=resolve(dataset_raw["config"]),
         output_dir=resolve(raw.get("output_dir", "output")), author=str(raw.get("author", "")),
-        train=train, experts=experts, sample=sample, task=task,
+        train=train, experts=experts, sample=sample, metadata=metadata, hub=hub, task=task,
     )
     return project, warnings

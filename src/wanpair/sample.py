@@ -377,7 +377,7 @@ class TrainingSampler:
         self.skipping = True
         return False
 
-    def __call__(self, model, expert: str, step: int, autocast, identity: dict[str, str], writer=None) -> list[Path]:
+    def __call__(self, model, expert: str, step: int, autocast, identity: dict[str, str]) -> list[Path]:
         """Sample with `model` (the expert being trained, `identity`: its run's, `wanpair.train.metadata`)."""
         from .models import load_vae
 
@@ -409,10 +409,6 @@ class TrainingSampler:
             self.vae.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        if writer is not None:
-            for i, path in enumerate(written):
-                if path.suffix == ".png":
-                    writer.add_image(f"samples/{expert}/{i:02d}", np.asarray(Image.open(path)), step, dataformats="HWC")
         return written
 
 
@@ -425,6 +421,7 @@ def make_sampler(project: Project, prompts: list[str], prompt_paths: list[Path],
 
     embeds = [read_entry(p) for p in prompt_paths]
     cfg = project.sample
-    settings = SampleSettings(width=cfg.width, height=cfg.height, frames=cfg.frames, steps=cfg.steps, seed=cfg.seed)
+    settings = SampleSettings.for_task(project.task, width=cfg.width, height=cfg.height, frames=cfg.frames,
+                                       steps=cfg.steps, seed=cfg.seed)  # the model's shift and guidance
     return TrainingSampler(project, prompts, embeds[:-1], embeds[-1], settings, device, project.train.compute_dtype)
 

@@ -39,7 +39,7 @@ from ..models.tasks import TASKS
 from . import runs as R
 from .jobs import ACTIVE, JobQueue, caption_job, open_own, the_users_own, train_job
 from .new_run import (NeedsConfirmation, NewRun, captioner_in, captions, check_report, dataset_folders,
-                      model_choices, recipe_settings, write_caption)
+                      model_choices, recipe_settings, write_caption, FORM_EXPERT_SETTINGS)
 from .paths import PathRefused, Roots
 from .plan import Doctor
 
@@ -186,7 +186,8 @@ def create_app(roots: list[Path], token: str | None = None, tick_s: float | None
 
     @app.get("/")
     def index():
-        return render_template("index.html", roots=[str(r) for r in roots], settings=recipe_settings(), tasks=list(TASKS))
+        return render_template("index.html", roots=[str(r) for r in roots], settings=recipe_settings(),
+                               expert_settings=FORM_EXPERT_SETTINGS, tasks=list(TASKS))
 
     def send_opened(f, name: str, attachment: bool = False) -> Response:
         """A file opened through `paths` (checked on its descriptor), with ranges (video seeking) and caching."""

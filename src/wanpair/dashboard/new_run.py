@@ -28,6 +28,7 @@ from .paths import PathRefused, Roots, write_text_inside
 # The settings the form shows (with the recipe's default); every other one stays the recipe's, and is in the
 # written file, commented, to change by hand.
 FORM_SETTINGS = ("epochs", "learning_rate", "rank", "memory_mode", "validate_every_n_steps")
+FORM_EXPERT_SETTINGS = ("learning_rate",)  # also per expert of a pair: [experts.high] / [experts.low]
 SKIPPED_FOLDERS = {"cache", "output", "models", "state", "samples", "tensorboard"}
 FOLDER_DEPTH = 3
 CAPTION_LIMIT = 64 * 1024  # bytes: a caption longer than this is no caption (umT5 reads 512 tokens)
@@ -178,6 +179,7 @@ class NewRun:
     train: dict
     prompts: list[str]
     sample_every_n_epochs: int
+    experts: dict | None = None  # {"high": {"learning_rate": 3e-5}}: what the form sets per expert
 
     @classmethod
     def from_request(cls, data: dict, roots: Roots) -> "NewRun":
@@ -187,7 +189,7 @@ class NewRun:
         if not folder.is_dir():
             raise WanpairError(f"{folder} is not a folder; pick the folder with your images (or videos) and captions.")
         task = _task(data.get("task"))
-        for key in ("models", "train"):
+        for key in ("models", "train", "experts"):
             if not isinstance(data.get(key) or {}, dict):
                 raise WanpairError(f"{key} = {data[key]!r} must be an object of {key} keys (the new-run form's "
                                    f"[{key}] table).")
@@ -200,9 +202,16 @@ class NewRun:
             elif where:
                 raise WanpairError(f"[models] {key} = {where!r} must be a picked file: {{\"root\": N, \"path\": \"...\"}}.")
         prompts = [line.strip() for line in str(data.get("prompts") or "").splitlines() if line.strip()]
+        experts = {}
+        for expert, form in (data.get("experts") or {}).items():
+            if expert not in task.experts or not isinstance(form, dict):
+                raise WanpairError(f"[experts.{str(expert)[:20]}]: {task.name} has the experts "
+                                   f"{', '.join(task.experts)}, each an object of settings.")
+            if own := _settings(form, FORM_EXPERT_SETTINGS, f"experts.{expert}"):
+                experts[expert] = own
         return cls(roots.paths[data["root"]], folder, str(data.get("name") or "").strip(), task.name, models,
                    _settings(data.get("train") or {}), prompts, _integer(data.get("sample_every_n_epochs") or 0,
-                                                                         "sample_every_n_epochs"))
+                                                                         "sample_every_n_epochs"), experts)
 
     @property
     def task(self):
@@ -229,7 +238,7 @@ class NewRun:
                                   "it away first.")
         sample = {"prompts": self.prompts_file(), "every_n_epochs": self.sample_every_n_epochs} if self.prompts else None
         plan = plan_init(self.folder, self.project_file(), self.name or None, self.base / "models", True, self.task,
-                         models=self.models, train=self.train, sample=sample)
+                         models=self.models, train=self.train, sample=sample, experts=self.experts)
         if not recipe_dataset and plan.dataset.exists():
             plan.dataset_text = None
         return plan
@@ -283,12 +292,13 @@ def _integer(value, key: str) -> int:
     return int(text)
 
 
-def _settings(form: dict) -> dict:
-    """The form's [train] values, typed as the settings are; those left at the recipe's value are not set."""
+def _settings(form: dict, keys=FORM_SETTINGS, table: str = "train") -> dict:
+    """The form's [train] values (or an expert's), typed as the settings are; for [train], those left at the
+    recipe's value are not set (an expert's are: they differ from [train]'s)."""
     defaults, out = TrainSettings(), {}
     for key, value in form.items():
-        if key not in FORM_SETTINGS:
-            raise WanpairError(f"[train] {key}: the form sets {', '.join(FORM_SETTINGS)}; change others in the file.")
+        if key not in keys:
+            raise WanpairError(f"[{table}] {str(key)[:40]}: the form sets {', '.join(keys)}; change others in the file.")
         if value in (None, ""):
             continue
         default = getattr(defaults, key)
@@ -298,9 +308,9 @@ def _settings(form: dict) -> dict:
             try:
                 value = float(str(value)[:64])
             except (TypeError, ValueError):
-                raise WanpairError(f"[train] {key} = {value!r} must be a number (recipe: {default}).") from None
+                raise WanpairError(f"[{table}] {key} = {value!r} must be a number (recipe: {default}).") from None
         else:
             value = str(value)
-        if value != default:
+        if value != default or table != "train":
             out[key] = value
     return out

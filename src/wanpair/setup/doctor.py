@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WanpairError
+from ..models.tasks import expert_name
 
 GIB = 2**30
 # s/step of the 14B expert at 960x960 (3 600 tokens), rank 16, measured on an H200 (docs/benchmarks.md,
@@ -118,6 +119,11 @@ def project_checks(project_path: Path) -> list[Check]:
     checks.append(Check(True, f"models: {', '.join(f'{k} {d.path.name}' for k, d in recipe.dits.items())}; VAE, "
                               "text encoder and tokenizer of the right kinds"))
     checks.append(Check(True, f"dataset: {len(recipe.items)} items, clean; output folder writable with room"))
+    own = {e: w.overrides for e, w in project.experts.items() if w.overrides}
+    if own:
+        checks.append(Check(None, "set per expert: " + "; ".join(
+            f"{expert_name(e)} " + ", ".join(f"{k} {v:g}" for k, v in o.items()) for e, o in own.items())
+            + " (the rest from [train])"))
     cplan = recipe.plan_caches()
     todo = len(cplan.missing_latents) + len(cplan.missing_texts)
     entries = len(cplan.latent_paths) + len(cplan.text_paths) + len(cplan.prompt_paths)
@@ -138,7 +144,9 @@ def project_checks(project_path: Path) -> list[Check]:
     budget = t.memory_budget_gb or (min(free / GIB, LOW_MODE_BUDGET_GIB) if t.memory_mode == "low" else free / GIB)
     config = recipe.dits[project.task.experts[0]].config
     try:
-        plan = plan_from_config(config, tokens, t, budget, fp8_matmul_available(device), compiled=t.compile != "off")
+        widest = max((project.settings(e) for e in project.task.experts), key=lambda e: e.rank)  # the most LoRA memory
+        plan = plan_from_config(config, tokens, widest, budget, fp8_matmul_available(device),
+                                compiled=t.compile != "off")
     except WanpairError as e:
         return checks + [Check(False, f"memory plan for {tokens} tokens per batch", f"{project.path}: {e}")]
     checks.append(Check(True, f"{plan.describe()} (estimated before loading); "

@@ -1,6 +1,7 @@
 """`wanpair download`: exactly the recipe's weight files, fetched with huggingface_hub and verified.
 
-The only part of wanpair that uses the network. Transfers, resuming (`Range` on the `.incomplete`
+The Hub's other users in wanpair are `wanpair push` and `[hub]` (`wanpair.hub`, `wanpair.export.hub`). Transfers,
+resuming (`Range` on the `.incomplete`
 file), tokens (`HF_TOKEN`, `hf auth login`), `HF_ENDPOINT` mirrors and progress bars are
 huggingface_hub's own (`hf_hub_download` into a local folder, as the recipe's `huggingface-cli
 download --local-dir` does). What this module adds is the recipe's file table, a disk check before

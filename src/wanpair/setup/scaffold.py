@@ -18,7 +18,7 @@ from ..caption import project_captioner
 from ..data.media import media_kind
 from ..errors import WanpairError
 from ..models.tasks import T2V, Task
-from ..project import MODEL_KEYS, TrainSettings
+from ..project import MODEL_KEYS, PER_EXPERT_KEYS, TrainSettings
 from ..tomlfile import read_toml
 
 def model_patterns(task: Task) -> dict[str, list[str]]:
@@ -146,9 +146,22 @@ def train_defaults(chosen: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def experts_tables(task: Task, chosen: dict | None = None) -> str:
+    """[experts.<expert>] tables with what is set per expert, or (none set) a commented example: the settings
+    each expert of a pair may have for itself."""
+    chosen = {e: v for e, v in (chosen or {}).items() if v}
+    if chosen:
+        return "".join(f"\n[experts.{e}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in own.items())
+                       for e, own in chosen.items())
+    if not task.paired:
+        return ""
+    return (f"\n# Per expert ({', '.join(PER_EXPERT_KEYS)}; the rest is shared), e.g. a lower rate for the high-noise one:\n"
+            "# [experts.high]\n# learning_rate = 3e-5\n")
+
+
 def project_text(name: str, models: str, dataset: Path, project: Path, task: Task = T2V,
-                 train: dict | None = None, sample: dict | None = None) -> str:
-    """The project file; `train` and `sample`: settings written as set ([sample]: only when given)."""
+                 train: dict | None = None, sample: dict | None = None, experts: dict | None = None) -> str:
+    """The project file; `train`, `experts` and `sample`: settings written as set ([sample]: only when given)."""
     sample_table = "".join(f"{k} = {toml_value(relative(v, project.parent) if isinstance(v, Path) else v)}\n"
                            for k, v in (sample or {}).items())
     return (f"# wanpair project: `wanpair doctor {project.name}` checks it, `wanpair train {project.name}` runs it\n"
@@ -157,7 +170,7 @@ def project_text(name: str, models: str, dataset: Path, project: Path, task: Tas
             f"model = {toml_value(task.name)}  # {task.title}\n"
             f'author = ""\noutput_dir = "output"\n\n{models}\n[dataset]\n'
             f"config = {toml_value(relative(dataset, project.parent))}\n\n{train_defaults(train)}"
-            + (f"\n[sample]\n{sample_table}" if sample_table else ""))
+            + experts_tables(task, experts) + (f"\n[sample]\n{sample_table}" if sample_table else ""))
 
 
 def _existing_models(project: Path) -> dict[str, Path] | None:
@@ -191,7 +204,7 @@ class InitPlan:
 
 def plan_init(dataset_dir: Path, project: Path, name: str | None, models_dir: Path, force: bool, task: Task = T2V,
               models: dict[str, Path] | None = None, train: dict | None = None,
-              sample: dict | None = None) -> InitPlan:
+              sample: dict | None = None, experts: dict | None = None) -> InitPlan:
     """The texts of dataset.toml (unless there is one and not `force`) and the project; `models`: the files
     chosen (else those of a models-only project file, else those found under `models_dir`)."""
     dataset_dir = dataset_dir.resolve()
@@ -206,7 +219,7 @@ def plan_init(dataset_dir: Path, project: Path, name: str | None, models_dir: Pa
     name = name or re.sub(r"[^\w.\-]+", "_", dataset_dir.name).strip("_") or "my_lora"
     if not re.fullmatch(r"[\w.\-]+", name):
         raise WanpairError(f"--name {name!r} must be file-name safe (letters, digits, _ . -).")
-    text = project_text(name, models_table(found, project.parent, task), dataset, project, task, train, sample)
+    text = project_text(name, models_table(found, project.parent, task), dataset, project, task, train, sample, experts)
     missing = [k for k in model_order(task) if k not in found]
     notes = [f"not found under {models_dir}: {', '.join(missing)}; run `wanpair download --project {project}` "
              "or set the paths under [models]"] if missing else []

@@ -40,7 +40,8 @@ from ..project import Project
 from ..sizes import human_seconds
 from .data import CachedData, step_counts
 from .flow_matching import flow_matching_loss, pad_text
-from .lora import DTYPES, load_initial_lora, lora_state_dict, save_lora
+from .hub_push import DRAIN_S, STOP_S, shared_pusher
+from .lora import DTYPES, apply_max_norm, load_initial_lora, lora_pairs, lora_state_dict, save_lora
 from .metadata import lora_metadata, run_identity
 from .metrics import MetricsLog
 from .model_setup import prepare_expert
@@ -48,6 +49,7 @@ from .optim import build_optimizer, build_scheduler
 from .state import Progress, StopFlag, capture_rngs, list_states, lora_params, restore_rngs, save_state
 from .step import APPLIED, SCALER_SKIPPED, Verdict, finish, forward_backward, update
 from .timesteps import sample_timesteps
+from .trackers import open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ class ExpertResult:
 class ExpertTraining:
     def __init__(self, project: Project, expert: str, dit: DitInfo, data: CachedData, device: torch.device,
                  sampler=None, allow_expert_mismatch: bool = False, show_bar: bool = True):
-        self.p, self.t, self.expert, self.dit, self.data = project, project.train, expert, dit, data
+        self.p, self.t, self.expert, self.dit, self.data = project, project.settings(expert), expert, dit, data
         self.window = project.experts[expert]
         self.sampler = sampler
         self.allow_expert_mismatch = allow_expert_mismatch
@@ -121,6 +123,7 @@ class ExpertTraining:
                                        kwargs_handlers=[ddp])
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.writes = self.accelerator.is_main_process  # only rank 0 writes LoRAs, states, metrics, samples
+        self.hub = shared_pusher(project, enabled=self.writes)  # [hub]: saved files to the Hub, in the background
 
     # ---------------------------------------------------------------- stages
     def setup_data(self) -> None:
@@ -166,7 +169,8 @@ class ExpertTraining:
     def setup_optimizer(self) -> None:
         t = self.t
         self.model.train()
-        optimizer = build_optimizer(self.params, t)
+        self.lora_pairs = lora_pairs(self.model)
+        optimizer = build_optimizer(self.params, t, up=[up for _, up in self.lora_pairs])
         # The schedule is stepped here once per optimizer step, so accelerate does not wrap it (it would
         # step it once per process).
         self.scheduler = build_scheduler(optimizer, t, self.total_steps)
@@ -310,7 +314,9 @@ class ExpertTraining:
         dev = self.accelerator.device
         header = {"total_steps": self.total_steps,
                   "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type}
-        self.metrics = MetricsLog(self.p.run_dir, expert, t.tensorboard, header, self.progress.step) if self.writes else None
+        self.metrics = MetricsLog(self.p.run_dir, expert, header=header) if self.writes else None
+        if self.metrics:  # opened after the log, so that an error starting one is closed with it (`run`)
+            self.metrics.trackers = open_trackers(self.p, expert, self.progress.step)
         self.bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=expert_name(expert), unit="step",
                         disable=not (self.writes and self.show_bar))
         if self.val_items and self.progress.step == 0 and self.metrics:
@@ -332,6 +338,8 @@ class ExpertTraining:
                     self.complete(pending, stop.signum, rngs=queued.rngs, next_started=queued.started)
                 queued.verdict = update(self.optimizer, self.accelerator, self.params, queued.local_loss,
                                         t.max_grad_norm)
+                if t.scale_weight_norms:
+                    queued.norms = apply_max_norm(self.lora_pairs, t.scale_weight_norms, t.alpha / t.rank)
                 pending = queued
             if pending:
                 self.complete(pending, stop.signum)
@@ -423,6 +431,9 @@ class ExpertTraining:
             row = {"step": self.progress.step, "epoch": q.epoch, "loss": loss, "smoothed_loss": smoothed,
                    "lr": lr, "timestep": q.timestep, "s_per_step": round(seconds, 4),
                    "samples_per_s": round(q.samples / seconds, 3)}
+            if q.norms is not None:  # logged under Musubi-Tuner's names for them
+                scaled, mean, biggest = q.norms.tolist()
+                row |= {"keys_scaled": int(scaled), "average_key_norm": mean, "max_key_norm": biggest}
             if due.validation and self.val_items:
                 row |= self.validation_row()
             if self.metrics:
@@ -505,6 +516,7 @@ class ExpertTraining:
             meta |= {"wanpair.validation_loss": f"{loss:.6g}", "wanpair.validation_step": str(step),
                      "wanpair.validation_kind": self.data.validation_kind}
         save_lora(out, sd, {**meta, **(extra or {})})
+        self.hub.push(out)
         return len(sd) // 3
 
     def save_intermediate(self, epoch: int) -> None:
@@ -536,13 +548,16 @@ class ExpertTraining:
         self.timings.states += 1
         self.timings.states_s += time.perf_counter() - started
         self.timings.state_bytes = path.stat().st_size
+        self.hub.push_state(path)
         return path
 
     def sample(self) -> None:
         if self.sampler and self.writes:
-            self.sampler(self.unwrapped, self.expert, self.progress.step, self.accelerator.autocast,
-                         run_identity(self.p, self.expert, self.dit, self.data.training_items, self.data.batch_sizes),
-                         self.metrics.writer if self.metrics else None)
+            written = self.sampler(self.unwrapped, self.expert, self.progress.step, self.accelerator.autocast,
+                                   run_identity(self.p, self.expert, self.dit, self.data.training_items,
+                                                self.data.batch_sizes))
+            if self.metrics:
+                self.metrics.log_samples(written, self.progress.step)
 
     def close_metrics(self, quiet: bool = False) -> None:
         """Close the metrics log once (`quiet`: a disk error while closing is not raised again)."""
@@ -561,6 +576,7 @@ class ExpertTraining:
         final = self.p.lora_path(self.expert)
         partial = final.with_name(f"{final.stem}-partial-step{self.progress.step:06d}{final.suffix}")
         self.save_lora(partial, {"wanpair.partial": "true"})
+        self.hub.close(STOP_S)
         raise StopRequested(
             f"stopped at step {self.progress.step} of {expert_noun(self.expert)}; saved {partial.name} and the "
             f"training state {path}.\nResume with:  wanpair train {self.p.path} --resume", signum or 15)
@@ -603,8 +619,9 @@ class ExpertTraining:
         try:
             self.train()
             return self.finish()
-        except BaseException:
+        except BaseException as e:
             self.close_metrics(quiet=True)  # the error that stopped the run is the one to report
+            self.hub.close(STOP_S if isinstance(e, KeyboardInterrupt) else DRAIN_S)  # a second Ctrl-C: quick
             raise
 
 
@@ -640,6 +657,7 @@ class _Queued:
     rngs: dict  # the generators before it drew its noise and timesteps
     started: float  # perf_counter when the host began it
     verdict: Verdict | None = None
+    norms: torch.Tensor | None = None  # scale_weight_norms: [modules scaled, mean norm, max norm] after the update
 
     @property
     def epoch_end(self) -> bool:

@@ -80,6 +80,29 @@ def add_lora_dropouts(model, rank_dropout: float, module_dropout: float) -> None
             module.lora_B["default"].register_forward_hook(drop_module)
 
 
+def lora_pairs(model) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """(down, up) weights of every LoRA module (peft's lora_A, lora_B)."""
+    return [(m.lora_A["default"].weight, m.lora_B["default"].weight) for m in model.modules()
+            if isinstance(m, LoraLayer) and "default" in m.lora_A]
+
+
+@torch.no_grad()
+def apply_max_norm(pairs, max_norm: float, scale: float) -> torch.Tensor:
+    """Max-norm regularisation after an update, as kohya's sd-scripts (`apply_max_norm_regularization`) and
+    Musubi-Tuner's `scale_weight_norms` do it: a module whose weight change dW = scale * up @ down has a
+    Frobenius norm above `max_norm` gets both factors scaled by sqrt(max_norm / |dW|). |dW| is computed
+    from the rank x rank Gram matrices, |U D|^2 = sum((U^T U) * (D D^T)), never forming dW. Returns
+    [modules scaled, mean norm, max norm] after it, on the device (read with the step's verdict)."""
+    norms = torch.stack([scale * ((up.T @ up) * (down @ down.T)).sum().clamp_min(0).sqrt() for down, up in pairs])
+    ratio = (max_norm / norms).clamp(max=1.0)  # a zero norm gives inf: clamped to 1, left alone
+    root = ratio.sqrt()
+    for (down, up), r in zip(pairs, root):
+        down.mul_(r)
+        up.mul_(r)
+    after = norms * ratio
+    return torch.stack([(ratio < 1).sum().to(after.dtype), after.mean(), after.max()])
+
+
 def kohya_name(module_path: str) -> str:
     """`blocks.0.attn1.to_out.0` -> `lora_unet_blocks_0_self_attn_o`."""
     return "lora_unet_" + to_original_name(module_path).replace(".", "_")

@@ -18,7 +18,8 @@ from safetensors import safe_open
 from .. import __version__
 from ..data.items import Item
 from ..models.dit import DitInfo
-from ..project import OUTPUT_SETTINGS, SIDE_SETTINGS, Project, TrainSettings
+from ..models.tasks import expert_name
+from ..project import OUTPUT_SETTINGS, PER_EXPERT_KEYS, SIDE_SETTINGS, Project, TrainSettings
 
 
 def _digest(values) -> str:
@@ -47,7 +48,7 @@ def run_identity(project: Project, expert: str, dit: DitInfo, items: list[Item],
     (settings other than the SIDE_SETTINGS, data and its order, base, window, starting LoRA) and the
     dtype the LoRA is saved in."""
     window = project.experts[expert]
-    settings = asdict(project.train)
+    settings = asdict(project.settings(expert))
     return {
         "wanpair.expert": expert,
         "wanpair.timestep_window": f"{window.min_timestep},{window.max_timestep}",
@@ -58,22 +59,34 @@ def run_identity(project: Project, expert: str, dit: DitInfo, items: list[Item],
                                        sort_keys=True),
         "wanpair.output_settings": json.dumps({k: settings[k] for k in sorted(OUTPUT_SETTINGS)}),
         "wanpair.init_lora": str(window.init_lora or ""),
+        # what each expert of this project trains with where experts may differ: how the other expert's LoRA is
+        # recognised as this run's partner (`same_run`)
+        "wanpair.pair_settings": json.dumps({e: {k: getattr(project.settings(e), k) for k in PER_EXPERT_KEYS}
+                                             for e in project.task.experts}, sort_keys=True),
     }
 
 
 def lora_metadata(project: Project, expert: str, dit: DitInfo, items: list[Item], batch_sizes: dict[int, int],
                   steps: int, epochs: int) -> dict[str, str]:
-    t = project.train
+    t = project.settings(expert)
     identity = run_identity(project, expert, dit, items, batch_sizes)
     timestep_range = identity["wanpair.timestep_window"]
     window = project.experts[expert]
+    m = project.metadata
+    title = f"{m.title} ({expert_name(expert)} expert)" if m.title and project.task.paired else m.title
     return {
-        # modelspec.* / ss_* are the keys ComfyUI, A1111-style tools and Musubi-Tuner display.
+        # modelspec.* / ss_* are the keys ComfyUI, A1111-style tools and Musubi-Tuner display (the SAI model
+        # spec 1.0.0: title, author, description, license, tags as one comma-separated string, trigger_phrase).
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{project.task.architecture}/lora",
         "modelspec.implementation": f"https://github.com/Wan-Video/Wan{project.task.version}",
-        "modelspec.title": project.lora_path(expert).stem,
+        "modelspec.title": title or project.lora_path(expert).stem,
         "modelspec.author": project.author,
+        **({"modelspec.description": m.description} if m.description else {}),
+        **({"modelspec.license": m.license} if m.license else {}),
+        **({"modelspec.tags": ", ".join(m.tags)} if m.tags else {}),
+        **({"modelspec.trigger_phrase": ", ".join(m.trigger_words)} if m.trigger_words else {}),
+        **({"ss_training_comment": m.training_comment} if m.training_comment else {}),
         "modelspec.date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "modelspec.timestep_range": timestep_range,
         "ss_network_module": "networks.lora_wan",
@@ -134,11 +147,23 @@ _SHARED = ("wanpair.dataset_fingerprint", "wanpair.batch_size", "wanpair.num_rep
 
 
 def same_run(found: dict, identity: dict[str, str]) -> bool:
-    """Is a finished LoRA (its metadata `found`) the other expert's of the run whose identity this is?"""
-    return found.get("wanpair.partial") != "true" and all(
-        _settings(found, k, json.loads(identity[k])) == _settings(identity, k) if k in _SETTINGS_KEYS
-        else found.get(k) == identity[k]
-        for k in _SHARED)
+    """Is a finished LoRA (its metadata `found`) the other expert's of the run whose identity this is? Its
+    shared settings equal this expert's, and the settings an expert may have for itself (`PER_EXPERT_KEYS`)
+    equal what this project gives that expert."""
+    def shared(settings: dict | None) -> dict | None:
+        return None if settings is None else {k: v for k, v in settings.items() if k not in PER_EXPERT_KEYS}
+
+    if found.get("wanpair.partial") == "true":
+        return False
+    for key in _SHARED:
+        if key in _SETTINGS_KEYS:
+            if shared(_settings(found, key, json.loads(identity[key]))) != shared(_settings(identity, key)):
+                return False
+        elif found.get(key) != identity[key]:
+            return False
+    settings, pair = _settings(found, "wanpair.settings"), json.loads(identity.get("wanpair.pair_settings", "{}"))
+    own = pair.get(found.get("wanpair.expert"))
+    return own is None or all(settings.get(k) == v for k, v in own.items())
 
 
 def side_differences(saved_settings: dict, project: Project) -> list[str]:

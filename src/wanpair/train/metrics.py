@@ -3,8 +3,8 @@
 `<output_dir>/<name>/metrics.jsonl` gets {expert, time, step, epoch, loss, smoothed_loss, lr, timestep,
 s_per_step, samples_per_s, gpu_mem_gib} (the first row of each training process also total_steps and
 device), and at validation steps val_loss, val_kind ("held-out" or "fit") and val_seconds (the
-evaluation's time, kept out of s_per_step); a row of step 0 holds the validation loss before training. TensorBoard event files go to `<output_dir>/<name>/tensorboard/`
-(`tensorboard --logdir output/<name>/tensorboard`); `loss.png` plots loss and validation loss against
+evaluation's time, kept out of s_per_step); a row of step 0 holds the validation loss before training. The
+trackers of `[train] log_with` get the same values (`wanpair.train.trackers`); `loss.png` plots loss and validation loss against
 step and loss against timestep for each expert at the end.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -20,25 +19,21 @@ import torch
 
 from ..atomic import atomic_path
 from ..models.tasks import expert_name
+from .trackers import close_trackers, log_row, log_samples
 
 
 class MetricsLog:
     """Appends one JSON line per step. Each line is one `write()` on a file opened for appending, so the
-    two experts' processes can log into the same file side by side without tearing each other's lines."""
+    two experts' processes can log into the same file side by side without tearing each other's lines.
+    The same values go to the run's trackers (`wanpair.train.trackers`: TensorBoard, W&B, Trackio)."""
 
-    def __init__(self, run_dir: Path, expert: str, tensorboard: bool, header: dict | None = None, resumed_at: int = 0):
+    def __init__(self, run_dir: Path, expert: str, trackers: list | None = None, header: dict | None = None):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.expert = expert
         self.header = header or {}  # goes into the first row only: what a reader needs once (total steps, device)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            _quiet_writer_thread_errors()
-            # resumed: TensorBoard hides the killed run's events after the state (its `purge_step`)
-            self.writer = SummaryWriter(str(run_dir / "tensorboard" / expert), purge_step=resumed_at + 1 if resumed_at else None)
+        self.trackers = trackers or []
 
     def log(self, row: dict) -> None:
         if torch.cuda.is_available():
@@ -46,32 +41,15 @@ class MetricsLog:
         line = {"expert": self.expert, "time": round(time.time(), 3), **self.header, **row}
         self.header = {}
         os.write(self.fd, (json.dumps(line) + "\n").encode())
-        if self.writer:
-            for key in ("loss", "smoothed_loss", "lr", "timestep", "s_per_step", "val_loss"):
-                if key in row:
-                    self.writer.add_scalar(f"{key}", row[key], row["step"])
+        log_row(self.trackers, row, row["step"])
+
+    def log_samples(self, paths: list[Path], step: int) -> None:
+        log_samples(self.trackers, self.expert, paths, step)
 
     def close(self) -> None:
         os.close(self.fd)
-        if self.writer:
-            self.writer.close()
-
-
-def _quiet_writer_thread_errors() -> None:
-    """TensorBoard writes events from a thread of its own; an OSError there (a full disk) would print a raw
-    traceback, and the same exception is raised again at the writer's next call in the training thread
-    (tensorboard `summary/writer/event_file_writer.py`, `_AsyncWriter._check_worker_status`), where the
-    run turns it into one clear message. So the thread's copy is not printed."""
-    previous = threading.excepthook
-    if getattr(previous, "wanpair", False):
-        return
-
-    def hook(args):
-        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
-            previous(args)
-
-    hook.wanpair = True
-    threading.excepthook = hook
+        trackers, self.trackers = self.trackers, []
+        close_trackers(trackers)
 
 
 def read_metrics(path: Path) -> list[dict]:

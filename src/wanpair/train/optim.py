@@ -30,12 +30,22 @@ def parse_optimizer_args(args: list[str]) -> dict:
     return out
 
 
-def build_optimizer(params, t: TrainSettings) -> torch.optim.Optimizer:
+def build_optimizer(params, t: TrainSettings, up: list | None = None) -> torch.optim.Optimizer:
+    """The optimizer over the LoRA's `params`; with LoRA+ (`loraplus_lr_ratio`), the `up` matrices (the LoRA's B)
+    in a group of their own at that many times the learning rate. LoRA+ (Hayou, Ghosh, Yu 2024, "LoRA+:
+    Efficient Low Rank Adaptation of Large Models") as Musubi-Tuner's `network_args = ["loraplus_lr_ratio=4"]`
+    sets it; schedules scale every group alike."""
     kwargs = {"lr": t.learning_rate, "weight_decay": t.weight_decay, **parse_optimizer_args(t.optimizer_args)}
-    name = t.optimizer
+    tensors, name = params, t.optimizer
     try:
+        if t.loraplus_lr_ratio and up:
+            if not isinstance(kwargs["lr"], (int, float)):
+                raise ValueError(f"LoRA+ (loraplus_lr_ratio) scales a learning rate, and lr is {kwargs['lr']!r}")
+            ids = {id(p) for p in up}
+            params = [{"params": [p for p in tensors if id(p) not in ids]},
+                      {"params": [p for p in tensors if id(p) in ids], "lr": kwargs["lr"] * t.loraplus_lr_ratio}]
         if name == "adamw":
-            if all(p.is_cuda for p in params):
+            if all(p.is_cuda for p in tensors):
                 kwargs.setdefault("fused", True)  # one kernel for all ~800 LoRA tensors instead of foreach groups
             return torch.optim.AdamW(params, **kwargs)
         if name == "adafactor":

@@ -20,6 +20,7 @@ from ..data.items import Item, check_dataset, require_clean
 from ..errors import WanpairError
 from ..export.formats import read_lora
 from ..export.merge import check_expert, check_pair
+from ..hub import hub_problems
 from ..models.dit import DitInfo, inspect_dit
 from ..models.files import inspect_weight_file
 from ..models.kinds import identify
@@ -31,6 +32,7 @@ from .data import CachedData, step_counts, validation_set
 from .lora import check_initial_lora
 from .memory_plan import block_linear_params
 from .optim import build_optimizer, warmup_steps
+from .trackers import tracker_problems
 
 
 @dataclass
@@ -92,7 +94,7 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
                 lora, what = read_lora(init), f"{expert_noun(expert)} being trained"
                 check_expert(lora, expert, what, allow_expert_mismatch)
                 check_pair(lora, project.task, what, allow_expert_mismatch)
-                check_initial_lora(lora, project.train.rank)
+                check_initial_lora(lora, project.settings(expert).rank)
             except WanpairError as e:
                 problems.append(f"[experts.{expert}] init_lora {init}: {e}")
     if len(found.dits) == 2 and found.dits["high"].fingerprint == found.dits["low"].fingerprint:
@@ -114,18 +116,21 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
             f"{project.task.name} learns how a clip goes on from its first frame, and a still image is its own first "
             f"frame: there is nothing to learn from {len(stills)} image item(s) (e.g. {stills[0].image}). Use video "
             "clips (video_directory in dataset.toml), or train the t2v-A14B pair on the images.")
-    problems += check_warmup(project, found)
+    problems += check_warmup(project, found, experts)
     problems += check_optimizer(project)
+    problems += tracker_problems(t.log_with, project.path)
+    problems += hub_problems(project) if experts else []  # [hub] repo: a token, before hours of training
     problems += check_disk(project, experts, found, quiet)
     if problems:
         raise WanpairError("cannot start training:\n" + "\n".join(f"- {p}" for p in problems))
     return found
 
 
-def check_warmup(project: Project, found: Checked) -> list[str]:
+def check_warmup(project: Project, found: Checked, experts: tuple[str, ...]) -> list[str]:
     """A warm-up as long as the run never reaches the learning rate it was given. The run's optimizer steps
     are known only once the dataset is read: the items trained on (not those held out for validation), in
-    batches as the training unit cuts them, counted for one process (data-parallel runs take fewer)."""
+    batches as the training unit cuts them, counted for one process (data-parallel runs take fewer). Each
+    expert counts its own steps ([experts.<expert>] epochs / max_steps)."""
     t = project.train
     if t.lr_scheduler == "constant" or not found.items:  # "constant" has no warm-up
         return []
@@ -133,25 +138,35 @@ def check_warmup(project: Project, found: Checked) -> list[str]:
     validation = validation_set(found.items, held_out, t.validation_split, t.validation_items, t.seed)
     data = CachedData(found.items, [], [], {s.index: s.batch_size for s in found.specs}, *validation)
     batches = data.batches_per_epoch
-    _, total, _ = step_counts(batches, t.gradient_accumulation_steps, 1, t.epochs, t.max_steps)
-    warmup = warmup_steps(t, total)
-    if warmup < total:
-        return []
-    key = "lr_warmup_steps" if t.lr_warmup_steps else "lr_warmup_ratio"
-    accumulated = f" / gradient_accumulation_steps {t.gradient_accumulation_steps}" \
-        if t.gradient_accumulation_steps > 1 else ""
-    run = f"max_steps = {t.max_steps}" if t.max_steps and total == t.max_steps else \
-        f"{batches} batches per epoch{accumulated} x {t.epochs} epoch{'s' if t.epochs > 1 else ''}"
-    return [f"{project.path}: [train] {key} = {getattr(t, key)!r} warms up over {warmup} steps, but the run has "
-            f"{total} optimizer steps ({run}): the learning rate would still be rising when training ends. Warm up "
-            f"over fewer than {total} steps, or train longer."]
+    problems = []
+    for expert in experts:
+        e = project.settings(expert)
+        _, total, _ = step_counts(batches, t.gradient_accumulation_steps, 1, e.epochs, e.max_steps)
+        warmup = warmup_steps(e, total)
+        if warmup < total:
+            continue
+        key = "lr_warmup_steps" if t.lr_warmup_steps else "lr_warmup_ratio"
+        accumulated = f" / gradient_accumulation_steps {t.gradient_accumulation_steps}" \
+            if t.gradient_accumulation_steps > 1 else ""
+        run = f"max_steps = {e.max_steps}" if e.max_steps and total == e.max_steps else \
+            f"{batches} batches per epoch{accumulated} x {e.epochs} epoch{'s' if e.epochs > 1 else ''}"
+        whose = f"{expert_noun(expert)}'s run has" if project.experts[expert].overrides.keys() & {"epochs", "max_steps"} \
+            else "the run has"
+        problem = (f"{project.path}: [train] {key} = {getattr(t, key)!r} warms up over {warmup} steps, but {whose} "
+                   f"{total} optimizer steps ({run}): the learning rate would still be rising when training ends. "
+                   f"Warm up over fewer than {total} steps, or train longer.")
+        if problem not in problems:
+            problems.append(problem)
+    return problems
 
 
 def check_optimizer(project: Project) -> list[str]:
     """The optimizer with its `optimizer_args`, built once for a throwaway parameter: a misspelt argument, an
     impossible value or a missing package is named now, not after the expert has loaded."""
     try:
-        build_optimizer([torch.nn.Parameter(torch.zeros(1))], project.train)
+        down, up = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))  # as LoRA+ groups them
+        for expert in project.task.experts:
+            build_optimizer([down, up], project.settings(expert), up=[up])
     except WanpairError as e:
         return [f"{project.path}: [train] {e}"]
     return []
@@ -169,21 +184,23 @@ def check_disk(project: Project, experts: tuple[str, ...], found: Checked, quiet
     if not found.items or not found.dits:
         return []
     cfg = next(iter(found.dits.values())).config
-    lora_params = cfg["num_layers"] * t.rank * block_linear_params(cfg)[1]
-    lora_bytes = lora_params * (4 if t.save_dtype == "fp32" else 2)
-    # steps per epoch at most one per item and repeat (batch size 1, one process); max_steps bounds the run
-    per_epoch = sum(it.num_repeats for it in found.items)
-    steps = min(t.max_steps, t.epochs * per_epoch) if t.max_steps else t.epochs * per_epoch
-    epochs = -(-steps // per_epoch)
-    made = (epochs // t.save_every_n_epochs if t.save_every_n_epochs else 0) + \
-        (steps // t.save_every_n_steps if t.save_every_n_steps else 0)  # intermediate LoRAs
-    saves = 1 + min(made, t.keep_last or made)
     cadence = t.save_state_every_n_steps or t.save_state_every_n_epochs
     states = (t.keep_states or 10) + 1 if cadence else 2 if t.crash_state else 0  # +1: a new one before the oldest goes
     channels = 32 if project.task.conditioned else 16  # I2V entries also hold the first frame's latent
-    cache = sum(channels * ((it.frames - 1) // 4 + 1) * (it.bucket[0] // 8) * (it.bucket[1] // 8) * 4
-                + TEXT_LEN * cfg["text_dim"] * 2 for it in found.items)
-    need = cache + len(experts) * (saves * lora_bytes + states * lora_params * 4 * 3)
+    need = sum(channels * ((it.frames - 1) // 4 + 1) * (it.bucket[0] // 8) * (it.bucket[1] // 8) * 4
+               + TEXT_LEN * cfg["text_dim"] * 2 for it in found.items)  # the caches
+    for expert in experts:
+        e = project.settings(expert)
+        lora_params = cfg["num_layers"] * e.rank * block_linear_params(cfg)[1]
+        lora_bytes = lora_params * (4 if t.save_dtype == "fp32" else 2)
+        # steps per epoch at most one per item and repeat (batch size 1, one process); max_steps bounds the run
+        per_epoch = sum(it.num_repeats for it in found.items)
+        steps = min(e.max_steps, e.epochs * per_epoch) if e.max_steps else e.epochs * per_epoch
+        epochs = -(-steps // per_epoch)
+        made = (epochs // t.save_every_n_epochs if t.save_every_n_epochs else 0) + \
+            (steps // t.save_every_n_steps if t.save_every_n_steps else 0)  # intermediate LoRAs
+        saves = 1 + min(made, t.keep_last or made)
+        need += saves * lora_bytes + states * lora_params * 4 * 3
     free = shutil.disk_usage(existing).free
     if not quiet:
         print(f"disk: about {human_bytes(need)} needed for caches, LoRAs and states; {human_bytes(free)} free in {out}")

@@ -28,12 +28,13 @@ from accelerate import PartialState
 from ..atomic import write_text_atomic
 from ..cache import CachePlan, CacheStats, fill, folder_fingerprint, plan
 from ..errors import DISK_ERRNOS, WanpairError
+from ..export.workflow import write_workflow
 from ..models.text_encoder import load_text_encoder
 from ..models.vae import load_vae
 from ..models.tasks import expert_name, expert_noun
 from ..project import Project
 from ..sizes import human_seconds
-from . import placement
+from . import hub_push, placement
 from .data import CachedData, step_counts, validation_set
 from .expert import ExpertResult, ExpertTraining
 from .metadata import differences, finished_lora_differences, run_identity, side_differences
@@ -153,13 +154,12 @@ class LoraPairRecipe:
         if named is not None and named["expert"] not in experts:
             raise WanpairError(f"--resume {explicit}: that state is of the {expert_noun(named['expert'])}, which this "
                                f"command does not train ({', '.join(experts)}).")
-        data = self.cached_data(paths=False)
         jobs, kept, problems = [], [], []
         for e in experts:
             if self.overwrite:
                 jobs.append(ExpertJob(e, start_over=True))
                 continue
-            identity = run_identity(self.p, e, self.dits[e], data.training_items, data.batch_sizes)
+            identity = self.identity(e)
             outputs = ExpertOutputs(self.p, e)
             if outputs.final.exists():
                 changed = finished_lora_differences(outputs.final, identity)
@@ -207,6 +207,12 @@ class LoraPairRecipe:
                                       {j.expert: j.processes for j in jobs if j.processes}) if jobs else None
         return jobs, kept
 
+    def identity(self, expert: str) -> dict[str, str]:
+        """What makes a LoRA or state this expert's run's (`run_identity`): known after the preflight, before the
+        caches."""
+        data = self.cached_data(paths=False)
+        return run_identity(self.p, expert, self.dits[expert], data.training_items, data.batch_sizes)
+
     def overwrite_flags(self, expert: str) -> str:
         """How to start one expert over: `--overwrite` removes the work of every expert the command trains."""
         return f"--overwrite --expert {expert}" if self.p.task.paired else "--overwrite"
@@ -243,7 +249,8 @@ class LoraPairRecipe:
                    "allow_expert_mismatch": self.allow_expert_mismatch}
         starts = {j.expert: (j.state, j.step) for j in jobs}
         totals = {g.expert: step_counts(data.batches_per_epoch, self.t.gradient_accumulation_steps, g.processes,
-                                        self.t.epochs, self.t.max_steps)[1] for wave in waves for g in wave}
+                                        self.p.settings(g.expert).epochs, self.p.settings(g.expert).max_steps)[1]
+                  for wave in waves for g in wave}
         for job in jobs:
             placement.result_path(self.p.run_dir, job.expert).unlink(missing_ok=True)
         lock = lock_path(self.p.output_dir, self.p.name)
@@ -254,14 +261,17 @@ class LoraPairRecipe:
     def train_here(self, jobs: list[ExpertJob]) -> list[ExpertResult]:
         """Each expert in turn, in this process (on every rank, under a launcher)."""
         data, sampler, results = self.cached_data(), self.sampler(), []
-        for job in jobs:
-            unit = ExpertTraining(self.p, job.expert, self.dits[job.expert], data, self.device, sampler,
-                                  self.allow_expert_mismatch)
-            results.append(unit.run(load_state(job.state) if job.state else None))
-            del unit
-            gc.collect()  # the expert just trained is garbage now: free its memory before the next loads
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        try:
+            for job in jobs:
+                unit = ExpertTraining(self.p, job.expert, self.dits[job.expert], data, self.device, sampler,
+                                      self.allow_expert_mismatch)
+                results.append(unit.run(load_state(job.state) if job.state else None))
+                del unit
+                gc.collect()  # the expert just trained is garbage now: free its memory before the next loads
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        finally:
+            hub_push.close_shared()  # [hub]: the experts' uploads, which went on while the next one trained
         return results
 
     def kept_result(self, expert: str) -> ExpertResult:
@@ -273,9 +283,11 @@ class LoraPairRecipe:
         return ExpertResult(expert, self.p.lora_path(expert), max((r["step"] for r in rows), default=0), 0.0,
                             losses[0], losses[-1], losses)
 
-    def run(self, experts: tuple[str, ...] | None = None, resume: str | None = None) -> list[ExpertResult]:
+    def run(self, experts: tuple[str, ...] | None = None, resume: str | None = None,
+            resume_from_hub: str | None = None) -> list[ExpertResult]:
         """The whole recipe (for `experts`, default: all the model has). `resume`: a state file, or "latest"
-        for each expert's newest state of this run.
+        for each expert's newest state of this run; `resume_from_hub`: a repository whose newest states of this
+        run are fetched first (`hub_push.fetch_states`), then "latest".
 
         Started by torchrun / accelerate launch on several ranks, every rank runs it: all check and plan
         alike, rank 0 holds the lock and writes, each node's first rank fills the caches before the others
@@ -289,6 +301,12 @@ class LoraPairRecipe:
         with run_lock(self.p.output_dir, self.p.name) if first else contextlib.nullcontext():
             self.preflight(experts)
             clock["checked"] = time.perf_counter()
+            if resume_from_hub:
+                if first:
+                    hub_push.fetch_states(self.p, resume_from_hub, experts, self.identity)
+                if ranks is not None:
+                    ranks.wait_for_everyone()  # the states are in place before any rank plans from them
+                resume = "latest"
             jobs, kept = self.plan_experts(experts, resume)
             if ranks is not None:
                 ranks.wait_for_everyone()  # every rank has read the states before rank 0 tidies them
@@ -310,6 +328,8 @@ class LoraPairRecipe:
                                "experts": [asdict(r) | {"lora": str(r.lora)} | self.validation_summary(r.expert)
                                            for r in results]}
                     write_text_atomic(self.p.run_dir / "summary.json", json.dumps(summary, indent=2))
+                    if all(self.p.lora_path(e).exists() for e in self.p.task.experts):  # the pair is there
+                        print(f"ComfyUI workflow (each LoRA on its expert): {write_workflow(self.p)}")
             except OSError as e:
                 if e.errno not in DISK_ERRNOS:
                     raise

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..sample import make_sampler
     from .data import CachedData
     from .expert import ExpertTraining
+    from .hub_push import close_shared
     from .placement import result_path
     from ..errors import StopRequested
     from .state import load_state
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: writing {e.filename or project.output_dir} failed: {e.strerror}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        close_shared()  # [hub]: what is still uploading, at the end of this process's training
     if unit.writes:
         write_text_atomic(result_path(project.run_dir, args.expert),
                           json.dumps(asdict(result) | {"lora": str(result.lora)}))

@@ -305,9 +305,13 @@ function request() {
   const models = {}, train = {};
   for (const s of document.querySelectorAll("#nr-models select")) if (s.value) models[s.dataset.model] = where(s.value);
   for (const s of document.querySelectorAll("[data-setting]")) if (s.value !== "") train[s.dataset.setting] = s.value;
+  const experts = {};
+  for (const s of document.querySelectorAll("[data-expert-setting]")) {
+    if (s.value !== "") (experts[s.dataset.expert] ??= {})[s.dataset.expertSetting] = s.value;
+  }
   const folder = where($("#nr-folder").value);
   return { root: folder.root, folder: folder.path, name: $("#nr-name").value,
-           task: $("#nr-task").value, models, train, prompts: $("#nr-prompts").value,
+           task: $("#nr-task").value, models, train, experts, prompts: $("#nr-prompts").value,
            sample_every_n_epochs: $("#nr-sample-every").value, recipe_dataset: $("#nr-force").checked };
 }
 
