@@ -93,7 +93,7 @@ def test_a_failing_remote_tracker_is_dropped_and_a_full_disk_is_not(capsys):
             raise OSError(28, "No space left on device")
 
         def finish(self):
-            pass
+            """Nothing buffered to close."""
 
     trackers = [Flaky()]
     log_row(trackers, {"step": 1, "loss": 0.5}, 1)

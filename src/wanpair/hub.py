@@ -1,7 +1,7 @@
 """The Hugging Face Hub's plumbing, shared by training (`wanpair.train.hub_push`: `[hub]`, `--resume-from-hub`)
 and sharing (`wanpair.export.hub`: `wanpair push`): the hub's address, repository names, the token check, the
-repository's folders and the wording of the hub's errors. It imports nothing of train or export, so that both
-may import it.
+repository's folders and the wording of the hub's errors. It imports nothing of wanpair but its errors, so that
+the project file's reader, training and sharing may all use it.
 
 Transfers, tokens (HF_TOKEN, `hf auth login`), retries and progress bars are huggingface_hub's own; the hub's
 address is HF_ENDPOINT's, read when called (as `wanpair download` reads it). wanpair never writes the token.
@@ -10,9 +10,12 @@ address is HF_ENDPOINT's, read when called (as `wanpair download` reads it). wan
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from .errors import WanpairError
-from .project import Project
+
+if TYPE_CHECKING:
+    from .project import Project
 
 # A repository holds the finished LoRAs, README.md and the workflow at its top, the samples under samples/,
 # intermediate LoRAs under intermediate/ and training states under state/ (the run folder's name for them).
@@ -25,17 +28,22 @@ def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
 
 
-def parse_repo(value: str, option: str, revision: bool = False) -> tuple[str, str | None]:
-    """`USER/NAME` (and with `revision`, `USER/NAME@REVISION`) -> (repo, revision or None)."""
+def repo_problem(repo: str) -> str:
+    """Why `repo` is not a model repository's USER/NAME (huggingface_hub's own rule, and a user or organisation
+    named), or "" when it is one."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    repo, at, rev = value.partition("@") if revision else (value, "", "")
     try:
         validate_repo_id(repo)
-        valid = "/" in repo and (bool(rev) or not at)
-    except HFValidationError:
-        valid = False
-    if not valid:
+    except HFValidationError as e:
+        return str(e).split(":")[0]
+    return "" if "/" in repo else "it names no user or organisation"
+
+
+def parse_repo(value: str, option: str, revision: bool = False) -> tuple[str, str | None]:
+    """`USER/NAME` (and with `revision`, `USER/NAME@REVISION`) -> (repo, revision or None)."""
+    repo, at, rev = value.partition("@") if revision else (value, "", "")
+    if repo_problem(repo) or (at and not rev):
         raise WanpairError(f"{option} {value!r}: give a model repository as USER/NAME (or ORG/NAME)"
                            + (", and a branch, tag or commit after @ if you want one." if revision else "."))
     return repo, rev or None

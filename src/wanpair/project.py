@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .errors import WanpairError
+from .hub import repo_problem
 from .models.tasks import T2V, TASKS, Task, by_name, detect_task
 from .tomlfile import did_you_mean, read_toml
 
@@ -501,18 +502,9 @@ def _plain_table(raw: dict, cls, table: str, path: Path, problems: list[str]):
 
 def _hub(raw: dict, path: Path, problems: list[str]) -> HubSettings:
     hub = _plain_table(raw, HubSettings, "hub", path, problems)
-    if hub.repo:
-        # imported here, only for a [hub] repo: it takes a while, and project.py is imported by every command
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(hub.repo)
-            reason = "" if "/" in hub.repo else " (it names no user or organisation)"
-        except HFValidationError as e:
-            reason = f" ({str(e).split(':')[0]})"
-        if reason:
-            problems.append(f"{path}: [hub] repo = {hub.repo!r} should be USER/NAME (or ORG/NAME) of a model "
-                            f"repository{reason}.")
+    if hub.repo and (reason := repo_problem(hub.repo)):  # huggingface_hub is imported only for a [hub] repo
+        problems.append(f"{path}: [hub] repo = {hub.repo!r} should be USER/NAME (or ORG/NAME) of a model "
+                        f"repository ({reason}).")
     return hub
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from ..atomic import write_text_atomic
 from ..caption import CAPTIONER_DIR, CAPTIONER_REPO
 from ..errors import WanpairError
+from ..hub import endpoint as hub_endpoint
 from ..models.tasks import T2V, T2V_1_3B, TASKS
 from ..sizes import human_bytes
 
@@ -184,14 +184,14 @@ def download(folder: Path, variant: str = "fp16", model: str = T2V.name, caption
     """Fetch the recipe's files of `variant` for the `model` pair into `folder` (`captioner`: the captioner's
     files instead); returns the `[models]` paths. Files already there and matching the hub's hash are kept;
     everything is checked before and after."""
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import hf_hub_download
 
     if variant not in VARIANTS:
         raise WanpairError(f"--variant {variant!r}: choose one of {', '.join(VARIANTS)}.")
     if model not in TASKS:
         raise WanpairError(f"--model {model!r}: choose one of {', '.join(TASKS)}.")
     folder.mkdir(parents=True, exist_ok=True)
-    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")  # a mirror, if the user set one
+    endpoint = hub_endpoint()  # a mirror, if the user set one
     files = list(CAPTIONER_FILES) if captioner else files_for(variant, model)
     paths = {"captioner": folder / CAPTIONER_DIR} if captioner else model_paths(folder, variant, model)
     verified = Verified(folder)

@@ -27,13 +27,13 @@ class MetricsLog:
     two experts' processes can log into the same file side by side without tearing each other's lines.
     The same values go to the run's trackers (`wanpair.train.trackers`: TensorBoard, W&B, Trackio)."""
 
-    def __init__(self, run_dir: Path, expert: str, trackers: list | None = None, header: dict | None = None):
+    def __init__(self, run_dir: Path, expert: str, header: dict | None = None):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.expert = expert
         self.header = header or {}  # goes into the first row only: what a reader needs once (total steps, device)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        self.trackers = trackers or []
+        self.trackers: list = []  # started after the log opened (`ExpertTraining.train`), closed with it
 
     def log(self, row: dict) -> None:
         if torch.cuda.is_available():

@@ -189,12 +189,12 @@ def check_disk(project: Project, experts: tuple[str, ...], found: Checked, quiet
     channels = 32 if project.task.conditioned else 16  # I2V entries also hold the first frame's latent
     need = sum(channels * ((it.frames - 1) // 4 + 1) * (it.bucket[0] // 8) * (it.bucket[1] // 8) * 4
                + TEXT_LEN * cfg["text_dim"] * 2 for it in found.items)  # the caches
+    # steps per epoch at most one per item and repeat (batch size 1, one process); max_steps bounds the run
+    per_epoch = sum(it.num_repeats for it in found.items)
     for expert in experts:
         e = project.settings(expert)
         lora_params = cfg["num_layers"] * e.rank * block_linear_params(cfg)[1]
         lora_bytes = lora_params * (4 if t.save_dtype == "fp32" else 2)
-        # steps per epoch at most one per item and repeat (batch size 1, one process); max_steps bounds the run
-        per_epoch = sum(it.num_repeats for it in found.items)
         steps = min(e.max_steps, e.epochs * per_epoch) if e.max_steps else e.epochs * per_epoch
         epochs = -(-steps // per_epoch)
         made = (epochs // t.save_every_n_epochs if t.save_every_n_epochs else 0) + \
