@@ -4,6 +4,7 @@
     PYTHONPATH=src python bench/train_step.py --cap-gib 16 --variant low      # a 16 GiB budget
     PYTHONPATH=src python bench/train_step.py --accuracy                      # fp8 vs bf16 loss and gradients
     PYTHONPATH=src python bench/train_step.py --config tiny --device cpu --steps 3   # smoke test on a CPU
+    PYTHONPATH=src python bench/train_step.py --config i2v-a14b --input video --cap-gib 24 --variant budget-24
 
 Each variant is timed twice: reading every step before the next (`median_s`, per step) and in the training
 loop's order, the next step queued before this one is read (`pipelined_s`, the mean over as many steps).
@@ -46,6 +47,7 @@ import torch
 A14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
             text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", eps=1e-6)
+I2V_A14B = dict(A14B, in_channels=36)  # Wan 2.2 I2V A14B: noisy latent | 4 mask channels | first-frame latent
 TINY = dict(A14B, num_attention_heads=1, text_dim=32, freq_dim=32, ffn_dim=256, num_layers=2)
 SHAPES = {"image": (1, 120, 120), "video": (21, 60, 104), "tiny": (1, 8, 8)}
 # Dense bf16 tensor-core peaks (NVIDIA datasheets, SXM parts).
@@ -71,6 +73,10 @@ VARIANTS = {  # TrainSettings overrides; "default" is exactly what `wanpair trai
     "ckpt-graph-recompute": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
     "ckpt-graph-attn": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
     "ckpt-graph": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
+    "default-sdpa": dict(attention="sdpa"),
+    "default-maxnorm": dict(scale_weight_norms=1.0),  # the default with max-norm after every update, as the loop does  # the default with torch's SDPA for self-attention (no FlashAttention-4)
+    "budget-24": dict(memory_budget_gb=24.0),  # the field's common cards: a 24 GiB and a 32 GiB budget
+    "budget-32": dict(memory_budget_gb=32.0),
     "low": dict(memory_mode="low"),
     "low-14": dict(memory_mode="low", memory_budget_gb=14.0),  # plan for 14 GiB: more streamed, more headroom
 }
@@ -228,6 +234,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
 
     from wanpair.project import TrainSettings
     from wanpair.train.optim import build_optimizer
+    from wanpair.train.lora import apply_max_norm, lora_pairs
     from wanpair.train.model_setup import prepare_expert
     from wanpair.train.speed import checkpoint_blocks
     from wanpair.train.step import finish, forward_backward, train_step, update
@@ -263,6 +270,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
             if hasattr(m, "cast_input_dtype_enabled"):
                 m.cast_input_dtype_enabled = True
     model.train()
+    pairs = lora_pairs(model)
     build_s = time.perf_counter() - t0
     optimizer = build_optimizer(params, settings)  # AdamW, the recipe's optimizer
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -274,7 +282,10 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     noise = torch.randn(1, 16, f, h, w, generator=g, device=device)
     text = torch.randn(1, 512, cfg["text_dim"], generator=g, device=device)
     t = torch.rand(1, generator=g, device=device)
-    batch = [(x0, noise, t, text, None)]
+    cond = None  # I2V: the mask and first-frame latent beside the noisy one (wanpair.models.i2v)
+    if cfg["in_channels"] > 16:
+        cond = torch.randn(1, cfg["in_channels"] - 16, f, h, w, generator=g, device=device)
+    batch = [(x0, noise, t, text, cond)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
@@ -297,6 +308,8 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
         s = time.perf_counter()
         if step_fb is forward_backward:
             loss, _ = train_step(model, optimizer, scheduler, acc, params, batch, compute, 0.0)
+            if settings.scale_weight_norms:
+                apply_max_norm(pairs, settings.scale_weight_norms, settings.alpha / settings.rank).tolist()
         else:
             fb_loss = step_fb(model, acc, batch, compute)
             finish(update(optimizer, acc, params, fb_loss, 0.0), scheduler)
@@ -320,6 +333,8 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
         if verdict is not None:
             finish(verdict, scheduler)
         verdict = update(optimizer, acc, params, loss, 0.0)
+        if settings.scale_weight_norms:
+            apply_max_norm(pairs, settings.scale_weight_norms, settings.alpha / settings.rank)
     finish(verdict, scheduler)
     pipelined = (time.perf_counter() - s) / steps
     probes = time_validation(model, acc, batch, compute) if validation and device.type == "cuda" else {}
@@ -400,7 +415,8 @@ def accuracy(cfg: dict, shape: tuple, device: torch.device) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=("a14b", "tiny"), default="a14b")
+    ap.add_argument("--config", choices=("a14b", "i2v-a14b", "tiny"), default="a14b",
+                    help="i2v-a14b: the I2V expert (36 input channels, a first-frame condition beside the latent)")
     ap.add_argument("--input", choices=("image", "video", "tiny"), default="image",
                     help="tiny: 16 tokens, so the step time is mostly the host's launch overhead")
     ap.add_argument("--variant", action="append", choices=list(VARIANTS), help="repeatable; default: default")
@@ -414,7 +430,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", help="append results as JSON lines to this file")
     args = ap.parse_args()
-    cfg = A14B if args.config == "a14b" else TINY
+    cfg = {"a14b": A14B, "i2v-a14b": I2V_A14B, "tiny": TINY}[args.config]
     shape = SHAPES["tiny"] if args.config == "tiny" else SHAPES[args.input]
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")

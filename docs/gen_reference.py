@@ -106,6 +106,9 @@ MEANING = {
         "checkpoint_blocks": "how many blocks recompute their activations: -1 = as few as the memory plan needs "
                              "(CPU: all); N forces N",
         "compile": "`torch.compile` the transformer block: `auto` = on with a GPU (the first step takes ~45 s longer)",
+        "attention": "the self-attention kernel: `auto` = FlashAttention-4 on H100/H200/B200 when installed "
+                     "(`pip install \"wanpair[fa4]\"`), torch's SDPA elsewhere; `sdpa` = always torch's; `fa4` = "
+                     "FA4 or refuse to start. Cross-attention always uses SDPA",
         "memory_mode": "`auto`: fit the GPU, fastest first (keep activations, then checkpoint, then stream blocks "
                        "from host memory only if still needed); `fast`: never stream (error if it cannot fit); "
                        "`low`: plan for 16 GiB, streaming fp8 blocks from pinned host memory",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
@@ -15,6 +16,7 @@ from test_fp16_scaler import _loss_times
 from test_models import _dit, _fp8_files, _real_weight
 from wanpair.errors import WanpairError
 from wanpair.models import load_dit
+from wanpair.models.attention import FlashSelfAttention, fa4_status, flash_attention
 from wanpair.models.files import iter_tensors, tensors_to_device
 from wanpair.models.fp8 import Fp8Linear, fp8_matmul_available, keep_transposed, to_fp8_linears
 from wanpair.project import TrainSettings, load_project
@@ -171,6 +173,44 @@ def test_the_compiled_block_gives_the_eager_loss_and_gradients():
     inputs = _inputs()
     (la, ga), (lb, gb) = _grads(eager, p_eager, inputs), _grads(compiled, p_compiled, inputs)
     # inductor fuses and reorders bf16 arithmetic: equal up to bf16 rounding (~0.4 % per op)
+    assert rel(lb, la) < 1e-2 and max(rel(b, a) for a, b in zip(ga, gb)) < 5e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or fa4_status()[0] is None, reason="needs FlashAttention-4 (pip install \"wanpair[fa4]\")")
+def test_fa4_attends_as_sdpa_does_at_a_wan_blocks_shape():
+    """FA4 through wanpair::flash_attention against an fp32 reference, with cuDNN's SDPA in bf16 beside it for
+    scale: 3 600 tokens (a 960x960 image), head dim 128; output and q/k/v gradients."""
+    g = torch.Generator(CUDA).manual_seed(0)
+    q, k, v = (torch.randn(1, 3600, 8, 128, generator=g, device=CUDA, dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    grad = torch.randn(q.shape, generator=g, device=CUDA, dtype=torch.bfloat16)
+
+    def run(fn, *tensors):
+        out = fn(*tensors)
+        return [out, *torch.autograd.grad(out, tensors, grad.to(out.dtype))]
+
+    def sdpa(*t):
+        return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in t)).transpose(1, 2)
+
+    ref = run(sdpa, *(t.detach().float().requires_grad_() for t in (q, k, v)))
+    fa4 = run(lambda *t: flash_attention(*t, 128 ** -0.5)[0], q, k, v)
+    cudnn = run(sdpa, q, k, v)
+    for name, a, c, r in zip(("out", "dq", "dk", "dv"), fa4, cudnn, ref):
+        assert rel(a, r) < max(2 * rel(c, r), 1e-2), name  # bf16 error of the same size as cuDNN's
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or fa4_status()[0] is None, reason="needs FlashAttention-4 (pip install \"wanpair[fa4]\")")
+def test_compiled_blocks_with_fa4_give_sdpas_loss_and_gradients():
+    """attention = "auto" picks FA4 here; in compiled blocks, kept and recomputing in their graph, the loss and
+    LoRA gradients are SDPA's up to bf16 rounding."""
+    runs = {}
+    for kind in ("sdpa", "auto"):
+        model, params = _trainable(2, TrainSettings(checkpoint_blocks=0, compile="on", attention=kind), tokens=256)
+        checkpoint_blocks(model, [None, "save-attention"])
+        runs[kind] = model, _grads(model, params, _inputs(frames_hw=(1, 32, 32)))
+    assert all(isinstance(b.attn1.processor, FlashSelfAttention) for b in runs["auto"][0].blocks)
+    assert not any(isinstance(b.attn1.processor, FlashSelfAttention) for b in runs["sdpa"][0].blocks)
+    (la, ga), (lb, gb) = runs["sdpa"][1], runs["auto"][1]
     assert rel(lb, la) < 1e-2 and max(rel(b, a) for a, b in zip(ga, gb)) < 5e-2
 
 

@@ -205,6 +205,21 @@ def test_max_norm_scales_only_the_modules_above_it():
     assert stats[0].item() == 1 and abs(stats[2].item() - limit) < 1e-4 * limit
 
 
+def test_max_norm_batched_by_shape_scales_each_module_by_its_own_norm():
+    """Modules of three shapes, interleaved (as q/k/v/o, ffn.0, ffn.2 are): each scaled as if alone."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [((4, 32), (16, 4)), ((4, 64), (32, 4)), ((4, 32), (64, 4))] * 4
+    pairs = [(torch.randn(d, generator=g), torch.randn(u, generator=g) * (0.5 + i)) for i, (d, u) in enumerate(shapes)]
+    before = [0.5 * (u @ d).norm().item() for d, u in pairs]
+    limit = sorted(before)[len(before) // 2]
+    expected = [min(b, limit) for b in before]
+    stats = apply_max_norm(pairs, limit, 0.5)
+    after = [0.5 * (u @ d).norm().item() for d, u in pairs]
+    assert max(abs(a - e) / e for a, e in zip(after, expected)) < 1e-5  # fp32 Gram sums vs the product's norm
+    assert stats[0].item() == sum(b > limit for b in before)
+    assert abs(stats[1].item() - sum(expected) / len(expected)) < 1e-5 * limit
+
+
 def test_the_dashboard_form_sets_a_learning_rate_per_expert(demo):
     client = reader(create_app([demo], token=TOKEN, tick_s=None))
     form = _new_run(client, epochs=3) | {"experts": {"high": {"learning_rate": "3e-5"}, "low": {"learning_rate": ""}}}

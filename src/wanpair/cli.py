@@ -20,10 +20,10 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(os.environ.get("XDG_CA
 # AOTAutograd's cache (a compiled block's traced forward and backward) passes over graphs holding a custom
 # autograd.Function unless told otherwise, and the fp8 matmul is one: then every run traces the block again
 # (~8 s of the second run's first step on an H200). Allowed, with the source of wanpair's autograd Functions
-# in every compile cache's key, so that changed code never reuses a graph traced from the old one.
+# and custom ops in every compile cache's key, so that changed code never reuses a graph traced from the old one.
 os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD", "1")
 os.environ.setdefault("TORCH_COMPILE_CACHE_KEY_TAG", "wanpair-" + hashlib.sha256(b"".join(
-    (Path(__file__).parent / f).read_bytes() for f in ("models/fp8.py", "train/streaming.py"))).hexdigest()[:16])
+    (Path(__file__).parent / f).read_bytes() for f in ("models/fp8.py", "models/attention.py", "train/streaming.py"))).hexdigest()[:16])
 
 from . import __version__
 from .errors import StopRequested, WanpairError

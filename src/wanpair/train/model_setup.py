@@ -3,7 +3,8 @@
 1. fp8 storage: every block Linear holds its weight as e4m3 with a scale per row (`load_dit(fp8=True)`
    already did this while reading a single file; a diffusers folder is converted here).
 2. LoRA: fp32 adapters on every block Linear (peft), plus kohya's rank/module dropout.
-3. fp8 matmuls for the frozen base where the GPU has fp8 tensor cores.
+3. fp8 matmuls for the frozen base where the GPU has fp8 tensor cores; self-attention through FlashAttention-4
+   where it is installed (`wanpair.models.attention`), before compiling so that the graph holds its op.
 4. torch.compile of the repeated block (one graph for all 40).
 5. The memory plan, for the largest batch's tokens: which blocks keep activations, which recompute them
    (inside their compiled graph, keeping their attention outputs or not), which stream from host memory,
@@ -19,6 +20,7 @@ import logging
 
 import torch
 
+from ..models.attention import describe_attention, use_flash_self_attention, wants_fa4
 from ..models.fp8 import fp8_matmul_available, keep_transposed, to_fp8_linears, use_fp8_matmul
 from ..project import TrainSettings
 from .lora import add_lora, add_lora_dropouts
@@ -39,6 +41,9 @@ def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype,
     add_lora_dropouts(model, t.rank_dropout, t.module_dropout)
     wants_fp8_matmul = t.fp8_matmul == "on" or (t.fp8_matmul == "auto" and fp8_matmul_available(device))
     fp8_matmuls = use_fp8_matmul(model, wants_fp8_matmul)
+    fa4 = wants_fa4(t.attention, device, compute_dtype)
+    if fa4:
+        use_flash_self_attention(model)
     compiled = t.compile == "on" or (t.compile == "auto" and device.type == "cuda")
     if compiled:
         compile_blocks(model)
@@ -47,5 +52,5 @@ def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype,
         keep_transposed(model)
     stream_blocks(model, plan.streamed)
     checkpoint_blocks(model, plan.policies())
-    log.info("fp8 matmuls in %d layers; %s", fp8_matmuls, plan.describe())
+    log.info("fp8 matmuls in %d layers; %s; %s", fp8_matmuls, describe_attention(fa4, device, compute_dtype), plan.describe())
     return params, plan

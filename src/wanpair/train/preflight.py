@@ -21,6 +21,7 @@ from ..errors import WanpairError
 from ..export.formats import read_lora
 from ..export.merge import check_expert, check_pair
 from ..hub import hub_problems
+from ..models.attention import attention_problem
 from ..models.dit import DitInfo, inspect_dit
 from ..models.files import inspect_weight_file
 from ..models.kinds import identify
@@ -54,6 +55,8 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
     if device.type == "cuda" and t.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
         problems.append(f"[train] mixed_precision = \"bf16\" but {torch.cuda.get_device_name()} has no bf16; "
                         "use \"fp16\" (the recipe's setting) on this GPU.")
+    if problem := attention_problem(t.attention, device, t.compute_dtype):
+        problems.append(problem)
     for key, noun, folder in (("vae", "VAE", "diffusers `vae/`"), ("t5", "umT5", "transformers `text_encoder/`")):
         path = getattr(project.models, key)
         try:

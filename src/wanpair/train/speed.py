@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ..models import attention as _registers_wanpair_flash_attention  # noqa: F401  (torch.ops.wanpair)
 from .streaming import StreamedCall
 
 
@@ -31,7 +32,7 @@ def _recompute_all(ctx, op, *args, **kwargs):
 
 _ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_efficient_attention") if hasattr(torch.ops.aten, name)}
+    "_scaled_dot_product_efficient_attention") if hasattr(torch.ops.aten, name)} | {torch.ops.wanpair.flash_attention.default}
 
 
 def _save_attention(ctx, op, *args, **kwargs):

@@ -1,0 +1,172 @@
+"""Self-attention through FlashAttention-4 where it is installed: a torch custom op and a Wan self-attention processor.
+
+Why: a Wan block's self-attention (3 600 tokens for a 960x960 image, 32 760 for an 81-frame 832x480 clip, 40 heads
+of 128) is a quarter of a training step. FlashAttention-4 (`flash_attn.cute` in Dao-AILab/flash-attention)
+runs it faster than torch's cuDNN SDPA on Hopper: 1.47 vs 1.78 ms forward + backward per block at 3 600 tokens,
+123 vs 145 ms at 32 760 (H200, ../shared/NOTES.md; the H100 figures are in docs/benchmarks.md). Cross-attention
+(queries against 512 text tokens) stays with SDPA: cuDNN is the faster one there.
+
+Why a custom op: FA4's kernels are CuTe DSL code compiled on first use, which torch.compile cannot trace.
+Registered as `wanpair::flash_attention` with a fake (shapes only) and an autograd formula, the call is one node
+of the block's compiled graph, and the in-graph checkpoint policy keeps its output as it keeps SDPA's
+(`wanpair.train.speed`). diffusers wraps FlashAttention-3 the same way (`_diffusers_flash_attn_3` ops in
+models/attention_dispatch.py); its FA4 backend downloads the kernel from the Hub instead, which training here
+must not do.
+
+FA4 is an optional extra (`pip install "wanpair[fa4]"`), never a dependency: `[train] attention = "auto"` uses it
+on GPUs of compute capability 9.x and 10.x (H100, H200, B200) when it imports, torch's SDPA everywhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import warnings
+
+import torch
+
+FA4_INSTALL = 'pip install "wanpair[fa4]"'
+FA4_CAPABILITIES = (9, 10)  # the major compute capabilities `auto` trusts FA4 on (Hopper, Blackwell datacenter)
+
+
+def _kernels():
+    """FA4's forward and backward: the functions of `flash_attn.cute.interface` that its own autograd function and
+    torch's FA4 bridge (torch/nn/attention/_fa4.py) call. Tests substitute a reference; nothing else should."""
+    # flash-attn-4 4.0.0b36 with nvidia-cutlass-dsl 4.8 warns at each kernel's first compile that an internal
+    # argument is not a JIT argument: nothing a user can act on (and ~600 characters of it)
+    warnings.filterwarnings("ignore", message=r"Argument aux_data .* cannot be converted to a JitArgument")
+    from flash_attn.cute import interface
+
+    return interface._flash_attn_fwd, interface._flash_attn_bwd
+
+
+@torch.library.custom_op("wanpair::flash_attention", mutates_args=())
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, log-sum-exp) of unmasked softmax attention; q, k, v as (batch, tokens, heads, head_dim), half
+    precision. The log-sum-exp (batch, heads, tokens; fp32) is what the backward pass needs."""
+    forward, _ = _kernels()
+    out, lse = forward(q.contiguous(), k.contiguous(), v.contiguous(), softmax_scale=scale, return_lse=True)[:2]
+    return out.contiguous(), lse.contiguous()
+
+
+@flash_attention.register_fake
+def _flash_attention_shapes(q, k, v, scale):
+    b, s, h, _ = q.shape
+    return q.new_empty((b, s, h, v.shape[-1])), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+@torch.library.custom_op("wanpair::flash_attention_backward", mutates_args=())
+def flash_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v from the output's gradient, the forward's output and its log-sum-exp."""
+    _, backward = _kernels()
+    dq, dk, dv = backward(q.contiguous(), k.contiguous(), v.contiguous(), out, grad.contiguous(), lse,
+                          softmax_scale=scale)[:3]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@flash_attention_backward.register_fake
+def _flash_attention_backward_shapes(grad, q, k, v, out, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return (*flash_attention_backward(grad_out, q, k, v, out, lse, ctx.scale), None)
+
+
+flash_attention.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on (batch, tokens, heads, head_dim): each (even, odd) channel pair turned by its
+    angle. `cos`/`sin` come as diffusers' WanRotaryPosEmbed gives them, each angle repeated for both channels."""
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).type_as(x)
+
+
+class FlashSelfAttention:
+    """The processor of a Wan block's self-attention (`attn1`) that computes what diffusers' WanAttnProcessor
+    does there -- q, k, v projections, RMS norms across heads, the rotary embedding -- and attends with
+    `wanpair::flash_attention`. Self-attention in Wan has no mask, no added key/values and no text."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("FlashSelfAttention is for a Wan block's self-attention (attn1) only")
+        heads = (attn.heads, -1)
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, heads)
+        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, heads)
+        v = attn.to_v(hidden_states).unflatten(2, heads)
+        if rotary_emb is not None:
+            q, k = rotate(q, *rotary_emb), rotate(k, *rotary_emb)
+        out, _ = flash_attention(q, k, v, q.shape[-1] ** -0.5)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(q)))
+
+
+@functools.cache
+def fa4_status() -> tuple[str | None, str | None]:
+    """(flash-attn-4's version, None) when its kernels import; (None, why not) otherwise -- not installed, or
+    installed without a CUDA flavour that loads here (the import also loads the CuTe DSL's libraries)."""
+    try:
+        _kernels()
+    except Exception as e:  # noqa: BLE001 -- any failure to import means SDPA, and the reason is shown
+        return None, f"{type(e).__name__}: {e}"
+    try:
+        return importlib.metadata.version("flash-attn-4"), None
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown version", None
+
+
+def _fa4_missing(why: str) -> str:
+    return f"not installed: {FA4_INSTALL}" if why.startswith("ModuleNotFoundError") else f"does not import ({why})"
+
+
+def attention_problem(setting: str, device: torch.device, compute_dtype: torch.dtype) -> str | None:
+    """Why `[train] attention = "fa4"` cannot run here (None when it can, or when the setting is not "fa4")."""
+    if setting != "fa4":
+        return None
+    if device.type != "cuda":
+        return "[train] attention = \"fa4\" needs an NVIDIA GPU (FlashAttention-4); use \"auto\" or \"sdpa\"."
+    if compute_dtype not in (torch.bfloat16, torch.float16):
+        return "[train] attention = \"fa4\" needs mixed_precision = \"bf16\" or \"fp16\"."
+    version, why = fa4_status()
+    if version is None:
+        return f"[train] attention = \"fa4\" but FlashAttention-4 is {_fa4_missing(why)}; or use \"auto\"."
+    return None
+
+
+def _measured_gpu(device: torch.device, compute_dtype: torch.dtype) -> bool:
+    return (device.type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(device)[0] in FA4_CAPABILITIES)
+
+
+def wants_fa4(setting: str, device: torch.device, compute_dtype: torch.dtype) -> bool:
+    """Whether self-attention runs on FA4: always with "fa4", never with "sdpa"; with "auto" on GPUs FA4 was
+    measured on (compute capability 9.x / 10.x) in half precision, when its kernels import."""
+    if setting == "fa4":
+        return True
+    return setting == "auto" and _measured_gpu(device, compute_dtype) and fa4_status()[0] is not None
+
+
+def use_flash_self_attention(model) -> int:
+    """Route every block's self-attention through FA4; returns how many blocks now do."""
+    blocks = list(model.blocks._modules.values())
+    for block in blocks:
+        block.attn1.set_processor(FlashSelfAttention())
+    return len(blocks)
+
+
+def describe_attention(fa4: bool, device: torch.device, compute_dtype: torch.dtype) -> str:
+    """The log line: which kernels attend, and on a GPU where FA4 would be faster, why it is not used."""
+    version, why = fa4_status() if fa4 or _measured_gpu(device, compute_dtype) else (None, None)
+    if fa4:
+        return f"self-attention: FlashAttention-4 ({version}), cross-attention: torch SDPA"
+    if why:
+        return f"attention: torch SDPA (FlashAttention-4, faster here, is {_fa4_missing(why)})"
+    return "attention: torch SDPA"
