@@ -73,8 +73,8 @@ VARIANTS = {  # TrainSettings overrides; "default" is exactly what `wanpair trai
     "ckpt-graph-recompute": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
     "ckpt-graph-attn": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
     "ckpt-graph": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
-    "default-sdpa": dict(attention="sdpa"),
-    "default-maxnorm": dict(scale_weight_norms=1.0),  # the default with max-norm after every update, as the loop does  # the default with torch's SDPA for self-attention (no FlashAttention-4)
+    "default-sdpa": dict(attention="sdpa"),  # the default with torch's SDPA for self-attention (no FlashAttention-4)
+    "default-maxnorm": dict(scale_weight_norms=1.0),  # the default with max-norm after every update, as the loop does
     "budget-24": dict(memory_budget_gb=24.0),  # the field's common cards: a 24 GiB and a 32 GiB budget
     "budget-32": dict(memory_budget_gb=32.0),
     "low": dict(memory_mode="low"),
@@ -347,7 +347,8 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     flops = useful_flops(cfg, f, h, w)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
-    result = dict(variant=name, tokens=f * (h // 2) * (w // 2), median_s=med, pipelined_s=pipelined, min_s=min(times), max_s=max(times),
+    fa4 = any(type(b.attn1.processor).__name__ == "FlashSelfAttention" for b in model.blocks)
+    result = dict(variant=name, tokens=f * (h // 2) * (w // 2), self_attention="fa4" if fa4 else "sdpa", median_s=med, pipelined_s=pipelined, min_s=min(times), max_s=max(times),
                   first_step_s=first, build_s=build_s, steps=steps, useful_tflop=flops / 1e12,
                   tflops=flops / med / 1e12, mfu=(flops / med / 1e12 / peak) if peak else None,
                   loss_finite=all(map(lambda v: v == v and abs(v) < float("inf"), losses)), gpu=gpu,

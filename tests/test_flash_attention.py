@@ -142,7 +142,18 @@ def test_auto_keeps_sdpa_where_fa4_is_not_measured_and_fa4_refuses_by_name():
     assert attention_problem("auto", cpu, torch.bfloat16) is None and attention_problem("sdpa", cpu, torch.float32) is None
 
 
-def test_fa4_not_installed_or_broken_is_named_with_the_fix(monkeypatch):
+@pytest.fixture
+def fresh_checks():
+    """fa4_status / fa4_probe remember their answer per process; these tests change what they would find."""
+    status, probe = attention.fa4_status, attention.fa4_probe
+    status.cache_clear()
+    probe.cache_clear()
+    yield
+    status.cache_clear()
+    probe.cache_clear()
+
+
+def test_fa4_not_installed_or_broken_is_named_with_the_fix(monkeypatch, fresh_checks):
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(attention, "fa4_status", lambda: (None, "ModuleNotFoundError: No module named 'flash_attn'"))
@@ -151,12 +162,30 @@ def test_fa4_not_installed_or_broken_is_named_with_the_fix(monkeypatch):
     assert "bf16" in attention_problem("fa4", cuda, torch.float32)
     assert not wants_fa4("auto", cuda, torch.bfloat16)
     assert 'pip install "wanpair[fa4]"' in attention.describe_attention(False, cuda, torch.bfloat16)
+    attention.fa4_probe.cache_clear()
     monkeypatch.setattr(attention, "fa4_status", lambda: (None, "RuntimeError: No CTK flavor installed"))
     assert "does not import (RuntimeError: No CTK flavor installed)" in attention_problem("fa4", cuda, torch.bfloat16)
-    monkeypatch.setattr(attention, "fa4_status", lambda: ("4.0.0b36", None))
-    assert wants_fa4("auto", cuda, torch.bfloat16) and not wants_fa4("auto", cuda, torch.float32)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))  # FA4 not measured there
-    assert not wants_fa4("auto", cuda, torch.bfloat16) and wants_fa4("fa4", cuda, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    assert "does not train on NVIDIA A100 (compute capability 8.0" in attention_problem("fa4", cuda, torch.bfloat16)
+
+
+def test_auto_uses_fa4_only_where_it_ran_and_says_why_not(monkeypatch, reference_kernels, fresh_checks):
+    """The probe (a 128-token forward and backward) decides: it runs here on the CPU with the reference kernels."""
+    cpu = torch.device("cpu")
+    assert attention.fa4_probe(cpu, torch.float32) is None
+    monkeypatch.setattr(attention, "_measured_gpu", lambda device, dtype: True)
+    assert wants_fa4("auto", cpu, torch.float32)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    attention.fa4_probe.cache_clear()
+    monkeypatch.setattr(attention, "_kernels", lambda: (failing, reference_backward))
+    assert not wants_fa4("auto", cpu, torch.float32)
+    line = attention.describe_attention(False, cpu, torch.float32)
+    assert line.startswith("attention: torch SDPA (FlashAttention-4") and "no kernel image" in line
+    assert "failed on this GPU (RuntimeError: CUDA error: no kernel image" in attention.fa4_probe(cpu, torch.float32)
 
 
 def test_a_cpu_run_says_which_attention_it_uses(caplog):

@@ -16,7 +16,7 @@ from test_fp16_scaler import _loss_times
 from test_models import _dit, _fp8_files, _real_weight
 from wanpair.errors import WanpairError
 from wanpair.models import load_dit
-from wanpair.models.attention import FlashSelfAttention, fa4_status, flash_attention
+from wanpair.models.attention import FA4_CAPABILITIES, FlashSelfAttention, fa4_status, flash_attention
 from wanpair.models.files import iter_tensors, tensors_to_device
 from wanpair.models.fp8 import Fp8Linear, fp8_matmul_available, keep_transposed, to_fp8_linears
 from wanpair.project import TrainSettings, load_project
@@ -29,6 +29,9 @@ from wanpair.train.streaming import stream_blocks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
+needs_fa4 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in FA4_CAPABILITIES
+    or fa4_status()[0] is None, reason='needs FlashAttention-4 (pip install "wanpair[fa4]") on an H100 / H200 / B200')
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -176,7 +179,7 @@ def test_the_compiled_block_gives_the_eager_loss_and_gradients():
     assert rel(lb, la) < 1e-2 and max(rel(b, a) for a, b in zip(ga, gb)) < 5e-2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or fa4_status()[0] is None, reason="needs FlashAttention-4 (pip install \"wanpair[fa4]\")")
+@needs_fa4
 def test_fa4_attends_as_sdpa_does_at_a_wan_blocks_shape():
     """FA4 through wanpair::flash_attention against an fp32 reference, with cuDNN's SDPA in bf16 beside it for
     scale: 3 600 tokens (a 960x960 image), head dim 128; output and q/k/v gradients."""
@@ -199,7 +202,7 @@ def test_fa4_attends_as_sdpa_does_at_a_wan_blocks_shape():
         assert rel(a, r) < max(2 * rel(c, r), 1e-2), name  # bf16 error of the same size as cuDNN's
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or fa4_status()[0] is None, reason="needs FlashAttention-4 (pip install \"wanpair[fa4]\")")
+@needs_fa4
 def test_compiled_blocks_with_fa4_give_sdpas_loss_and_gradients():
     """attention = "auto" picks FA4 here; in compiled blocks, kept and recomputing in their graph, the loss and
     LoRA gradients are SDPA's up to bf16 rounding."""

@@ -3,8 +3,8 @@
 Why: a Wan block's self-attention (3 600 tokens for a 960x960 image, 32 760 for an 81-frame 832x480 clip, 40 heads
 of 128) is a quarter of a training step. FlashAttention-4 (`flash_attn.cute` in Dao-AILab/flash-attention)
 runs it faster than torch's cuDNN SDPA on Hopper: 1.47 vs 1.78 ms forward + backward per block at 3 600 tokens,
-123 vs 145 ms at 32 760 (H200, ../shared/NOTES.md; the H100 figures are in docs/benchmarks.md). Cross-attention
-(queries against 512 text tokens) stays with SDPA: cuDNN is the faster one there.
+123 vs 145 ms at 32 760 (H200), 0.354 -> 0.345 s per H100 training step (docs/benchmarks.md, sixth round).
+Cross-attention (queries against 512 text tokens) stays with SDPA: cuDNN is the faster one there.
 
 Why a custom op: FA4's kernels are CuTe DSL code compiled on first use, which torch.compile cannot trace.
 Registered as `wanpair::flash_attention` with a fake (shapes only) and an autograd formula, the call is one node
@@ -27,8 +27,10 @@ import torch
 
 FA4_INSTALL = 'pip install "wanpair[fa4]"'
 FA4_CAPABILITIES = (9, 10)  # the major compute capabilities `auto` trusts FA4 on (Hopper, Blackwell datacenter)
+FA4_TRAINS_ON = (9, 10, 11, 12)  # the ones flash-attn-4 4.0's backward pass accepts (`_flash_attn_bwd`'s check)
 
 
+@functools.cache
 def _kernels():
     """FA4's forward and backward: the functions of `flash_attn.cute.interface` that its own autograd function and
     torch's FA4 bridge (torch/nn/attention/_fa4.py) call. Tests substitute a reference; nothing else should."""
@@ -127,6 +129,25 @@ def _fa4_missing(why: str) -> str:
     return f"not installed: {FA4_INSTALL}" if why.startswith("ModuleNotFoundError") else f"does not import ({why})"
 
 
+@functools.cache
+def fa4_probe(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when FA4 imports and its forward and backward run on `device` in `dtype` (a 128-token problem: the
+    kernels compile here, once per process, and serve the run's shapes too); otherwise why not, so that a run
+    learns it before its first step, not in it."""
+    version, why = fa4_status()
+    if version is None:
+        return f"FlashAttention-4 is {_fa4_missing(why)}"
+    try:
+        q, k, v = (torch.randn(1, 128, 1, 128, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        out, _ = flash_attention(q, k, v, 128 ** -0.5)
+        torch.autograd.grad(out.float().sum(), (q, k, v))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001 -- whatever fails, the run uses SDPA (auto) or refuses (fa4), saying why
+        return f"FlashAttention-4 {version} failed on this GPU ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    return None
+
+
 def attention_problem(setting: str, device: torch.device, compute_dtype: torch.dtype) -> str | None:
     """Why `[train] attention = "fa4"` cannot run here (None when it can, or when the setting is not "fa4")."""
     if setting != "fa4":
@@ -135,9 +156,12 @@ def attention_problem(setting: str, device: torch.device, compute_dtype: torch.d
         return "[train] attention = \"fa4\" needs an NVIDIA GPU (FlashAttention-4); use \"auto\" or \"sdpa\"."
     if compute_dtype not in (torch.bfloat16, torch.float16):
         return "[train] attention = \"fa4\" needs mixed_precision = \"bf16\" or \"fp16\"."
-    version, why = fa4_status()
-    if version is None:
-        return f"[train] attention = \"fa4\" but FlashAttention-4 is {_fa4_missing(why)}; or use \"auto\"."
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in FA4_TRAINS_ON:
+        return (f"[train] attention = \"fa4\": FlashAttention-4 does not train on {torch.cuda.get_device_name(device)} "
+                f"(compute capability {major}.{minor}; it needs 9.x-12.x); use \"auto\" or \"sdpa\".")
+    if why := fa4_probe(device, compute_dtype):
+        return f"[train] attention = \"fa4\" but {why}; or use \"auto\"."
     return None
 
 
@@ -147,11 +171,12 @@ def _measured_gpu(device: torch.device, compute_dtype: torch.dtype) -> bool:
 
 
 def wants_fa4(setting: str, device: torch.device, compute_dtype: torch.dtype) -> bool:
-    """Whether self-attention runs on FA4: always with "fa4", never with "sdpa"; with "auto" on GPUs FA4 was
-    measured on (compute capability 9.x / 10.x) in half precision, when its kernels import."""
+    """Whether self-attention runs on FA4: always with "fa4" (the preflight refused it where it cannot run), never
+    with "sdpa"; with "auto" on GPUs FA4 was measured on (compute capability 9.x / 10.x) in half precision, when
+    it ran there (`fa4_probe`)."""
     if setting == "fa4":
         return True
-    return setting == "auto" and _measured_gpu(device, compute_dtype) and fa4_status()[0] is not None
+    return setting == "auto" and _measured_gpu(device, compute_dtype) and fa4_probe(device, compute_dtype) is None
 
 
 def use_flash_self_attention(model) -> int:
@@ -164,9 +189,7 @@ def use_flash_self_attention(model) -> int:
 
 def describe_attention(fa4: bool, device: torch.device, compute_dtype: torch.dtype) -> str:
     """The log line: which kernels attend, and on a GPU where FA4 would be faster, why it is not used."""
-    version, why = fa4_status() if fa4 or _measured_gpu(device, compute_dtype) else (None, None)
     if fa4:
-        return f"self-attention: FlashAttention-4 ({version}), cross-attention: torch SDPA"
-    if why:
-        return f"attention: torch SDPA (FlashAttention-4, faster here, is {_fa4_missing(why)})"
-    return "attention: torch SDPA"
+        return f"self-attention: FlashAttention-4 ({fa4_status()[0]}), cross-attention: torch SDPA"
+    why = fa4_probe(device, compute_dtype) if _measured_gpu(device, compute_dtype) else None
+    return "attention: torch SDPA" + (f" ({why}; it is faster here)" if why else "")

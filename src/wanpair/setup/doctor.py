@@ -91,7 +91,7 @@ def expected_s_per_step(plan, tokens: int, gpu: str, fourteen_b: bool = True) ->
 
 
 def project_checks(project_path: Path) -> list[Check]:
-    from ..models.attention import describe_attention, wants_fa4
+    from ..models.attention import attention_problem, describe_attention, wants_fa4
     from ..models.fp8 import fp8_matmul_available
     from ..project import load_project
     from ..train.memory_plan import LOW_MODE_BUDGET_GIB, block_linear_params, plan_from_config
@@ -113,8 +113,9 @@ def project_checks(project_path: Path) -> list[Check]:
         fp8 = fp8_matmul_available(device)
         checks.append(Check(None, "fp8 tensor cores: " + ("yes, fp8 matmuls for the frozen base" if fp8 else
                                                           "no (fp8 storage only; matmuls in bf16, slower)")))
-        checks.append(Check(None, describe_attention(wants_fa4(t.attention, device, t.compute_dtype), device,
-                                                     t.compute_dtype)))
+        fa4 = wants_fa4(t.attention, device, t.compute_dtype) and not attention_problem(t.attention, device,
+                                                                                      t.compute_dtype)
+        checks.append(Check(None, describe_attention(fa4, device, t.compute_dtype)))
     try:
         recipe.checked = preflight(project, project.task.experts, device, quiet=True)
     except WanpairError as e:

@@ -96,24 +96,20 @@ def apply_max_norm(pairs, max_norm: float, scale: float) -> torch.Tensor:
 
     Modules of one shape (a 14B expert has 400 in 4 shapes) go through one batched matmul and are scaled
     in one pass: a loop per module launched ~3 000 small kernels, ~50 ms of an H100 step (docs/benchmarks.md)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, (down, up) in enumerate(pairs):
-        groups.setdefault((down.shape, up.shape, down.dtype), []).append(i)
-    norms = torch.empty(len(pairs), device=pairs[0][0].device, dtype=torch.float32)
-    stacked = []
-    for members in groups.values():
-        downs = torch.stack([pairs[i][0] for i in members])
-        ups = torch.stack([pairs[i][1] for i in members])
-        squares = ((ups.mT @ ups) * (downs @ downs.mT)).sum(dim=(1, 2))
-        norms[members] = scale * squares.float().clamp_min(0).sqrt()
-        stacked.append((members, downs, ups))
-    ratio = (max_norm / norms).clamp(max=1.0)  # a zero norm gives inf: clamped to 1, left alone
-    root = ratio.sqrt()
-    for members, downs, ups in stacked:
-        r = root[members].view(-1, 1, 1).to(downs.dtype)
-        torch._foreach_copy_([pairs[i][0] for i in members], list((downs * r).unbind()))
-        torch._foreach_copy_([pairs[i][1] for i in members], list((ups * r).unbind()))
-    after = norms * ratio
+    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for down, up in pairs:
+        groups.setdefault((down.shape, up.shape, down.dtype), []).append((down, up))
+    ratios, afters = [], []
+    for members in groups.values():  # no index tensors built on the host: nothing here waits for the GPU
+        downs, ups = torch.stack([d for d, _ in members]), torch.stack([u for _, u in members])
+        norms = scale * ((ups.mT @ ups) * (downs @ downs.mT)).sum(dim=(1, 2)).float().clamp_min(0).sqrt()
+        ratio = (max_norm / norms).clamp(max=1.0)  # a zero norm gives inf: clamped to 1, left alone
+        root = ratio.sqrt().view(-1, 1, 1).to(downs.dtype)
+        torch._foreach_copy_([d for d, _ in members], list((downs * root).unbind()))
+        torch._foreach_copy_([u for _, u in members], list((ups * root).unbind()))
+        ratios.append(ratio)
+        afters.append(norms * ratio)
+    ratio, after = torch.cat(ratios), torch.cat(afters)
     return torch.stack([(ratio < 1).sum().to(after.dtype), after.mean(), after.max()])
 
 
