@@ -138,9 +138,10 @@ def fa4_probe(device: torch.device, dtype: torch.dtype) -> str | None:
     if version is None:
         return f"FlashAttention-4 is {_fa4_missing(why)}"
     try:
-        q, k, v = (torch.randn(1, 128, 1, 128, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        out, _ = flash_attention(q, k, v, 128 ** -0.5)
-        torch.autograd.grad(out.float().sum(), (q, k, v))
+        with torch.enable_grad():  # whatever the caller's mode: the backward kernel is what training needs
+            q, k, v = (torch.randn(1, 128, 1, 128, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            out, _ = flash_attention(q, k, v, 128 ** -0.5)
+            torch.autograd.grad(out.float().sum(), (q, k, v))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as e:  # noqa: BLE001 -- whatever fails, the run uses SDPA (auto) or refuses (fa4), saying why
