@@ -234,6 +234,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
 
     from wanpair.project import TrainSettings
     from wanpair.train.optim import build_optimizer
+    from wanpair.models.attention import FlashSelfAttention
     from wanpair.train.lora import apply_max_norm, lora_pairs
     from wanpair.train.model_setup import prepare_expert
     from wanpair.train.speed import checkpoint_blocks
@@ -347,7 +348,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     flops = useful_flops(cfg, f, h, w)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
-    fa4 = any(type(b.attn1.processor).__name__ == "FlashSelfAttention" for b in model.blocks)
+    fa4 = any(isinstance(b.attn1.processor, FlashSelfAttention) for b in model.blocks)
     result = dict(variant=name, tokens=f * (h // 2) * (w // 2), self_attention="fa4" if fa4 else "sdpa", median_s=med, pipelined_s=pipelined, min_s=min(times), max_s=max(times),
                   first_step_s=first, build_s=build_s, steps=steps, useful_tflop=flops / 1e12,
                   tflops=flops / med / 1e12, mfu=(flops / med / 1e12 / peak) if peak else None,

@@ -29,10 +29,10 @@ from conftest import set_train
 from hub_standin import Hub, running
 from wanpair.cli import DESCRIPTION, main
 from wanpair.errors import WanpairError
-from wanpair.export.hub import card_path, read_lora_metadata
+from wanpair.export.hub import card_path
+from wanpair.models.files import safetensors_metadata
 from wanpair.project import load_project
 from wanpair.sample import save_output
-from wanpair.train import expert as expert_module
 from wanpair.train import hub_push
 from wanpair.train.expert import ExpertTraining
 from wanpair.train.recipe import LoraPairRecipe
@@ -272,6 +272,40 @@ def test_training_goes_on_when_the_hub_refuses_and_says_what_was_not_pushed(demo
     assert "failed:" in last and HIGH in last and "step000002" in last and "high-step00000002.pt" in last
     assert f"wanpair push {demo / 'wanpair.toml'} --repo {REPO} --states" in last
     assert hub.commits == []
+    creates = [r for r in hub.requests if r[1].startswith("/api/repos/create")]
+    assert len(creates) == 1  # refused once (403): the pusher stops asking, it does not knock at every save
+
+
+def test_a_file_the_run_deletes_is_deleted_on_the_hub_with_the_next_commit(demo, standin, capsys):
+    """keep_last removes an older intermediate LoRA: the Hub follows, so the repository holds what the run holds."""
+    hub = standin(Hub({}, token=TOKEN))
+    project, _ = load_project(demo / "wanpair.toml")
+    project.hub.repo = REPO
+    final = project.lora_path("high")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    older = final.with_name(f"{final.stem}-step000002{final.suffix}")
+    older.write_bytes(b"i" * 2048)
+    pusher = hub_push.HubPusher(project)
+    pusher.push(older)
+    deadline = time.monotonic() + 10
+    while f"intermediate/{older.name}" not in hub.repos.get(REPO, {}) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert f"intermediate/{older.name}" in hub.repos[REPO]
+    older.unlink()
+    final.write_bytes(b"f" * 4096)
+    pusher.push(final)
+    pusher.close(wait_s=10)
+    assert hub.repos[REPO] == {final.name: final.read_bytes()}
+
+
+def test_a_hub_state_that_is_not_a_state_is_named_as_the_hubs_file(demo, standin, capsys):
+    hub = standin(Hub({}, token=TOKEN))
+    hub.repos["someone/broken"] = {"state/high-step00000004.pt": b"not a training state"}
+    assert main(["train", str(_hub_project(demo)), "--expert", "high", "--resume-from-hub", "someone/broken"]) == 2
+    err = capsys.readouterr().err
+    assert "someone/broken's state/high-step00000004.pt cannot be read as a training state" in err
+    run_dir = demo / "output" / "demo_shapes_v1"
+    assert not (run_dir / "state" / "high-step00000004.pt").exists() and not (run_dir / ".hub-download").exists()
 
 
 def test_the_end_of_an_expert_waits_for_uploads_a_bounded_time(demo, standin, monkeypatch, capsys):
@@ -306,7 +340,7 @@ def test_push_refuses_two_loras_that_are_not_one_runs_pair_naming_the_one_to_tra
     """`train --expert high --overwrite` on new data leaves the low-noise LoRA of the old data beside it."""
     hub = standin(Hub({}, token=TOKEN))
     out = pair / "output"
-    assert read_lora_metadata(out / LOW)["modelspec.date"] < "2030"
+    assert safetensors_metadata(out / LOW)["modelspec.date"] < "2030"
     _rewrite_metadata(out / HIGH, **{"wanpair.dataset_fingerprint": "0" * 16,  # trained again on other images
                                      "modelspec.date": "2030-01-01T00:00:00+00:00"})
     assert main(["push", str(pair / "wanpair.toml"), "--repo", REPO]) == 2
@@ -386,7 +420,7 @@ def test_the_next_expert_does_not_wait_for_the_last_ones_uploads(demo, standin, 
 
 def test_a_stop_waits_a_few_seconds_for_uploads_then_says_what_is_not_pushed(demo, standin, monkeypatch, capsys):
     standin(Hub({}, token=TOKEN, stall_s=1.0))  # a slow link
-    monkeypatch.setattr(expert_module, "STOP_S", 0.2)
+    monkeypatch.setattr(hub_push, "STOP_S", 0.2)
     monkeypatch.setattr(ExpertTraining, "agree", lambda self, signum: True)  # Ctrl-C after the first step
     project = _hub_project(demo)
     started = time.perf_counter()

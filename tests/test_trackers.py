@@ -71,6 +71,14 @@ def test_log_with_names_and_the_older_tensorboard_switch(demo):
     assert load_project(demo / "wanpair.toml")[0].train.log_with == []
     set_train(demo / "wanpair.toml")
     assert load_project(demo / "wanpair.toml")[0].train.log_with == ["tensorboard"]
+    for settings, said in ((dict(tensorboard=True, log_with=[]), "sets both tensorboard and log_with"),
+                           (dict(log_with=["wandb", "wandb"]), "names a tracker twice"),
+                           (dict(tracker_project="me/shapes"), "tracker_project = 'me/shapes' must be a name"),
+                           (dict(tracker_project=""), "tracker_project = '' must be a name")):
+        set_train(demo / "wanpair.toml", **settings)
+        with pytest.raises(WanpairError, match=said):
+            load_project(demo / "wanpair.toml")
+    set_train(demo / "wanpair.toml")
     assert main(["check", str(demo / "wanpair.toml")]) == 0
 
 

@@ -355,12 +355,14 @@ def cmd_timesteps(args) -> int:
 
 
 def _prompts(args) -> list[str]:
+    from .project import read_prompts
+
     prompts = list(args.prompt or [])
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():
             raise WanpairError(f"prompts file {path} does not exist.")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += read_prompts(path)
     return prompts
 
 

@@ -49,18 +49,23 @@ def parse_repo(value: str, option: str, revision: bool = False) -> tuple[str, st
     return repo, rev or None
 
 
-def hub_problems(project: Project) -> list[str]:
-    """What stops `[hub]` pushing during training, found before any model loads: a token (huggingface_hub finds
-    one in HF_TOKEN or in what `hf auth login` stored)."""
-    if not project.hub.repo:
-        return []
+NO_TOKEN = ("needs a Hugging Face token with write access, and none was found: set HF_TOKEN, or run `hf auth login` "
+            "once on this machine")
+
+
+def has_token() -> bool:
+    """Whether huggingface_hub finds a token (in HF_TOKEN or in what `hf auth login` stored)."""
     from huggingface_hub import get_token
 
-    if get_token():
+    return bool(get_token())
+
+
+def hub_problems(project: Project) -> list[str]:
+    """What stops `[hub]` pushing during training, found before any model loads: a token."""
+    if not project.hub.repo or has_token():
         return []
-    return [(f"{project.path}: [hub] repo = {project.hub.repo!r} pushes each saved LoRA to the Hub, which needs a "
-             "Hugging Face token with write access, and none was found: set HF_TOKEN, or run `hf auth login` once on "
-             "this machine (or remove [hub] repo to train without pushing).")]
+    return [(f"{project.path}: [hub] repo = {project.hub.repo!r} pushes each saved LoRA to the Hub, which {NO_TOKEN} "
+             "(or remove [hub] repo to train without pushing).")]
 
 
 def short_reason(e: BaseException) -> str:
@@ -77,14 +82,14 @@ def short_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if status is None else f"{status}: {first}"
 
 
-def hub_error(e: BaseException, repo: str, doing: str) -> WanpairError:
-    """The hub's refusal, or the network's failure, said as what to do about it."""
+def hub_error(e: BaseException, repo: str, doing: str, writes: bool = True) -> WanpairError:
+    """The hub's refusal, or the network's failure, said as what to do about it (`writes`: the call uploads)."""
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     status = getattr(getattr(e, "response", None), "status_code", None)
     if status in (401, 403):
         return WanpairError(f"{doing}: {short_reason(e)}. Set HF_TOKEN, or run `hf auth login`, with a token that may "
-                            f"write to {repo}.")
+                            f"{'write to' if writes else 'read'} {repo}.")
     if isinstance(e, RevisionNotFoundError):
         return WanpairError(f"{doing}: {repo} has no such branch, tag or commit ({short_reason(e)}).")
     if isinstance(e, RepositoryNotFoundError):

@@ -140,6 +140,11 @@ class SampleDuringTraining:
     seed: int = 42
 
 
+def read_prompts(path: Path) -> list[str]:
+    """A prompts file's prompts: one per non-empty line, stripped."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 @dataclass
 class Description:
     """[metadata]: what the LoRA files and the model card say about the pair, written into the modelspec keys
@@ -366,6 +371,15 @@ def _train_value(table: str, key: str, value, path: Path, problems: list[str]):
         problems.append(f"{path}: [{table}] log_with names {', '.join(map(repr, unknown))}; the trackers are "
                         f"{', '.join(TRACKERS)} (a list for several, [] for none).")
         return None
+    if key == "log_with" and len(set(value)) < len(value):
+        problems.append(f"{path}: [{table}] log_with = {value!r} names a tracker twice; name each once.")
+        return None
+    # W&B refuses project names that are empty, longer than 128 characters or hold / \ # ? % : (and Trackio keeps
+    # them as folder names): said here, not after the expert has loaded
+    if key == "tracker_project" and (not value.strip() or len(value) > 128 or any(c in value for c in "/\\#?%:")):
+        problems.append(f"{path}: [{table}] tracker_project = {value!r} must be a name of 1 to 128 characters "
+                        "without / \\ # ? % : (the W&B / Trackio project).")
+        return None
     if key in ("include_modules", "exclude_modules"):
         for pattern in value:
             try:
@@ -385,7 +399,10 @@ def _train_settings(raw: dict, path: Path, problems: list[str]) -> TrainSettings
         raw = {k: v for k, v in raw.items() if k != "tensorboard"}
         if not isinstance(legacy, bool):
             problems.append(f"{path}: [train] tensorboard = {legacy!r} should be true or false (or use log_with).")
-        elif "log_with" not in raw:
+        elif "log_with" in raw:
+            problems.append(f"{path}: [train] sets both tensorboard and log_with; tensorboard is log_with's older "
+                            "form: keep log_with only.")
+        else:
             raw["log_with"] = ["tensorboard"] if legacy else []
     for key, value in raw.items():
         if key not in TRAIN_FIELDS:

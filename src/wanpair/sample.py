@@ -67,6 +67,14 @@ class SampleSettings:
             defaults["frames"] = I2V_FRAMES
         return cls(**{**defaults, **given})
 
+    @classmethod
+    def for_project(cls, project: Project, clip: bool = False) -> "SampleSettings":
+        """The model's defaults with the project's [sample] size, length, steps and seed. `clip`: an image-to-video
+        sample where [sample] says 1 frame is an 81-frame clip (the exported workflow's), not a still."""
+        s = project.sample
+        frames = I2V_FRAMES if clip and project.task.conditioned and s.frames == 1 else s.frames
+        return cls.for_task(project.task, width=s.width, height=s.height, frames=frames, steps=s.steps, seed=s.seed)
+
     def check(self, task: Task = T2V) -> None:
         problems = []
         if task.conditioned and not self.image:
@@ -420,8 +428,6 @@ def make_sampler(project: Project, prompts: list[str], prompt_paths: list[Path],
     from .cache import read_entry
 
     embeds = [read_entry(p) for p in prompt_paths]
-    cfg = project.sample
-    settings = SampleSettings.for_task(project.task, width=cfg.width, height=cfg.height, frames=cfg.frames,
-                                       steps=cfg.steps, seed=cfg.seed)  # the model's shift and guidance
+    settings = SampleSettings.for_project(project)  # the model's shift and guidance
     return TrainingSampler(project, prompts, embeds[:-1], embeds[-1], settings, device, project.train.compute_dtype)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import WanpairError
-from ..models.files import safetensors_header
+from ..models.files import safetensors_metadata
 from ..models.tasks import EXPERT_NAMES
 from ..train.run_lock import lock_is_held, lock_path
 from .paths import PathRefused, list_inside, open_inside, read_text_inside
@@ -206,7 +206,7 @@ def loras_of(run: Run) -> list[dict]:
                         *run.output_dir.glob(f"WAN2.1-*_{run.name}*.safetensors")}):
         try:
             with open_inside(path, [run.output_dir]) as f:  # a link out of the output folder is not this run's
-                meta = safetensors_header(path, f).get("__metadata__", {})
+                meta = safetensors_metadata(path, f)
                 size = os.fstat(f.fileno()).st_size
         except PathRefused:
             continue

@@ -17,11 +17,12 @@ from pathlib import Path, PureWindowsPath
 
 from ..atomic import write_text_atomic
 from ..errors import WanpairError
-from ..hub import SAMPLES, STATES, endpoint, hub_error
-from ..models.files import safetensors_header
+from ..hub import NO_TOKEN, SAMPLES, STATES, endpoint, has_token, hub_error
+from ..models.files import safetensors_metadata
 from ..models.tasks import expert_name, expert_noun
 from ..project import Project
 from ..sizes import human_bytes
+from .workflow import workflow_path
 from .model_card import Sample, model_card
 
 MEDIA = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".mp4", ".webm")
@@ -51,7 +52,7 @@ def finished_lora_problem(project: Project, expert: str) -> str | None:
     if not path.is_file():
         return f"{path} does not exist: {expert_noun(expert)}'s LoRA is not trained yet. Run `{train}`."
     try:
-        meta = read_lora_metadata(path)
+        meta = safetensors_metadata(path)
     except (OSError, WanpairError) as e:
         return f"{path} cannot be read ({e}). Train it again: `{train} --overwrite`."
     if meta.get("wanpair.partial") == "true":
@@ -61,11 +62,6 @@ def finished_lora_problem(project: Project, expert: str) -> str | None:
                 f"{meta.get('ss_output_name') or 'nothing (no ss_output_name)'!r}, renamed or copied from another run. "
                 f"Move it away and train this project's: `{train}`.")
     return None
-
-
-def read_lora_metadata(path: Path) -> dict[str, str]:
-    """A LoRA file's metadata, from its header (what `wanpair.train.metadata.lora_metadata` wrote)."""
-    return safetensors_header(path).get("__metadata__") or {}
 
 
 def pair_problem(project: Project, loras: dict[str, dict[str, str]]) -> str | None:
@@ -90,18 +86,10 @@ def pair_problem(project: Project, loras: dict[str, dict[str, str]]) -> str | No
 
 
 def workflow_files(project: Project) -> list[Path]:
-    """This project's ComfyUI workflows (`<output_dir>/*comfyui_workflow*.json`): those that name its LoRA files
-    (several projects may share an output folder)."""
-    names = [project.lora_path(e).name for e in project.task.experts]
-    found = []
-    for path in sorted(project.output_dir.glob("*comfyui_workflow*.json")):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        if all(n in text for n in names):
-            found.append(path)
-    return found
+    """This project's ComfyUI workflow (`wanpair.export.workflow.workflow_path`), if training or `export
+    --workflow` wrote it (several projects may share an output folder: only this one's)."""
+    path = workflow_path(project)
+    return [path] if path.is_file() else []
 
 
 def _prompt(media: Path) -> str:
@@ -172,7 +160,7 @@ def plan_push(project: Project, repo: str, states: bool = False) -> tuple[list[U
     problems = [p for e in experts if (p := finished_lora_problem(project, e))]
     if problems:
         raise WanpairError("cannot push:\n" + "\n".join(f"- {p}" for p in problems))
-    loras = {e: read_lora_metadata(project.lora_path(e)) for e in experts}
+    loras = {e: safetensors_metadata(project.lora_path(e)) for e in experts}
     problem = pair_problem(project, loras)
     if problem:
         raise WanpairError(f"cannot push:\n- {problem}")
@@ -204,12 +192,8 @@ def push_pair(project: Project, repo: str, private: bool = False, states: bool =
     """`wanpair push`: the pair, its card, workflow and samples (and with `states`, each expert's newest state) in
     one commit. The card is also written beside the LoRAs; `dry_run` writes it and lists the files, nothing more."""
     uploads, card = plan_push(project, repo, states)
-    if not dry_run:
-        from huggingface_hub import get_token
-
-        if not get_token():
-            raise WanpairError(f"pushing to {repo} needs a Hugging Face token with write access, and none was found: "
-                               "set HF_TOKEN, or run `hf auth login` once on this machine. Nothing was uploaded.")
+    if not dry_run and not has_token():
+        raise WanpairError(f"pushing to {repo} {NO_TOKEN}. Nothing was uploaded.")
     write_text_atomic(card_path(project), card)
     total = sum(u.size for u in uploads)
     print(f"{'would upload' if dry_run else 'uploading'} {len(uploads)} files ({human_bytes(total)}) to "

@@ -35,8 +35,8 @@ import numpy as np
 
 from ..atomic import write_text_atomic
 from ..models.tasks import Task, expert_name
-from ..project import Project
-from ..sample import I2V_FRAMES, SampleSettings
+from ..project import Project, read_prompts
+from ..sample import SampleSettings
 
 # ComfyUI's CLIPLoader reads umT5 in transformers' key layout only (comfy/sd.py `detect_te_model` looks for
 # `encoder.block.23...`), not Wan's `.pth` that wanpair trains with; the same weights repackaged for it:
@@ -84,20 +84,10 @@ def boundary_step(steps: int, shift: float, boundary: int) -> int:
     return int(((sigmas * 1000).astype(np.int64) >= boundary).sum())
 
 
-def sample_settings(project: Project) -> SampleSettings:
-    """`wanpair sample`'s settings for the model, with the project's [sample] size, length, steps and seed (an
-    image-to-video sample is a clip: 81 frames where [sample] says 1)."""
-    s = project.sample
-    frames = I2V_FRAMES if project.task.conditioned and s.frames == 1 else s.frames
-    return SampleSettings.for_task(project.task, width=s.width, height=s.height, frames=frames, steps=s.steps,
-                                   seed=s.seed)
-
-
 def first_prompt(project: Project) -> str:
     """The first prompt of the project's [sample] prompts file, else a placeholder that says what to write."""
     path = project.sample.prompts
-    lines = [x.strip() for x in path.read_text(encoding="utf-8").splitlines()] if path and path.is_file() else []
-    return next((x for x in lines if x), PROMPT_PLACEHOLDER)
+    return next(iter(read_prompts(path) if path and path.is_file() else []), PROMPT_PLACEHOLDER)
 
 
 def workflow_path(project: Project) -> Path:
@@ -157,7 +147,7 @@ def _expert_model(g: Graph, project: Project, expert: str, strength: float, shif
 
 def build_workflow(project: Project) -> dict:
     """The graph as ComfyUI saves it (json.dumps it to a file)."""
-    s = sample_settings(project)
+    s = SampleSettings.for_project(project, clip=True)
     g = Graph()
     models = {e: _expert_model(g, project, e, getattr(s, f"strength_{e}"), s.shift, 140 * i)
               for i, e in enumerate(project.task.experts)}

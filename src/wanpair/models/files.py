@@ -88,6 +88,11 @@ def safetensors_header(path: Path, opened: BinaryIO | None = None) -> dict:
     return header
 
 
+
+def safetensors_metadata(path: Path, opened: BinaryIO | None = None) -> dict[str, str]:
+    """A safetensors file's `__metadata__` (a LoRA's: what `wanpair.train.metadata.lora_metadata` wrote)."""
+    return safetensors_header(path, opened).get("__metadata__") or {}
+
 def inspect_weight_file(path: str | Path) -> WeightFile:
     """Validate a weight file (safetensors or torch .pth) and list its tensors without loading them."""
     path = Path(path).expanduser()

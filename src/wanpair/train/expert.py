@@ -40,7 +40,7 @@ from ..project import Project
 from ..sizes import human_seconds
 from .data import CachedData, step_counts
 from .flow_matching import flow_matching_loss, pad_text
-from .hub_push import DRAIN_S, STOP_S, shared_pusher
+from .hub_push import shared_pusher
 from .lora import DTYPES, apply_max_norm, load_initial_lora, lora_pairs, lora_state_dict, save_lora
 from .metadata import lora_metadata, run_identity
 from .metrics import MetricsLog
@@ -576,7 +576,6 @@ class ExpertTraining:
         final = self.p.lora_path(self.expert)
         partial = final.with_name(f"{final.stem}-partial-step{self.progress.step:06d}{final.suffix}")
         self.save_lora(partial, {"wanpair.partial": "true"})
-        self.hub.close(STOP_S)
         raise StopRequested(
             f"stopped at step {self.progress.step} of {expert_noun(self.expert)}; saved {partial.name} and the "
             f"training state {path}.\nResume with:  wanpair train {self.p.path} --resume", signum or 15)
@@ -619,9 +618,8 @@ class ExpertTraining:
         try:
             self.train()
             return self.finish()
-        except BaseException as e:
+        except BaseException:
             self.close_metrics(quiet=True)  # the error that stopped the run is the one to report
-            self.hub.close(STOP_S if isinstance(e, KeyboardInterrupt) else DRAIN_S)  # a second Ctrl-C: quick
             raise
 
 

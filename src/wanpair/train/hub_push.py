@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
+from ..atomic import sync_folder
 from ..errors import WanpairError
 from ..hub import INTERMEDIATE, STATES, endpoint, hub_error, parse_repo, short_reason
 from ..models.tasks import expert_noun
@@ -220,7 +221,7 @@ def fetch_states(project: Project, value: str, experts: tuple[str, ...], identit
     except (EntryNotFoundError, RemoteEntryNotFoundError):
         remote = []
     except Exception as e:  # the hub's errors, and the network's
-        raise hub_error(e, repo, f"reading the training states in {value}") from None
+        raise hub_error(e, repo, f"reading the training states in {value}", writes=False) from None
     download = project.run_dir / ".hub-download"
     fetched, found, problems = [], False, []
     for expert in experts:
@@ -237,8 +238,15 @@ def fetch_states(project: Project, value: str, experts: tuple[str, ...], identit
         try:
             got = Path(hf_hub_download(repo, str(newest), revision=revision, local_dir=download, endpoint=endpoint()))
         except Exception as e:  # the hub's errors, and the network's
-            raise hub_error(e, repo, f"fetching {newest} from {value}") from None
-        changed = differences(load_state(got).get("identity") or {}, identity(expert), outputs=False)
+            raise hub_error(e, repo, f"fetching {newest} from {value}", writes=False) from None
+        try:
+            changed = differences(load_state(got).get("identity") or {}, identity(expert), outputs=False)
+        except WanpairError as e:  # not a state, or a damaged one: said as the hub's file, not the download's path
+            got.unlink()
+            problems.append(f"{value}'s {newest} cannot be read as a training state ({e}). Push a good one "
+                            "(`wanpair push PROJECT --repo ... --states` on the machine that trained it), or leave out "
+                            "--resume-from-hub.")
+            continue
         if changed:
             got.unlink()
             problems.append(f"{value}'s {newest} is from a run with a different {', '.join(changed)} than this "
@@ -248,6 +256,7 @@ def fetch_states(project: Project, value: str, experts: tuple[str, ...], identit
             continue
         state_dir(project.run_dir).mkdir(parents=True, exist_ok=True)
         os.replace(got, state_dir(project.run_dir) / newest.name)
+        sync_folder(state_dir(project.run_dir))  # the rename outlives a crash
         fetched.append(state_dir(project.run_dir) / newest.name)
     shutil.rmtree(download, ignore_errors=True)  # every download got to its end: nothing to resume
     if not found:

@@ -161,7 +161,7 @@ def same_run(found: dict, identity: dict[str, str]) -> bool:
                 return False
         elif found.get(key) != identity[key]:
             return False
-    settings, pair = _settings(found, "wanpair.settings"), json.loads(identity.get("wanpair.pair_settings", "{}"))
+    settings, pair = _settings(found, "wanpair.settings"), json.loads(identity["wanpair.pair_settings"])
     own = pair.get(found.get("wanpair.expert"))
     return own is None or all(settings.get(k) == v for k, v in own.items())
 

@@ -38,7 +38,9 @@ def build_optimizer(params, t: TrainSettings, up: list | None = None) -> torch.o
     kwargs = {"lr": t.learning_rate, "weight_decay": t.weight_decay, **parse_optimizer_args(t.optimizer_args)}
     tensors, name = params, t.optimizer
     try:
-        if t.loraplus_lr_ratio and up:
+        if t.loraplus_lr_ratio:
+            if not up:  # a caller that forgot the up matrices would train without LoRA+ and never say so
+                raise ValueError("LoRA+ (loraplus_lr_ratio) needs the LoRA's up matrices; none were given")
             if not isinstance(kwargs["lr"], (int, float)):
                 raise ValueError(f"LoRA+ (loraplus_lr_ratio) scales a learning rate, and lr is {kwargs['lr']!r}")
             ids = {id(p) for p in up}

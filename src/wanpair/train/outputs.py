@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..atomic import write_text_atomic
 from ..errors import WanpairError
-from ..models.files import safetensors_header
+from ..models.files import safetensors_metadata
 from ..project import Project
 from .metrics import drop_metrics_after, read_metrics
 from .state import list_states
@@ -28,7 +28,7 @@ from .state import list_states
 def lora_output_name(path: Path) -> str | None:
     """The name of the final LoRA whose run wrote `path` (its `ss_output_name`), None when unreadable."""
     try:
-        return safetensors_header(path).get("__metadata__", {}).get("ss_output_name")
+        return safetensors_metadata(path).get("ss_output_name")
     except (OSError, WanpairError):
         return None
 

@@ -27,12 +27,12 @@ from accelerate import PartialState
 
 from ..atomic import write_text_atomic
 from ..cache import CachePlan, CacheStats, fill, folder_fingerprint, plan
-from ..errors import DISK_ERRNOS, WanpairError
+from ..errors import DISK_ERRNOS, StopRequested, WanpairError
 from ..export.workflow import write_workflow
 from ..models.text_encoder import load_text_encoder
 from ..models.vae import load_vae
 from ..models.tasks import expert_name, expert_noun
-from ..project import Project
+from ..project import Project, read_prompts
 from ..sizes import human_seconds
 from . import hub_push, placement
 from .data import CachedData, step_counts, validation_set
@@ -100,7 +100,7 @@ class LoraPairRecipe:
         cfg = self.p.sample
         if not (cfg.every_n_epochs or cfg.every_n_steps):
             return []
-        return [x.strip() for x in cfg.prompts.read_text(encoding="utf-8").splitlines() if x.strip()]
+        return read_prompts(cfg.prompts)
 
     def plan_caches(self) -> CachePlan:
         """Which cache entries the checked items (and sampling prompts) need, and which are missing."""
@@ -270,6 +270,9 @@ class LoraPairRecipe:
                 gc.collect()  # the expert just trained is garbage now: free its memory before the next loads
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+        except (StopRequested, KeyboardInterrupt):
+            hub_push.close_shared(hub_push.STOP_S)  # a stop: a few seconds for the partial save's upload
+            raise
         finally:
             hub_push.close_shared()  # [hub]: the experts' uploads, which went on while the next one trained
         return results

@@ -38,8 +38,9 @@ def tracker_problems(log_with: list[str], project_path: Path) -> list[str]:
     problems = []
     for name in log_with:  # each tracker's package has its name
         if importlib.util.find_spec(name) is None:
+            install = "tensorboard" if name == "tensorboard" else f"\"wanpair[{name}]\""  # tensorboard: a dependency
             problems.append(f"{project_path}: [train] log_with names {name}, which is not installed here: "
-                            f"pip install \"wanpair[{name}]\" (or remove it from log_with).")
+                            f"pip install {install} (or remove it from log_with).")
     if "trackio" in log_with:
         import accelerate.tracking
 

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..sample import make_sampler
     from .data import CachedData
     from .expert import ExpertTraining
-    from .hub_push import close_shared
+    from .hub_push import STOP_S, close_shared
     from .placement import result_path
     from ..errors import StopRequested
     from .state import load_state
@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                           handoff["allow_expert_mismatch"], show_bar=False)
     try:
         result = unit.run(load_state(args.state) if args.state else None)
-    except StopRequested as e:
+    except (StopRequested, KeyboardInterrupt) as e:
+        close_shared(STOP_S)  # a stop: a few seconds for the partial save's upload
+        if isinstance(e, KeyboardInterrupt):
+            raise
         print(str(e), file=sys.stderr, flush=True)
         return e.exit_code
     except WanpairError as e:
