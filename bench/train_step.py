@@ -39,6 +39,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 
 import wanpair.cli  # noqa: F401  -- the environment `wanpair train` runs in: allocator, compile caches
 
@@ -322,6 +323,10 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
             first = time.perf_counter() - s
             if device.type == "cuda":
                 print(torch._dynamo.utils.compile_times(repr="str"), flush=True)
+                # the first step compiles and autotunes (inductor benchmarks kernels on copies of their
+                # buffers): its peak apart from the steady one, which is what a warm compile cache sees
+                first_peak = torch.cuda.max_memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats()
             counters = torch._dynamo.utils.counters
             print("compile caches:", dict(counters["aot_autograd"]), dict(counters["inductor"]), flush=True)
     # the training loop's order (wanpair.train.expert): step k+1's forward and backward are queued before
@@ -338,6 +343,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
             apply_max_norm(pairs, settings.scale_weight_norms, settings.alpha / settings.rank)
     finish(verdict, scheduler)
     pipelined = (time.perf_counter() - s) / steps
+    steady_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     probes = time_validation(model, acc, batch, compute) if validation and device.type == "cuda" else {}
     if probes:
         print("one validation evaluation (16 forwards):", probes, flush=True)
@@ -348,7 +354,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     flops = useful_flops(cfg, f, h, w)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
-    fa4 = any(isinstance(b.attn1.processor, FlashSelfAttention) for b in model.blocks)
+    fa4 = any(isinstance(b.attn1.processor, FlashSelfAttention) for b in model.blocks._modules.values())
     result = dict(variant=name, tokens=f * (h // 2) * (w // 2), self_attention="fa4" if fa4 else "sdpa", median_s=med, pipelined_s=pipelined, min_s=min(times), max_s=max(times),
                   first_step_s=first, build_s=build_s, steps=steps, useful_tflop=flops / 1e12,
                   tflops=flops / med / 1e12, mfu=(flops / med / 1e12 / peak) if peak else None,
@@ -357,7 +363,8 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
                   budget_gib=plan.budget_gib, streamed_gib_per_step=copied / (warmup + steps) / 2**30,
                   **(checks if name.endswith("-graph") else {}), **probes)
     if device.type == "cuda":
-        result.update(max_allocated_gib=torch.cuda.max_memory_allocated(device) / 2**30,
+        result.update(max_allocated_gib=max(first_peak, torch.cuda.max_memory_allocated(device)) / 2**30,
+                      first_step_allocated_gib=first_peak / 2**30, steady_allocated_gib=steady_peak / 2**30,
                       max_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
     del model, optimizer, scheduler, acc, params
     gc.collect()
@@ -450,7 +457,8 @@ def main() -> int:
         try:
             r = run_variant(name, cfg, shape, args.steps, args.warmup, device, args.profile, args.validation)
         except Exception as e:  # a failed variant is a result too; go on with the others
-            r = dict(variant=name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            traceback.print_exc(limit=-12)
+            r = dict(variant=name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:600]}")
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
