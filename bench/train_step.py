@@ -202,18 +202,19 @@ def graphed_forward_backward(model, acc, params, batch, compute):
 def time_validation(model, acc, batch, compute, forwards: int = 16) -> dict:
     """Seconds for `forwards` no-grad forward passes of the batch (what one validation evaluation does: 4
     items x 4 timesteps), with the compiled blocks run eagerly (until 2026-12-03) and compiled (their no-grad
-    graph compiles at the first pass, timed apart)."""
+    graph compiles at the first pass, timed apart), and as forwards // 4 passes of 4 samples each."""
     from wanpair.train.flow_matching import flow_matching_loss
     from wanpair.train.speed import eager
 
     x0, noise, t, text, _ = batch[0]
 
-    def evaluate(n: int) -> float:
+    def evaluate(n: int, batch: int = 1) -> float:
+        x, e, tt, c = (v.expand(batch, *v.shape[1:]) for v in (x0, noise, t, text))
         torch.cuda.synchronize()
         s = time.perf_counter()
         total = torch.zeros((), device=x0.device)
         for _ in range(n):
-            total += flow_matching_loss(model, x0, noise, t, text, compute).float()
+            total += flow_matching_loss(model, x, e, tt, c, compute).float()
         total.item()
         return time.perf_counter() - s
 
@@ -224,8 +225,11 @@ def time_validation(model, acc, batch, compute, forwards: int = 16) -> dict:
             eager_s = evaluate(forwards)
         first_s = evaluate(1)
         compiled_s = evaluate(forwards)
+        evaluate(1, batch=4)  # a graph of its own: an item's 4 timesteps in one pass, as validation could run them
+        batched_s = evaluate(forwards // 4, batch=4)
     model.train()
-    return dict(validation_eager_s=eager_s, validation_compiled_s=compiled_s, validation_first_compiled_s=first_s)
+    return dict(validation_eager_s=eager_s, validation_compiled_s=compiled_s, validation_first_compiled_s=first_s,
+                validation_batched4_s=batched_s)
 
 
 def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, device: torch.device,
@@ -432,7 +436,7 @@ def main() -> int:
     ap.add_argument("--cap-gib", type=float, help="limit this process's GPU memory (per-process memory fraction)")
     ap.add_argument("--profile", action="store_true", help="after timing, print GPU kernel time by kind")
     ap.add_argument("--validation", action="store_true", help="after timing, time one validation evaluation, "
-                    "eager and compiled")
+                    "eager, compiled, and in passes of 4 samples")
     ap.add_argument("--accuracy", action="store_true", help="compare fp8 storage / matmuls with bf16 instead of timing")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
