@@ -139,6 +139,60 @@ def print_profile(step, n: int = 3) -> None:
     print_gaps([e for e in prof.events() if e.device_type.name == "CUDA"], n)
     for k, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:22]:
         print(f"  {ms:7.2f} ms  {k[:110]}")
+    # one more step with the host's operations recorded too (which slows the host a little: its "late" count is
+    # an upper bound), to tell the long gaps' causes apart
+    import tempfile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        with open(f"{tmp}/trace.json") as f:
+            print_gap_causes(json.load(f)["traceEvents"])
+
+
+def print_gap_causes(trace: list[dict], min_us: float = 50.0) -> None:
+    """For each GPU idle gap of `min_us` or more in a profiler trace (Chrome format, host and GPU activity): was
+    the kernel after it launched only after the GPU had gone idle (the host was late: the host operation running
+    at that moment is named) or before (the GPU waited on something else: a stream or event dependency)?"""
+    def spans(cats):
+        return [e for e in trace if e.get("ph") == "X" and e.get("cat") in cats]
+
+    gpu = sorted(spans(("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in spans(("cuda_runtime", "cuda_driver"))
+                if "correlation" in e.get("args", {})}
+    ops: dict = {}
+    for e in spans(("cpu_op", "user_annotation")):
+        ops.setdefault(e.get("tid"), []).append((e["ts"], e["ts"] + e["dur"], e["name"]))
+
+    def running(tid, t: float) -> str:
+        inside = [(start, name) for start, end, name in ops.get(tid, []) if start <= t <= end]
+        return max(inside)[1] if inside else "(no operation)"
+
+    late: dict[str, list] = {}
+    waited: dict[str, list] = {}
+    unlinked: dict[str, list] = {}  # no launch call in the trace for it (kernel after)
+    if not gpu:
+        return
+    busy = gpu[0]["ts"] + gpu[0]["dur"]
+    for k in gpu[1:]:
+        gap = k["ts"] - busy
+        if gap >= min_us:
+            launch = launches.get(k.get("args", {}).get("correlation"))
+            if launch is None:
+                unlinked.setdefault(k["name"], []).append(gap)
+            elif launch["ts"] > busy:
+                late.setdefault(running(launch.get("tid"), busy), []).append(gap)
+            else:
+                waited.setdefault(k["name"], []).append(gap)
+        busy = max(busy, k["ts"] + k["dur"])
+    for title, found in (("host late (running then)", late), ("launched in time, GPU waited (kernel after)", waited),
+                         ("launch not in the trace (kernel after)", unlinked)):
+        total = sum(map(sum, found.values()))
+        print(f"gaps >= {min_us:.0f} us, {title}: {sum(map(len, found.values()))} gaps, {total / 1e3:.1f} ms")
+        for name, gaps in sorted(found.items(), key=lambda kv: -sum(kv[1]))[:8]:
+            print(f"  {len(gaps):4d} gaps {sum(gaps) / 1e3:6.2f} ms  {name[:100]}")
 
 
 def print_gaps(events, n: int) -> None:
