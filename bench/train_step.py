@@ -260,15 +260,16 @@ def time_validation(model, acc, batch, compute, forwards: int = 16) -> dict:
     from wanpair.train.flow_matching import flow_matching_loss
     from wanpair.train.speed import eager
 
-    x0, noise, t, text, _ = batch[0]
+    x0, noise, t, text, cond = batch[0]
 
     def evaluate(n: int, batch: int = 1) -> float:
         x, e, tt, c = (v.expand(batch, *v.shape[1:]) for v in (x0, noise, t, text))
+        i2v = None if cond is None else cond.expand(batch, *cond.shape[1:])
         torch.cuda.synchronize()
         s = time.perf_counter()
         total = torch.zeros((), device=x0.device)
         for _ in range(n):
-            total += flow_matching_loss(model, x, e, tt, c, compute).float()
+            total += flow_matching_loss(model, x, e, tt, c, compute, cond=i2v).float()
         total.item()
         return time.perf_counter() - s
 
@@ -452,12 +453,15 @@ def accuracy(cfg: dict, shape: tuple, device: torch.device) -> list[dict]:
                 p.normal_(0.0, 0.01, generator=g)
     x0, noise = (torch.randn(1, 16, *shape, generator=g, device=device) for _ in range(2))
     text = torch.randn(1, 512, cfg["text_dim"], generator=g, device=device)
+    cond = None  # I2V: the mask and first-frame latent beside the noisy one
+    if cfg["in_channels"] > 16:
+        cond = torch.randn(1, cfg["in_channels"] - 16, *shape, generator=g, device=device)
 
     def step(t: float):
         for p in params:
             p.grad = None
         with torch.autocast(device.type, compute):
-            loss = flow_matching_loss(model, x0, noise, torch.tensor([t], device=device), text, compute)
+            loss = flow_matching_loss(model, x0, noise, torch.tensor([t], device=device), text, compute, cond=cond)
         loss.backward()
         return loss.item(), torch.cat([p.grad.flatten().float() for p in params])
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -103,3 +104,18 @@ def test_any_caption_bytes_are_read_or_reported(tmp_path, data):
     (tmp_path / "a.txt").write_bytes(data)
     report = _report(tmp_path)
     assert len(report.items) + len(report.errors) == 1
+
+
+def test_a_prompts_file_that_is_not_utf8_or_not_there_is_named_with_the_fix(tmp_path):
+    from wanpair.project import read_prompts
+
+    latin = tmp_path / "prompts.txt"
+    latin.write_bytes(b"a caf\xe9 at dusk\n")
+    with pytest.raises(WanpairError, match="not UTF-8") as e:
+        read_prompts(latin)
+    assert str(latin) in str(e.value) and "save it as UTF-8" in str(e.value)
+    with pytest.raises(WanpairError, match="cannot read the prompts file") as e:
+        read_prompts(tmp_path / "missing.txt")
+    assert str(tmp_path / "missing.txt") in str(e.value)
+    (tmp_path / "ok.txt").write_text("one\n\n  two  \n", encoding="utf-8")
+    assert read_prompts(tmp_path / "ok.txt") == ["one", "two"]

@@ -204,6 +204,23 @@ def test_a_fifo_or_a_link_planted_where_a_file_is_read_does_not_hang_the_page(ru
     assert client.application.config["jobs"].busy() == []
 
 
+def test_planted_lora_files_with_malformed_headers_leave_the_page_whole(run_tree):
+    """A header that is JSON but no safetensors table -- a list, entries that are not tables, metadata that is a
+    list or holds a number where names are strings -- is a damaged file like any other: listed without facts."""
+    out = run_tree / "output"
+    headers = [[1, 2], {"w": 5}, {"__metadata__": [1]}, {"__metadata__": {"ss_output_name": 5}},
+               {"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}}]
+    for i, header in enumerate(headers):
+        raw = json.dumps(header).encode()
+        (out / f"WAN2.2-HighNoise_demo_shapes_v1-step9{i}.safetensors").write_bytes(
+            len(raw).to_bytes(8, "little") + raw + b"\0" * 8)
+    client = reader(create_app([run_tree], token=TOKEN, tick_s=None))
+    (run,) = [r for r in client.get("/api/runs").get_json() if r["name"] == "demo_shapes_v1"]
+    got = client.get(f"/api/runs/{run['id']}")
+    loras = got.get_json()["loras"] if got.status_code == 200 else []
+    assert sorted(lora["expert"] or "damaged" for lora in loras) == ["damaged"] * 5 + ["high", "low"]
+
+
 # ---------------------------------------------------------------- 4. races between the check and the use
 class Swapper:
     """A thread that swaps what a path is, as fast as it can, while requests are made."""

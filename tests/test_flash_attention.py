@@ -205,3 +205,24 @@ def test_the_setting_is_read_checked_and_does_not_make_a_new_run(demo):
     set_train(project, attention="flash")
     with pytest.raises(WanpairError, match="attention = 'flash' must be one of auto, sdpa, fa4"):
         load_project(project)
+
+
+def test_the_log_line_probes_fa4_only_where_the_setting_lets_it_decide(monkeypatch, fresh_checks):
+    """With "sdpa" FA4 is never touched (no import, no kernels compiled, on any GPU); with "fa4" where it cannot
+    run the line says why; "cuda" and "cuda:0" share one probe."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    probed = []
+
+    def probe(device, dtype):
+        probed.append(device)
+        return "FlashAttention-4 is not installed: pip install \"wanpair[fa4]\""
+
+    monkeypatch.setattr(attention, "fa4_probe", probe)
+    assert attention.describe_attention(False, cuda, torch.bfloat16, "sdpa") == "attention: torch SDPA"
+    assert probed == []
+    line = attention.describe_attention(False, cuda, torch.bfloat16, "fa4")
+    assert line.startswith('attention: [train] attention = "fa4" but FlashAttention-4 is not installed')
+    wants_fa4("auto", cuda, torch.bfloat16)
+    wants_fa4("auto", torch.device("cuda", 0), torch.bfloat16)
+    assert set(probed) == {torch.device("cuda", 0)}

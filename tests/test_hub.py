@@ -276,20 +276,27 @@ def test_training_goes_on_when_the_hub_refuses_and_says_what_was_not_pushed(demo
     assert len(creates) == 1  # refused once (403): the pusher stops asking, it does not knock at every save
 
 
-def test_a_file_the_run_deletes_is_deleted_on_the_hub_with_the_next_commit(demo, standin, capsys):
-    """keep_last removes an older intermediate LoRA: the Hub follows, so the repository holds what the run holds."""
+def _pushed_intermediate(demo, standin):
+    """A pusher for the demo's high-noise LoRA whose first intermediate LoRA has reached the stand-in hub (waited
+    for, up to 10 s): (hub, pusher, final LoRA's path, intermediate LoRA's path)."""
     hub = standin(Hub({}, token=TOKEN))
     project, _ = load_project(demo / "wanpair.toml")
     project.hub.repo = REPO
     final = project.lora_path("high")
     final.parent.mkdir(parents=True, exist_ok=True)
-    older = final.with_name(f"{final.stem}-step000002{final.suffix}")
-    older.write_bytes(b"i" * 2048)
+    intermediate = final.with_name(f"{final.stem}-step000002{final.suffix}")
+    intermediate.write_bytes(b"i" * 2048)
     pusher = hub_push.HubPusher(project)
-    pusher.push(older)
+    pusher.push(intermediate)
     deadline = time.monotonic() + 10
-    while f"intermediate/{older.name}" not in hub.repos.get(REPO, {}) and time.monotonic() < deadline:
+    while f"intermediate/{intermediate.name}" not in hub.repos.get(REPO, {}) and time.monotonic() < deadline:
         time.sleep(0.02)
+    return hub, pusher, final, intermediate
+
+
+def test_a_file_the_run_deletes_is_deleted_on_the_hub_with_the_next_commit(demo, standin, capsys):
+    """keep_last removes an older intermediate LoRA: the Hub follows, so the repository holds what the run holds."""
+    hub, pusher, final, older = _pushed_intermediate(demo, standin)
     assert f"intermediate/{older.name}" in hub.repos[REPO]
     older.unlink()
     final.write_bytes(b"f" * 4096)
@@ -353,18 +360,7 @@ def test_push_refuses_two_loras_that_are_not_one_runs_pair_naming_the_one_to_tra
 def test_a_file_already_gone_from_the_hub_never_blocks_the_next_push(demo, standin, capsys):
     """The user deleted an intermediate LoRA on the Hub (or an earlier commit landed and its answer was lost): its
     removal, due once the run removes it too, would fail every later commit, the final LoRA's included."""
-    hub = standin(Hub({}, token=TOKEN))
-    project, _ = load_project(demo / "wanpair.toml")
-    project.hub.repo = REPO
-    final = project.lora_path("high")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    intermediate = final.with_name(f"{final.stem}-step000002{final.suffix}")
-    intermediate.write_bytes(b"i" * 2048)
-    pusher = hub_push.HubPusher(project)
-    pusher.push(intermediate)
-    deadline = time.monotonic() + 10
-    while f"intermediate/{intermediate.name}" not in hub.repos.get(REPO, {}) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    hub, pusher, final, intermediate = _pushed_intermediate(demo, standin)
     del hub.repos[REPO][f"intermediate/{intermediate.name}"]  # deleted on the Hub
     intermediate.unlink()  # ... and by the run (keep_last): its removal is due with the next commit
     final.write_bytes(b"f" * 4096)

@@ -142,7 +142,14 @@ class SampleDuringTraining:
 
 def read_prompts(path: Path) -> list[str]:
     """A prompts file's prompts: one per non-empty line, stripped."""
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise WanpairError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8, one prompt per line.") from None
+    except OSError as e:
+        raise WanpairError(f"cannot read the prompts file {path} ({e.strerror or e}): check the path "
+                           "(one prompt per line, UTF-8).") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 @dataclass

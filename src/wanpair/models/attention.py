@@ -161,9 +161,16 @@ def attention_problem(setting: str, device: torch.device, compute_dtype: torch.d
     if major not in FA4_TRAINS_ON:
         return (f"[train] attention = \"fa4\": FlashAttention-4 does not train on {torch.cuda.get_device_name(device)} "
                 f"(compute capability {major}.{minor}; it needs 9.x-12.x); use \"auto\" or \"sdpa\".")
-    if why := fa4_probe(device, compute_dtype):
+    if why := fa4_probe(_one_name(device), compute_dtype):
         return f"[train] attention = \"fa4\" but {why}; or use \"auto\"."
     return None
+
+
+def _one_name(device: torch.device) -> torch.device:
+    """"cuda" as "cuda:<current>", so that the preflight's and the model's probes share one cached answer."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
 
 
 def _measured_gpu(device: torch.device, compute_dtype: torch.dtype) -> bool:
@@ -177,7 +184,8 @@ def wants_fa4(setting: str, device: torch.device, compute_dtype: torch.dtype) ->
     it ran there (`fa4_probe`)."""
     if setting == "fa4":
         return True
-    return setting == "auto" and _measured_gpu(device, compute_dtype) and fa4_probe(device, compute_dtype) is None
+    return (setting == "auto" and _measured_gpu(device, compute_dtype)
+            and fa4_probe(_one_name(device), compute_dtype) is None)
 
 
 def use_flash_self_attention(model) -> int:
@@ -188,9 +196,14 @@ def use_flash_self_attention(model) -> int:
     return len(blocks)
 
 
-def describe_attention(fa4: bool, device: torch.device, compute_dtype: torch.dtype) -> str:
-    """The log line: which kernels attend, and on a GPU where FA4 would be faster, why it is not used."""
+def describe_attention(fa4: bool, device: torch.device, compute_dtype: torch.dtype, setting: str = "auto") -> str:
+    """The log line: which kernels attend; with `setting` "auto" on a GPU where FA4 would be faster, why it is not
+    used (the probe's answer, cached: nothing runs again); with "fa4" where it cannot run, why not. With "sdpa"
+    FA4 is not touched at all."""
     if fa4:
         return f"self-attention: FlashAttention-4 ({fa4_status()[0]}), cross-attention: torch SDPA"
-    why = fa4_probe(device, compute_dtype) if _measured_gpu(device, compute_dtype) else None
+    if setting == "fa4":
+        return f"attention: {attention_problem(setting, device, compute_dtype)}"
+    why = (fa4_probe(_one_name(device), compute_dtype)
+           if setting == "auto" and _measured_gpu(device, compute_dtype) else None)
     return "attention: torch SDPA" + (f" ({why}; it is faster here)" if why else "")

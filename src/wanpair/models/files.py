@@ -80,6 +80,14 @@ def safetensors_header(path: Path, opened: BinaryIO | None = None) -> dict:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DamagedFile(f"{path} has a corrupt safetensors header ({e}).") from None
+    tensors_ok = isinstance(header, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+        and all(isinstance(o, int) for o in v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not tensors_ok or not (meta is None or isinstance(meta, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        raise DamagedFile(f"{path} has a corrupt safetensors header (not a table of tensors with offsets and a "
+                          "metadata table of strings): it is not a safetensors file, or it was damaged.")
     data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + data_end > size:
         raise DamagedFile(f"{path} is truncated: its header describes {8 + n + data_end} bytes but the file has "
@@ -92,6 +100,7 @@ def safetensors_header(path: Path, opened: BinaryIO | None = None) -> dict:
 def safetensors_metadata(path: Path, opened: BinaryIO | None = None) -> dict[str, str]:
     """A safetensors file's `__metadata__` (a LoRA's: what `wanpair.train.metadata.lora_metadata` wrote)."""
     return safetensors_header(path, opened).get("__metadata__") or {}
+
 
 def inspect_weight_file(path: str | Path) -> WeightFile:
     """Validate a weight file (safetensors or torch .pth) and list its tensors without loading them."""

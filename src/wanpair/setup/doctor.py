@@ -115,7 +115,7 @@ def project_checks(project_path: Path) -> list[Check]:
                                                           "no (fp8 storage only; matmuls in bf16, slower)")))
         fa4 = wants_fa4(t.attention, device, t.compute_dtype) and not attention_problem(t.attention, device,
                                                                                       t.compute_dtype)
-        checks.append(Check(None, describe_attention(fa4, device, t.compute_dtype)))
+        checks.append(Check(None, describe_attention(fa4, device, t.compute_dtype, t.attention)))
     try:
         recipe.checked = preflight(project, project.task.experts, device, quiet=True)
     except WanpairError as e:

@@ -19,6 +19,7 @@ folders and error wording: `wanpair.hub`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -28,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from tqdm.auto import tqdm
 
 from ..atomic import sync_folder
-from ..errors import WanpairError
+from ..errors import StopRequested, WanpairError
 from ..hub import INTERMEDIATE, STATES, endpoint, hub_error, parse_repo, short_reason
 from ..models.tasks import expert_noun
 from ..project import Project
@@ -61,6 +62,20 @@ def close_shared(wait_s: float = DRAIN_S) -> None:
     pusher, _shared = _shared, None
     if pusher is not None:
         pusher.close(wait_s)
+
+
+@contextlib.contextmanager
+def uploads_drained():
+    """Around a process's training (its owner, the only one that closes the shared pusher): what is still
+    uploading at the end gets `DRAIN_S`; after a stop (`StopRequested`, Ctrl-C) `STOP_S`, enough for the
+    partial save's upload."""
+    try:
+        yield
+    except (StopRequested, KeyboardInterrupt):
+        close_shared(STOP_S)
+        raise
+    finally:
+        close_shared()
 
 
 class HubPusher:

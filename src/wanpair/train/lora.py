@@ -105,8 +105,8 @@ def apply_max_norm(pairs, max_norm: float, scale: float) -> torch.Tensor:
         norms = scale * ((ups.mT @ ups) * (downs @ downs.mT)).sum(dim=(1, 2)).float().clamp_min(0).sqrt()
         ratio = (max_norm / norms).clamp(max=1.0)  # a zero norm gives inf: clamped to 1, left alone
         root = ratio.sqrt().view(-1, 1, 1).to(downs.dtype)
-        torch._foreach_copy_([d for d, _ in members], list((downs * root).unbind()))
-        torch._foreach_copy_([u for _, u in members], list((ups * root).unbind()))
+        torch._foreach_copy_([d for d, _ in members], list(downs.mul_(root).unbind()))  # the stacks are copies:
+        torch._foreach_copy_([u for _, u in members], list(ups.mul_(root).unbind()))  # scaled in place, no third
         ratios.append(ratio)
         afters.append(norms * ratio)
     ratio, after = torch.cat(ratios), torch.cat(afters)

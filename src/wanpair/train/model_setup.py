@@ -52,5 +52,5 @@ def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype,
         keep_transposed(model)
     stream_blocks(model, plan.streamed)
     checkpoint_blocks(model, plan.policies())
-    log.info("fp8 matmuls in %d layers; %s; %s", fp8_matmuls, describe_attention(fa4, device, compute_dtype), plan.describe())
+    log.info("fp8 matmuls in %d layers; %s; %s", fp8_matmuls, describe_attention(fa4, device, compute_dtype, t.attention), plan.describe())
     return params, plan

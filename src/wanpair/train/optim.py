@@ -37,10 +37,11 @@ def build_optimizer(params, t: TrainSettings, up: list | None = None) -> torch.o
     sets it; schedules scale every group alike."""
     kwargs = {"lr": t.learning_rate, "weight_decay": t.weight_decay, **parse_optimizer_args(t.optimizer_args)}
     tensors, name = params, t.optimizer
+    if t.loraplus_lr_ratio and not up:  # a caller that forgot the up matrices would train without LoRA+, silently
+        raise WanpairError("LoRA+ (loraplus_lr_ratio) needs the LoRA's up matrices and the optimizer was given "
+                           "none: a bug in wanpair, not in your settings; please report it.")
     try:
         if t.loraplus_lr_ratio:
-            if not up:  # a caller that forgot the up matrices would train without LoRA+ and never say so
-                raise ValueError("LoRA+ (loraplus_lr_ratio) needs the LoRA's up matrices; none were given")
             if not isinstance(kwargs["lr"], (int, float)):
                 raise ValueError(f"LoRA+ (loraplus_lr_ratio) scales a learning rate, and lr is {kwargs['lr']!r}")
             ids = {id(p) for p in up}

@@ -27,7 +27,7 @@ from accelerate import PartialState
 
 from ..atomic import write_text_atomic
 from ..cache import CachePlan, CacheStats, fill, folder_fingerprint, plan
-from ..errors import DISK_ERRNOS, StopRequested, WanpairError
+from ..errors import DISK_ERRNOS, WanpairError
 from ..export.workflow import write_workflow
 from ..models.text_encoder import load_text_encoder
 from ..models.vae import load_vae
@@ -261,7 +261,7 @@ class LoraPairRecipe:
     def train_here(self, jobs: list[ExpertJob]) -> list[ExpertResult]:
         """Each expert in turn, in this process (on every rank, under a launcher)."""
         data, sampler, results = self.cached_data(), self.sampler(), []
-        try:
+        with hub_push.uploads_drained():  # [hub]: the experts' uploads, which went on while the next one trained
             for job in jobs:
                 unit = ExpertTraining(self.p, job.expert, self.dits[job.expert], data, self.device, sampler,
                                       self.allow_expert_mismatch)
@@ -270,11 +270,6 @@ class LoraPairRecipe:
                 gc.collect()  # the expert just trained is garbage now: free its memory before the next loads
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-        except (StopRequested, KeyboardInterrupt):
-            hub_push.close_shared(hub_push.STOP_S)  # a stop: a few seconds for the partial save's upload
-            raise
-        finally:
-            hub_push.close_shared()  # [hub]: the experts' uploads, which went on while the next one trained
         return results
 
     def kept_result(self, expert: str) -> ExpertResult:

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..sample import make_sampler
     from .data import CachedData
     from .expert import ExpertTraining
-    from .hub_push import STOP_S, close_shared
+    from .hub_push import uploads_drained
     from .placement import result_path
     from ..errors import StopRequested
     from .state import load_state
@@ -64,11 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     unit = ExpertTraining(project, args.expert, inspect_dit(project.dit_path(args.expert)), data, device, sampler,
                           handoff["allow_expert_mismatch"], show_bar=False)
     try:
-        result = unit.run(load_state(args.state) if args.state else None)
-    except (StopRequested, KeyboardInterrupt) as e:
-        close_shared(STOP_S)  # a stop: a few seconds for the partial save's upload
-        if isinstance(e, KeyboardInterrupt):
-            raise
+        with uploads_drained():  # [hub]: what is still uploading, at the end of this process's training
+            result = unit.run(load_state(args.state) if args.state else None)
+    except StopRequested as e:
         print(str(e), file=sys.stderr, flush=True)
         return e.exit_code
     except WanpairError as e:
@@ -79,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: writing {e.filename or project.output_dir} failed: {e.strerror}", file=sys.stderr, flush=True)
         return 2
-    finally:
-        close_shared()  # [hub]: what is still uploading, at the end of this process's training
     if unit.writes:
         write_text_atomic(result_path(project.run_dir, args.expert),
                           json.dumps(asdict(result) | {"lora": str(result.lora)}))
