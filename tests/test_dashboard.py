@@ -110,14 +110,38 @@ def test_half_written_metrics_are_read_up_to_the_last_whole_line(tmp_path):
     path = tmp_path / "run" / "metrics.jsonl"
     with open(path, "ab") as f:
         f.write(b'{"expert": "high", "step": 2, "lo')  # a line still being written
-    rows, offset = R.read_rows(R.Run(path.parent))
-    assert [r["step"] for r in rows] == [1] and offset < path.stat().st_size
+    got = R.rows_since(R.Run(path.parent))
+    rows = got["rows"]
+    assert [r["step"] for r in rows] == [1] and got["offset"] < path.stat().st_size
     with open(path, "ab") as f:
         f.write(b'ss": 0.9, "s_per_step": 0.5}\n{torn by a kill}\n')
-    more, _ = R.read_rows(R.Run(path.parent), offset)
+    more = R.rows_since(R.Run(path.parent), got["offset"], got["file"])["rows"]
     assert [r["step"] for r in more] == [2]  # the rest of the line arrived; the torn one is skipped
     p = R.progress(rows + more, now=time.time())["experts"]["high"]
     assert (p["done"], p["total"], p["s_per_step"], p["eta_s"]) == (2, 10, 0.5, 4.0)
+
+
+def test_metrics_longer_than_a_read_reach_the_page_piece_by_piece_and_the_summary_shows_the_latest(tmp_path,
+                                                                                                     monkeypatch):
+    """The dashboard reads a run's metrics a bounded piece at a time (planted files may be huge): a long run's
+    rows all reach a poller over several polls, in order, and its summary is where the run is now."""
+    monkeypatch.setattr(R, "METRICS_PIECE", 2048)
+    log = MetricsLog(tmp_path / "run", "high", header={"total_steps": 200, "device": "cpu"})
+    for step in range(1, 101):
+        log.log({"step": step, "loss": 1.0 / step, "s_per_step": 0.5})
+    log.close()
+    run = R.Run(tmp_path / "run")
+    assert run.metrics.stat().st_size > 4 * 2048
+    seen, got, polls = [], {"offset": 0, "file": ""}, 0
+    while True:
+        got = R.rows_since(run, got["offset"], got["file"])
+        polls += 1
+        if not got["rows"]:
+            break
+        seen += [r["step"] for r in got["rows"] if "loss" in r]
+    assert seen == list(range(1, 101)) and polls > 4
+    p = R.summary_of(run)
+    assert (p["experts"]["high"]["done"], p["experts"]["high"]["total"]) == (100, 200) and p["started"] is not None
 
 
 def test_a_resume_that_rewrites_the_metrics_starts_the_charts_again(tmp_path):

@@ -221,6 +221,38 @@ def test_planted_lora_files_with_malformed_headers_leave_the_page_whole(run_tree
     assert sorted(lora["expert"] or "damaged" for lora in loras) == ["damaged"] * 5 + ["high", "low"]
 
 
+def test_huge_planted_files_are_read_only_as_far_as_a_page_needs(run_tree):
+    """A metrics file of a gigabyte with no line in it and a LoRA whose header claims 99 MiB (sparse: they cost the
+    planter no disk) must not make the dashboard read them whole: unbounded, a larger one exhausts its memory.
+    The page stays whole, the metrics are passed over by offset a bounded piece per poll, the LoRA is listed
+    without facts, and the run's real rows still come through."""
+    import tracemalloc
+
+    out = run_tree / "output"
+    (out / "huge").mkdir()
+    with open(out / "huge" / "metrics.jsonl", "wb") as f:
+        f.truncate(1 << 30)
+    header = 99 * 2**20
+    with open(out / "WAN2.2-HighNoise_demo_shapes_v1-step97.safetensors", "wb") as f:
+        f.write(header.to_bytes(8, "little"))
+        f.truncate(8 + header + 8)
+    client = reader(create_app([run_tree], token=TOKEN, tick_s=None))
+    tracemalloc.start()
+    try:
+        runs = {r["name"]: r for r in client.get("/api/runs").get_json()}
+        huge, demo = runs["huge"], runs["demo_shapes_v1"]
+        got = client.get(f"/api/runs/{huge['id']}/metrics").get_json()
+        page = client.get(f"/api/runs/{demo['id']}").get_json()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB held at once"  # a bounded piece (16 MiB), not the files
+    assert got["rows"] == [] and 0 < got["offset"] < 1 << 30  # passed over in part; the next poll goes on
+    assert huge["experts"]["high"]["done"] == 0
+    assert sorted(lora["expert"] or "damaged" for lora in page["loras"]) == ["damaged", "high", "low"]
+    assert demo["experts"]["high"]["done"] > 0  # the real run's rows still read
+
+
 # ---------------------------------------------------------------- 4. races between the check and the use
 class Swapper:
     """A thread that swaps what a path is, as fast as it can, while requests are made."""

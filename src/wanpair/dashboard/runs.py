@@ -34,6 +34,12 @@ MEDIA = {".png", ".jpg", ".jpeg", ".webp", ".mp4", ".webm"}
 SAMPLE_NAME = re.compile(r"^(high|low|full)-step(\d+)_(\d+)_(.*)_(high(?:Lora|Base)\+low(?:Lora|Base)|full(?:Lora|Base))$")
 SEARCH_DEPTH = 4  # metrics.jsonl at most this many folders below a given directory
 ACTIVE_S = 120  # an expert that logged within this many seconds is progressing now
+# Files under a root may be planted (a shared folder, an archive), sparse and huge at no cost to the planter: the
+# page reads each only as far as it needs. Metrics: a bounded piece per read (a step's row is ~250 bytes, so a
+# real run's whole file is one piece; a longer one reaches a poller over several); a LoRA's header (a 14B
+# expert's rank-16 LoRA: ~0.15 MB).
+METRICS_PIECE = 16 * 2**20
+LORA_HEADER_LIMIT = 2 * 2**20
 
 
 @dataclass(frozen=True)
@@ -88,13 +94,20 @@ def training_now(roots: list[Path]) -> list[Path]:
             if name.startswith(".") and name.endswith(".lock") and lock_is_held(folder / name)]
 
 
-def read_rows(run: Run, offset: int = 0) -> tuple[list[dict], int]:
-    """Complete rows of the run's metrics from byte `offset` on, and the offset after the last complete line."""
+def recent_rows(run: Run) -> list[dict]:
+    """The run's metrics rows for its summary: all of them, or in a file longer than METRICS_PIECE its first
+    row (when it started) and the rows of its last piece (where it is now)."""
     try:
         with open_inside(run.metrics, [run.run_dir]) as f:
-            return _rows_from(f, max(0, offset))
+            size = os.fstat(f.fileno()).st_size
+            if size <= METRICS_PIECE:
+                return _rows_from(f, 0)[0]
+            first, _ = _rows_from(f, 0, 64 * 1024)
+            f.seek(size - METRICS_PIECE)
+            f.readline(METRICS_PIECE)  # the rest of a line begun before the piece
+            return first[:1] + _rows_from(f, f.tell())[0]
     except (OSError, PathRefused):
-        return [], offset
+        return []
 
 
 def rows_since(run: Run, offset: int = 0, file: str = "") -> dict:
@@ -113,10 +126,14 @@ def rows_since(run: Run, offset: int = 0, file: str = "") -> dict:
     return {"rows": rows, "offset": offset, "file": current, "reset": reset}
 
 
-def _rows_from(f, offset: int) -> tuple[list[dict], int]:
+def _rows_from(f, offset: int, limit: int | None = None) -> tuple[list[dict], int]:
+    """Complete rows from byte `offset` on, in at most `limit` bytes (METRICS_PIECE), and the offset after them."""
+    limit = limit or METRICS_PIECE
     f.seek(offset)
-    chunk = f.read()
+    chunk = f.read(limit)
     end = chunk.rfind(b"\n") + 1  # a last line still being written waits for the next read
+    if not end and len(chunk) == limit:
+        return [], offset + limit  # a "line" longer than a piece is no row of ours: passed over
     rows = []
     for line in chunk[:end].splitlines():
         try:
@@ -177,7 +194,7 @@ def progress(rows: list[dict], now: float | None = None) -> dict:
 
 
 def summary_of(run: Run) -> dict:
-    rows, _ = read_rows(run)
+    rows = recent_rows(run)
     p = progress(rows)
     device = next((x["device"] for x in p["experts"].values() if x["device"]), None) \
         or read_json(run.run_dir / "summary.json", run.run_dir).get("device")
@@ -206,7 +223,7 @@ def loras_of(run: Run) -> list[dict]:
                         *run.output_dir.glob(f"WAN2.1-*_{run.name}*.safetensors")}):
         try:
             with open_inside(path, [run.output_dir]) as f:  # a link out of the output folder is not this run's
-                meta = safetensors_metadata(path, f)
+                meta = safetensors_metadata(path, f, LORA_HEADER_LIMIT)
                 size = os.fstat(f.fileno()).st_size
         except PathRefused:
             continue

@@ -64,18 +64,24 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def safetensors_header(path: Path, opened: BinaryIO | None = None) -> dict:
+HEADER_LIMIT = 100 * 2**20  # far above any real header (a 14B expert's is ~0.1 MB): larger is no model file
+
+
+def safetensors_header(path: Path, opened: BinaryIO | None = None, limit: int = HEADER_LIMIT) -> dict:
     """The parsed header (with `__data_start__`, where tensor bytes begin), validated against the file size.
-    `opened`: the file already open (the dashboard reads only a descriptor it has checked; `path` names it)."""
+    `opened`: the file already open (the dashboard reads only a descriptor it has checked; `path` names it).
+    `limit`: the largest header read (the dashboard reads files others may plant: only as much as a LoRA has)."""
     with (contextlib.nullcontext(opened) if opened is not None else open(path, "rb")) as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise DamagedFile(f"{path} is not a safetensors file (only {size} bytes).")
         (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 * 2**20:
+        if n > size - 8 or n > HEADER_LIMIT:
             raise DamagedFile(f"{path} is not a valid safetensors file (header claims {n} bytes, file has {size}): "
                               "it is truncated or not a safetensors file.")
+        if n > limit:
+            raise DamagedFile(f"{path} has a {n}-byte header, more than the {limit} read here: not read.")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -96,10 +102,9 @@ def safetensors_header(path: Path, opened: BinaryIO | None = None) -> dict:
     return header
 
 
-
-def safetensors_metadata(path: Path, opened: BinaryIO | None = None) -> dict[str, str]:
+def safetensors_metadata(path: Path, opened: BinaryIO | None = None, limit: int = HEADER_LIMIT) -> dict[str, str]:
     """A safetensors file's `__metadata__` (a LoRA's: what `wanpair.train.metadata.lora_metadata` wrote)."""
-    return safetensors_header(path, opened).get("__metadata__") or {}
+    return safetensors_header(path, opened, limit).get("__metadata__") or {}
 
 
 def inspect_weight_file(path: str | Path) -> WeightFile:
