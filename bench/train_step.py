@@ -253,10 +253,11 @@ def graphed_forward_backward(model, acc, params, batch, compute):
     return run
 
 
-def time_validation(model, acc, batch, compute, forwards: int = 16) -> dict:
+def time_validation(model, acc, batch, compute, forwards: int = 16, profile: bool = False) -> dict:
     """Seconds for `forwards` no-grad forward passes of the batch (what one validation evaluation does: 4
     items x 4 timesteps), with the compiled blocks run eagerly (until 2026-12-03) and compiled (their no-grad
-    graph compiles at the first pass, timed apart), and as forwards // 4 passes of 4 samples each."""
+    graph compiles at the first pass, timed apart), and as forwards // 4 passes of 4 samples each. With
+    `profile`, the compiled forward's kernels and gaps as the training step's (to set beside its forward)."""
     from wanpair.train.flow_matching import flow_matching_loss
     from wanpair.train.speed import eager
 
@@ -280,11 +281,26 @@ def time_validation(model, acc, batch, compute, forwards: int = 16) -> dict:
             eager_s = evaluate(forwards)
         first_s = evaluate(1)
         compiled_s = evaluate(forwards)
+        if profile:
+            print("one compiled validation forward (no gradients), profiled as a step:", flush=True)
+            print_profile(lambda: evaluate(1), n=4)
         evaluate(1, batch=4)  # a graph of its own: an item's 4 timesteps in one pass, as validation could run them
         batched_s = evaluate(forwards // 4, batch=4)
+        extra = {b: working_gib(lambda: evaluate(1, batch=b)) for b in (1, 4)}
     model.train()
+    per_token = model.config.num_attention_heads * model.config.attention_head_dim * x0[0, 0].numel() / 4 / 2**30
     return dict(validation_eager_s=eager_s, validation_compiled_s=compiled_s, validation_first_compiled_s=first_s,
-                validation_batched4_s=batched_s)
+                validation_batched4_s=batched_s, validation_working_gib={b: round(g, 3) for b, g in extra.items()},
+                validation_working_per_token_dim={b: round(g / (b * per_token), 1) for b, g in extra.items()})
+
+
+def working_gib(run) -> float:
+    """GiB the allocator's peak rose above what was allocated before `run` (a pass's working set)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, device: torch.device,
@@ -403,7 +419,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     finish(verdict, scheduler)
     pipelined = (time.perf_counter() - s) / steps
     steady_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    probes = time_validation(model, acc, batch, compute) if validation and device.type == "cuda" else {}
+    probes = time_validation(model, acc, batch, compute, profile=profile) if validation and device.type == "cuda" else {}
     if probes:
         print("one validation evaluation (16 forwards):", probes, flush=True)
     if profile and device.type == "cuda":
@@ -422,7 +438,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
                   budget_gib=plan.budget_gib, streamed_gib_per_step=copied / (warmup + steps) / 2**30,
                   **(checks if name.endswith("-graph") else {}), **probes)
     if device.type == "cuda":
-        result.update(max_allocated_gib=max(first_peak, torch.cuda.max_memory_allocated(device)) / 2**30,
+        result.update(max_allocated_gib=max(first_peak, steady_peak, torch.cuda.max_memory_allocated(device)) / 2**30,
                       first_step_allocated_gib=first_peak / 2**30, steady_allocated_gib=steady_peak / 2**30,
                       max_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
     del model, optimizer, scheduler, acc, params

@@ -21,6 +21,7 @@ from wanpair.models.files import iter_tensors, tensors_to_device
 from wanpair.models.fp8 import Fp8Linear, fp8_matmul_available, keep_transposed, to_fp8_linears
 from wanpair.project import TrainSettings, load_project
 from wanpair.train.flow_matching import flow_matching_loss
+from wanpair.train.lora import apply_max_norm
 from wanpair.train.metrics import read_metrics
 from wanpair.train.model_setup import prepare_expert
 from wanpair.train.recipe import LoraPairRecipe
@@ -267,6 +268,28 @@ def test_the_memory_plan_bounds_the_real_peak_at_full_width(stream):
     assert peak >= 0.6 * plan.estimate_gib, f"peak {peak:.2f} GiB; {plan.describe()}"
     if stream:
         assert plan.estimate_gib <= settings.memory_budget_gb
+
+
+def test_max_norm_on_a_full_size_experts_lora_scales_each_module_as_if_alone():
+    """`apply_max_norm` on CUDA over an A14B expert's 400 rank-16 LoRA modules (three shapes, interleaved as in a
+    block): each module's weight change ends at min(its norm, the limit) -- computed here one module at a time
+    in float64 -- and a module under the limit keeps its factors bit for bit (the batched copies scaled in place
+    and copied back must not touch it)."""
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    d, ffn, r, scale = 5120, 13824, 16, 0.5
+    shapes = ([((r, d), (d, r))] * 8 + [((r, d), (ffn, r)), ((r, ffn), (d, r))]) * 40  # attn1/attn2 q k v o, ffn
+    pairs = [(torch.randn(a, generator=g, device=CUDA) * 0.02, torch.randn(b, generator=g, device=CUDA) * 0.01 * (1 + i % 7))
+             for i, (a, b) in enumerate(shapes)]
+    before = [scale * (u.double() @ dn.double()).norm().item() for dn, u in pairs]
+    ordered = sorted(before)
+    limit = (ordered[199] + ordered[200]) / 2  # between two modules' norms: half the modules above it
+    kept = [(dn.clone(), u.clone()) for dn, u in pairs]
+    stats = apply_max_norm(pairs, limit, scale).tolist()
+    after = [scale * (u.double() @ dn.double()).norm().item() for dn, u in pairs]
+    worst = max(abs(a - min(b, limit)) / min(b, limit) for a, b in zip(after, before))
+    assert worst < 1e-4  # fp32 Gram sums and a fp32 square root against float64 products
+    assert all(torch.equal(dn, k[0]) and torch.equal(u, k[1]) for (dn, u), k, b in zip(pairs, kept, before) if b < limit)
+    assert stats[0] == 200 and abs(stats[2] - limit) < 1e-4 * limit
 
 
 def _fp16_demo(demo):
