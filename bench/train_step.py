@@ -19,9 +19,10 @@ a 960x960 image (latent 16x1x120x120 -> 3 600 tokens) or an 81-frame 832x480 cli
 32 760 tokens), with a 512-token text context. `--cap-gib` limits the process's GPU memory with
 `torch.cuda.set_per_process_memory_fraction` (what a smaller card would have).
 
-Useful FLOPs per step (counted here, not measured): the frozen base needs the forward pass and
-the input-gradient half of the backward pass, so linear layers count 2 x forward; attention
-(no weights) counts forward + a 2.5 x forward backward (FlashAttention's convention):
+Useful FLOPs per step (counted, not measured: `wanpair.setup.doctor.useful_flops`, which `wanpair doctor` scales
+its speed estimate by): the frozen base needs the forward pass and the input-gradient half of the backward pass,
+so linear layers count 2 x forward; attention (no weights) counts forward + a 2.5 x forward backward
+(FlashAttention's convention):
   linear fwd  = 2 * L * [N * (4d^2 + 2d^2 + 2*d*ffn) + 512 * 2d^2]       (self q,k,v,o; cross q,o; ffn; cross k,v)
   attn fwd    = 2 * L * [2 * N^2 * d + 2 * N * 512 * d]                 (QK^T and PV, self and cross)
   useful      = 2 * linear fwd + 3.5 * attn fwd
@@ -106,15 +107,6 @@ def build_expert(cfg: dict, fp8: bool, compute: torch.dtype, device: torch.devic
                 to_fp8_linears(model, compute)
     torch.set_default_dtype(torch.float32)
     return model.requires_grad_(False)
-
-
-def useful_flops(cfg: dict, frames: int, h: int, w: int, text: int = 512) -> float:
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    n = frames * (h // 2) * (w // 2)
-    L, ffn = cfg["num_layers"], cfg["ffn_dim"]
-    linear = 2 * L * (n * (4 * d * d + 2 * d * d + 2 * d * ffn) + text * 2 * d * d)
-    attn = 2 * L * (2 * n * n * d + 2 * n * text * d)
-    return 2 * linear + 3.5 * attn
 
 
 def print_profile(step, n: int = 3) -> None:
@@ -313,6 +305,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     from wanpair.models.attention import FlashSelfAttention
     from wanpair.train.lora import apply_max_norm, lora_pairs
     from wanpair.train.model_setup import prepare_expert
+    from wanpair.setup.doctor import useful_flops
     from wanpair.train.speed import checkpoint_blocks
     from wanpair.train.step import finish, forward_backward, train_step, update
 
@@ -426,7 +419,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
         print_profile(functools.partial(train_step, model, optimizer, scheduler, acc, params, batch, compute, 0.0))
     copied = sum(st.copied_bytes for st in {c.streamer for c in getattr(model.blocks, "calls", {}).values()})
     med = statistics.median(times)
-    flops = useful_flops(cfg, f, h, w)
+    flops = useful_flops(cfg, f * (h // 2) * (w // 2))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     fa4 = any(isinstance(b.attn1.processor, FlashSelfAttention) for b in model.blocks._modules.values())

@@ -13,6 +13,7 @@ from wanpair.data.dataset_config import load_dataset_config
 from wanpair.data.items import check_dataset
 from wanpair.data.video import clip_ranges
 from wanpair.project import load_project
+from wanpair.setup.doctor import batch_sizes
 from wanpair.train.recipe import LoraPairRecipe
 
 
@@ -87,6 +88,10 @@ def test_video_dataset_trains_end_to_end(demo, tmp_path, monkeypatch):
     nine = next(i for i, it in enumerate(recipe.items) if it.frames == 9)
     latent = load_file(recipe.cache_plan.latent_paths[nine])["value"]
     assert latent.shape == (16, 3, 6, 8)  # (9 - 1) / 4 + 1 latent frames of 48x64 / 8
+    # the doctor's count of the DiT's tokens (its speed estimate), against the cached latents: 2x2 patches
+    assert batch_sizes(recipe) == {(f * (h // 2) * (w // 2), 1) for f, h, w in
+                                   {load_file(p)["value"].shape[1:] for p in recipe.cache_plan.latent_paths}}
+    assert (3 * 3 * 4, 1) in batch_sizes(recipe)
     assert results[0].steps == 5 and results[0].lora.exists()
     assert sorted(decoded) == sorted((it.image.name, it.start, it.frames) for it in recipe.items)  # each clip alone
 

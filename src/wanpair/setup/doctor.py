@@ -20,14 +20,16 @@ from ..errors import WanpairError
 from ..models.tasks import expert_name
 
 GIB = 2**30
-# s/step of the 14B expert at 960x960 (3 600 tokens), rank 16, measured on an H200 (docs/benchmarks.md,
-# 2026-12-01, fourth round): the real loop with every block resident and in low-memory streaming; the step
-# with every block checkpointed inside its compiled graph, recomputing all / keeping attention outputs
-# (benchmark, third round, before fast fp8 accumulation; checkpointed around the block, when not
-# compiled: slower). Other GPUs and sizes: not measured.
+# s/step of the 14B expert at 960x960 (3 600 tokens), rank 16, FlashAttention-4 for self-attention, on an H100 80GB
+# (docs/benchmarks.md, 2026-12-06, sixth and eighth rounds): every block resident (0.347), `memory_mode = "low"`
+# (12 blocks streamed, 0.482), the 24 GiB plan (37 blocks recomputing in their graph and keeping their attention
+# outputs, 0.446: 0.454 for all 40). Every block recomputing all: the H200's ratio to it (fourth round: 0.490
+# against 0.466) applied, not measured on an H100. An H200 runs these at about the same speed. Other sizes
+# (clips, other resolutions) are scaled by the step's useful FLOPs: 81-frame 832x480 clips (32 760 tokens, all 40
+# blocks streamed) are then 10.3 s/step against 9.46 measured (sixth round).
 MEASURED_TOKENS = 3600
-S_PER_STEP_RESIDENT, S_PER_STEP_STREAMED = 0.352, 0.53
-S_PER_STEP_ALL_RECOMPUTING, S_PER_STEP_ALL_KEEPING_ATTENTION = 0.490, 0.466
+S_PER_STEP_RESIDENT, S_PER_STEP_STREAMED = 0.347, 0.482
+S_PER_STEP_ALL_RECOMPUTING, S_PER_STEP_ALL_KEEPING_ATTENTION = 0.478, 0.454
 MEASURED_GPUS = ("H100", "H200")
 CPU_PARAMS_LIMIT = 2e9  # above this an expert is not for training on the CPU (the demo's tiny models are far below)
 HOST_RAM_SPARE_GIB = 8  # besides the pinned blocks: the interpreter, the data, the OS
@@ -75,9 +77,24 @@ def _ram_available_gib() -> float | None:
     return next((int(x.split()[1]) * 1024 / GIB for x in lines if x.startswith("MemAvailable:")), None)
 
 
-def expected_s_per_step(plan, tokens: int, gpu: str, fourteen_b: bool = True) -> str:
-    """What the benchmark table says this plan costs, scaled by tokens; only for the GPUs and the model size
-    (14B) it was measured on."""
+def useful_flops(config: dict, tokens: int) -> float:
+    """Useful FLOPs of one training step on one sample of `tokens` tokens (counted, not measured), the frozen base's
+    linear layers as forward plus the input-gradient half of backward (2 x forward), attention as forward plus a
+    2.5 x forward backward (FlashAttention's convention). Per block: self-attention q, k, v, o, cross-attention q, o
+    and the feed-forward pair over the tokens, cross-attention k, v over the text; QK^T and PV over the tokens (self)
+    and over the text (cross). Attention grows with the square of the tokens: an 81-frame clip has 9.1 times an
+    image's tokens and 21.5 times its FLOPs."""
+    from ..models.text_encoder import TEXT_LEN as text_tokens  # Wan's text is padded to 512 tokens
+
+    d, ffn, layers = config["num_attention_heads"] * config["attention_head_dim"], config["ffn_dim"], config["num_layers"]
+    linear = 2 * layers * (tokens * (6 * d * d + 2 * d * ffn) + text_tokens * 2 * d * d)
+    attention = 2 * layers * (2 * tokens * tokens * d + 2 * tokens * text_tokens * d)
+    return 2 * linear + 3.5 * attention
+
+
+def expected_s_per_step(plan, config: dict, flops: float, gpu: str, fourteen_b: bool = True) -> str:
+    """What the benchmark table says this plan costs, scaled by the step's useful FLOPs (`flops`, its largest
+    batch's) against the measured image step's; only for the GPUs and the model size (14B) it was measured on."""
     if not fourteen_b:
         return "speed: the table in docs/benchmarks.md is of the 14B models"
     if not any(g in gpu for g in MEASURED_GPUS):
@@ -87,7 +104,17 @@ def expected_s_per_step(plan, tokens: int, gpu: str, fourteen_b: bool = True) ->
     else:
         s = (S_PER_STEP_RESIDENT + (S_PER_STEP_ALL_RECOMPUTING - S_PER_STEP_RESIDENT) * plan.checkpointed / plan.blocks
              - (S_PER_STEP_ALL_RECOMPUTING - S_PER_STEP_ALL_KEEPING_ATTENTION) * plan.keep_attention / plan.blocks)
-    return f"expected ≈ {s * tokens / MEASURED_TOKENS:.2f} s/step (measured on H100/H200 at 960×960, scaled to {tokens} tokens)"
+    scale = flops / useful_flops(config, MEASURED_TOKENS)
+    return (f"expected ≈ {s * scale:.2f} s/step (measured on an H100 at 960×960"
+            + (f", scaled by the step's FLOPs: {scale:.2f}×)" if abs(scale - 1) > 0.005 else ")"))
+
+
+def batch_sizes(recipe) -> set[tuple[int, int]]:
+    """(DiT tokens per sample, samples per batch) of the dataset's batches: the latent is 4x smaller in time (the
+    first frame alone) and 8x in space, and the DiT's patches are 2x2."""
+    specs = {s.index: s.batch_size for s in recipe.checked.specs}
+    return {(((it.frames - 1) // 4 + 1) * (it.bucket[0] // 16) * (it.bucket[1] // 16), specs[it.dataset])
+            for it in recipe.items}
 
 
 def project_checks(project_path: Path) -> list[Check]:
@@ -141,9 +168,8 @@ def project_checks(project_path: Path) -> list[Check]:
                                                          "block parameters per model)",
                             "a 14B expert takes days per epoch on a CPU: run on a machine with a CUDA GPU."))
         return checks
-    specs = {s.index: s.batch_size for s in recipe.checked.specs}
-    tokens = max(((it.frames - 1) // 4 + 1) * (it.bucket[0] // 16) * (it.bucket[1] // 16) * specs[it.dataset]
-                 for it in recipe.items)
+    sizes = batch_sizes(recipe)
+    tokens = max(n * batch for n, batch in sizes)
     free, _ = torch.cuda.mem_get_info(device)
     budget = t.memory_budget_gb or (min(free / GIB, LOW_MODE_BUDGET_GIB) if t.memory_mode == "low" else free / GIB)
     config = recipe.dits[project.task.experts[0]].config
@@ -154,8 +180,8 @@ def project_checks(project_path: Path) -> list[Check]:
     except WanpairError as e:
         return checks + [Check(False, f"memory plan for {tokens} tokens per batch", f"{project.path}: {e}")]
     checks.append(Check(True, f"{plan.describe()} (estimated before loading); "
-                              + expected_s_per_step(plan, tokens, torch.cuda.get_device_name(device),
-                                                    project.task.size_word == "14B")))
+                              + expected_s_per_step(plan, config, max(b * useful_flops(config, n) for n, b in sizes),
+                                                    torch.cuda.get_device_name(device), project.task.size_word == "14B")))
     if plan.streamed:  # their fp8 weights live in pinned host memory
         pinned = len(plan.streamed) * block_linear_params(config)[0] / GIB
         ram = _ram_available_gib()
