@@ -221,6 +221,40 @@ def test_init_completes_the_file_download_started(demo_root, tmp_path, monkeypat
     assert "✗ models, dataset" in out and "missing-vae.safetensors" in out
 
 
+A14B = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096, freq_dim=256)
+
+
+def test_the_doctors_run_time_counts_the_steps_and_validations_a_run_makes(demo):
+    """The doctor's whole-run estimate counts what training does: the steps of each expert (epochs, batches,
+    gradient accumulation) and its validations (step 0's, its interval, every intermediate LoRA's, the last step's),
+    read back from a real (tiny) run's metrics; each counted at the H100's measured figures."""
+    from conftest import set_train
+    from wanpair.setup.doctor import S_PER_FORWARD, forward_flops, item_tokens, run_time, useful_flops
+    from wanpair.train.metrics import read_metrics
+    from wanpair.train.preflight import preflight
+    from wanpair.train.recipe import LoraPairRecipe
+
+    set_train(demo / "wanpair.toml", epochs=3, gradient_accumulation_steps=2, validate_every_n_steps=4,
+              save_every_n_steps=3, validation_items=2, validation_timesteps=3)
+    project, _ = load_project(demo / "wanpair.toml")
+    LoraPairRecipe(project, overwrite=True).run(("high",))
+    rows = [r for r in read_metrics(project.run_dir / "metrics.jsonl") if r.get("expert") == "high"]
+    recipe = LoraPairRecipe(project)
+    recipe.checked = preflight(project, project.task.experts, recipe.device, quiet=True)
+    recipe.choose_validation()
+    resident = plan_from_config(A14B, 3600, TrainSettings(), 78.5, fp8_matmul=True)
+    got = run_time(recipe, resident, A14B)
+    high = got.experts["high"]
+    assert high.steps == next(r["total_steps"] for r in rows if "total_steps" in r) > 4
+    assert high.validations == sum("val_loss" in r for r in rows) > 3
+    micro = [useful_flops(A14B, item_tokens(it)) / useful_flops(A14B, 3600) for it in recipe.items]
+    assert min(micro) * 0.347 * 2 * high.steps <= high.steps_s <= max(micro) * 0.347 * 2 * high.steps + 1e-9
+    one = sum(forward_flops(A14B, item_tokens(recipe.items[i])) for i in recipe.validation) / forward_flops(A14B, 3600)
+    assert abs(high.validation_s - high.validations * 3 * S_PER_FORWARD * one) < 1e-9
+    text = got.describe()
+    assert "at an H100's measured speed, one expert after the other: about" in text and "high-noise" in text
+
+
 def test_doctor_estimates_the_plan_the_loaded_expert_got_on_the_h200():
     """The estimate from the file's shapes, against the plan the real run logged on an H200 (139.1 GiB
     free, 3 600 tokens; docs/rehearsal.md): all blocks resident, none checkpointed, W^T kept, 61.8 GiB."""
@@ -239,7 +273,7 @@ def test_doctor_speed_estimate_follows_the_plan_and_scales_by_the_steps_flops():
     tokens, every block streamed at a 32 GiB budget) measured 9.46 s/step; other GPUs and sizes: no guess."""
     from wanpair.setup.doctor import expected_s_per_step, useful_flops
 
-    a14b = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096, freq_dim=256)
+    a14b = A14B
 
     def estimate(plan, tokens, gpu="NVIDIA H100 80GB HBM3"):
         text = expected_s_per_step(plan, a14b, useful_flops(a14b, tokens), gpu)

@@ -8,6 +8,7 @@ Nothing is loaded but file headers, the dataset's images and the tokenizer.
 
 from __future__ import annotations
 
+import math
 import platform
 import shutil
 import sys
@@ -18,6 +19,7 @@ import torch
 
 from ..errors import WanpairError
 from ..models.tasks import expert_name
+from ..sizes import human_seconds
 
 GIB = 2**30
 # s/step of the 14B expert at 960x960 (3 600 tokens), rank 16, FlashAttention-4 for self-attention, on an H100 80GB
@@ -28,6 +30,11 @@ GIB = 2**30
 # (clips, other resolutions) are scaled by the step's useful FLOPs: 81-frame 832x480 clips (32 760 tokens, all 40
 # blocks streamed) are then 10.3 s/step against 9.46 measured (sixth round).
 MEASURED_TOKENS = 3600
+S_PER_FORWARD = 0.141  # a compiled no-grad forward at 960x960 (a validation pass): 2.26 s for 16 (eighth round)
+# Besides its steps and validations, the whole recipe's run (18 images, both experts; H200, fourth round, run c)
+# spent 74 s: starting and checking the dataset 17.8, caches 7.4, loading both experts 11.9, the first step
+# compiling 33.2, saves 3.7.
+OTHER_S = 74.0
 S_PER_STEP_RESIDENT, S_PER_STEP_STREAMED = 0.347, 0.482
 S_PER_STEP_ALL_RECOMPUTING, S_PER_STEP_ALL_KEEPING_ATTENTION = 0.478, 0.454
 MEASURED_GPUS = ("H100", "H200")
@@ -77,19 +84,38 @@ def _ram_available_gib() -> float | None:
     return next((int(x.split()[1]) * 1024 / GIB for x in lines if x.startswith("MemAvailable:")), None)
 
 
-def useful_flops(config: dict, tokens: int) -> float:
-    """Useful FLOPs of one training step on one sample of `tokens` tokens (counted, not measured), the frozen base's
-    linear layers as forward plus the input-gradient half of backward (2 x forward), attention as forward plus a
-    2.5 x forward backward (FlashAttention's convention). Per block: self-attention q, k, v, o, cross-attention q, o
-    and the feed-forward pair over the tokens, cross-attention k, v over the text; QK^T and PV over the tokens (self)
-    and over the text (cross). Attention grows with the square of the tokens: an 81-frame clip has 9.1 times an
-    image's tokens and 21.5 times its FLOPs."""
+def _linear_and_attention(config: dict, tokens: int) -> tuple[float, float]:
+    """FLOPs of one forward pass on a sample of `tokens` tokens (counted, not measured): the linear layers (per block:
+    self-attention q, k, v, o, cross-attention q, o and the feed-forward pair over the tokens, cross-attention k, v
+    over the text) and attention (QK^T and PV, over the tokens for self-attention, over the text for cross)."""
     from ..models.text_encoder import TEXT_LEN as text_tokens  # Wan's text is padded to 512 tokens
 
     d, ffn, layers = config["num_attention_heads"] * config["attention_head_dim"], config["ffn_dim"], config["num_layers"]
     linear = 2 * layers * (tokens * (6 * d * d + 2 * d * ffn) + text_tokens * 2 * d * d)
     attention = 2 * layers * (2 * tokens * tokens * d + 2 * tokens * text_tokens * d)
+    return linear, attention
+
+
+def useful_flops(config: dict, tokens: int) -> float:
+    """Useful FLOPs of one training step on one sample: the frozen base's linear layers as forward plus the
+    input-gradient half of backward (2 x forward), attention as forward plus a 2.5 x forward backward
+    (FlashAttention's convention). Attention grows with the square of the tokens: an 81-frame clip has 9.1 times an
+    image's tokens and 21.5 times its FLOPs."""
+    linear, attention = _linear_and_attention(config, tokens)
     return 2 * linear + 3.5 * attention
+
+
+def forward_flops(config: dict, tokens: int) -> float:
+    """FLOPs of one forward pass without gradients on one sample (a validation pass)."""
+    return sum(_linear_and_attention(config, tokens))
+
+
+def measured_s_per_step(plan) -> float:
+    """The measured H100 step at 960x960 for this plan (resident blocks interpolated between the measured plans)."""
+    if plan.streamed:
+        return S_PER_STEP_STREAMED
+    return (S_PER_STEP_RESIDENT + (S_PER_STEP_ALL_RECOMPUTING - S_PER_STEP_RESIDENT) * plan.checkpointed / plan.blocks
+            - (S_PER_STEP_ALL_RECOMPUTING - S_PER_STEP_ALL_KEEPING_ATTENTION) * plan.keep_attention / plan.blocks)
 
 
 def expected_s_per_step(plan, config: dict, flops: float, gpu: str, fourteen_b: bool = True) -> str:
@@ -99,22 +125,79 @@ def expected_s_per_step(plan, config: dict, flops: float, gpu: str, fourteen_b: 
         return "speed: the table in docs/benchmarks.md is of the 14B models"
     if not any(g in gpu for g in MEASURED_GPUS):
         return f"speed on {gpu}: not measured (H100/H200: docs/benchmarks.md)"
-    if plan.streamed:
-        s = S_PER_STEP_STREAMED
-    else:
-        s = (S_PER_STEP_RESIDENT + (S_PER_STEP_ALL_RECOMPUTING - S_PER_STEP_RESIDENT) * plan.checkpointed / plan.blocks
-             - (S_PER_STEP_ALL_RECOMPUTING - S_PER_STEP_ALL_KEEPING_ATTENTION) * plan.keep_attention / plan.blocks)
     scale = flops / useful_flops(config, MEASURED_TOKENS)
-    return (f"expected ≈ {s * scale:.2f} s/step (measured on an H100 at 960×960"
+    return (f"expected ≈ {measured_s_per_step(plan) * scale:.2f} s/step (measured on an H100 at 960×960"
             + (f", scaled by the step's FLOPs: {scale:.2f}×)" if abs(scale - 1) > 0.005 else ")"))
 
 
+def item_tokens(it) -> int:
+    """The DiT's tokens for one sample: the latent is 4x smaller in time (the first frame alone) and 8x in space,
+    and the DiT's patches are 2x2."""
+    return ((it.frames - 1) // 4 + 1) * (it.bucket[0] // 16) * (it.bucket[1] // 16)
+
+
 def batch_sizes(recipe) -> set[tuple[int, int]]:
-    """(DiT tokens per sample, samples per batch) of the dataset's batches: the latent is 4x smaller in time (the
-    first frame alone) and 8x in space, and the DiT's patches are 2x2."""
+    """(DiT tokens per sample, samples per batch) of the dataset's batches."""
     specs = {s.index: s.batch_size for s in recipe.checked.specs}
-    return {(((it.frames - 1) // 4 + 1) * (it.bucket[0] // 16) * (it.bucket[1] // 16), specs[it.dataset])
-            for it in recipe.items}
+    return {(item_tokens(it), specs[it.dataset]) for it in recipe.items}
+
+
+@dataclass
+class ExpertTime:
+    steps: int
+    steps_s: float
+    validations: int
+    validation_s: float
+
+
+@dataclass
+class RunTime:
+    experts: dict[str, ExpertTime]
+    other_s: float
+    samples: bool  # samples are drawn during training (not counted)
+
+    @property
+    def total_s(self) -> float:
+        return self.other_s + sum(e.steps_s + e.validation_s for e in self.experts.values())
+
+    def describe(self) -> str:
+        parts = [f"{expert_name(e)} {x.steps} steps {human_seconds(x.steps_s)}"
+                 + (f" + {x.validations} validations {human_seconds(x.validation_s)}" if x.validations else "")
+                 for e, x in self.experts.items()]
+        return (f"the run at an H100's measured speed, one expert after the other: about "
+                f"{human_seconds(self.total_s)} — "
+                + "; ".join(parts) + f"; starting, caching, loading and compiling ~{human_seconds(self.other_s)}"
+                + ("; samples during training not counted" if self.samples else ""))
+
+
+def run_time(recipe, plan, config: dict) -> RunTime:
+    """The whole run's time from the benchmark's H100 figures: each expert's optimizer steps (as many as it will
+    train: `step_counts`) at the plan's measured step scaled by the mean batch's useful FLOPs, its validations (step
+    0's and those `validates_after` schedules) at the measured validation forward scaled by each item's forward FLOPs,
+    and what a measured run spent besides. `recipe`: checked, its validation items chosen."""
+    from ..train.data import step_counts
+    from ..train.expert import validates_after
+
+    data = recipe.cached_data(paths=False)
+    buckets = [(math.ceil(len(idx) / data.batch_sizes[ds]), data.batch_sizes[ds] * useful_flops(config, item_tokens(
+        recipe.items[idx[0]]))) for (ds, _, _), idx in data.buckets().items()]
+    mean_flops = sum(n * f for n, f in buckets) / sum(n for n, _ in buckets)
+    micro_s = measured_s_per_step(plan) * mean_flops / useful_flops(config, MEASURED_TOKENS)
+    one_pass = sum(S_PER_FORWARD * forward_flops(config, item_tokens(recipe.items[i]))
+                   / forward_flops(config, MEASURED_TOKENS) for i in data.validation)
+    experts = {}
+    for e in recipe.p.task.experts:
+        t = recipe.p.settings(e)
+        per_step, total, _ = step_counts(data.batches_per_epoch, t.gradient_accumulation_steps, 1, t.epochs,
+                                         t.max_steps)
+        per_epoch = math.ceil(data.batches_per_epoch / per_step)
+        evals = 0
+        if t.validate_every_n_steps and data.validation:
+            evals = 1 + sum(validates_after(t, k, total, math.ceil(k / per_epoch), k % per_epoch == 0 or k == total)
+                            for k in range(1, total + 1))
+        experts[e] = ExpertTime(total, total * per_step * micro_s, evals, evals * t.validation_timesteps * one_pass)
+    sample = recipe.p.sample
+    return RunTime(experts, OTHER_S, bool(sample.every_n_steps or sample.every_n_epochs))
 
 
 def project_checks(project_path: Path) -> list[Check]:
@@ -179,9 +262,13 @@ def project_checks(project_path: Path) -> list[Check]:
                                 compiled=t.compile != "off")
     except WanpairError as e:
         return checks + [Check(False, f"memory plan for {tokens} tokens per batch", f"{project.path}: {e}")]
+    gpu, fourteen_b = torch.cuda.get_device_name(device), project.task.size_word == "14B"
     checks.append(Check(True, f"{plan.describe()} (estimated before loading); "
                               + expected_s_per_step(plan, config, max(b * useful_flops(config, n) for n, b in sizes),
-                                                    torch.cuda.get_device_name(device), project.task.size_word == "14B")))
+                                                    gpu, fourteen_b)))
+    if fourteen_b and any(g in gpu for g in MEASURED_GPUS):
+        recipe.choose_validation()
+        checks.append(Check(None, run_time(recipe, plan, config).describe()))
     if plan.streamed:  # their fp8 weights live in pinned host memory
         pinned = len(plan.streamed) * block_linear_params(config)[0] / GIB
         ram = _ram_available_gib()

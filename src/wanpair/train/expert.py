@@ -54,10 +54,29 @@ from .trackers import open_trackers
 log = logging.getLogger(__name__)
 
 VALIDATION_SEED = 20_000_003  # the validation noise's own seed: the same whatever the training seed
+
 # fp16: skips of the loss scaler in a row that are its scale settling, not a failure. accelerate's GradScaler
 # (torch.amp.GradScaler defaults) starts at 2**16 and halves at each skip, so 16 skips bring it to 1 (no
 # scaling); a step that still overflows then has gradients fp16 cannot hold, and counts as a bad step.
 SCALER_SETTLING_SKIPS = 16
+
+
+def every(n: int, k: int) -> bool:
+    return bool(n) and k % n == 0
+
+
+def intermediate_loras(t, step: int, total: int, epoch: int, epoch_end: bool) -> tuple[bool, bool]:
+    """Whether an intermediate LoRA is saved after optimizer step `step` of `total`: by steps, by epochs."""
+    last = step >= total
+    return (every(t.save_every_n_steps, step) and not last,
+            epoch_end and every(t.save_every_n_epochs, epoch) and not last)
+
+
+def validates_after(t, step: int, total: int, epoch: int, epoch_end: bool) -> bool:
+    """Whether the validation loss is measured after optimizer step `step` of `total` (besides step 0's, before
+    training): at its interval, at the last step, and with every intermediate LoRA (its metadata carries it)."""
+    return every(t.validate_every_n_steps, step) or step >= total or any(intermediate_loras(t, step, total, epoch,
+                                                                                             epoch_end))
 
 
 @dataclass
@@ -371,17 +390,12 @@ class ExpertTraining:
         asks before queueing the next step and again when this one completes, and every rank of a
         data-parallel group must queue its collectives in the same order."""
         t, last = self.t, step >= self.total_steps
-
-        def every(n: int, k: int) -> bool:
-            return bool(n) and k % n == 0
-
-        lora = every(t.save_every_n_steps, step) and not last
-        epoch_lora = epoch_end and every(t.save_every_n_epochs, epoch) and not last
+        lora, epoch_lora = intermediate_loras(t, step, self.total_steps, epoch, epoch_end)
         return Due(lora=lora,
                    state=not last and (every(t.save_state_every_n_steps, step) or (lora and self.saves_states)
                                        or every(self.crash_state_every, step)),
                    sample=every(self.p.sample.every_n_steps, step),
-                   validation=every(t.validate_every_n_steps, step) or last or lora or epoch_lora,
+                   validation=validates_after(t, step, self.total_steps, epoch, epoch_end),
                    epoch_lora=epoch_lora,
                    epoch_state=epoch_end and not last and (every(t.save_state_every_n_epochs, epoch)
                                                            or (epoch_lora and self.saves_states)),

@@ -86,14 +86,19 @@ class LoraPairRecipe:
                 f"a LoRA per expert, high-noise on {self.p.experts['high'].min_timestep}-1000 and low-noise below"
                 if task.paired else "one LoRA over all timesteps")
                   + f" -> {', '.join(self.p.lora_path(e).name for e in experts)}")
-        held_out = {s.index for s in self.checked.specs if s.validation}
-        self.validation, self.validation_kind = validation_set(self.items, held_out, t.validation_split,
-                                                               t.validation_items, t.seed)
+        self.choose_validation()
         if t.validate_every_n_steps:
             print(f"validation: {len(self.validation)} " + (
                 "held-out items" if self.validation_kind == "held-out" else
                 "training items, so it measures fit, not generalisation (add [[validation]] to dataset.toml or set "
                 "validation_split)"))
+
+    def choose_validation(self) -> None:
+        """The items each expert's validation loss is measured on (`validation_set`), from the checked dataset."""
+        t = self.t
+        held_out = {s.index for s in self.checked.specs if s.validation}
+        self.validation, self.validation_kind = validation_set(self.items, held_out, t.validation_split,
+                                                               t.validation_items, t.seed)
 
     # ---------------------------------------------------------------- caches
     def sample_prompts(self) -> list[str]:
