@@ -126,6 +126,7 @@ def test_metrics_longer_than_a_read_reach_the_page_piece_by_piece_and_the_summar
     """The dashboard reads a run's metrics a bounded piece at a time (planted files may be huge): a long run's
     rows all reach a poller over several polls, in order, and its summary is where the run is now."""
     monkeypatch.setattr(R, "METRICS_PIECE", 2048)
+    monkeypatch.setattr(R, "SUMMARY_PIECES", 2)  # the summary: two pieces from the start, then the last one
     log = MetricsLog(tmp_path / "run", "high", header={"total_steps": 200, "device": "cpu"})
     for step in range(1, 101):
         log.log({"step": step, "loss": 1.0 / step, "s_per_step": 0.5})
@@ -142,6 +143,22 @@ def test_metrics_longer_than_a_read_reach_the_page_piece_by_piece_and_the_summar
     assert seen == list(range(1, 101)) and polls > 4
     p = R.summary_of(run)
     assert (p["experts"]["high"]["done"], p["experts"]["high"]["total"]) == (100, 200) and p["started"] is not None
+
+
+def test_a_summary_past_its_pieces_reads_the_last_piece_from_its_first_whole_line(tmp_path, monkeypatch):
+    """Rows of 100 bytes, pieces of 1 000: the last piece starts exactly at a row, which is read, not skipped as the
+    rest of a row begun before it."""
+    monkeypatch.setattr(R, "METRICS_PIECE", 1000)
+    monkeypatch.setattr(R, "SUMMARY_PIECES", 1)
+    (tmp_path / "run").mkdir()
+    lines = []
+    for step in range(100):
+        text = json.dumps({"expert": "high", "step": step, "loss": 1.0, "pad": ""})
+        lines.append(text.replace('""', '"' + "x" * (99 - len(text)) + '"') + "\n")
+    assert {len(x) for x in lines} == {100}
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(lines))
+    rows = list(R.summary_rows(R.Run(tmp_path / "run")))
+    assert [r["step"] for r in rows] == [*range(10), *range(90, 100)]
 
 
 def test_a_resume_that_rewrites_the_metrics_starts_the_charts_again(tmp_path):

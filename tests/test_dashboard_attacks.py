@@ -246,11 +246,54 @@ def test_huge_planted_files_are_read_only_as_far_as_a_page_needs(run_tree):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB held at once"  # a bounded piece (16 MiB), not the files
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB held at once"  # a bounded piece (2 MiB), not the files
     assert got["rows"] == [] and 0 < got["offset"] < 1 << 30  # passed over in part; the next poll goes on
     assert huge["experts"]["high"]["done"] == 0
     assert sorted(lora["expert"] or "damaged" for lora in page["loras"]) == ["damaged", "high", "low"]
     assert demo["experts"]["high"]["done"] > 0  # the real run's rows still read
+
+
+def test_planted_metrics_and_headers_that_parse_badly_leave_the_runs_whole(run_tree):
+    """Metrics lines nested deeper than Python's parser goes, rows whose fields have the wrong types, a piece of a
+    million tiny rows, and a LoRA header nested too deep: the run list and pages answer, the planted run shows
+    nothing it cannot read, a poll parses a bounded number of lines, and the real run is untouched."""
+    import tracemalloc
+
+    from wanpair.dashboard import runs as R
+
+    out = run_tree / "output"
+    for name in ("deep", "typed", "tiny"):
+        (out / name).mkdir()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (out / "deep" / "metrics.jsonl").write_bytes(deep + b"\n" + b'{"expert": "high", "step": 3, "loss": 0.5}\n')
+    typed = [{"expert": "high", "step": "3", "loss": 1, "time": "now", "total_steps": "9", "s_per_step": "fast"},
+             {"expert": "low", "step": 2, "loss": 1, "time": [1], "total_steps": 8, "s_per_step": None,
+              "device": {"a": 1}}, {"expert": ["high"], "step": 1}, {"expert": "high", "total_steps": True}]
+    (out / "typed" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in typed))
+    (out / "tiny" / "metrics.jsonl").write_bytes(b"{}\n" * 1_000_000)
+    header = b"[" * 100_000 + b"]" * 100_000
+    (out / "WAN2.2-HighNoise_demo_shapes_v1-step98.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header)
+    client = reader(create_app([run_tree], token=TOKEN, tick_s=None))
+    tracemalloc.start()
+    try:
+        got = client.get("/api/runs")
+        assert got.status_code == 200
+        runs = {r["name"]: r for r in got.get_json()}
+        polled = client.get(f"/api/runs/{runs['tiny']['id']}/metrics").get_json()
+        page = client.get(f"/api/runs/{runs['demo_shapes_v1']['id']}")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert runs["deep"]["experts"]["high"]["done"] == 3  # the line after the deep one still read
+    assert runs["typed"]["experts"]["high"] == {"done": 0, "total": None, "s_per_step": None, "eta_s": None,
+                                                "device": None}
+    assert runs["typed"]["experts"]["low"]["done"] == 2 and runs["typed"]["started"] is None
+    assert len(polled["rows"]) == R.METRICS_LINES and polled["offset"] == 3 * R.METRICS_LINES  # the rest: next polls
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB held at once"
+    assert page.status_code == 200
+    assert sorted(x["expert"] or "damaged" for x in page.get_json()["loras"]) == ["damaged", "high", "low"]
+    assert runs["demo_shapes_v1"]["experts"]["high"]["done"] > 0
 
 
 # ---------------------------------------------------------------- 4. races between the check and the use

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import statistics
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +38,13 @@ SAMPLE_NAME = re.compile(r"^(high|low|full)-step(\d+)_(\d+)_(.*)_(high(?:Lora|Ba
 SEARCH_DEPTH = 4  # metrics.jsonl at most this many folders below a given directory
 ACTIVE_S = 120  # an expert that logged within this many seconds is progressing now
 # Files under a root may be planted (a shared folder, an archive), sparse and huge at no cost to the planter: the
-# page reads each only as far as it needs. Metrics: a bounded piece per read (a step's row is ~250 bytes, so a
-# real run's whole file is one piece; a longer one reaches a poller over several); a LoRA's header (a 14B
-# expert's rank-16 LoRA: ~0.15 MB).
-METRICS_PIECE = 16 * 2**20
+# page reads each only as far as it needs, in bytes and in lines (a piece of tiny lines would parse into millions of
+# objects). Metrics: a bounded piece per read (a step's row is ~250 bytes: the recipe's whole run, ~4 000 rows, is
+# one piece; a longer file reaches a poller over several); a run's summary reduces at most SUMMARY_PIECES pieces
+# from the start and then the last one; a LoRA's header (a 14B expert's rank-16 LoRA: ~0.15 MB).
+METRICS_PIECE = 2 * 2**20
+METRICS_LINES = 20_000
+SUMMARY_PIECES = 10
 LORA_HEADER_LIMIT = 2 * 2**20
 
 
@@ -94,20 +100,25 @@ def training_now(roots: list[Path]) -> list[Path]:
             if name.startswith(".") and name.endswith(".lock") and lock_is_held(folder / name)]
 
 
-def recent_rows(run: Run) -> list[dict]:
-    """The run's metrics rows for its summary: all of them, or in a file longer than METRICS_PIECE its first
-    row (when it started) and the rows of its last piece (where it is now)."""
+def summary_rows(run: Run) -> Iterator[dict]:
+    """The rows a run's summary reduces (`progress`): from the start, piece by piece, at most SUMMARY_PIECES of
+    them (a real run's file is one or two), and in a longer file the rows of its last piece (where it is now)."""
     try:
         with open_inside(run.metrics, [run.run_dir]) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size <= METRICS_PIECE:
-                return _rows_from(f, 0)[0]
-            first, _ = _rows_from(f, 0, 64 * 1024)
-            f.seek(size - METRICS_PIECE)
-            f.readline(METRICS_PIECE)  # the rest of a line begun before the piece
-            return first[:1] + _rows_from(f, f.tell())[0]
+            size, offset = os.fstat(f.fileno()).st_size, 0
+            for _ in range(SUMMARY_PIECES):
+                rows, after = _rows_from(f, offset)
+                yield from rows
+                if after == offset:  # no whole line more
+                    return
+                offset = after
+            if size - offset > METRICS_PIECE:
+                f.seek(size - METRICS_PIECE - 1)
+                f.readline(METRICS_PIECE + 1)  # to the start of the first whole line in the last piece
+                offset = f.tell()
+            yield from _rows_from(f, offset)[0]
     except (OSError, PathRefused):
-        return []
+        return
 
 
 def rows_since(run: Run, offset: int = 0, file: str = "") -> dict:
@@ -127,22 +138,27 @@ def rows_since(run: Run, offset: int = 0, file: str = "") -> dict:
 
 
 def _rows_from(f, offset: int, limit: int | None = None) -> tuple[list[dict], int]:
-    """Complete rows from byte `offset` on, in at most `limit` bytes (METRICS_PIECE), and the offset after them."""
+    """Complete rows from byte `offset` on, in at most `limit` bytes (METRICS_PIECE) and METRICS_LINES lines, and
+    the offset after the last line read."""
     limit = limit or METRICS_PIECE
     f.seek(offset)
     chunk = f.read(limit)
     end = chunk.rfind(b"\n") + 1  # a last line still being written waits for the next read
     if not end and len(chunk) == limit:
         return [], offset + limit  # a "line" longer than a piece is no row of ours: passed over
-    rows = []
-    for line in chunk[:end].splitlines():
+    rows, pos = [], 0
+    for _ in range(METRICS_LINES):
+        if pos >= end:
+            break
+        newline = chunk.index(b"\n", pos)
+        line, pos = chunk[pos:newline], newline + 1
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue  # torn by a killed run
+        except (ValueError, RecursionError):  # torn by a killed run; or planted (not UTF-8, nested too deep)
+            continue
         if isinstance(row, dict):
             rows.append(row)
-    return rows, offset + end
+    return rows, offset + pos
 
 
 def read_json(path: Path, within: Path) -> dict:
@@ -150,7 +166,7 @@ def read_json(path: Path, within: Path) -> dict:
     a link out."""
     try:
         value = json.loads(read_text_inside(path, [within]) or "")
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -167,35 +183,51 @@ def state_of(run: Run) -> str:
     return "failed"
 
 
-def progress(rows: list[dict], now: float | None = None) -> dict:
+def progress(rows: Iterable[dict], now: float | None = None) -> dict:
     """Per expert (those the run logged; a pair's two before any row): steps done, of how many, median
     s/step of the last 20, ETA; the run's ETA (the experts' remaining times added, or the longest when
-    they progress side by side)."""
+    they progress side by side). One pass over `rows`, keeping only that; a field of the wrong type (a
+    planted file) is not read."""
     now = now or time.time()
+    seen: dict[str, dict] = {}
+    started = None
+    for r in rows:
+        at = r.get("time")
+        if _number(at):
+            started = at if started is None else min(started, at)
+        if r.get("expert") not in EXPERTS:
+            continue
+        x = seen.setdefault(r["expert"], {"total": None, "done": 0, "recent": deque(maxlen=20), "device": None,
+                                         "last": 0.0})
+        x["last"] = at if _number(at) else 0.0
+        total = r.get("steps_reachable", r.get("total_steps"))  # fewer once updates were skipped in a data-limited run
+        if _number(total):
+            x["total"] = total
+        if "loss" in r and _number(r.get("step")):
+            x["done"] = r["step"]
+            x["recent"].append(r.get("s_per_step"))
+        if isinstance(r.get("device"), str):
+            x["device"] = r["device"]
     out, remaining, active = {}, [], 0
-    logged = {r.get("expert") for r in rows}
-    for e in [e for e in EXPERTS if e in logged] or ["high", "low"]:
-        mine = [r for r in rows if r.get("expert") == e]
-        steps = [r for r in mine if "loss" in r]
-        total = next((r.get("steps_reachable", r.get("total_steps")) for r in reversed(mine)  # fewer once updates
-                      if "steps_reachable" in r or "total_steps" in r), None)  # were skipped in a data-limited run
-        done = steps[-1]["step"] if steps else 0
-        recent = [r["s_per_step"] for r in steps[-20:] if "s_per_step" in r]
+    for e in [e for e in EXPERTS if e in seen] or ["high", "low"]:
+        x = seen.get(e, {"total": None, "done": 0, "recent": (), "device": None, "last": 0.0})
+        recent = [v for v in x["recent"] if _number(v)]
         s = statistics.median(recent) if recent else None
-        left = (total - done) * s if total and s is not None else None
-        out[e] = {"done": done, "total": total, "s_per_step": s, "eta_s": left,
-                  "device": next((r["device"] for r in reversed(mine) if "device" in r), None)}
+        left = (x["total"] - x["done"]) * s if x["total"] and s is not None else None
+        out[e] = {"done": x["done"], "total": x["total"], "s_per_step": s, "eta_s": left, "device": x["device"]}
         if left:
             remaining.append(left)
-            active += bool(mine) and now - mine[-1].get("time", 0) < ACTIVE_S
+            active += e in seen and now - x["last"] < ACTIVE_S
     eta = (max(remaining) if active > 1 else sum(remaining)) if remaining else None
-    started = min((r["time"] for r in rows if "time" in r), default=None)
     return {"experts": out, "eta_s": eta, "started": started}
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def summary_of(run: Run) -> dict:
-    rows = recent_rows(run)
-    p = progress(rows)
+    p = progress(summary_rows(run))
     device = next((x["device"] for x in p["experts"].values() if x["device"]), None) \
         or read_json(run.run_dir / "summary.json", run.run_dir).get("device")
     return {"id": run.id, "name": run.name, "folder": str(run.run_dir), "state": state_of(run), **p, "device": device}

@@ -86,6 +86,8 @@ def safetensors_header(path: Path, opened: BinaryIO | None = None, limit: int = 
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DamagedFile(f"{path} has a corrupt safetensors header ({e}).") from None
+        except RecursionError:  # nested deeper than Python's parser goes: no header a writer makes
+            raise DamagedFile(f"{path} has a corrupt safetensors header (nested too deep).") from None
     tensors_ok = isinstance(header, dict) and all(
         isinstance(v, dict) and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
         and all(isinstance(o, int) for o in v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
