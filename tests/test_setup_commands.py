@@ -234,7 +234,7 @@ def test_the_doctors_run_time_counts_the_steps_and_validations_a_run_makes(demo)
     from wanpair.train.preflight import preflight
     from wanpair.train.recipe import LoraPairRecipe
 
-    set_train(demo / "wanpair.toml", epochs=3, gradient_accumulation_steps=2, validate_every_n_steps=4,
+    set_train(demo / "wanpair.toml", epochs=3, gradient_accumulation_steps=4, validate_every_n_steps=4,
               save_every_n_steps=3, validation_items=2, validation_timesteps=3)
     project, _ = load_project(demo / "wanpair.toml")
     LoraPairRecipe(project, overwrite=True).run(("high",))
@@ -247,8 +247,10 @@ def test_the_doctors_run_time_counts_the_steps_and_validations_a_run_makes(demo)
     high = got.experts["high"]
     assert high.steps == next(r["total_steps"] for r in rows if "total_steps" in r) > 4
     assert high.validations == sum("val_loss" in r for r in rows) > 3
-    micro = [useful_flops(A14B, item_tokens(it)) / useful_flops(A14B, 3600) for it in recipe.items]
-    assert min(micro) * 0.347 * 2 * high.steps <= high.steps_s <= max(micro) * 0.347 * 2 * high.steps + 1e-9
+    micro = 3 * recipe.cached_data(paths=False).batches_per_epoch  # 3 epochs; each epoch's last step takes what is left
+    assert high.steps * 4 > micro > (high.steps - 3) * 4
+    scale = [useful_flops(A14B, item_tokens(it)) / useful_flops(A14B, 3600) for it in recipe.items]  # batches of one
+    assert min(scale) * 0.347 * micro <= high.steps_s <= max(scale) * 0.347 * micro * (1 + 1e-9)
     one = sum(forward_flops(A14B, item_tokens(recipe.items[i])) for i in recipe.validation) / forward_flops(A14B, 3600)
     assert abs(high.validation_s - high.validations * 3 * S_PER_FORWARD * one) < 1e-9
     text = got.describe()

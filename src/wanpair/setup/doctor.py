@@ -35,6 +35,7 @@ S_PER_FORWARD = 0.141  # a compiled no-grad forward at 960x960 (a validation pas
 # spent 74 s: starting and checking the dataset 17.8, caches 7.4, loading both experts 11.9, the first step
 # compiling 33.2, saves 3.7.
 OTHER_S = 74.0
+FIRST_VALIDATION_S = 4.8  # the first validation compiles its no-grad graph: 7.11 s against 2.33 (H100 rehearsal)
 S_PER_STEP_RESIDENT, S_PER_STEP_STREAMED = 0.347, 0.482
 S_PER_STEP_ALL_RECOMPUTING, S_PER_STEP_ALL_KEEPING_ATTENTION = 0.478, 0.454
 MEASURED_GPUS = ("H100", "H200")
@@ -171,18 +172,19 @@ class RunTime:
 
 
 def run_time(recipe, plan, config: dict) -> RunTime:
-    """The whole run's time from the benchmark's H100 figures: each expert's optimizer steps (as many as it will
-    train: `step_counts`) at the plan's measured step scaled by the mean batch's useful FLOPs, its validations (step
-    0's and those `validates_after` schedules) at the measured validation forward scaled by each item's forward FLOPs,
-    and what a measured run spent besides. `recipe`: checked, its validation items chosen."""
+    """The whole run's time on one GPU from the benchmark's H100 figures: each expert's micro-batches (its optimizer
+    steps, `step_counts`, each of up to gradient_accumulation_steps micro-batches) at the plan's measured step scaled
+    by the mean micro-batch's useful FLOPs, its validations (step 0's and those `validates_after` schedules) at the
+    measured validation forward scaled by each item's forward FLOPs, and what a measured run spent besides.
+    `recipe`: checked, its validation items chosen."""
     from ..train.data import step_counts
     from ..train.expert import validates_after
 
     data = recipe.cached_data(paths=False)
-    buckets = [(math.ceil(len(idx) / data.batch_sizes[ds]), data.batch_sizes[ds] * useful_flops(config, item_tokens(
-        recipe.items[idx[0]]))) for (ds, _, _), idx in data.buckets().items()]
-    mean_flops = sum(n * f for n, f in buckets) / sum(n for n, _ in buckets)
-    micro_s = measured_s_per_step(plan) * mean_flops / useful_flops(config, MEASURED_TOKENS)
+    buckets = data.buckets()  # a batch holds one bucket's samples: the epoch's FLOPs are its samples' FLOPs
+    epoch_flops = sum(len(idx) * useful_flops(config, item_tokens(recipe.items[idx[0]])) for idx in buckets.values())
+    micro_s = measured_s_per_step(plan) * epoch_flops / max(1, data.batches_per_epoch) / useful_flops(
+        config, MEASURED_TOKENS)  # the mean micro-batch
     one_pass = sum(S_PER_FORWARD * forward_flops(config, item_tokens(recipe.items[i]))
                    / forward_flops(config, MEASURED_TOKENS) for i in data.validation)
     experts = {}
@@ -190,14 +192,17 @@ def run_time(recipe, plan, config: dict) -> RunTime:
         t = recipe.p.settings(e)
         per_step, total, _ = step_counts(data.batches_per_epoch, t.gradient_accumulation_steps, 1, t.epochs,
                                          t.max_steps)
-        per_epoch = math.ceil(data.batches_per_epoch / per_step)
+        per_epoch = math.ceil(data.batches_per_epoch / per_step)  # an epoch's last step takes what is left
+        full, rest = divmod(total, per_epoch)
+        micro = full * data.batches_per_epoch + min(rest * per_step, data.batches_per_epoch)
         evals = 0
         if t.validate_every_n_steps and data.validation:
             evals = 1 + sum(validates_after(t, k, total, math.ceil(k / per_epoch), k % per_epoch == 0 or k == total)
                             for k in range(1, total + 1))
-        experts[e] = ExpertTime(total, total * per_step * micro_s, evals, evals * t.validation_timesteps * one_pass)
+        experts[e] = ExpertTime(total, micro * micro_s, evals, evals * t.validation_timesteps * one_pass)
     sample = recipe.p.sample
-    return RunTime(experts, OTHER_S, bool(sample.every_n_steps or sample.every_n_epochs))
+    compile_validation = FIRST_VALIDATION_S if any(x.validations for x in experts.values()) else 0.0
+    return RunTime(experts, OTHER_S + compile_validation, bool(sample.every_n_steps or sample.every_n_epochs))
 
 
 def project_checks(project_path: Path) -> list[Check]:
