@@ -3,6 +3,7 @@
     PYTHONPATH=src python bench/train_step.py --variant default --variant fp8mm-compile ...
     PYTHONPATH=src python bench/train_step.py --cap-gib 16 --variant low      # a 16 GiB budget
     PYTHONPATH=src python bench/train_step.py --accuracy                      # fp8 vs bf16 loss and gradients
+    PYTHONPATH=src python bench/train_step.py --variant default --saved      # what a block keeps for backward
     PYTHONPATH=src python bench/train_step.py --config tiny --device cpu --steps 3   # smoke test on a CPU
     PYTHONPATH=src python bench/train_step.py --config i2v-a14b --input video --cap-gib 24 --variant budget-24
 
@@ -295,8 +296,38 @@ def working_gib(run) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
+def saved_for_backward(model, acc, batch, compute, blocks: int, tokens: int, dim: int) -> dict:
+    """What one training forward keeps for its backward (every tensor autograd saves, each storage once), in units of
+    dim bytes per token per block -- the memory plan's ACTIVATION_PER_TOKEN for blocks that are not checkpointed --
+    grouped by dtype and last dimension, the largest groups first."""
+    from wanpair.train.flow_matching import flow_matching_loss
+
+    seen: dict[int, tuple[str, int, int]] = {}
+
+    def pack(t: torch.Tensor):
+        if t.device.type != "meta":
+            seen.setdefault(t.untyped_storage().data_ptr(), (str(t.dtype).replace("torch.", ""),
+                                                             t.shape[-1] if t.dim() else 1, t.untyped_storage().nbytes()))
+        return t
+
+    x0, noise, t, text, cond = batch[0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), acc.autocast():
+        loss = flow_matching_loss(model, x0, noise, t, text, compute, cond=cond)
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    unit = blocks * tokens * dim
+    groups: dict[str, float] = {}
+    for dtype, last, nbytes in seen.values():
+        key = f"{dtype} [..., {last}]"
+        groups[key] = groups.get(key, 0.0) + nbytes / unit
+    ordered = dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+    return {"saved_per_token_dim": round(sum(ordered.values()), 1), "saved_tensors": len(seen),
+            "saved_groups": {k: round(v, 2) for k, v in ordered.items() if v >= 0.05}}
+
+
 def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, device: torch.device,
-                profile: bool = False, validation: bool = False) -> dict:
+                profile: bool = False, validation: bool = False, saved: bool = False) -> dict:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -415,6 +446,11 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     probes = time_validation(model, acc, batch, compute, profile=profile) if validation and device.type == "cuda" else {}
     if probes:
         print("one validation evaluation (16 forwards):", probes, flush=True)
+    if saved:
+        probes |= saved_for_backward(model, acc, batch, compute, cfg["num_layers"], f * (h // 2) * (w // 2),
+                                     cfg["num_attention_heads"] * cfg["attention_head_dim"])
+        print("saved for backward (dim bytes per token per block):", probes["saved_per_token_dim"],
+              probes["saved_groups"], flush=True)
     if profile and device.type == "cuda":
         print_profile(functools.partial(train_step, model, optimizer, scheduler, acc, params, batch, compute, 0.0))
     copied = sum(st.copied_bytes for st in {c.streamer for c in getattr(model.blocks, "calls", {}).values()})
@@ -504,6 +540,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="after timing, print GPU kernel time by kind")
     ap.add_argument("--validation", action="store_true", help="after timing, time one validation evaluation, "
                     "eager, compiled, and in passes of 4 samples")
+    ap.add_argument("--saved", action="store_true", help="after timing, what one forward keeps for backward, per block "
+                    "(dim bytes per token, by dtype and last dimension)")
     ap.add_argument("--accuracy", action="store_true", help="compare fp8 storage / matmuls with bf16 instead of timing")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -526,7 +564,8 @@ def main() -> int:
     rows = []
     for name in args.variant or ["default"]:
         try:
-            r = run_variant(name, cfg, shape, args.steps, args.warmup, device, args.profile, args.validation)
+            r = run_variant(name, cfg, shape, args.steps, args.warmup, device, args.profile, args.validation,
+                            args.saved)
         except Exception as e:  # a failed variant is a result too; go on with the others
             traceback.print_exc(limit=-12)
             r = dict(variant=name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:600]}")
