@@ -118,3 +118,19 @@ def test_validation_tables_are_checked_like_datasets(tmp_path):
     toml.write_text('[[datasets]]\nimage_directory = "."\n[[validate]]\nimage_directory = "val"\n')
     with pytest.raises(WanpairError, match=r"unknown top-level table 'validate'.*validation"):
         load_dataset_config(toml)
+
+
+def test_the_doctor_plans_for_the_batches_training_makes_not_the_held_out_items(demo):
+    """Held-out items larger than any training item (a [[validation]] dataset at 128x128 beside 64x64 training
+    images) are measured, never trained on: the doctor's plan and s/step are for the training batches, as the run's."""
+    from wanpair.setup.doctor import batch_sizes, item_tokens
+
+    _hold_out(demo)
+    toml = demo / "dataset" / "dataset.toml"
+    toml.write_text(toml.read_text() + "resolution = [128, 128]\n")
+    project, _ = load_project(demo / "wanpair.toml")
+    recipe = LoraPairRecipe(project)
+    recipe.preflight(())
+    held = {item_tokens(recipe.items[i]) for i in recipe.validation}  # ~(128 / 16)^2 in their buckets
+    trained = batch_sizes(recipe)  # ~(64 / 16)^2, batches of one
+    assert max(n for n, _ in trained) < min(held) and {b for _, b in trained} == {1}

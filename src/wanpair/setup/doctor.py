@@ -138,9 +138,12 @@ def item_tokens(it) -> int:
 
 
 def batch_sizes(recipe) -> set[tuple[int, int]]:
-    """(DiT tokens per sample, samples per batch) of the dataset's batches."""
-    specs = {s.index: s.batch_size for s in recipe.checked.specs}
-    return {(item_tokens(it), specs[it.dataset]) for it in recipe.items}
+    """(DiT tokens per sample, samples per batch) of the batches training makes, as the run plans for them: held-out
+    validation items are not trained on, and a bucket holds fewer items than a batch at most. `recipe`: checked,
+    its validation items chosen."""
+    data = recipe.cached_data(paths=False)
+    return {(item_tokens(recipe.items[idx[0]]), min(data.batch_sizes[ds], len(idx)))
+            for (ds, _, _), idx in data.buckets().items()}
 
 
 @dataclass
@@ -206,13 +209,13 @@ def run_time(recipe, plan, config: dict) -> RunTime:
 
 
 def speed_checks(recipe, plan, config: dict, gpu: str) -> list[Check]:
-    """The plan with its expected s/step, and on a GPU the figures were measured on, the whole run's time."""
+    """The plan with its expected s/step, and on a GPU the figures were measured on, the whole run's time. `recipe`:
+    checked, its validation items chosen."""
     fourteen_b = recipe.p.task.size_word == "14B"
     flops = max(b * useful_flops(config, n) for n, b in batch_sizes(recipe))
     checks = [Check(True, f"{plan.describe()} (estimated before loading); "
                           + expected_s_per_step(plan, config, flops, gpu, fourteen_b))]
     if fourteen_b and any(g in gpu for g in MEASURED_GPUS):
-        recipe.choose_validation()
         checks.append(Check(None, run_time(recipe, plan, config).describe()))
     return checks
 
@@ -247,6 +250,7 @@ def project_checks(project_path: Path) -> list[Check]:
         recipe.checked = preflight(project, project.task.experts, device, quiet=True)
     except WanpairError as e:
         return checks + [Check(False, "models, dataset, tokenizer, output folder and disk", str(e))]
+    recipe.choose_validation()
     checks.append(Check(True, f"models: {', '.join(f'{k} {d.path.name}' for k, d in recipe.dits.items())}; VAE, "
                               "text encoder and tokenizer of the right kinds"))
     checks.append(Check(True, f"dataset: {len(recipe.items)} items, clean; output folder writable with room"))
