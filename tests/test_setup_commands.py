@@ -255,11 +255,12 @@ def test_the_doctors_run_time_counts_the_steps_and_validations_a_run_makes(demo)
     assert abs(high.validation_s - high.validations * 3 * S_PER_FORWARD * one) < 1e-9
     text = got.describe()
     assert "at an H100's measured speed, one expert after the other: about" in text and "high-noise" in text
-    from wanpair.setup.doctor import speed_checks  # what `wanpair doctor` prints on a GPU: the plan and the run
+    from wanpair.setup.doctor import batch_sizes, speed_checks  # what `wanpair doctor` prints on a GPU
 
-    shown = [c.what for c in speed_checks(recipe, resident, A14B, "NVIDIA H100 80GB HBM3")]
+    sizes = batch_sizes(recipe)
+    shown = [c.what for c in speed_checks(recipe, resident, A14B, "NVIDIA H100 80GB HBM3", sizes)]
     assert len(shown) == 2 and "expected ≈" in shown[0] and shown[1] == text
-    assert [c.what for c in speed_checks(recipe, resident, A14B, "NVIDIA A100-SXM4-80GB")][-1].endswith(
+    assert [c.what for c in speed_checks(recipe, resident, A14B, "NVIDIA A100-SXM4-80GB", sizes)][-1].endswith(
         "speed on NVIDIA A100-SXM4-80GB: not measured (H100/H200: docs/benchmarks.md)")
 
 

@@ -137,15 +137,14 @@ def rows_since(run: Run, offset: int = 0, file: str = "") -> dict:
     return {"rows": rows, "offset": offset, "file": current, "reset": reset}
 
 
-def _rows_from(f, offset: int, limit: int | None = None) -> tuple[list[dict], int]:
-    """Complete rows from byte `offset` on, in at most `limit` bytes (METRICS_PIECE) and METRICS_LINES lines, and
-    the offset after the last line read."""
-    limit = limit or METRICS_PIECE
+def _rows_from(f, offset: int) -> tuple[list[dict], int]:
+    """Complete rows from byte `offset` on, in at most METRICS_PIECE bytes and METRICS_LINES lines, and the offset
+    after the last line read."""
     f.seek(offset)
-    chunk = f.read(limit)
+    chunk = f.read(METRICS_PIECE)
     end = chunk.rfind(b"\n") + 1  # a last line still being written waits for the next read
-    if not end and len(chunk) == limit:
-        return [], offset + limit  # a "line" longer than a piece is no row of ours: passed over
+    if not end and len(chunk) == METRICS_PIECE:
+        return [], offset + METRICS_PIECE  # a "line" longer than a piece is no row of ours: passed over
     rows, pos = [], 0
     for _ in range(METRICS_LINES):
         if pos >= end:

@@ -208,11 +208,11 @@ def run_time(recipe, plan, config: dict) -> RunTime:
     return RunTime(experts, OTHER_S + compile_validation, bool(sample.every_n_steps or sample.every_n_epochs))
 
 
-def speed_checks(recipe, plan, config: dict, gpu: str) -> list[Check]:
+def speed_checks(recipe, plan, config: dict, gpu: str, sizes: set[tuple[int, int]]) -> list[Check]:
     """The plan with its expected s/step, and on a GPU the figures were measured on, the whole run's time. `recipe`:
-    checked, its validation items chosen."""
+    checked, its validation items chosen; `sizes`: its `batch_sizes`."""
     fourteen_b = recipe.p.task.size_word == "14B"
-    flops = max(b * useful_flops(config, n) for n, b in batch_sizes(recipe))
+    flops = max(b * useful_flops(config, n) for n, b in sizes)
     checks = [Check(True, f"{plan.describe()} (estimated before loading); "
                           + expected_s_per_step(plan, config, flops, gpu, fourteen_b))]
     if fourteen_b and any(g in gpu for g in MEASURED_GPUS):
@@ -283,7 +283,7 @@ def project_checks(project_path: Path) -> list[Check]:
                                 compiled=t.compile != "off")
     except WanpairError as e:
         return checks + [Check(False, f"memory plan for {tokens} tokens per batch", f"{project.path}: {e}")]
-    checks += speed_checks(recipe, plan, config, torch.cuda.get_device_name(device))
+    checks += speed_checks(recipe, plan, config, torch.cuda.get_device_name(device), sizes)
     if plan.streamed:  # their fp8 weights live in pinned host memory
         pinned = len(plan.streamed) * block_linear_params(config)[0] / GIB
         ram = _ram_available_gib()
