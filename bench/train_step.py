@@ -46,6 +46,7 @@ import traceback
 import wanpair.cli  # noqa: F401  -- the environment `wanpair train` runs in: allocator, compile caches
 
 import torch
+import torch._inductor.config  # noqa: F401  (INDUCTOR options are patched per variant)
 
 A14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
             text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
@@ -82,7 +83,12 @@ VARIANTS = {  # TrainSettings overrides; "default" is exactly what `wanpair trai
     "budget-32": dict(memory_budget_gb=32.0),
     "low": dict(memory_mode="low"),
     "low-14": dict(memory_mode="low", memory_budget_gb=14.0),  # plan for 14 GiB: more streamed, more headroom
+    "default-separate-lora": {},  # the default with q, k and v's LoRA down-projections one by one (see run_variant)
+    "default-cdt": {},  # probe: the default with inductor tuning its Triton kernels' block sizes (INDUCTOR below)
 }
+
+# variant -> torch._inductor.config options its compiled blocks are built with
+INDUCTOR = {"default-cdt": {"coordinate_descent_tuning": True}}
 
 # variant -> how every block is checkpointed (`wanpair.train.speed.checkpoint_blocks`): around the compiled
 # block, or inside its graph keeping nothing, its attention outputs, or what inductor's partitioner picks
@@ -299,13 +305,18 @@ def working_gib(run) -> float:
 def saved_for_backward(model, acc, batch, compute, blocks: int, tokens: int, dim: int) -> dict:
     """What one training forward keeps for its backward (every tensor autograd saves, each storage once), in units of
     dim bytes per token per block -- the memory plan's ACTIVATION_PER_TOKEN for blocks that are not checkpointed --
-    grouped by dtype and last dimension, the largest groups first."""
+    grouped by dtype and last dimension, the largest groups first. The model's own weights, which the fp8 matmuls
+    keep a reference to for their backward (W, its scales, W^T), are resident anyway and not counted (on the H100,
+    2026-12-06, they were 18.8 of the first version's 28.1 for the 24 GiB plan)."""
     from wanpair.train.flow_matching import flow_matching_loss
 
     seen: dict[int, tuple[str, int, int]] = {}
+    weights = [*model.parameters(), *model.buffers(), *(m.weight_t for m in model.modules()
+                                                       if getattr(m, "weight_t", None) is not None)]
+    resident = {w.untyped_storage().data_ptr() for w in weights if w.device.type != "meta"}
 
     def pack(t: torch.Tensor):
-        if t.device.type != "meta":
+        if t.device.type != "meta" and t.untyped_storage().data_ptr() not in resident:
             seen.setdefault(t.untyped_storage().data_ptr(), (str(t.dtype).replace("torch.", ""),
                                                              t.shape[-1] if t.dim() else 1, t.untyped_storage().nbytes()))
         return t
@@ -333,7 +344,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
 
     from wanpair.project import TrainSettings
     from wanpair.train.optim import build_optimizer
-    from wanpair.models.attention import FlashSelfAttention
+    from wanpair.models.attention import separate_projections
     from wanpair.train.lora import apply_max_norm, lora_pairs
     from wanpair.train.model_setup import prepare_expert
     from wanpair.setup.doctor import useful_flops
@@ -366,6 +377,9 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
         for m in model.modules():
             if hasattr(m, "fast_accum"):
                 m.fast_accum = False
+    if name == "default-separate-lora":
+        for block in model.blocks._modules.values():
+            block.attn1.processor.project = separate_projections
     if name == "default-peftcast":
         for m in model.modules():
             if hasattr(m, "cast_input_dtype_enabled"):
@@ -458,8 +472,9 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     flops = useful_flops(cfg, f * (h // 2) * (w // 2))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
-    fa4 = any(isinstance(b.attn1.processor, FlashSelfAttention) for b in model.blocks._modules.values())
-    result = dict(variant=name, tokens=f * (h // 2) * (w // 2), self_attention="fa4" if fa4 else "sdpa", median_s=med, pipelined_s=pipelined, min_s=min(times), max_s=max(times),
+    fa4 = any(b.attn1.processor.flash for b in model.blocks._modules.values())
+    result = dict(variant=name, tokens=f * (h // 2) * (w // 2), first_losses=losses[:3],
+                  self_attention="fa4" if fa4 else "sdpa", median_s=med, pipelined_s=pipelined, min_s=min(times), max_s=max(times),
                   first_step_s=first, build_s=build_s, steps=steps, useful_tflop=flops / 1e12,
                   tflops=flops / med / 1e12, mfu=(flops / med / 1e12 / peak) if peak else None,
                   loss_finite=all(map(lambda v: v == v and abs(v) < float("inf"), losses)), gpu=gpu,
@@ -564,8 +579,9 @@ def main() -> int:
     rows = []
     for name in args.variant or ["default"]:
         try:
-            r = run_variant(name, cfg, shape, args.steps, args.warmup, device, args.profile, args.validation,
-                            args.saved)
+            with torch._inductor.config.patch(INDUCTOR.get(name, {})):
+                r = run_variant(name, cfg, shape, args.steps, args.warmup, device, args.profile, args.validation,
+                                args.saved)
         except Exception as e:  # a failed variant is a result too; go on with the others
             traceback.print_exc(limit=-12)
             r = dict(variant=name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:600]}")

@@ -14,7 +14,7 @@ from diffusers import WanTransformer3DModel
 from wanpair.demo import TINY_DIT
 from wanpair.errors import WanpairError
 from wanpair.models import attention
-from wanpair.models.attention import FlashSelfAttention, attention_problem, use_flash_self_attention, wants_fa4
+from wanpair.models.attention import SelfAttention, attention_problem, use_self_attention, wants_fa4
 from wanpair.project import TrainSettings
 from wanpair.train.model_setup import prepare_expert
 from wanpair.train.speed import IN_GRAPH_POLICIES, checkpoint_blocks
@@ -97,9 +97,8 @@ def test_the_processor_computes_what_diffusers_computes(reference_kernels):
     projection: the block's output and every weight's gradient as diffusers' WanAttnProcessor gives them."""
     theirs = _output_and_grads(_tiny())
     model = _tiny()
-    assert use_flash_self_attention(model) == 2
-    assert all(isinstance(b.attn1.processor, FlashSelfAttention) and not isinstance(b.attn2.processor, FlashSelfAttention)
-               for b in model.blocks)
+    assert use_self_attention(model, flash=True) == 2
+    assert all(b.attn1.processor.flash and not isinstance(b.attn2.processor, SelfAttention) for b in model.blocks)
     mine = _output_and_grads(model)
     assert len(mine) == len(theirs) > 20
     for a, b in zip(mine, theirs):
@@ -119,10 +118,10 @@ def test_the_op_is_one_node_of_a_compiled_checkpointed_block(reference_kernels, 
 
     attention._kernels = lambda: (counting_forward, reference_backward)  # the fixture restores it
     eager = _tiny()
-    use_flash_self_attention(eager)
+    use_self_attention(eager, flash=True)
     theirs = _output_and_grads(eager)
     model = _tiny()
-    use_flash_self_attention(model)
+    use_self_attention(model, flash=True)
     checkpoint_blocks(model, [policy] * 2)
     for block in model.blocks:
         block.compile(backend="aot_eager")

@@ -9,8 +9,10 @@ from diffusers import WanTransformer3DModel
 
 from wanpair.errors import WanpairError
 from wanpair.models import load_dit
+from wanpair.models.attention import SelfAttention, separate_projections, use_self_attention
 from wanpair.models.fp8 import FP8_MAX, Fp8Linear, keep_transposed, quantize_rows, to_fp8_linears, use_fp8_matmul
 from wanpair.project import TrainSettings
+from wanpair.train.lora import add_lora, shared_input_projections
 from wanpair.train.memory_plan import decide
 from wanpair.train.model_setup import prepare_expert
 from wanpair.train.speed import InGraphCheckpoint, checkpoint_blocks
@@ -139,6 +141,74 @@ def test_blocks_checkpointed_inside_their_graph_give_the_gradients_of_kept_block
         assert torch.equal(a.grad, b.grad)  # the recompute repeats the same ops on the same inputs: bit for bit
     checkpoint_blocks(tiered, [None] * 4)
     assert not any(isinstance(b, InGraphCheckpoint) for b in tiered.blocks)
+
+
+def _tiny_lora_model(project=None):
+    """Two fp32 blocks with a non-zero LoRA on every Linear; `project`: the self-attention processor's q/k/v
+    projection (None: diffusers' own processor)."""
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16,
+                                  out_channels=16, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6).requires_grad_(False)
+    params = add_lora(model, 4, 4.0)
+    with torch.no_grad():
+        for p in params:
+            if p.shape[1] == 4:  # lora_B (out, rank): zeros would give A no gradient
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.shape[0]))
+    if project is not None:
+        use_self_attention(model, False, project)
+    return model.train(), params
+
+
+def _out_and_grads(model, params):
+    g = torch.Generator().manual_seed(0)
+    out = model(hidden_states=torch.randn(1, 16, 2, 8, 8, generator=g), timestep=torch.tensor([900.0]),
+                encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)[0]
+    out.square().mean().backward()
+    return [out.detach()] + [p.grad for p in params]
+
+
+def test_q_k_v_share_one_lora_down_projection_with_diffusers_outputs_and_gradients():
+    """The training processor stacks q, k and v's LoRA down matrices into one matmul: the block's output and every
+    LoRA gradient are what diffusers' processor with peft's three layers gives (fp32; the matmuls sum in another
+    order), and the three down-projections are not called one by one."""
+    theirs = _out_and_grads(*_tiny_lora_model())
+    model, params = _tiny_lora_model(shared_input_projections)
+    assert all(isinstance(b.attn1.processor, SelfAttention) and not b.attn1.processor.flash for b in model.blocks)
+
+    def not_alone(x):
+        raise AssertionError("a q/k/v down-projection ran on its own")
+
+    def alone_raises(model):
+        for block in model.blocks:
+            for layer in (block.attn1.to_q, block.attn1.to_k, block.attn1.to_v):
+                layer.lora_A["default"].forward = not_alone
+        return model
+
+    mine = _out_and_grads(alone_raises(model), params)
+    assert len(mine) == len(theirs) == 1 + 2 * 2 * 10  # 2 blocks x 10 layers x (down, up)
+    for a, b in zip(mine, theirs):
+        assert rel(a, b) < 1e-5
+    compiled, params = _tiny_lora_model(shared_input_projections)  # traced by torch.compile (AOT autograd, no C++)
+    for block in alone_raises(compiled).blocks:
+        block.compile(backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    for a, b in zip(_out_and_grads(compiled, params), theirs):
+        assert rel(a, b) < 1e-5
+
+
+def test_q_k_v_with_hooks_or_dropout_run_layer_by_layer():
+    """A LoRA that is more than base + B(A(x)) * scaling (here a hook that drops it, as module dropout does) keeps
+    its own forward: the output is that of the same model whose q/k/v LoRAs are zero."""
+    hooked, _ = _tiny_lora_model(shared_input_projections)
+    zeroed, _ = _tiny_lora_model(separate_projections)
+    for h, z in zip(hooked.blocks, zeroed.blocks):
+        for name in ("to_q", "to_k", "to_v"):
+            getattr(h.attn1, name).lora_B["default"].register_forward_hook(lambda mod, args, out: out * 0)
+            getattr(z.attn1, name).lora_B["default"].weight.data.zero_()
+    outs = [_out_and_grads(m, [])[0] for m in (hooked, zeroed, _tiny_lora_model(separate_projections)[0])]
+    assert rel(outs[0], outs[1]) < 1e-6
+    assert rel(outs[1], outs[2]) > 1e-3  # the q/k/v LoRAs do change the output when they run
 
 
 def test_memory_plan_gives_spare_memory_to_attention_outputs_then_to_kept_blocks():

@@ -1,4 +1,5 @@
-"""Self-attention through FlashAttention-4 where it is installed: a torch custom op and a Wan self-attention processor.
+"""Self-attention through FlashAttention-4 where it is installed: a torch custom op and the Wan self-attention
+processor training uses (with FA4 or torch's SDPA).
 
 Why: a Wan block's self-attention (3 600 tokens for a 960x960 image, 32 760 for an 81-frame 832x480 clip, 40 heads
 of 128) is a quarter of a training step. FlashAttention-4 (`flash_attn.cute` in Dao-AILab/flash-attention)
@@ -24,6 +25,7 @@ import importlib.metadata
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 FA4_INSTALL = 'pip install "wanpair[fa4]"'
 FA4_CAPABILITIES = (9, 10)  # the major compute capabilities `auto` trusts FA4 on (Hopper, Blackwell datacenter)
@@ -93,21 +95,33 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).type_as(x)
 
 
-class FlashSelfAttention:
+def separate_projections(layers, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each projection on its own, as diffusers' processor calls them."""
+    return [layer(x) for layer in layers]
+
+
+class SelfAttention:
     """The processor of a Wan block's self-attention (`attn1`) that computes what diffusers' WanAttnProcessor
     does there -- q, k, v projections, RMS norms across heads, the rotary embedding -- and attends with
-    `wanpair::flash_attention`. Self-attention in Wan has no mask, no added key/values and no text."""
+    `wanpair::flash_attention` (`flash`) or torch's SDPA. Self-attention in Wan has no mask, no added key/values
+    and no text. `project(layers, x)` gives the three projections of one input: training passes one that shares
+    the LoRAs' down-projection (`wanpair.train.lora.shared_input_projections`)."""
+
+    def __init__(self, flash: bool, project=separate_projections):
+        self.flash, self.project = flash, project
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("FlashSelfAttention is for a Wan block's self-attention (attn1) only")
+            raise ValueError("SelfAttention is for a Wan block's self-attention (attn1) only")
         heads = (attn.heads, -1)
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, heads)
-        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, heads)
-        v = attn.to_v(hidden_states).unflatten(2, heads)
+        q, k, v = self.project((attn.to_q, attn.to_k, attn.to_v), hidden_states)
+        q, k, v = attn.norm_q(q).unflatten(2, heads), attn.norm_k(k).unflatten(2, heads), v.unflatten(2, heads)
         if rotary_emb is not None:
             q, k = rotate(q, *rotary_emb), rotate(k, *rotary_emb)
-        out, _ = flash_attention(q, k, v, q.shape[-1] ** -0.5)
+        if self.flash:
+            out, _ = flash_attention(q, k, v, q.shape[-1] ** -0.5)
+        else:  # SDPA takes (batch, heads, tokens, head_dim), as diffusers' native backend passes it
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(q)))
 
 
@@ -188,11 +202,11 @@ def wants_fa4(setting: str, device: torch.device, compute_dtype: torch.dtype) ->
             and fa4_probe(_one_name(device), compute_dtype) is None)
 
 
-def use_flash_self_attention(model) -> int:
-    """Route every block's self-attention through FA4; returns how many blocks now do."""
+def use_self_attention(model, flash: bool, project=separate_projections) -> int:
+    """Give every block's self-attention a `SelfAttention` processor (FA4 when `flash`); returns how many blocks."""
     blocks = list(model.blocks._modules.values())
     for block in blocks:
-        block.attn1.set_processor(FlashSelfAttention())
+        block.attn1.set_processor(SelfAttention(flash, project))
     return len(blocks)
 
 

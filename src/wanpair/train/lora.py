@@ -80,6 +80,37 @@ def add_lora_dropouts(model, rank_dropout: float, module_dropout: float) -> None
             module.lora_B["default"].register_forward_hook(drop_module)
 
 
+def _plain(layer) -> bool:
+    """Whether a layer computes base(x) + B(A(x)) * scaling and nothing else: a peft LoRA Linear whose one adapter
+    ("default") is active and unmerged, without dropout, input cast, DoRA-like variant or hooks (rank and module
+    dropout are hooks)."""
+    if not (isinstance(layer, LoraLayer) and "default" in layer.lora_A and list(layer.active_adapters) == ["default"]):
+        return False
+    modules = (layer, layer.lora_A["default"], layer.lora_B["default"])
+    return (not layer.disable_adapters and not layer.merged and not getattr(layer, "lora_variant", None)
+            and isinstance(layer.lora_dropout["default"], torch.nn.Identity)
+            and not getattr(layer, "cast_input_dtype_enabled", True)
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
+def shared_input_projections(layers, x: torch.Tensor) -> list[torch.Tensor]:
+    """Several LoRA Linears on one input (a block's q, k and v), their down-projections as one matmul.
+
+    Why: a down-projection (x @ A^T, rank r) is a thin matmul that reads the whole input for r outputs; three of them
+    read it three times, and backward reads it three times more (A's gradient) and writes three input gradients to
+    be summed. Stacking the A matrices makes each of those one pass: same products, same gradients. Layers that
+    are not plain LoRA (see `_plain`) run as they are."""
+    if not all(_plain(layer) for layer in layers):
+        return [layer(x) for layer in layers]
+    downs = [layer.lora_A["default"] for layer in layers]
+    low = torch.nn.functional.linear(x, torch.cat([down.weight for down in downs]))
+    outs = []
+    for layer, part in zip(layers, low.split([down.out_features for down in downs], dim=-1)):
+        base = layer.base_layer(x)
+        outs.append((base + layer.lora_B["default"](part) * layer.scaling["default"]).to(base.dtype))
+    return outs
+
+
 def lora_pairs(model) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
     """(down, up) weights of every LoRA module (peft's lora_A, lora_B)."""
     return [(m.lora_A["default"].weight, m.lora_B["default"].weight) for m in model.modules()

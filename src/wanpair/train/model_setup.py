@@ -3,8 +3,9 @@
 1. fp8 storage: every block Linear holds its weight as e4m3 with a scale per row (`load_dit(fp8=True)`
    already did this while reading a single file; a diffusers folder is converted here).
 2. LoRA: fp32 adapters on every block Linear (peft), plus kohya's rank/module dropout.
-3. fp8 matmuls for the frozen base where the GPU has fp8 tensor cores; self-attention through FlashAttention-4
-   where it is installed (`wanpair.models.attention`), before compiling so that the graph holds its op.
+3. fp8 matmuls for the frozen base where the GPU has fp8 tensor cores; self-attention's processor
+   (`wanpair.models.attention`): FlashAttention-4 where it is installed, and q, k, v's LoRA down-projections in
+   one matmul -- before compiling, so that the graph holds them.
 4. torch.compile of the repeated block (one graph for all 40).
 5. The memory plan, for the largest batch's tokens: which blocks keep activations, which recompute them
    (inside their compiled graph, keeping their attention outputs or not), which stream from host memory,
@@ -20,10 +21,10 @@ import logging
 
 import torch
 
-from ..models.attention import describe_attention, use_flash_self_attention, wants_fa4
+from ..models.attention import describe_attention, use_self_attention, wants_fa4
 from ..models.fp8 import fp8_matmul_available, keep_transposed, to_fp8_linears, use_fp8_matmul
 from ..project import TrainSettings
-from .lora import add_lora, add_lora_dropouts
+from .lora import add_lora, add_lora_dropouts, shared_input_projections
 from .memory_plan import MemoryPlan, plan_memory
 from .speed import checkpoint_blocks, compile_blocks
 from .streaming import stream_blocks
@@ -42,8 +43,7 @@ def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype,
     wants_fp8_matmul = t.fp8_matmul == "on" or (t.fp8_matmul == "auto" and fp8_matmul_available(device))
     fp8_matmuls = use_fp8_matmul(model, wants_fp8_matmul)
     fa4 = wants_fa4(t.attention, device, compute_dtype)
-    if fa4:
-        use_flash_self_attention(model)
+    use_self_attention(model, fa4, shared_input_projections)
     compiled = t.compile == "on" or (t.compile == "auto" and device.type == "cuda")
     if compiled:
         compile_blocks(model)
