@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.modules.module as module_hooks
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
@@ -83,14 +84,15 @@ def add_lora_dropouts(model, rank_dropout: float, module_dropout: float) -> None
 def _plain(layer) -> bool:
     """Whether a layer computes base(x) + B(A(x)) * scaling and nothing else: a peft LoRA Linear whose one adapter
     ("default") is active and unmerged, without dropout, input cast, DoRA-like variant or hooks (rank and module
-    dropout are hooks)."""
+    dropout are hooks; global module hooks count too)."""
     if not (isinstance(layer, LoraLayer) and "default" in layer.lora_A and list(layer.active_adapters) == ["default"]):
         return False
     modules = (layer, layer.lora_A["default"], layer.lora_B["default"])
+    hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
     return (not layer.disable_adapters and not layer.merged and not getattr(layer, "lora_variant", None)
             and isinstance(layer.lora_dropout["default"], torch.nn.Identity)
-            and not getattr(layer, "cast_input_dtype_enabled", True)
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+            and not getattr(layer, "cast_input_dtype_enabled", True) and not hooked
+            and not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks))
 
 
 def shared_input_projections(layers, x: torch.Tensor) -> list[torch.Tensor]:
