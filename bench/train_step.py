@@ -4,6 +4,7 @@
     PYTHONPATH=src python bench/train_step.py --cap-gib 16 --variant low      # a 16 GiB budget
     PYTHONPATH=src python bench/train_step.py --accuracy                      # fp8 vs bf16 loss and gradients
     PYTHONPATH=src python bench/train_step.py --variant default --saved      # what a block keeps for backward
+    PYTHONPATH=src python bench/train_step.py --variant default --variant default-separate-lora --rounds 2
     PYTHONPATH=src python bench/train_step.py --config tiny --device cpu --steps 3   # smoke test on a CPU
     PYTHONPATH=src python bench/train_step.py --config i2v-a14b --input video --cap-gib 24 --variant budget-24
 
@@ -558,6 +559,8 @@ def main() -> int:
     ap.add_argument("--saved", action="store_true", help="after timing, what one forward keeps for backward, per block "
                     "(dim bytes per token, by dtype and last dimension)")
     ap.add_argument("--accuracy", action="store_true", help="compare fp8 storage / matmuls with bf16 instead of timing")
+    ap.add_argument("--rounds", type=int, default=1, help="run the variant list this many times (A B A B ...): a GPU "
+                    "whose clocks drift during a process slows the later variants of one round (H100, 2026-12-06)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda")
@@ -577,7 +580,7 @@ def main() -> int:
                     f.write(json.dumps(r) + "\n")
         return 0
     rows = []
-    for name in args.variant or ["default"]:
+    for name in (args.variant or ["default"]) * args.rounds:
         try:
             with torch._inductor.config.patch(INDUCTOR.get(name, {})):
                 r = run_variant(name, cfg, shape, args.steps, args.warmup, device, args.profile, args.validation,
@@ -601,6 +604,14 @@ def main() -> int:
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") else "-"
         print(f"{r['variant']:<22}{r['median_s']:>8.3f}{r['pipelined_s']:>10.3f}{r['tflops']:>9.0f}{mfu:>7}"
               f"{r.get('max_allocated_gib', 0):>11.1f}{r['first_step_s']:>9.1f}")
+    if args.rounds > 1:  # each variant's median over the rounds: what drifts in time falls on every variant alike
+        medians: dict[str, list[float]] = {}
+        for r in rows:
+            if "error" not in r:
+                medians.setdefault(r["variant"], []).append(r["median_s"])
+        for name, values in medians.items():
+            print(f"{name:<22} median of {len(values)} rounds {statistics.median(values):.4f} s/step "
+                  f"(rounds: {', '.join(f'{v:.4f}' for v in values)})")
     return 0
 
 
