@@ -104,8 +104,9 @@ class SelfAttention:
     """The processor of a Wan block's self-attention (`attn1`) that computes what diffusers' WanAttnProcessor
     does there -- q, k, v projections, RMS norms across heads, the rotary embedding -- and attends with
     `wanpair::flash_attention` (`flash`) or torch's SDPA (diffusers' attention-backend setting does not reach it).
-    Self-attention in Wan has no mask, no added key/values and no text. `project(layers, x)` gives the three projections of one input: training passes one that shares
-    the LoRAs' down-projection (`wanpair.train.lora.shared_input_projections`)."""
+    Self-attention in Wan has no mask, no added key/values and no text. `project(layers, x)` gives the three
+    projections of one input: training passes one that shares the LoRAs' down-projection
+    (`wanpair.train.lora.shared_input_projections`)."""
 
     def __init__(self, flash: bool, project=separate_projections):
         self.flash, self.project = flash, project
