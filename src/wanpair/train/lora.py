@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from ..atomic import atomic_path
 from ..errors import WanpairError
 from ..export.formats import some_keys
+from ..models.attention import separate_projections
 from ..models.dit import to_original_name
 
 TARGET_MODULES = r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.0\.proj|ffn\.net\.2)"
@@ -103,7 +104,7 @@ def shared_input_projections(layers, x: torch.Tensor) -> list[torch.Tensor]:
     be summed. Stacking the A matrices makes each of those one pass: same products, same gradients. Layers that
     are not plain LoRA (see `_plain`) run as they are."""
     if not all(_plain(layer) for layer in layers):
-        return [layer(x) for layer in layers]
+        return separate_projections(layers, x)
     downs = [layer.lora_A["default"] for layer in layers]
     low = torch.nn.functional.linear(x, torch.cat([down.weight for down in downs]))
     outs = []
