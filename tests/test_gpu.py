@@ -22,6 +22,7 @@ from wanpair.models.fp8 import Fp8Linear, fp8_matmul_available, keep_transposed,
 from wanpair.project import TrainSettings, load_project
 from wanpair.train.flow_matching import flow_matching_loss
 from wanpair.train.lora import apply_max_norm
+from wanpair.train.memory_plan import streamed_block_host_bytes
 from wanpair.train.metrics import read_metrics
 from wanpair.train.model_setup import prepare_expert
 from wanpair.train.recipe import LoraPairRecipe
@@ -138,11 +139,11 @@ def _grads(model, params, inputs):
     return loss.detach(), [p.grad.clone() for p in params]
 
 
-def _trainable(layers: int, settings: TrainSettings, tokens: int = 0):
+def _trainable(layers: int, settings: TrainSettings, tokens: int = 0, **shape):
     """A tiny expert with LoRA whose B matrices are non-zero (so gradients reach A too); the same seed
     gives the same base and the same LoRA. `tokens`: what the memory plan plans for (a compiled expert's plan
-    needs it)."""
-    model = _expert(layers)
+    needs it); `shape`: `_expert`'s."""
+    model = _expert(layers, **shape)
     torch.manual_seed(1)
     params, _ = prepare_expert(model, settings, torch.bfloat16, tokens)
     _lora_b_nonzero(model)
@@ -168,6 +169,19 @@ def test_streamed_blocks_on_the_gpu_give_the_resident_loss_and_gradients():
         (la, ga), (lb, gb) = _grads(resident, p_resident, inputs), _grads(streamed, p_streamed, inputs)
         assert rel(lb, la) < 1e-3 and max(rel(b, a) for a, b in zip(ga, gb)) < 1e-3
     assert streamer.copied_bytes > 0
+
+
+def test_streamed_blocks_take_the_pinned_memory_the_doctor_counts():
+    """The doctor's host-RAM check counts each streamed weight rounded up to a power of two, as torch's
+    caching host allocator allocates it; widths that are not powers of two (384, 1040) tell the two apart."""
+    model, _ = _trainable(4, TrainSettings(checkpoint_blocks=0, compile="off"), width_heads=3, ffn=1040)
+    torch.cuda.synchronize()
+    torch.empty(1, pin_memory=True)  # an allocation retires earlier tests' pinned blocks whose copies are done
+    before = torch.cuda.host_memory_stats()["active_bytes.current"]
+    stream_blocks(model, [0, 2, 3])
+    pinned = torch.cuda.host_memory_stats()["active_bytes.current"] - before
+    exact = 3 * (8 * 384 * 384 + 2 * 384 * 1040)
+    assert pinned == 3 * streamed_block_host_bytes(model.config) > exact
 
 
 def test_the_compiled_block_gives_the_eager_loss_and_gradients():

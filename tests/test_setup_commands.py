@@ -16,7 +16,7 @@ from wanpair.project import load_project
 from wanpair.setup import download as dl
 from wanpair.setup.download import COMFY_WAN22, RECIPE_FILES, files_for
 from wanpair.setup.scaffold import find_models, set_models_table
-from wanpair.train.memory_plan import plan_from_config
+from wanpair.train.memory_plan import plan_from_config, streamed_block_host_bytes
 from wanpair.project import TrainSettings
 
 BIG = 12 << 20  # over huggingface_hub's 10 MiB download chunk, so a dropped connection leaves bytes to resume from
@@ -273,6 +273,8 @@ def test_doctor_estimates_the_plan_the_loaded_expert_got_on_the_h200():
     assert abs(plan.estimate_gib - 61.8) < 0.05 * 61.8  # within 5 % of the measured model's estimate
     low = plan_from_config(a14b, 3600, TrainSettings(memory_mode="low"), 16.0, fp8_matmul=True)
     assert low.streamed and low.checkpointed == 40 and low.estimate_gib <= 16.0
+    # each streamed block's ten fp8 weights (8 x 25 MiB, 2 x 67.5 MiB) pinned as torch's host allocator rounds them
+    assert streamed_block_host_bytes(a14b) == 8 * 32 * 2**20 + 2 * 128 * 2**20
 
 
 def test_doctor_speed_estimate_follows_the_plan_and_scales_by_the_steps_flops():

@@ -224,7 +224,8 @@ def project_checks(project_path: Path) -> list[Check]:
     from ..models.attention import attention_problem, describe_attention, wants_fa4
     from ..models.fp8 import fp8_matmul_available
     from ..project import load_project
-    from ..train.memory_plan import LOW_MODE_BUDGET_GIB, block_linear_params, plan_from_config
+    from ..train.memory_plan import (LOW_MODE_BUDGET_GIB, block_linear_params, plan_from_config,
+                                     streamed_block_host_bytes)
     from ..train.preflight import preflight
     from ..train.recipe import LoraPairRecipe
 
@@ -285,7 +286,7 @@ def project_checks(project_path: Path) -> list[Check]:
         return checks + [Check(False, f"memory plan for {tokens} tokens per batch", f"{project.path}: {e}")]
     checks += speed_checks(recipe, plan, config, torch.cuda.get_device_name(device), sizes)
     if plan.streamed:  # their fp8 weights live in pinned host memory
-        pinned = len(plan.streamed) * block_linear_params(config)[0] / GIB
+        pinned = len(plan.streamed) * streamed_block_host_bytes(config) / GIB
         ram = _ram_available_gib()
         if ram is not None:
             checks.append(Check(ram >= pinned + HOST_RAM_SPARE_GIB,
