@@ -457,6 +457,8 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
             apply_max_norm(pairs, settings.scale_weight_norms, settings.alpha / settings.rank)
     finish(verdict, scheduler)
     pipelined = (time.perf_counter() - s) / steps
+    # bytes streamed over the warm-up, the timed and the pipelined steps (validation's forwards below stream too)
+    copied = sum(st.copied_bytes for st in {c.streamer for c in getattr(model.blocks, "calls", {}).values()})
     steady_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     probes = time_validation(model, acc, batch, compute, profile=profile) if validation and device.type == "cuda" else {}
     if probes:
@@ -468,7 +470,6 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
               probes["saved_groups"], flush=True)
     if profile and device.type == "cuda":
         print_profile(functools.partial(train_step, model, optimizer, scheduler, acc, params, batch, compute, 0.0))
-    copied = sum(st.copied_bytes for st in {c.streamer for c in getattr(model.blocks, "calls", {}).values()})
     med = statistics.median(times)
     flops = useful_flops(cfg, f * (h // 2) * (w // 2))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -480,7 +481,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
                   tflops=flops / med / 1e12, mfu=(flops / med / 1e12 / peak) if peak else None,
                   loss_finite=all(map(lambda v: v == v and abs(v) < float("inf"), losses)), gpu=gpu,
                   checkpointed=plan.checkpointed, streamed=len(plan.streamed), planned_gib=plan.estimate_gib,
-                  budget_gib=plan.budget_gib, streamed_gib_per_step=copied / (warmup + steps) / 2**30,
+                  budget_gib=plan.budget_gib, streamed_gib_per_step=copied / (warmup + 2 * steps) / 2**30,
                   **(checks if name.endswith("-graph") else {}), **probes)
     if device.type == "cuda":
         result.update(max_allocated_gib=max(first_peak, steady_peak, torch.cuda.max_memory_allocated(device)) / 2**30,
