@@ -105,11 +105,13 @@ def _state_steps(project, expert) -> list[int]:
     return [int(p.stem.rsplit("step", 1)[1]) for p in (project.run_dir / "state").glob(f"{expert}-step*.pt")]
 
 
-def _wait_for_state(project, expert, parent, after: int = 0, timeout=PATIENCE_S):
-    """Until the expert has saved a state later than step `after`."""
+def _wait_for_state(project, expert, parent, after: int = 0, timeout=PATIENCE_S, or_finished: bool = False):
+    """Until the expert has saved a state later than step `after` (or, `or_finished`, its final LoRA: an expert
+    continued a few steps before its end may finish before its next state is due)."""
     end = time.time() + timeout
     while time.time() < end:
-        if max(_state_steps(project, expert), default=0) > after:
+        finished = or_finished and project.lora_path(expert).exists()
+        if max(_state_steps(project, expert), default=0) > after or finished:
             return
         assert parent.poll() is None, parent.stdout.read()
         time.sleep(0.02)
@@ -159,7 +161,7 @@ def test_a_killed_expert_stops_the_other_which_saves_then_ctrl_c_stops_both_and_
     before = {e: max(_state_steps(project, e)) for e in ("high", "low")}
     parent = _start(project)  # the same command: both continue from their states
     for expert in ("low", "high"):
-        _wait_for_state(project, expert, parent, after=before[expert])
+        _wait_for_state(project, expert, parent, after=before[expert], or_finished=True)
     parent.send_signal(signal.SIGINT)
     out, _ = parent.communicate(timeout=PATIENCE_S)
     assert parent.returncode == 130, out
