@@ -84,6 +84,7 @@ VARIANTS = {  # TrainSettings overrides; "default" is exactly what `wanpair trai
     "budget-32": dict(memory_budget_gb=32.0),
     "low": dict(memory_mode="low"),
     "low-14": dict(memory_mode="low", memory_budget_gb=14.0),  # plan for 14 GiB: more streamed, more headroom
+    "low-in-graph": dict(memory_mode="low"),  # low with its streamed blocks recomputing inside their graph
     "default-separate-lora": {},  # the default with q, k and v's LoRA down-projections one by one (see run_variant)
     "default-cdt": {},  # probe: the default with inductor tuning its Triton kernels' block sizes (INDUCTOR below)
 }
@@ -363,7 +364,15 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     t0 = time.perf_counter()
     f, h, w = shape
     model = build_expert(cfg, settings.fp8_base, compute, device)
-    params, plan = prepare_expert(model, settings, compute, tokens=f * (h // 2) * (w // 2))
+    if name == "low-in-graph":  # the plan "low" makes, its streamed blocks checkpointed as offloading's are
+        from wanpair.train import model_setup
+        plan_memory = model_setup.plan_memory
+        model_setup.plan_memory = lambda *a, **k: dataclasses.replace(plan_memory(*a, **k), stream_in_graph=True)
+    try:
+        params, plan = prepare_expert(model, settings, compute, tokens=f * (h // 2) * (w // 2))
+    finally:
+        if name == "low-in-graph":
+            model_setup.plan_memory = plan_memory
     print(plan.describe(), flush=True)
     if name == "default-no-transpose":
         for m in model.modules():
@@ -457,8 +466,13 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
             apply_max_norm(pairs, settings.scale_weight_norms, settings.alpha / settings.rank)
     finish(verdict, scheduler)
     pipelined = (time.perf_counter() - s) / steps
-    # bytes streamed over the warm-up, the timed and the pipelined steps (validation's forwards below stream too)
-    copied = sum(st.copied_bytes for st in {c.streamer for c in getattr(model.blocks, "calls", {}).values()})
+    # bytes streamed and offloaded over the warm-up, the timed and the pipelined steps (validation's forwards below
+    # stream too); the offloaded blocks' pinned host buffers
+    calls = getattr(model.blocks, "calls", {}).values()
+    streamers, offloaders = {c.streamer for c in calls} - {None}, {c.offloader for c in calls} - {None}
+    copied = sum(x.copied_bytes for x in streamers)
+    offloaded = sum(x.copied_bytes for x in offloaders)
+    offload_host = sum(x.host_bytes for x in offloaders)
     steady_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     probes = time_validation(model, acc, batch, compute, profile=profile) if validation and device.type == "cuda" else {}
     if probes:
@@ -482,6 +496,8 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
                   loss_finite=all(map(lambda v: v == v and abs(v) < float("inf"), losses)), gpu=gpu,
                   checkpointed=plan.checkpointed, streamed=len(plan.streamed), planned_gib=plan.estimate_gib,
                   budget_gib=plan.budget_gib, streamed_gib_per_step=copied / (warmup + 2 * steps) / 2**30,
+                  offloaded=len(plan.offloaded), offloaded_gib_per_step=offloaded / (warmup + 2 * steps) / 2**30,
+                  offload_host_gib=offload_host / 2**30, stream_in_graph=plan.stream_in_graph,
                   **(checks if name.endswith("-graph") else {}), **probes)
     if device.type == "cuda":
         result.update(max_allocated_gib=max(first_peak, steady_peak, torch.cuda.max_memory_allocated(device)) / 2**30,

@@ -16,7 +16,7 @@ from wanpair.project import load_project
 from wanpair.setup import download as dl
 from wanpair.setup.download import COMFY_WAN22, RECIPE_FILES, files_for
 from wanpair.setup.scaffold import find_models, set_models_table
-from wanpair.train.memory_plan import plan_from_config, streamed_block_host_bytes
+from wanpair.train.memory_plan import offloaded_block_host_bytes, plan_from_config, streamed_block_host_bytes
 from wanpair.project import TrainSettings
 
 BIG = 12 << 20  # over huggingface_hub's 10 MiB download chunk, so a dropped connection leaves bytes to resume from
@@ -275,6 +275,8 @@ def test_doctor_estimates_the_plan_the_loaded_expert_got_on_the_h200():
     assert low.streamed and low.checkpointed == 40 and low.estimate_gib <= 16.0
     # each streamed block's ten fp8 weights (8 x 25 MiB, 2 x 67.5 MiB) pinned as torch's host allocator rounds them
     assert streamed_block_host_bytes(a14b) == 8 * 32 * 2**20 + 2 * 128 * 2**20
+    # an offloaded block's input on an 81-frame 832x480 clip: 32 760 tokens x 5 120 x bf16 = 320 MiB, taken as 512
+    assert offloaded_block_host_bytes(a14b, 32760) == 512 * 2**20
 
 
 def test_doctor_speed_estimate_follows_the_plan_and_scales_by_the_steps_flops():

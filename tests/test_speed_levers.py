@@ -13,11 +13,11 @@ from wanpair.models.attention import SelfAttention, separate_projections, use_se
 from wanpair.models.fp8 import FP8_MAX, Fp8Linear, keep_transposed, quantize_rows, to_fp8_linears, use_fp8_matmul
 from wanpair.project import TrainSettings
 from wanpair.train.lora import add_lora, shared_input_projections
-from wanpair.train.memory_plan import decide
+from wanpair.train.memory_plan import decide, plan_from_config
 from wanpair.train.model_setup import prepare_expert
 from wanpair.train.speed import InGraphCheckpoint, checkpoint_blocks
 from wanpair.train.step import train_step
-from wanpair.train.streaming import stream_blocks
+from wanpair.train.streaming import use_host_memory
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -99,7 +99,7 @@ def test_streamed_blocks_give_the_same_loss_and_gradients_in_any_call_order():
                   encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)
     resident, p_resident = _tiny_fp8_model(4)
     streamed, p_streamed = _tiny_fp8_model(4)
-    streamer = stream_blocks(streamed, [0, 2, 3])
+    streamer = use_host_memory(streamed, [0, 2, 3]).streamer
     assert [n for n, _ in streamed.named_parameters()] == [n for n, _ in resident.named_parameters()]  # LoRA names kept
     block_bytes = sum(m.host_weight.numel() for m in streamer.linears[0])
     copies = []
@@ -119,6 +119,61 @@ def test_streamed_blocks_give_the_same_loss_and_gradients_in_any_call_order():
     # (0, 2, 3, then 0 again for the next forward) and brings back 2, 3 and 0
     assert copies == [4, 3]
     assert all(m.weight.numel() == 0 for i in streamer.order for m in streamer.linears[i])  # nothing left borrowed
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager_decomp_partition"])
+def test_offloaded_and_in_graph_streamed_blocks_give_the_gradients_of_resident_ones(backend):
+    """Every block recomputing inside its graph, blocks 0, 2 and 3 streamed through 2 slots, and what every block
+    saves for backward kept on the host (copies on the CPU here): the same loss and LoRA gradients as the same
+    blocks resident, over two steps with a sampling pass between. Eager (the checkpoint saves the block's input)
+    and compiled (AOTAutograd's backward saves the input and the slot weights it ran with: the hooks must find
+    block i's weights in whichever slot holds it when its backward runs). Backend: inductor's partitioner, run
+    eagerly (no C++ compiler); inductor itself on the GPU (tests/test_gpu.py)."""
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 1, 8, 8, generator=g), timestep=torch.tensor([900.0]),
+                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)
+    torch._dynamo.reset()
+    resident, p_resident = _tiny_fp8_model(4)
+    hosted, p_hosted = _tiny_fp8_model(4)
+    for model in (resident, hosted):
+        checkpoint_blocks(model, ["recompute"] * 4)
+        if backend:
+            for block in model.blocks._modules.values():
+                block.compile(backend=backend)
+    host = use_host_memory(hosted, [0, 2, 3], offloaded=[0, 1, 2, 3], in_graph=True)
+    offloader = host.offloader
+    offloader.min_bytes = 0  # the tiny model's tensors are all below the GPU's threshold
+    events = []  # ("pack", block, shape), ("fetch", block), ("use", block): what moved when
+    pack, fetch, unpack = offloader.pack, offloader._fetch, offloader.unpack
+    offloader.pack = lambda block, t: events.append(("pack", block, tuple(t.shape))) or pack(block, t)
+    offloader._fetch = lambda block: events.append(("fetch", block)) or fetch(block)
+    offloader.unpack = lambda saved: events.append(("use", saved.block)) or unpack(saved)
+    for step in range(2):
+        events.clear()
+        for model, params in ((resident, p_resident), (hosted, p_hosted)):
+            for p in params:
+                p.grad = None
+            with torch.autocast("cpu", torch.bfloat16):
+                model(**inputs)[0].float().square().mean().backward()
+        for a, b in zip(p_resident, p_hosted):
+            assert torch.equal(a.grad, b.grad)  # the same graph on the same values: bit for bit
+        packed = [e for e in events if e[0] == "pack"]
+        assert {e[1] for e in packed} == {0, 1, 2, 3} and all((b, (1, 16, 128)) in {e[1:] for e in packed} for b in range(4))  # inputs
+        # backward: each block fetched once, the next one's fetch started as its own tensors are used
+        moves = [e[:2] for e in events if e[0] != "pack"]
+        firsts = [m for k, m in enumerate(moves) if m[0] == "fetch" or m not in moves[:k]]
+        assert firsts == [("use", 3), ("fetch", 3), ("fetch", 2), ("use", 2), ("fetch", 1), ("use", 1), ("fetch", 0),
+                          ("use", 0)]
+        assert not offloader.waiting  # every saved tensor came back
+        if step == 0:
+            host_bytes = offloader.host_bytes
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            assert torch.equal(resident(**inputs)[0], hosted(**inputs)[0])
+    assert offloader.host_bytes == host_bytes  # the second step reused the first's host buffers
+    assert sum(map(len, offloader.buffers.values())) == len(packed)  # one per saved tensor
+    streamer = host.streamer
+    assert all(m.weight.numel() == 0 for i in streamer.order for m in streamer.linears[i])  # nothing left borrowed
+    torch._dynamo.reset()
 
 
 def test_blocks_checkpointed_inside_their_graph_give_the_gradients_of_kept_blocks():
@@ -285,6 +340,27 @@ def test_memory_plan_spends_spare_memory_then_streams_only_what_does_not_fit():
         decide(40, 16.0, 18.5, 0.75, 0.0, "auto", -1, 3600, 0.0)
     with pytest.raises(WanpairError, match="even with all 40 blocks streamed"):
         decide(40, 6.0, 18.5, 0.75, 0.327, "auto", -1, 3600, 0.327)
+
+
+def test_memory_plan_offloads_what_blocks_save_when_streaming_every_block_is_not_enough():
+    """The I2V A14B expert on an 81-frame 832x480 clip (32 760 tokens; each block's input alone is 0.31 GiB):
+    at 32 GiB streaming every block fits; at 24 it does not, so compiled blocks keep what they save on the host,
+    every block streaming and recomputing inside its graph (measured on an H100: 15.7 GiB, docs/benchmarks.md)."""
+    config = dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, text_dim=4096,
+                  freq_dim=256)
+    clip = 21 * 30 * 52
+    at32 = plan_from_config(config, clip, TrainSettings(), 32.0, True)
+    assert len(at32.streamed) == 40 and not at32.offloaded and {at32.policies()[i] for i in at32.streamed} == {"eager"}
+    at24 = plan_from_config(config, clip, TrainSettings(), 24.0, True)
+    assert at24.offloaded == at24.streamed == list(range(40)) and at24.stream_in_graph
+    assert set(at24.policies()) == {"recompute"} and 15.7 <= at24.estimate_gib <= 24.0 - 4  # measured peak 15.7
+    assert "40 keeping what they save for backward in pinned host memory" in at24.describe()
+    with pytest.raises(WanpairError, match="streamed from the host and what they save for backward offloaded"):
+        plan_from_config(config, clip, TrainSettings(memory_mode="low"), 16.0, True)
+    with pytest.raises(WanpairError, match="even with all 40 blocks streamed from the host \\("):
+        plan_from_config(config, clip, TrainSettings(), 24.0, True, compiled=False)  # offloading needs the graph
+    image = plan_from_config(config, 3600, TrainSettings(memory_mode="low"), 16.0, True)
+    assert image.streamed and not image.offloaded and not image.stream_in_graph  # images stream as before
 
 
 def test_a_non_finite_step_is_skipped_on_the_device_with_fused_adamw():

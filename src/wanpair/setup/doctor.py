@@ -224,8 +224,8 @@ def project_checks(project_path: Path) -> list[Check]:
     from ..models.attention import attention_problem, describe_attention, wants_fa4
     from ..models.fp8 import fp8_matmul_available
     from ..project import load_project
-    from ..train.memory_plan import (LOW_MODE_BUDGET_GIB, block_linear_params, plan_from_config,
-                                     streamed_block_host_bytes)
+    from ..train.memory_plan import (LOW_MODE_BUDGET_GIB, block_linear_params, offloaded_block_host_bytes,
+                                     plan_from_config, streamed_block_host_bytes)
     from ..train.preflight import preflight
     from ..train.recipe import LoraPairRecipe
 
@@ -285,12 +285,15 @@ def project_checks(project_path: Path) -> list[Check]:
     except WanpairError as e:
         return checks + [Check(False, f"memory plan for {tokens} tokens per batch", f"{project.path}: {e}")]
     checks += speed_checks(recipe, plan, config, torch.cuda.get_device_name(device), sizes)
-    if plan.streamed:  # their fp8 weights live in pinned host memory
-        pinned = len(plan.streamed) * streamed_block_host_bytes(config) / GIB
+    if plan.streamed or plan.offloaded:  # streamed weights and offloaded inputs live in pinned host memory
+        pinned = (len(plan.streamed) * streamed_block_host_bytes(config)
+                  + len(plan.offloaded) * offloaded_block_host_bytes(config, tokens)) / GIB
+        what = " and ".join(w for w, n in (("streamed blocks", plan.streamed), ("offloaded block inputs", plan.offloaded))
+                            if n)
         ram = _ram_available_gib()
         if ram is not None:
             checks.append(Check(ram >= pinned + HOST_RAM_SPARE_GIB,
-                                f"host RAM: {ram:.1f} GiB available for {pinned:.1f} GiB of streamed blocks (pinned)",
+                                f"host RAM: {ram:.1f} GiB available for {pinned:.1f} GiB of {what} (pinned)",
                                 "free host memory, or give the run more GPU memory (memory_budget_gb) so fewer "
                                 "blocks stream."))
     return checks

@@ -7,7 +7,10 @@ dataset holds. In order of preference, because each step costs speed:
    compiled blocks are checkpointed inside their graph, and spare memory goes first to letting every
    checkpointed block keep its attention outputs (the most speed per GiB), then to kept blocks;
 2. every block checkpointed, and just enough blocks streamed from pinned host memory to fit
-   (`wanpair.train.streaming`; the copies hide behind compute).
+   (`wanpair.train.streaming`; the copies hide behind compute);
+3. when even every block streamed does not fit (long clips: each block's input alone is 0.31 GiB at
+   32 760 tokens), compiled blocks also offload what they save for backward to pinned host memory, every
+   block streaming and recomputing inside its graph.
 `memory_mode = "fast"` never streams (and says so when it cannot fit); `"low"` plans for 16 GiB
 (the card-sharing / 24 GB-card case) unless a budget is given.
 
@@ -36,6 +39,7 @@ IN_GRAPH_RECOMPUTE_PER_TOKEN = 1
 IN_GRAPH_ATTENTION_PER_TOKEN = 5
 WORKING_PER_TOKEN = 80  # x dim bytes: one block's recompute + backward in flight, plus the loss
 MARGIN_GIB = 1.0  # allocator fragmentation and the odd temporary
+OFFLOADS_IN_FLIGHT = 2  # blocks whose saved tensors are on the GPU at once: leaving or arriving, and in use
 
 
 @dataclass
@@ -48,12 +52,14 @@ class MemoryPlan:
     transposed: bool = False  # keep W^T of every fp8 weight too (backward reads it instead of transposing)
     in_graph: bool = False  # resident checkpointed blocks recompute inside their compiled graph
     keep_attention: int = 0  # of those, how many keep their attention outputs (the last ones)
+    offloaded: list[int] = field(default_factory=list)  # blocks whose saved tensors wait in pinned host memory
+    stream_in_graph: bool = False  # streamed blocks recompute inside their compiled graph (not around it)
 
     def policies(self) -> list[str | None]:
         """Per block, how it saves for backward (`wanpair.train.speed.checkpoint_blocks`)."""
         streamed = set(self.streamed)
         return [None if i >= self.checkpointed else
-                "eager" if i in streamed or not self.in_graph else
+                "eager" if not self.in_graph or (i in streamed and not self.stream_in_graph) else
                 "save-attention" if i >= self.checkpointed - self.keep_attention else "recompute"
                 for i in range(self.blocks)]
 
@@ -66,6 +72,8 @@ class MemoryPlan:
             where = " (inside the compiled graph" + (f", {self.keep_attention} keeping their attention outputs"
                                                      if self.keep_attention else "") + ")"
         extra = ", fp8 weights also kept transposed" if self.transposed else ""
+        if self.offloaded:
+            extra += f", {len(self.offloaded)} keeping what they save for backward in pinned host memory"
         return f"memory plan: {stream}, {self.checkpointed} of {self.blocks} checkpointed{where}{extra}{budget}"
 
 
@@ -110,7 +118,7 @@ def plan_for(blocks: int, dim: int, tokens: int, resident_gib: float, lora_bytes
     per_block = dim * tokens / GIB
     tiers = (IN_GRAPH_RECOMPUTE_PER_TOKEN * per_block, IN_GRAPH_ATTENTION_PER_TOKEN * per_block) if compiled else None
     return decide(blocks, budget, fixed, ACTIVATION_PER_TOKEN * per_block, block_gib, settings.memory_mode,
-                  forced, tokens, transposed_gib, tiers)
+                  forced, tokens, transposed_gib, tiers, 2 * per_block if compiled else 0.0)
 
 
 def block_linear_params(config: dict) -> tuple[int, int]:
@@ -135,6 +143,14 @@ def streamed_block_host_bytes(config: dict) -> int:
     return 8 * pinned_allocation_bytes(dim * dim) + 2 * pinned_allocation_bytes(dim * ffn)
 
 
+def offloaded_block_host_bytes(config: dict, tokens: int) -> int:
+    """Pinned host memory one offloaded block's saved tensors take: its input (tokens x dim in bf16), rounded as
+    above -- 512 MiB for a 14B block at 32 760 tokens. What its recompute policy keeps besides is smaller than a
+    copy is worth (`wanpair.train.streaming.OFFLOAD_MIN_BYTES`) or shared by all blocks, and stays on the GPU."""
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    return pinned_allocation_bytes(2 * dim * tokens)
+
+
 def plan_from_config(config: dict, tokens: int, settings, budget: float, fp8_matmul: bool,
                      compiled: bool = True) -> MemoryPlan:
     """An estimate of the plan before loading anything (for `wanpair doctor`): the weights' sizes from
@@ -152,7 +168,7 @@ def plan_from_config(config: dict, tokens: int, settings, budget: float, fp8_mat
 
 def decide(blocks: int, budget: float, fixed: float, activation: float, block_gib: float, mode: str,
            forced: int, tokens: int, transposed_gib: float = 0.0,
-           tiers: tuple[float, float] | None = None) -> MemoryPlan:
+           tiers: tuple[float, float] | None = None, input_gib: float = 0.0) -> MemoryPlan:
     """The choice itself, in GiB: `fixed` is the peak with every block resident and checkpointed (around
     the block), `activation` what each un-checkpointed block adds, `block_gib` what each streamed block
     saves (0 when blocks cannot stream: no fp8 base), `transposed_gib` what a transposed copy of one
@@ -193,10 +209,23 @@ def decide(blocks: int, budget: float, fixed: float, activation: float, block_gi
             "with fp8_base = true (streams only what does not fit), or fewer tokens (smaller resolution / fewer frames).")
     n = min(blocks, math.ceil((base - budget) / block_gib) + SLOTS)
     estimate = base - (n - min(SLOTS, n)) * block_gib - n * recompute  # a streamed block checkpoints around itself
+    if estimate > budget and input_gib:
+        # offload every block's saved tensors (two blocks' worth in flight) and stream every block: a step this long
+        # (>= ~20 000 tokens) computes a block for 100 ms or more, against ~10 ms to copy its weights, so streaming
+        # them all costs next to nothing and leaves the most room (inductor's first-step autotuning, fragmentation)
+        # What the recompute policy keeps besides the input (`recompute`, measured at 3 600 tokens) did not grow
+        # with the tokens: at 32 760, every block streamed and only the inputs offloaded peaked at 15.7 GiB on an
+        # H100 (docs/benchmarks.md, tenth round), so it is not counted here; the offloaded inputs are, but two.
+        estimate = (base - (blocks - min(SLOTS, blocks)) * block_gib - blocks * recompute
+                    - (blocks - min(OFFLOADS_IN_FLIGHT, blocks)) * input_gib)
+        if estimate <= budget:
+            return MemoryPlan(budget, blocks, blocks, list(range(blocks)), estimate, in_graph=True,
+                              offloaded=list(range(blocks)), stream_in_graph=True)
     if estimate > budget:
         raise WanpairError(
-            f"the expert needs about {estimate:.1f} GiB even with all {blocks} blocks streamed from the host "
-            f"({tokens} tokens per batch); the budget is {budget:.1f} GiB. Train at a smaller resolution or fewer "
+            f"the expert needs about {estimate:.1f} GiB even with all {blocks} blocks streamed from the host"
+            f"{' and what they save for backward offloaded to it' if input_gib else ''} ({tokens} tokens per batch); "
+            f"the budget is {budget:.1f} GiB. Train at a smaller resolution or fewer "
             "frames, or raise memory_budget_gb if the GPU has more.")
     streamed = sorted({round((k + 0.5) * blocks / n - 0.5) for k in range(n)})  # spread evenly between kept blocks
     return MemoryPlan(budget, blocks, blocks, streamed, estimate, in_graph=bool(tiers))

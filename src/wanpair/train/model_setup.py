@@ -10,8 +10,8 @@
 5. The memory plan, for the largest batch's tokens: which blocks keep activations, which recompute them
    (inside their compiled graph, keeping their attention outputs or not), which stream from host memory,
    whether W^T is kept (`wanpair.train.memory_plan`).
-6. The plan applied: transposed weights, streamed blocks, checkpointing -- in that order, because
-   streaming moves the (transposed-or-not) fp8 weights to the host and checkpointing wraps what runs.
+6. The plan applied: transposed weights, streamed and offloaded blocks, checkpointing -- in that order,
+   because streaming moves the (transposed-or-not) fp8 weights to the host and checkpointing wraps what runs.
 Each step is a small function of its own module; this one only says what happens when.
 """
 
@@ -27,7 +27,7 @@ from ..project import TrainSettings
 from .lora import add_lora, add_lora_dropouts, shared_input_projections
 from .memory_plan import MemoryPlan, plan_memory
 from .speed import checkpoint_blocks, compile_blocks
-from .streaming import stream_blocks
+from .streaming import use_host_memory
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype,
     plan = plan_memory(model, tokens, t, device, sum(p.numel() * p.element_size() for p in params), compiled)
     if plan.transposed:
         keep_transposed(model)
-    stream_blocks(model, plan.streamed)
+    use_host_memory(model, plan.streamed, plan.offloaded, plan.stream_in_graph)
     checkpoint_blocks(model, plan.policies())
     log.info("fp8 matmuls in %d layers; %s; %s", fp8_matmuls, describe_attention(fa4, device, compute_dtype, t.attention), plan.describe())
     return params, plan

@@ -6,7 +6,7 @@
   or only its attention outputs (selective checkpointing), which is faster than a checkpoint around
   the compiled block at about the same memory; blocks that are not compiled are checkpointed around.
   It plugs into diffusers' own checkpointing hook, so each block is still called as a module.
-  Streamed blocks (`wanpair.train.streaming`) checkpoint themselves.
+  Streamed blocks (`wanpair.train.streaming`) checkpointed around themselves do it in their own call.
 - Compiling the repeated block with torch.compile: every block has the same code, so one compiled
   graph serves all of them; fp8 quantisation and dequantisation (`wanpair.models.fp8`) fuse into it.
 """
@@ -23,7 +23,6 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..models import attention as _registers_wanpair_flash_attention  # noqa: F401  (torch.ops.wanpair)
-from .streaming import StreamedCall
 
 
 def _recompute_all(ctx, op, *args, **kwargs):
@@ -79,7 +78,7 @@ def _in_graph_class(cls: type, policy: str) -> type:
 def checkpoint_blocks(model, policies: list[str | None]) -> None:
     """Apply a memory plan's choice per block (`MemoryPlan.policies`): None keeps the block's activations for
     backward; "eager" recomputes them around the (compiled) block; a key of IN_GRAPH_POLICIES recomputes
-    them inside its compiled graph. Streamed blocks (`wanpair.train.streaming`) checkpoint themselves."""
+    them inside its compiled graph. A streamed block's "eager" is its own call's (`wanpair.train.streaming`)."""
     blocks = list(model.blocks._modules.values())
     if any(p in IN_GRAPH_POLICIES for p in policies):
         # torch warns once that a policy's region must hold no in-place ops; the block's gradients match a
@@ -88,8 +87,6 @@ def checkpoint_blocks(model, policies: list[str | None]) -> None:
         logging.getLogger("torch._higher_order_ops.wrap").setLevel(logging.ERROR)
     eager = set()
     for block, policy in zip(blocks, policies):
-        if isinstance(block, StreamedCall):
-            continue
         if isinstance(block, InGraphCheckpoint):
             block.__class__ = block.base_class
         if policy in IN_GRAPH_POLICIES:
