@@ -84,7 +84,7 @@ VARIANTS = {  # TrainSettings overrides; "default" is exactly what `wanpair trai
     "budget-32": dict(memory_budget_gb=32.0),
     "low": dict(memory_mode="low"),
     "low-14": dict(memory_mode="low", memory_budget_gb=14.0),  # plan for 14 GiB: more streamed, more headroom
-    "low-in-graph": dict(memory_mode="low"),  # low with its streamed blocks recomputing inside their graph
+    "low-streamed-inside": dict(memory_mode="low"),  # low with its streamed blocks recomputing inside their graph
     "default-separate-lora": {},  # the default with q, k and v's LoRA down-projections one by one (see run_variant)
     "default-cdt": {},  # probe: the default with inductor tuning its Triton kernels' block sizes (INDUCTOR below)
 }
@@ -364,14 +364,14 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     t0 = time.perf_counter()
     f, h, w = shape
     model = build_expert(cfg, settings.fp8_base, compute, device)
-    if name == "low-in-graph":  # the plan "low" makes, its streamed blocks checkpointed as offloading's are
+    if name == "low-streamed-inside":  # the plan "low" makes, its streamed blocks checkpointed as offloading's are
         from wanpair.train import model_setup
         plan_memory = model_setup.plan_memory
         model_setup.plan_memory = lambda *a, **k: dataclasses.replace(plan_memory(*a, **k), stream_in_graph=True)
     try:
         params, plan = prepare_expert(model, settings, compute, tokens=f * (h // 2) * (w // 2))
     finally:
-        if name == "low-in-graph":
+        if name == "low-streamed-inside":
             model_setup.plan_memory = plan_memory
     print(plan.describe(), flush=True)
     if name == "default-no-transpose":

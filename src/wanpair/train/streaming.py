@@ -135,7 +135,7 @@ class BlockStreamer:
 
     def pack(self, t: torch.Tensor) -> "_SlotWeight | None":
         """A slot's weight (or a view of it) saved for backward, as its Linear and view; None: not a slot's."""
-        j = self.slot_weights.get(t.untyped_storage().data_ptr())
+        j = self.slot_weights.get(t.untyped_storage().data_ptr()) if t.device == self.placeholder.device else None
         return None if j is None else _SlotWeight(j, t.dtype, t.size(), t.stride(), t.storage_offset())
 
     def unpack(self, i: int, saved: "_SlotWeight") -> torch.Tensor:
@@ -153,8 +153,6 @@ class BlockStreamer:
         if pos + 1 < len(self.order):
             return self.order[pos + 1]
         return None if torch.is_grad_enabled() else self.order[0]  # with gradients, backward starts here
-
-
 
 
 class _SlotWeight(NamedTuple):
@@ -345,11 +343,6 @@ class HostMemory:
 
     streamer: BlockStreamer | None = None
     offloader: InputOffloader | None = None
-
-    @property
-    def copied_bytes(self) -> int:
-        """Bytes copied between host and GPU so far, both ways."""
-        return sum(x.copied_bytes for x in (self.streamer, self.offloader) if x is not None)
 
 
 def use_host_memory(model, streamed: list[int], offloaded: list[int] = (), in_graph: bool = False,
