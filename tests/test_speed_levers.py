@@ -176,6 +176,37 @@ def test_offloaded_and_in_graph_streamed_blocks_give_the_gradients_of_resident_o
     torch._dynamo.reset()
 
 
+def test_an_offloading_plan_is_applied_as_planned_and_trains_as_resident_blocks(monkeypatch):
+    """`prepare_expert` with the plan's third tier (every block streamed, recomputing in its graph, offloading): the
+    blocks get the in-graph class, their calls stream and offload, and a step's LoRA gradients are those of the
+    same expert with every block resident and recomputing in its graph."""
+    from wanpair.train import model_setup
+    from wanpair.train.memory_plan import MemoryPlan
+
+    def third_tier(model, *args, **kwargs):
+        n = len(model.blocks)
+        return MemoryPlan(16.0, n, n, list(range(n)), 15.0, in_graph=True, offloaded=list(range(n)),
+                          stream_in_graph=True)
+
+    resident, p_resident = _tiny_fp8_model(3)
+    checkpoint_blocks(resident, ["recompute"] * 3)
+    monkeypatch.setattr(model_setup, "plan_memory", third_tier)
+    hosted, p_hosted = _tiny_fp8_model(3)
+    assert all(isinstance(b, InGraphCheckpoint) for b in hosted.blocks._modules.values())
+    calls = hosted.blocks.calls
+    assert sorted(calls) == [0, 1, 2] and all(c.in_graph and c.streamer and c.offloader for c in calls.values())
+    calls[0].offloader.min_bytes = 0  # one offloader for all; the tiny model's tensors are below the GPU's threshold
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 1, 8, 8, generator=g), timestep=torch.tensor([900.0]),
+                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)
+    for model in (resident, hosted):
+        with torch.autocast("cpu", torch.bfloat16):
+            model(**inputs)[0].float().square().mean().backward()
+    for a, b in zip(p_resident, p_hosted):
+        assert torch.equal(a.grad, b.grad)  # the same ops on the same values: bit for bit
+    assert calls[0].offloader.copied_bytes > 0 and calls[0].streamer.copied_bytes > 0
+
+
 def test_blocks_checkpointed_inside_their_graph_give_the_gradients_of_kept_blocks():
     """Each way a block can save for backward recomputes exactly the forward it replaces (eager here: the
     compiled form is the same checkpoint traced, proven on the GPU in bench/train_step.py); LoRA names and
