@@ -288,14 +288,14 @@ def project_checks(project_path: Path) -> list[Check]:
     if plan.streamed or plan.offloaded:  # streamed weights and offloaded inputs live in pinned host memory
         pinned = (len(plan.streamed) * streamed_block_host_bytes(config)
                   + len(plan.offloaded) * offloaded_block_host_bytes(config, tokens)) / GIB
-        what = " and ".join(w for w, n in (("streamed blocks", plan.streamed), ("offloaded block inputs", plan.offloaded))
-                            if n)
+        what = " and ".join(w for w, n in (("streamed blocks", plan.streamed),
+                                           ("offloaded block inputs", plan.offloaded)) if n)
         ram = _ram_available_gib()
         if ram is not None:
             checks.append(Check(ram >= pinned + HOST_RAM_SPARE_GIB,
                                 f"host RAM: {ram:.1f} GiB available for {pinned:.1f} GiB of {what} (pinned)",
                                 "free host memory, or give the run more GPU memory (memory_budget_gb) so fewer "
-                                "blocks stream."))
+                                "blocks stream or offload."))
     return checks
 
 
