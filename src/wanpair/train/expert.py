@@ -167,10 +167,10 @@ class ExpertTraining:
             self.params, self.plan = prepare_expert(self.model, t, t.compute_dtype, self.tokens)
         except WanpairError as e:  # the memory plan's verdicts are about this project's [train] settings
             raise WanpairError(f"{self.p.path}: {e}") from None
-        # Queue each step before reading the last (`train`), unless blocks stream from the host: then it was
-        # slower (0.558 instead of 0.489 s on an H200, docs/benchmarks.md); offloading copies alike. All ranks
-        # decide alike.
-        self.queue_ahead = not self.plan.streamed and not self.plan.offloaded
+        # Queue each step before reading the last (`train`), unless blocks stream from the host (as they do
+        # wherever inputs are offloaded too): then it was slower (0.558 instead of 0.489 s on an H200,
+        # docs/benchmarks.md). All ranks decide alike.
+        self.queue_ahead = not self.plan.streamed
         if self.world > 1:
             flag = torch.tensor([float(self.queue_ahead)], device=self.accelerator.device)
             self.queue_ahead = bool(self.accelerator.reduce(flag, reduction="sum").item() == self.world)

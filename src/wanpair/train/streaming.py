@@ -276,6 +276,9 @@ class BlockCall:
         if offloader is not None and not in_graph:
             raise ValueError("offloading a block's inputs needs it checkpointed inside its compiled graph")
         self.block, self.index, self.streamer, self.offloader, self.in_graph = block, index, streamer, offloader, in_graph
+        # what the block holds anyway (LoRA, norms, resident weights and W^T), by storage, once: not per call
+        kept_transposed = [m.weight_t for m in block.modules() if getattr(m, "weight_t", None) is not None]
+        self.own = {t.untyped_storage().data_ptr() for t in (*block.parameters(), *block.buffers(), *kept_transposed)}
 
     def __call__(self, hidden_states, *args):
         s, i = self.streamer, self.index
@@ -303,9 +306,7 @@ class BlockCall:
         """The saved-tensor hooks for one call. What stays: the block's own parameters and buffers (weights,
         LoRA) and the inputs all blocks share (text, time, positions), held anyway; small tensors."""
         s, o, i = self.streamer, self.offloader, self.index
-        kept_transposed = [m.weight_t for m in self.block.modules() if getattr(m, "weight_t", None) is not None]
-        stays = {t.untyped_storage().data_ptr() for t in (*self.block.parameters(), *self.block.buffers(),
-                                                           *kept_transposed, *_tensors(shared_args))}
+        stays = self.own | {t.untyped_storage().data_ptr() for t in _tensors(shared_args)}
 
         def pack(t):
             weight = s.pack(t) if s else None
