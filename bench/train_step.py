@@ -84,7 +84,6 @@ VARIANTS = {  # TrainSettings overrides; "default" is exactly what `wanpair trai
     "budget-32": dict(memory_budget_gb=32.0),
     "low": dict(memory_mode="low"),
     "low-14": dict(memory_mode="low", memory_budget_gb=14.0),  # plan for 14 GiB: more streamed, more headroom
-    "low-streamed-inside": dict(memory_mode="low"),  # low with its streamed blocks recomputing inside their graph
     "default-separate-lora": {},  # the default with q, k and v's LoRA down-projections one by one (see run_variant)
     "default-cdt": {},  # probe: the default with inductor tuning its Triton kernels' block sizes (INDUCTOR below)
 }
@@ -364,15 +363,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     t0 = time.perf_counter()
     f, h, w = shape
     model = build_expert(cfg, settings.fp8_base, compute, device)
-    if name == "low-streamed-inside":  # the plan "low" makes, its streamed blocks checkpointed as offloading's are
-        from wanpair.train import model_setup
-        plan_memory = model_setup.plan_memory
-        model_setup.plan_memory = lambda *a, **k: dataclasses.replace(plan_memory(*a, **k), stream_in_graph=True)
-    try:
-        params, plan = prepare_expert(model, settings, compute, tokens=f * (h // 2) * (w // 2))
-    finally:
-        if name == "low-streamed-inside":
-            model_setup.plan_memory = plan_memory
+    params, plan = prepare_expert(model, settings, compute, tokens=f * (h // 2) * (w // 2))
     print(plan.describe(), flush=True)
     if name == "default-no-transpose":
         for m in model.modules():
@@ -497,7 +488,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
                   checkpointed=plan.checkpointed, streamed=len(plan.streamed), planned_gib=plan.estimate_gib,
                   budget_gib=plan.budget_gib, streamed_gib_per_step=copied / (warmup + 2 * steps) / 2**30,
                   offloaded=len(plan.offloaded), offloaded_gib_per_step=offloaded / (warmup + 2 * steps) / 2**30,
-                  offload_host_gib=offload_host / 2**30, stream_in_graph=plan.stream_in_graph,
+                  offload_host_gib=offload_host / 2**30, in_graph=plan.in_graph,
                   **(checks if name.endswith("-graph") else {}), **probes)
     if device.type == "cuda":
         result.update(max_allocated_gib=max(first_peak, steady_peak, torch.cuda.max_memory_allocated(device)) / 2**30,

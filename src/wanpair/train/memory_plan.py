@@ -7,7 +7,8 @@ dataset holds. In order of preference, because each step costs speed:
    compiled blocks are checkpointed inside their graph, and spare memory goes first to letting every
    checkpointed block keep its attention outputs (the most speed per GiB), then to kept blocks;
 2. every block checkpointed, and just enough blocks streamed from pinned host memory to fit
-   (`wanpair.train.streaming`; the copies hide behind compute);
+   (`wanpair.train.streaming`; the copies hide behind compute); compiled, the streamed blocks recompute
+   inside their graph like the others (1.6 % faster than around it for images, 3.4 % for long clips, H100);
 3. when even every block streamed does not fit (long clips: each block's input alone is 0.31 GiB at
    32 760 tokens), compiled blocks also offload what they save for backward to pinned host memory, every
    block streaming and recomputing inside its graph.
@@ -53,13 +54,11 @@ class MemoryPlan:
     in_graph: bool = False  # resident checkpointed blocks recompute inside their compiled graph
     keep_attention: int = 0  # of those, how many keep their attention outputs (the last ones)
     offloaded: list[int] = field(default_factory=list)  # blocks whose saved tensors wait in pinned host memory
-    stream_in_graph: bool = False  # streamed blocks recompute inside their compiled graph (not around it)
 
     def policies(self) -> list[str | None]:
         """Per block, how it saves for backward (`wanpair.train.speed.checkpoint_blocks`)."""
-        streamed = set(self.streamed)
         return [None if i >= self.checkpointed else
-                "eager" if not self.in_graph or (i in streamed and not self.stream_in_graph) else
+                "eager" if not self.in_graph else
                 "save-attention" if i >= self.checkpointed - self.keep_attention else "recompute"
                 for i in range(self.blocks)]
 
@@ -208,7 +207,11 @@ def decide(blocks: int, budget: float, fixed: float, activation: float, block_gi
             f"the {budget:.1f} GiB available, and {why} streaming blocks from the host. Use memory_mode = \"auto\" "
             "with fp8_base = true (streams only what does not fit), or fewer tokens (smaller resolution / fewer frames).")
     n = min(blocks, math.ceil((base - budget) / block_gib) + SLOTS)
-    estimate = base - (n - min(SLOTS, n)) * block_gib - n * recompute  # a streamed block checkpoints around itself
+    # n * recompute is not counted: checkpointed around itself (not compiled), a streamed block keeps only its input;
+    # inside its graph it keeps about half of what `recompute` counts (measured: 0.5 x dim bytes a token at 32 760
+    # tokens), and `fixed` over-counts by more (H100, docs/benchmarks.md twelfth round: 14.1 GiB at 3 600 tokens
+    # against 15.8 planned; 27.6 at 32 760 against 28.2)
+    estimate = base - (n - min(SLOTS, n)) * block_gib - n * recompute
     if estimate > budget and input_gib:
         # offload every block's saved tensors (two blocks' worth in flight) and stream every block: a step this long
         # (>= ~20 000 tokens) computes a block for 100 ms or more, against ~10 ms to copy its weights, so streaming
@@ -220,7 +223,7 @@ def decide(blocks: int, budget: float, fixed: float, activation: float, block_gi
                     - (blocks - min(OFFLOADS_IN_FLIGHT, blocks)) * input_gib)
         if estimate <= budget:
             return MemoryPlan(budget, blocks, blocks, list(range(blocks)), estimate, in_graph=True,
-                              offloaded=list(range(blocks)), stream_in_graph=True)
+                              offloaded=list(range(blocks)))
     if estimate > budget:
         raise WanpairError(
             f"the expert needs about {estimate:.1f} GiB even with all {blocks} blocks streamed from the host"

@@ -50,7 +50,7 @@ def prepare_expert(model, t: TrainSettings, compute_dtype: torch.dtype,
     plan = plan_memory(model, tokens, t, device, sum(p.numel() * p.element_size() for p in params), compiled)
     if plan.transposed:
         keep_transposed(model)
-    use_host_memory(model, plan.streamed, plan.offloaded, plan.stream_in_graph)
+    use_host_memory(model, plan.streamed, plan.offloaded, plan.in_graph)
     checkpoint_blocks(model, plan.policies())
     log.info("fp8 matmuls in %d layers; %s; %s", fp8_matmuls, describe_attention(fa4, device, compute_dtype, t.attention), plan.describe())
     return params, plan

@@ -6,7 +6,7 @@
   or only its attention outputs (selective checkpointing), which is faster than a checkpoint around
   the compiled block at about the same memory; blocks that are not compiled are checkpointed around.
   It plugs into diffusers' own checkpointing hook, so each block is still called as a module.
-  Streamed blocks (`wanpair.train.streaming`) checkpointed around themselves do it in their own call.
+  Streamed blocks (`wanpair.train.streaming`) that are not compiled are checkpointed around in their own call.
 - Compiling the repeated block with torch.compile: every block has the same code, so one compiled
   graph serves all of them; fp8 quantisation and dequantisation (`wanpair.models.fp8`) fuse into it.
 """
