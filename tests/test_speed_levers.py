@@ -68,11 +68,16 @@ def test_fp8_loading_quantises_as_it_reads_and_keeps_lora_in_fp32(demo_root):
     assert len(layers) == 2 * 10 and all(m.weight.dtype == torch.float8_e4m3fn for m in layers)
     params, _ = prepare_expert(fp8, TrainSettings(), torch.bfloat16)
     assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 1, 8, 8, generator=g), timestep=torch.tensor([900.0]),
-                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)
+    inputs = _tiny_inputs()
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         assert rel(fp8(**inputs)[0], plain(**inputs)[0]) < 0.05
+
+
+def _tiny_inputs() -> dict:
+    """One 8x8-latent image and its 512-token text for the tiny Wan models here, the same every call."""
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, 16, 1, 8, 8, generator=g), timestep=torch.tensor([900.0]),
+                encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)
 
 
 def _tiny_fp8_model(layers: int):
@@ -94,9 +99,7 @@ def _tiny_fp8_model(layers: int):
 
 def test_streamed_blocks_give_the_same_loss_and_gradients_in_any_call_order():
     """Blocks 0, 2 and 3 of 4 stream through 2 slots (the schedule runs on the CPU with plain copies)."""
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 1, 8, 8, generator=g), timestep=torch.tensor([900.0]),
-                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)
+    inputs = _tiny_inputs()
     resident, p_resident = _tiny_fp8_model(4)
     streamed, p_streamed = _tiny_fp8_model(4)
     streamer = use_host_memory(streamed, [0, 2, 3]).streamer
@@ -127,11 +130,10 @@ def test_offloaded_and_in_graph_streamed_blocks_give_the_gradients_of_resident_o
     saves for backward kept on the host (copies on the CPU here): the same loss and LoRA gradients as the same
     blocks resident, over two steps with a sampling pass between. Eager (the checkpoint saves the block's input)
     and compiled (AOTAutograd's backward saves the input and the slot weights it ran with: the hooks must find
-    block i's weights in whichever slot holds it when its backward runs). Backend: inductor's partitioner, run
-    eagerly (no C++ compiler); inductor itself on the GPU (tests/test_gpu.py)."""
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 1, 8, 8, generator=g), timestep=torch.tensor([900.0]),
-                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)
+    block i's weights in whichever slot holds it when its backward runs). The block's weights and LoRA and the
+    inputs all blocks share stay where they are. Backend: inductor's partitioner, run eagerly (no C++ compiler);
+    inductor itself on the GPU (tests/test_gpu.py)."""
+    inputs = _tiny_inputs()
     torch._dynamo.reset()
     resident, p_resident = _tiny_fp8_model(4)
     hosted, p_hosted = _tiny_fp8_model(4)
@@ -143,9 +145,12 @@ def test_offloaded_and_in_graph_streamed_blocks_give_the_gradients_of_resident_o
     host = use_host_memory(hosted, [0, 2, 3], offloaded=[0, 1, 2, 3], in_graph=True)
     offloader = host.offloader
     offloader.min_bytes = 0  # the tiny model's tensors are all below the GPU's threshold
-    events = []  # ("pack", block, shape), ("fetch", block), ("use", block): what moved when
+    events = []  # ("pack", block, shape, address), ("fetch", block), ("use", block): what moved when
     pack, fetch, unpack = offloader.pack, offloader._fetch, offloader.unpack
-    offloader.pack = lambda block, t: events.append(("pack", block, tuple(t.shape))) or pack(block, t)
+    kept = []  # what was offloaded, held so that no later tensor reuses its memory (and address) in the step
+    offloader.pack = lambda block, t: events.append(("pack", block, tuple(t.shape), t.untyped_storage().data_ptr())) \
+        or kept.append(t) or pack(block, t)
+    weights = {t.untyped_storage().data_ptr() for t in (*hosted.parameters(), *hosted.buffers()) if t.numel()}
     offloader._fetch = lambda block: events.append(("fetch", block)) or fetch(block)
     offloader.unpack = lambda saved: events.append(("use", saved.block)) or unpack(saved)
     for step in range(2):
@@ -158,7 +163,13 @@ def test_offloaded_and_in_graph_streamed_blocks_give_the_gradients_of_resident_o
         for a, b in zip(p_resident, p_hosted):
             assert torch.equal(a.grad, b.grad)  # the same graph on the same values: bit for bit
         packed = [e for e in events if e[0] == "pack"]
-        assert {e[1] for e in packed} == {0, 1, 2, 3} and all((b, (1, 16, 128)) in {e[1:] for e in packed} for b in range(4))  # inputs
+        assert {e[1] for e in packed} == {0, 1, 2, 3} and all((b, (1, 16, 128)) in {e[1:3] for e in packed} for b in range(4))  # inputs
+        # what stays: weights and LoRA, and the inputs every block shares (text, time, positions: one block's each)
+        owners = {}
+        for _, block, _, ptr in packed:
+            owners.setdefault(ptr, set()).add(block)
+        assert not weights & set(owners) and all(len(blocks) == 1 for blocks in owners.values())
+        kept.clear()
         # backward: each block fetched once, the next one's fetch started as its own tensors are used
         moves = [e[:2] for e in events if e[0] != "pack"]
         firsts = [m for k, m in enumerate(moves) if m[0] == "fetch" or m not in moves[:k]]
@@ -208,9 +219,7 @@ def test_a_host_memory_plan_is_applied_as_planned_and_trains_as_resident_blocks(
     slot_weights = []
     pack = streamer.pack
     streamer.pack = lambda t: (lambda w: slot_weights.append(w) or w)(pack(t))
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 1, 8, 8, generator=g), timestep=torch.tensor([900.0]),
-                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)
+    inputs = _tiny_inputs()
     for model in (resident, hosted):
         with torch.autocast("cpu", torch.bfloat16):
             model(**inputs)[0].float().square().mean().backward()
@@ -225,9 +234,7 @@ def test_blocks_checkpointed_inside_their_graph_give_the_gradients_of_kept_block
     """Each way a block can save for backward recomputes exactly the forward it replaces (eager here: the
     compiled form is the same checkpoint traced, proven on the GPU in bench/train_step.py); LoRA names and
     files are untouched, and applying a new plan undoes the old one."""
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 1, 8, 8, generator=g), timestep=torch.tensor([900.0]),
-                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)
+    inputs = _tiny_inputs()
     kept, p_kept = _tiny_fp8_model(4)
     tiered, p_tiered = _tiny_fp8_model(4)
     names = [n for n, _ in tiered.named_parameters()]
@@ -326,9 +333,7 @@ def test_training_runs_self_attention_through_the_shared_down_projection():
     bf16 autocast its output and LoRA gradients are the layer-by-layer ones up to bf16 rounding."""
     model, params = _tiny_fp8_model(2)
     assert all(b.attn1.processor.project is shared_input_projections for b in model.blocks)
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 1, 8, 8, generator=g), timestep=torch.tensor([900.0]),
-                  encoder_hidden_states=torch.randn(1, 512, 32, generator=g), return_dict=False)
+    inputs = _tiny_inputs()
     runs = []
     for project in (shared_input_projections, separate_projections):
         for block in model.blocks:

@@ -29,8 +29,8 @@ GIB = 2**30
 # against 0.466) applied, not measured on an H100. An H200 runs these at about the same speed. Other sizes
 # (clips, other resolutions) are scaled by the step's useful FLOPs: 81-frame 832x480 clips (32 760 tokens, all 40
 # blocks streamed) are then 10.3 s/step against 9.46 measured (sixth round), 9.30 with FA4 and 10.37 with SDPA at a
-# 24 or 32 GiB budget (twelfth round). Streamed blocks recomputing inside their graph ran 1.6 % faster than the
-# streamed figure here (twelfth round, another H100: 0.486 against 0.494), within machine-to-machine spread.
+# 24 or 32 GiB budget (twelfth round). Streamed blocks now recompute inside their graph: 1.6 % faster than around
+# themselves on another H100 (0.486 against 0.494, twelfth round); 0.482 is kept, that being within machine spread.
 MEASURED_TOKENS = 3600
 S_PER_FORWARD = 0.141  # a compiled no-grad forward at 960x960 (a validation pass): 2.26 s for 16 (eighth round)
 # Besides its steps and validations, the whole recipe's run (18 images, both experts; H200, fourth round, run c)

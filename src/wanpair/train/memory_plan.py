@@ -208,9 +208,9 @@ def decide(blocks: int, budget: float, fixed: float, activation: float, block_gi
             "with fp8_base = true (streams only what does not fit), or fewer tokens (smaller resolution / fewer frames).")
     n = min(blocks, math.ceil((base - budget) / block_gib) + SLOTS)
     # n * recompute is not counted: checkpointed around itself (not compiled), a streamed block keeps only its input;
-    # inside its graph it keeps about half of what `recompute` counts (measured: 0.5 x dim bytes a token at 32 760
-    # tokens), and `fixed` over-counts by more (H100, docs/benchmarks.md twelfth round: 14.1 GiB at 3 600 tokens
-    # against 15.8 planned; 27.6 at 32 760 against 28.2)
+    # inside its graph it keeps what its recompute policy saves, but the measured peaks stay under this estimate
+    # (`fixed` over-counts by more; H100, docs/benchmarks.md twelfth round: 14.1 GiB at 3 600 tokens against 15.8
+    # planned; 27.6 at 32 760 against 28.2, where the checkpoint around the block peaked at 24.4)
     estimate = base - (n - min(SLOTS, n)) * block_gib - n * recompute
     if estimate > budget and input_gib:
         # offload every block's saved tensors (two blocks' worth in flight) and stream every block: a step this long

@@ -306,14 +306,16 @@ class BlockCall:
         """The saved-tensor hooks for one call. What stays: the block's own parameters and buffers (weights,
         LoRA) and the inputs all blocks share (text, time, positions), held anyway; small tensors."""
         s, o, i = self.streamer, self.offloader, self.index
-        stays = self.own | {t.untyped_storage().data_ptr() for t in _tensors(shared_args)}
+        shared = {t.untyped_storage().data_ptr() for t in _tensors(shared_args)} if o is not None else set()
 
         def pack(t):
             weight = s.pack(t) if s else None
             if weight is not None:
                 return weight
-            if o is not None and o.takes(t) and t.untyped_storage().data_ptr() not in stays:
-                return o.pack(i, t)
+            if o is not None and o.takes(t):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in self.own and ptr not in shared:
+                    return o.pack(i, t)
             return t
 
         def unpack(saved):
