@@ -21,6 +21,8 @@ three aspect ratios with the recipe's `dataset.toml` -- and runs `wanpair` on th
   train Wan 2.1 T2V 1.3B (recognised by its shapes) and Wan 2.1 T2V 14B (plain fp8): one LoRA each, sampled
 Stages (`--stages`): default (train, resume, sample), pair (both experts at once on one GPU, `wanpair train`
 killed outright, the same command again, sample, then the same pair one after the other for the ratio),
+runtime (`wanpair doctor`'s whole-run estimate against a
+run of --steps per expert, stage by stage, and the recipe's estimate against the recipe projected from that run),
 trust (the high-noise expert in bf16 and in fp16; then fp16 with states and samples during training, both
 experts, killed after the first state, and the same command with `memory_mode = "low"` added, which must
 continue it and sample with the LoRAs this run made), crash (the defaults' crash state: killed outright after an
@@ -371,7 +373,7 @@ def rm(*paths: Path) -> None:
             p.unlink()
 
 
-STAGES = ("default", "pair", "trust", "crash", "settle", "counts", "share", "i2v", "export", "low", "folder", "merge",
+STAGES = ("default", "pair", "trust", "crash", "settle", "counts", "runtime", "share", "i2v", "export", "low", "folder", "merge",
           "wan21")  # every user path
 QUICK = ("smoke",)  # the short proof, chosen by name only
 
@@ -435,6 +437,9 @@ def rehearse(work: Path, steps: int, stages: tuple[str, ...] = STAGES, write_onl
 
     if "counts" in stages and need(("fp16", "high"), ("fp8", "low")):
         counts(r, rel["fp16", "high"], rel["fp8", "low"])
+
+    if "runtime" in stages and need(("fp16", "high"), ("fp8", "low")):
+        runtime(r, rel["fp16", "high"], rel["fp8", "low"])
 
     if "share" in stages and need(("fp16", "high"), ("fp8", "low")):
         share(r, rel["fp16", "high"], rel["fp8", "low"])
@@ -688,6 +693,83 @@ def counts(r: Rehearsal, high: str, low: str) -> None:
     r.record("a state of 2 processes on one GPU: refused when planned", refused and seconds < 60 and (gib or 0) < 2, seconds,
              gib, f"{'refused' if refused else 'NOT refused'} after {seconds:.1f} s, GPU memory used "
                   f"{gib or 0:.1f} GiB: {_error(lines)[:200]}")
+
+
+def seconds_of(text: str) -> float:
+    """The inverse of `wanpair.sizes.human_seconds`: '7.6 s', '3 min 24 s', '1 h 23 min'."""
+    if m := re.fullmatch(r"(\d+) h (\d+) min", text):
+        return 3600 * int(m[1]) + 60 * int(m[2])
+    if m := re.fullmatch(r"(\d+) min (\d+) s", text):
+        return 60 * int(m[1]) + int(m[2])
+    return float(re.fullmatch(r"([\d.]+) s", text)[1])
+
+
+def doctor_estimate(r: Rehearsal, project: Path) -> dict | None:
+    """`wanpair doctor PROJECT`'s whole-run estimate, read from its line: total, and per expert its steps, validations
+    and training states with their seconds; the rest (starting, caching, loading, compiling) as `other`."""
+    ok, lines, _, _ = r.cli(f"doctor {project.stem}", "doctor", str(project))
+    line = next((text for _, text in lines if "the run at an H100's measured speed" in text), None)
+    if line is None:
+        return None
+    est = {"total": seconds_of(re.search(r"about (.+?) — ", line)[1]),
+           "other": seconds_of(re.search(r"compiling ~(.+?)(?:;|$)", line)[1]), "experts": {}}
+    for part in line.split(" — ", 1)[1].split("; "):
+        if m := re.fullmatch(r"(\S+) (\d+) steps (.+?)(?: \+ (\d+) validations (.+?))?(?: \+ (\d+) states (.+?))?", part):
+            name, steps, steps_s, vals, vals_s, states, states_s = m.groups()
+            est["experts"][name] = dict(steps=int(steps), steps_s=seconds_of(steps_s), validations=int(vals or 0),
+                                        validation_s=seconds_of(vals_s) if vals else 0.0, states=int(states or 0),
+                                        states_s=seconds_of(states_s) if states else 0.0)
+    return est
+
+
+def runtime(r: Rehearsal, high: str, low: str) -> None:
+    """Issue 41's whole-recipe target, checked without a 25-minute command: `wanpair doctor`'s estimate of a run
+    shortened to --steps per expert (validations at its start, middle and end) against that run's own clocks
+    (`summary.json`), stage by stage; then the doctor's estimate of the recipe itself (wanpair's defaults: 100 epochs
+    of 18 images, validation every 400 steps) against the recipe projected from the short run's measured stages
+    (each expert's mean step after the first times the recipe's steps, its validations and states at their
+    measured means, the rest as measured)."""
+    from wanpair.models.tasks import expert_name
+    from wanpair.sizes import human_seconds as human
+
+    short = r.project("runtime", high, low, f"max_steps = {r.steps}\nvalidate_every_n_steps = {max(1, r.steps // 2)}\n")
+    recipe = r.project("runtime-recipe", high, low, "")
+    estimates = {p.stem: doctor_estimate(r, p) for p in (short, recipe)}
+    if not r.record("doctor's whole-run estimates", all(estimates.values()), 0.0, None,
+                    "; ".join(f"{k}: {human(v['total']) if v else 'no estimate line'}" for k, v in estimates.items())):
+        return
+    if not r.train(f"the run the estimate is of ({r.steps} steps per expert)", short):
+        return
+    summary = json.loads((state_dir(short).parent / "summary.json").read_text())
+    measured = {"total": r.rows[-1]["seconds"], "experts": {}}  # the command's wall time, starting Python included
+    for x in summary["experts"]:
+        t = x["timings"]
+        mean = t["steps_s"] / t["steps"]
+        measured["experts"][expert_name(x["expert"])] = dict(
+            steps=t["steps"] + 1, steps_s=mean * (t["steps"] + 1), mean_step=mean, validations=t["validations"],
+            validation_s=t["validation_s"], states=t["states"], states_s=t["states_s"])
+    measured["other"] = measured["total"] - sum(e["steps_s"] + e["validation_s"] + e["states_s"]
+                                                for e in measured["experts"].values())
+    est = estimates["runtime"]
+    parts = [f"{name} steps {human(est['experts'][name]['steps_s'])} / {human(m['steps_s'])} "
+             f"({m['mean_step']:.3f} s each), validations {human(est['experts'][name]['validation_s'])} / "
+             f"{human(m['validation_s'])} ({m['validations']}), states {human(est['experts'][name]['states_s'])} / "
+             f"{human(m['states_s'])} ({est['experts'][name]['states']} / {m['states']})"
+             for name, m in measured["experts"].items()]
+    ratio = est["total"] / measured["total"]
+    r.record("doctor's estimate / the run's clocks", abs(ratio - 1) <= 0.10, 0.0, None,
+             f"total {human(est['total'])} / {human(measured['total'])} ({ratio:.2f}); " + "; ".join(parts)
+             + f"; the rest {human(est['other'])} / {human(measured['other'])}")
+    whole = estimates["runtime-recipe"]
+    projected = measured["other"] + sum(
+        m["mean_step"] * e["steps"] + m["validation_s"] / max(1, m["validations"]) * e["validations"]
+        + m["states_s"] / max(1, m["states"]) * e["states"]
+        for e, m in ((whole["experts"][name], m) for name, m in measured["experts"].items()))
+    ratio = whole["total"] / projected
+    r.record("the recipe: doctor's estimate / projected from the run", abs(ratio - 1) <= 0.10, 0.0, None,
+             f"{human(whole['total'])} / {human(projected)} ({ratio:.2f}); "
+             + ", ".join(f"{name} {e['steps']} steps, {e['validations']} validations" for name, e in whole["experts"].items())
+             + f"; the issue's target: 22 min ({'met' if projected <= 22 * 60 else 'not met'} by the projection)")
 
 
 def share(r: Rehearsal, high: str, low: str) -> None:

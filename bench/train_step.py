@@ -86,10 +86,16 @@ VARIANTS = {  # TrainSettings overrides; "default" is exactly what `wanpair trai
     "low-14": dict(memory_mode="low", memory_budget_gb=14.0),  # plan for 14 GiB: more streamed, more headroom
     "default-separate-lora": {},  # the default with q, k and v's LoRA down-projections one by one (see run_variant)
     "default-cdt": {},  # probe: the default with inductor tuning its Triton kernels' block sizes (INDUCTOR below)
+    "default-multikernel": {},  # probe: rows up to 16 384 wide also as one-pass (persistent) reductions, the faster kept
+    "default-persistent": {},  # probe: every row reduction one-pass (persistent), whatever its width
 }
 
 # variant -> torch._inductor.config options its compiled blocks are built with
-INDUCTOR = {"default-cdt": {"coordinate_descent_tuning": True}}
+# (multi_kernel: torch/_inductor/choices.py raises the one-pass threshold 16x and benchmarks both forms at run time;
+# the fp8 quantisation's per-row amax over 5 120- and 13 824-wide rows is otherwise a two-pass loop)
+INDUCTOR = {"default-cdt": {"coordinate_descent_tuning": True},
+            "default-multikernel": {"triton.multi_kernel": 1},
+            "default-persistent": {"triton.multi_kernel": 2}}
 
 # variant -> how every block is checkpointed (`wanpair.train.speed.checkpoint_blocks`): around the compiled
 # block, or inside its graph keeping nothing, its attention outputs, or what inductor's partitioner picks

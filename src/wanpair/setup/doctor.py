@@ -32,14 +32,23 @@ GIB = 2**30
 # 24 or 32 GiB budget (twelfth round). Streamed blocks now recompute inside their graph: 1.6 % faster than around
 # themselves on another H100 (0.486 against 0.494, twelfth round); 0.482 is kept, that being within machine spread.
 MEASURED_TOKENS = 3600
-S_PER_FORWARD = 0.141  # a compiled no-grad forward at 960x960 (a validation pass): 2.26 s for 16 (eighth round)
-# Besides its steps and validations, the whole recipe's run (18 images, both experts; H200, fourth round, run c)
-# spent 74 s: starting and checking the dataset 17.8, caches 7.4, loading both experts 11.9, the first step
-# compiling 33.2, saves 3.7.
-OTHER_S = 74.0
-FIRST_VALIDATION_S = 4.8  # the first validation compiles its no-grad graph: 7.11 s against 2.33 (H100 rehearsal)
 S_PER_STEP_RESIDENT, S_PER_STEP_STREAMED = 0.347, 0.482
 S_PER_STEP_ALL_RECOMPUTING, S_PER_STEP_ALL_KEEPING_ATTENTION = 0.477, 0.454
+# The figures above are the benchmark's medians; a real run's loop spends more a step (its data, metrics and
+# progress, the pipeline drained at each state and validation): the pair trained through `wanpair train` on an
+# H100 (2026-12-07, rehearsal stage `runtime`, 160 steps per expert, torch's SDPA, its crash states on) took
+# 0.3925 s a step on average (0.402 high, 0.383 low), so each step is counted that much longer than the bench's
+# figure -- a time per step, not scaled by FLOPs.
+LOOP_EXTRA_S = 0.3925 - S_PER_STEP_RESIDENT
+# The same run's other stages: a validation pass (one of 16 in an evaluation at 960x960) 0.155 s (2.53 and 2.40 s
+# an evaluation); the first validation compiling its no-grad graph 18.6 s more (a cold compile cache; ~5 s warm);
+# a training state of a rank-16 LoRA (921 MB: the LoRA in fp32, AdamW's moments) 2.3 s (9 per expert: 23.0 and
+# 18.0 s); and besides all these 87.9 s: starting Python, checking the dataset, the caches, loading both
+# experts, the first step compiling (39.3 s cold), the final saves.
+S_PER_FORWARD = 0.155
+FIRST_VALIDATION_S = 18.6
+S_PER_STATE_RANK_16 = 2.3
+OTHER_S = 87.9
 MEASURED_GPUS = ("H100", "H200")
 CPU_PARAMS_LIMIT = 2e9  # above this an expert is not for training on the CPU (the demo's tiny models are far below)
 HOST_RAM_SPARE_GIB = 8  # besides the pinned blocks: the interpreter, the data, the OS
@@ -114,7 +123,8 @@ def forward_flops(config: dict, tokens: int) -> float:
 
 
 def measured_s_per_step(plan) -> float:
-    """The measured H100 step at 960x960 for this plan (resident blocks interpolated between the measured plans)."""
+    """The benchmark's H100 step at 960x960 for this plan (resident blocks interpolated between the measured plans);
+    a real run's loop adds `LOOP_EXTRA_S`."""
     if plan.streamed:
         return S_PER_STEP_STREAMED
     return (S_PER_STEP_RESIDENT + (S_PER_STEP_ALL_RECOMPUTING - S_PER_STEP_RESIDENT) * plan.checkpointed / plan.blocks
@@ -123,13 +133,13 @@ def measured_s_per_step(plan) -> float:
 
 def expected_s_per_step(plan, config: dict, flops: float, gpu: str, fourteen_b: bool = True) -> str:
     """What the benchmark table says this plan costs, scaled by the step's useful FLOPs (`flops`, its largest
-    batch's) against the measured image step's; only for the GPUs and the model size (14B) it was measured on."""
+    batch's) against the measured image step's, plus what a real run's loop adds to each step; only for the GPUs and the model size (14B) it was measured on."""
     if not fourteen_b:
         return "speed: the table in docs/benchmarks.md is of the 14B models"
     if not any(g in gpu for g in MEASURED_GPUS):
         return f"speed on {gpu}: not measured (H100/H200: docs/benchmarks.md)"
     scale = flops / useful_flops(config, MEASURED_TOKENS)
-    return (f"expected ≈ {measured_s_per_step(plan) * scale:.2f} s/step (measured on an H100 at 960×960"
+    return (f"expected ≈ {measured_s_per_step(plan) * scale + LOOP_EXTRA_S:.2f} s/step (measured on an H100 at 960×960"
             + (f", scaled by the step's FLOPs: {scale:.2f}×)" if abs(scale - 1) > 0.005 else ")"))
 
 
@@ -154,6 +164,8 @@ class ExpertTime:
     steps_s: float
     validations: int
     validation_s: float
+    states: int = 0  # training states written (a cadence, or the crash states)
+    states_s: float = 0.0
 
 
 @dataclass
@@ -164,11 +176,12 @@ class RunTime:
 
     @property
     def total_s(self) -> float:
-        return self.other_s + sum(e.steps_s + e.validation_s for e in self.experts.values())
+        return self.other_s + sum(e.steps_s + e.validation_s + e.states_s for e in self.experts.values())
 
     def describe(self) -> str:
         parts = [f"{expert_name(e)} {x.steps} steps {human_seconds(x.steps_s)}"
                  + (f" + {x.validations} validations {human_seconds(x.validation_s)}" if x.validations else "")
+                 + (f" + {x.states} states {human_seconds(x.states_s)}" if x.states else "")
                  for e, x in self.experts.items()]
         return (f"the run at an H100's measured speed, one expert after the other: about "
                 f"{human_seconds(self.total_s)} — "
@@ -180,16 +193,17 @@ def run_time(recipe, plan, config: dict) -> RunTime:
     """The whole run's time on one GPU from the benchmark's H100 figures: each expert's micro-batches (its optimizer
     steps, `step_counts`, each of up to gradient_accumulation_steps micro-batches) at the plan's measured step scaled
     by the mean micro-batch's useful FLOPs, its validations (step 0's and those `validates_after` schedules) at the
-    measured validation forward scaled by each item's forward FLOPs, and what a measured run spent besides.
+    measured validation forward scaled by each item's forward FLOPs, its training states (`states_after`) at the
+    measured write scaled by the rank, and what a measured run spent besides.
     `recipe`: checked, its validation items chosen."""
     from ..train.data import step_counts
-    from ..train.expert import validates_after
+    from ..train.expert import states_after, validates_after
 
     data = recipe.cached_data(paths=False)
     buckets = data.buckets()  # a batch holds one bucket's samples: the epoch's FLOPs are its samples' FLOPs
     epoch_flops = sum(len(idx) * useful_flops(config, item_tokens(recipe.items[idx[0]])) for idx in buckets.values())
     micro_s = measured_s_per_step(plan) * epoch_flops / max(1, data.batches_per_epoch) / useful_flops(
-        config, MEASURED_TOKENS)  # the mean micro-batch
+        config, MEASURED_TOKENS) + LOOP_EXTRA_S  # the mean micro-batch
     one_pass = sum(S_PER_FORWARD * forward_flops(config, item_tokens(recipe.items[i]))
                    / forward_flops(config, MEASURED_TOKENS) for i in data.validation)
     experts = {}
@@ -200,11 +214,13 @@ def run_time(recipe, plan, config: dict) -> RunTime:
         per_epoch = math.ceil(data.batches_per_epoch / per_step)  # an epoch's last step takes what is left
         full, rest = divmod(total, per_epoch)
         micro = full * data.batches_per_epoch + min(rest * per_step, data.batches_per_epoch)
+        after = [(k, total, math.ceil(k / per_epoch), k % per_epoch == 0 or k == total) for k in range(1, total + 1)]
         evals = 0
         if t.validate_every_n_steps and data.validation:
-            evals = 1 + sum(validates_after(t, k, total, math.ceil(k / per_epoch), k % per_epoch == 0 or k == total)
-                            for k in range(1, total + 1))
-        experts[e] = ExpertTime(total, micro * micro_s, evals, evals * t.validation_timesteps * one_pass)
+            evals = 1 + sum(validates_after(t, *a) for a in after)
+        states = sum(sum(states_after(t, *a)) for a in after)
+        experts[e] = ExpertTime(total, micro * micro_s, evals, evals * t.validation_timesteps * one_pass, states,
+                                states * S_PER_STATE_RANK_16 * t.rank / 16)
     sample = recipe.p.sample
     compile_validation = FIRST_VALIDATION_S if any(x.validations for x in experts.values()) else 0.0
     return RunTime(experts, OTHER_S + compile_validation, bool(sample.every_n_steps or sample.every_n_epochs))

@@ -72,6 +72,29 @@ def intermediate_loras(t, step: int, total: int, epoch: int, epoch_end: bool) ->
             epoch_end and every(t.save_every_n_epochs, epoch) and not last)
 
 
+def states_asked(t) -> bool:
+    """States are written when asked for (a cadence), and then also at every intermediate LoRA save."""
+    return bool(t.save_state_every_n_steps or t.save_state_every_n_epochs)
+
+
+def crash_state_every(t, total: int) -> int:
+    """Steps between the crash states (`crash_state`: one state, kept only while the expert trains, when no
+    cadence is set): a tenth of the run, so a run killed any time loses at most ~10 % of it; 0 = none."""
+    return 0 if states_asked(t) or not t.crash_state else max(1, math.ceil(total / 10))
+
+
+def states_after(t, step: int, total: int, epoch: int, epoch_end: bool) -> tuple[bool, bool]:
+    """Whether a training state is saved after optimizer step `step` of `total`: by steps (its cadence, beside an
+    intermediate LoRA, or a crash state), at the epoch's end (its cadence, or beside that epoch's LoRA). Never
+    after the last step: the final LoRA follows."""
+    if step >= total:
+        return False, False
+    lora, epoch_lora = intermediate_loras(t, step, total, epoch, epoch_end)
+    asked = states_asked(t)
+    return (every(t.save_state_every_n_steps, step) or (lora and asked) or every(crash_state_every(t, total), step),
+            epoch_end and (every(t.save_state_every_n_epochs, epoch) or (epoch_lora and asked)))
+
+
 def validates_after(t, step: int, total: int, epoch: int, epoch_end: bool) -> bool:
     """Whether the validation loss is measured after optimizer step `step` of `total` (besides step 0's, before
     training): at its interval, at the last step, and with every intermediate LoRA (its metadata carries it)."""
@@ -392,14 +415,11 @@ class ExpertTraining:
         data-parallel group must queue its collectives in the same order."""
         t, last = self.t, step >= self.total_steps
         lora, epoch_lora = intermediate_loras(t, step, self.total_steps, epoch, epoch_end)
-        return Due(lora=lora,
-                   state=not last and (every(t.save_state_every_n_steps, step) or (lora and self.saves_states)
-                                       or every(self.crash_state_every, step)),
+        state, epoch_state = states_after(t, step, self.total_steps, epoch, epoch_end)
+        return Due(lora=lora, state=state,
                    sample=every(self.p.sample.every_n_steps, step),
                    validation=validates_after(t, step, self.total_steps, epoch, epoch_end),
-                   epoch_lora=epoch_lora,
-                   epoch_state=epoch_end and not last and (every(t.save_state_every_n_epochs, epoch)
-                                                           or (epoch_lora and self.saves_states)),
+                   epoch_lora=epoch_lora, epoch_state=epoch_state,
                    epoch_sample=(epoch_end or last) and every(self.p.sample.every_n_epochs, epoch),
                    last=last)
 
@@ -510,14 +530,7 @@ class ExpertTraining:
 
     @property
     def saves_states(self) -> bool:
-        """States are written when asked for, and then also at every intermediate LoRA save."""
-        return bool(self.t.save_state_every_n_steps or self.t.save_state_every_n_epochs)
-
-    @property
-    def crash_state_every(self) -> int:
-        """Steps between the crash states (`crash_state`: one state, kept only while the expert trains, when no
-        cadence is set): a tenth of the run, so a run killed any time loses at most ~10 % of it; 0 = none."""
-        return 0 if self.saves_states or not self.t.crash_state else max(1, math.ceil(self.total_steps / 10))
+        return states_asked(self.t)
 
     def save_lora(self, out: Path, extra: dict[str, str] | None = None) -> int:
         """Write the LoRA as it is now (rank 0); returns how many modules it has."""
