@@ -276,3 +276,60 @@ def test_the_disk_estimate_counts_the_saves_the_run_can_make(demo, capsys):
     many = estimate(epochs=100, save_every_n_steps=3)  # 100 epochs of 18 steps: 600 saves
     without_state = estimate(epochs=100, max_steps=20, save_every_n_steps=3, crash_state=False)
     assert many > 20 * few and without_state < few
+
+
+def test_a_state_written_in_the_background_is_its_steps_state_while_training_goes_on(demo, reference, monkeypatch):
+    """States are written in a background thread while training goes on: the state of step 4, held back until
+    the loop has applied two more updates (which change the optimizer's moments in place), still resumes to the
+    uninterrupted run's LoRA bit for bit -- it was copied as it was at its step."""
+    import threading
+
+    from wanpair.train import state as state_module
+    from wanpair.train.expert import ExpertTraining
+
+    moved_on, real_save, real_after = threading.Event(), state_module.save_state, ExpertTraining.after_step
+    written = []
+
+    def held_back(run_dir, expert, state, keep):
+        if state["step"] == 4:
+            assert moved_on.wait(PATIENCE_S), "the loop did not go on while the state was being written"
+        written.append(state["step"])
+        return real_save(run_dir, expert, state, keep)
+
+    def after_step(self, due, epoch):
+        if self.progress.step >= 6:
+            moved_on.set()
+        real_after(self, due, epoch)
+
+    monkeypatch.setattr(state_module, "save_state", held_back)
+    monkeypatch.setattr(ExpertTraining, "after_step", after_step)
+    set_train(demo / "wanpair.toml", **{**SETTINGS, "keep_states": 10})
+    project, _ = load_project(demo / "wanpair.toml")
+    LoraPairRecipe(project).run(("high",))
+    assert written[:2] == [4, 8] and moved_on.is_set()
+    monkeypatch.undo()
+    step4 = project.run_dir / "state" / "high-step00000004.pt"
+    project.lora_path("high").rename(project.lora_path("high").with_suffix(".first"))  # as the refusals ask:
+    for newer in (project.run_dir / "state").glob("high-step*.pt"):  # the finished LoRA and newer states away
+        if newer != step4:
+            newer.unlink()
+    assert main(["train", str(demo / "wanpair.toml"), "--expert", "high", "--resume", str(step4)]) == 0
+    assert _same(project.lora_path("high"), reference.lora_path("high"))
+
+
+def test_a_state_that_cannot_be_written_in_the_background_stops_the_run_with_the_disk_message(demo, monkeypatch):
+    """A full disk while a state is written in the background is not lost in its thread: the run stops with the
+    disk's message, naming what is saved."""
+    import errno
+
+    from wanpair.train import state as state_module
+
+    def full(run_dir, expert, state, keep):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "state" / f"{expert}.pt"))
+
+    monkeypatch.setattr(state_module, "save_state", full)
+    set_train(demo / "wanpair.toml", **SETTINGS)
+    project, _ = load_project(demo / "wanpair.toml")
+    with pytest.raises(WanpairError, match="No space left on device.*Free space"):
+        LoraPairRecipe(project).run(("high",))
+    assert not project.lora_path("high").exists()

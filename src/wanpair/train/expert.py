@@ -18,6 +18,7 @@ every W-th micro-batch of a step, DDP averages the gradients, and only rank 0 wr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -46,7 +47,7 @@ from .metadata import lora_metadata, run_identity
 from .metrics import MetricsLog
 from .model_setup import prepare_expert
 from .optim import build_optimizer, build_scheduler
-from .state import Progress, StopFlag, capture_rngs, list_states, lora_params, restore_rngs, save_state
+from .state import Progress, StateWriter, StopFlag, capture_rngs, host_copy, list_states, lora_params, restore_rngs
 from .step import APPLIED, SCALER_SKIPPED, Verdict, finish, forward_backward, update
 from .timesteps import sample_timesteps
 from .trackers import open_trackers
@@ -166,6 +167,7 @@ class ExpertTraining:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.writes = self.accelerator.is_main_process  # only rank 0 writes LoRAs, states, metrics, samples
         self.hub = shared_pusher(project, enabled=self.writes)  # [hub]: saved files to the Hub, in the background
+        self.states = StateWriter()  # training states, written in the background
 
     # ---------------------------------------------------------------- stages
     def setup_data(self) -> None:
@@ -498,7 +500,9 @@ class ExpertTraining:
             self.save_state()
 
     def after_step(self, due: "Due", epoch: int) -> None:
-        """What falls due after an optimizer step: intermediate LoRA, state, sample."""
+        """What falls due after an optimizer step: intermediate LoRA, state, sample; and a state that the background
+        finished writing since, taken in."""
+        self.state_written(block=False)
         if due.lora:
             self.save_intermediate(epoch)
         if due.state:
@@ -559,24 +563,36 @@ class ExpertTraining:
                 old.unlink(missing_ok=True)
 
     def snapshot(self) -> dict:
-        """A training state: the progress, and all else the next step depends on (`wanpair.train.state`)."""
+        """A training state: the progress, and all else the next step depends on (`wanpair.train.state`), in host
+        memory as it is now."""
         return {"expert": self.expert, "settings": asdict(self.t), "processes": self.world,
                 "identity": run_identity(self.p, self.expert, self.dit, self.data.training_items, self.data.batch_sizes),
                 **self.progress.to_state(),
-                "lora": lora_params(self.unwrapped), "optimizer": self.optimizer.state_dict(),
+                "lora": lora_params(self.unwrapped), "optimizer": host_copy(self.optimizer.state_dict()),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
                 "rngs": self.rngs_after_step or capture_rngs(self.gen)}
 
-    def save_state(self) -> Path | None:
+    def save_state(self, wait: bool = False) -> Path | None:
+        """Snapshot a training state and write it in the background (`wait`: before returning, with its path); the
+        time counted as the state's is what the loop waited (the snapshot, and the last state's write if not done)."""
         if not self.writes:
             return None
         started = time.perf_counter()
-        path = save_state(self.p.run_dir, self.expert, self.snapshot(), self.t.keep_states if self.saves_states else 1)
+        self.state_written(block=True)  # one at a time
+        self.states.start(self.p.run_dir, self.expert, self.snapshot(), self.t.keep_states if self.saves_states else 1)
+        path = self.state_written(block=True) if wait else None
         self.timings.states += 1
         self.timings.states_s += time.perf_counter() - started
-        self.timings.state_bytes = path.stat().st_size
-        self.hub.push_state(path)
+        return path
+
+    def state_written(self, block: bool) -> Path | None:
+        """A state the background finished writing since the last call (`block`: wait for it): its size for the
+        timings, and to the Hub with `push_states`."""
+        path = self.states.done(block)
+        if path is not None:
+            self.timings.state_bytes = path.stat().st_size
+            self.hub.push_state(path)
         return path
 
     def sample(self) -> None:
@@ -600,7 +616,7 @@ class ExpertTraining:
     def stop(self, signum: int) -> None:
         """Ctrl-C / SIGTERM: save the state and the LoRA so far (marked partial), then stop."""
         self.close_metrics()
-        path = self.save_state()
+        path = self.save_state(wait=True)
         final = self.p.lora_path(self.expert)
         partial = final.with_name(f"{final.stem}-partial-step{self.progress.step:06d}{final.suffix}")
         self.save_lora(partial, {"wanpair.partial": "true"})
@@ -616,6 +632,7 @@ class ExpertTraining:
         seconds = time.perf_counter() - self.start
         out = self.p.lora_path(self.expert)
         modules = self.save_lora(out)
+        self.state_written(block=True)
         if self.writes and not self.saves_states:  # no cadence asked for: a crash (or Ctrl-C) state has served
             for state in list_states(self.p.run_dir, self.expert):
                 state.unlink(missing_ok=True)
@@ -648,6 +665,8 @@ class ExpertTraining:
             return self.finish()
         except BaseException:
             self.close_metrics(quiet=True)  # the error that stopped the run is the one to report
+            with contextlib.suppress(Exception):
+                self.states.done(block=True)  # a state being written is finished, not cut off by the exit
             raise
 
 
