@@ -728,7 +728,10 @@ def runtime(r: Rehearsal, high: str, low: str) -> None:
     (`summary.json`), stage by stage; then the doctor's estimate of the recipe itself (wanpair's defaults: 100 epochs
     of 18 images, validation every 400 steps) against the recipe projected from the short run's measured stages
     (each expert's mean step after the first times the recipe's steps, its validations and states at their
-    measured means, the rest as measured)."""
+    measured means, the rest as measured). The doctor's figures were fitted to this stage's run of 2026-12-07 on an
+    H100 (docs/benchmarks.md, thirteenth round): on another day or machine it checks them; on that run it agrees
+    by construction. A measured state's seconds are the loop's wait only; the steps beside its background write
+    run slower and count as steps, while the doctor's figure for a state includes them: compare the totals."""
     from wanpair.models.tasks import expert_name
     from wanpair.sizes import human_seconds as human
 

@@ -292,7 +292,7 @@ def test_a_state_written_in_the_background_is_its_steps_state_while_training_goe
 
     def held_back(run_dir, expert, state, keep):
         if state["step"] == 4:
-            assert moved_on.wait(PATIENCE_S), "the loop did not go on while the state was being written"
+            assert moved_on.wait(60), "the loop did not go on while the state was being written"
         written.append(state["step"])
         return real_save(run_dir, expert, state, keep)
 

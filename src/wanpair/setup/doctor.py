@@ -37,17 +37,19 @@ S_PER_STEP_ALL_RECOMPUTING, S_PER_STEP_ALL_KEEPING_ATTENTION = 0.477, 0.454
 # The figures above are the benchmark's medians; a real run's loop spends more a step (its data, metrics and
 # progress, the pipeline drained at each state and validation): the pair trained through `wanpair train` on an
 # H100 (2026-12-07, rehearsal stage `runtime`, 160 steps per expert, torch's SDPA, its crash states on) took
-# 0.3925 s a step on average (0.402 high, 0.383 low), so each step is counted that much longer than the bench's
-# figure -- a time per step, not scaled by FLOPs.
+# 0.3925 s a step on average (0.402 high, 0.383 low), so each optimizer step is counted that much longer than the
+# bench's figure -- a time per step, not scaled by FLOPs. (The figures above are with FlashAttention-4; that run
+# had SDPA, whose bench step on the same day's first machine was 0.356: the extra includes attention and machine.)
 LOOP_EXTRA_S = 0.3925 - S_PER_STEP_RESIDENT
 # The same run's other stages: a validation pass (one of 16 in an evaluation at 960x960) 0.155 s (2.53 and 2.40 s
 # an evaluation); the first validation compiling its no-grad graph 18.6 s more (a cold compile cache; ~5 s warm);
-# a training state of a rank-16 LoRA (921 MB: the LoRA in fp32, AdamW's moments) 2.3 s (9 per expert: 23.0 and
-# 18.0 s); and besides all these 87.9 s: starting Python, checking the dataset, the caches, loading both
-# experts, the first step compiling (39.3 s cold), the final saves.
+# and besides all these 87.9 s: starting Python, checking the dataset, the caches, loading both experts, the first
+# step compiling (39.3 s cold), the final saves. A training state of a rank-16 LoRA (921 MB: the LoRA in fp32,
+# AdamW's moments) took that run 2.0-2.6 s; written in the background since, the loop waits 0.36 s for one and
+# the steps beside its write take 0.54 s longer (thirteenth round).
 S_PER_FORWARD = 0.155
 FIRST_VALIDATION_S = 18.6
-S_PER_STATE_RANK_16 = 2.3
+S_PER_STATE_RANK_16 = 0.9
 OTHER_S = 87.9
 MEASURED_GPUS = ("H100", "H200")
 CPU_PARAMS_LIMIT = 2e9  # above this an expert is not for training on the CPU (the demo's tiny models are far below)
@@ -133,7 +135,8 @@ def measured_s_per_step(plan) -> float:
 
 def expected_s_per_step(plan, config: dict, flops: float, gpu: str, fourteen_b: bool = True) -> str:
     """What the benchmark table says this plan costs, scaled by the step's useful FLOPs (`flops`, its largest
-    batch's) against the measured image step's, plus what a real run's loop adds to each step; only for the GPUs and the model size (14B) it was measured on."""
+    batch's) against the measured image step's, plus what a real run's loop adds to each step; only for the GPUs
+    and the model size (14B) it was measured on."""
     if not fourteen_b:
         return "speed: the table in docs/benchmarks.md is of the 14B models"
     if not any(g in gpu for g in MEASURED_GPUS):
@@ -203,7 +206,7 @@ def run_time(recipe, plan, config: dict) -> RunTime:
     buckets = data.buckets()  # a batch holds one bucket's samples: the epoch's FLOPs are its samples' FLOPs
     epoch_flops = sum(len(idx) * useful_flops(config, item_tokens(recipe.items[idx[0]])) for idx in buckets.values())
     micro_s = measured_s_per_step(plan) * epoch_flops / max(1, data.batches_per_epoch) / useful_flops(
-        config, MEASURED_TOKENS) + LOOP_EXTRA_S  # the mean micro-batch
+        config, MEASURED_TOKENS)  # the mean micro-batch
     one_pass = sum(S_PER_FORWARD * forward_flops(config, item_tokens(recipe.items[i]))
                    / forward_flops(config, MEASURED_TOKENS) for i in data.validation)
     experts = {}
@@ -219,7 +222,7 @@ def run_time(recipe, plan, config: dict) -> RunTime:
         if t.validate_every_n_steps and data.validation:
             evals = 1 + sum(validates_after(t, *a) for a in after)
         states = sum(sum(states_after(t, *a)) for a in after)
-        experts[e] = ExpertTime(total, micro * micro_s, evals, evals * t.validation_timesteps * one_pass, states,
+        experts[e] = ExpertTime(total, micro * micro_s + total * LOOP_EXTRA_S, evals, evals * t.validation_timesteps * one_pass, states,
                                 states * S_PER_STATE_RANK_16 * t.rank / 16)
     sample = recipe.p.sample
     compile_validation = FIRST_VALIDATION_S if any(x.validations for x in experts.values()) else 0.0

@@ -115,7 +115,7 @@ class ExpertTimings:
     steps_s: float = 0.0
     validations: int = 0
     validation_s: float = 0.0
-    states: int = 0  # training states saved (crash states included), and the time writing them took
+    states: int = 0  # training states saved (crash states included), and the time the loop waited for them
     states_s: float = 0.0
     state_bytes: int = 0  # the size of one
 
@@ -631,8 +631,12 @@ class ExpertTraining:
         self.close_metrics()
         seconds = time.perf_counter() - self.start
         out = self.p.lora_path(self.expert)
+        if self.saves_states:
+            self.state_written(block=True)  # a state asked for must be written (and pushed) before the run ends
+        else:
+            with contextlib.suppress(OSError):  # a crash state, deleted below: not pushed, not worth failing for
+                self.states.done(block=True)
         modules = self.save_lora(out)
-        self.state_written(block=True)
         if self.writes and not self.saves_states:  # no cadence asked for: a crash (or Ctrl-C) state has served
             for state in list_states(self.p.run_dir, self.expert):
                 state.unlink(missing_ok=True)
@@ -666,7 +670,7 @@ class ExpertTraining:
         except BaseException:
             self.close_metrics(quiet=True)  # the error that stopped the run is the one to report
             with contextlib.suppress(Exception):
-                self.states.done(block=True)  # a state being written is finished, not cut off by the exit
+                self.state_written(block=True)  # a state being written is finished (and pushed), not cut off
             raise
 
 

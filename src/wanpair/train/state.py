@@ -108,11 +108,11 @@ def save_state(run_dir: Path, expert: str, state: dict, keep: int) -> Path:
 
 class StateWriter:
     """Training states written in a background thread, one at a time. Writing one takes seconds (a rank-16 LoRA of
-    a 14B expert with AdamW's moments is 0.9 GB: 2.0-2.6 s through torch.save, which releases the GIL while it
-    writes, and fsync, on an H100 machine), while copying it to host memory first (`host_copy`) takes a fraction of
-    that; the loop trains on meanwhile. A kill mid-write leaves only the temporary file (`atomic_path`) and the
-    previous state, which is pruned only once the new one is in place. The state written, or the error writing it
-    (a full disk), comes back to the training thread through `done`."""
+    a 14B expert with AdamW's moments is 0.9 GB: 2.0-2.6 s through torch.save and fsync on an H100 machine), while
+    copying it to host memory first (`host_copy`) takes 0.36 s; the loop trains on meanwhile, its steps beside the
+    write 0.54 s slower in all (docs/benchmarks.md, thirteenth round). A kill mid-write leaves only the temporary
+    file (`atomic_path`) and the previous state, which is pruned only once the new one is in place. The state
+    written, or the error writing it (a full disk), comes back to the training thread through `done`."""
 
     def __init__(self):
         self._thread: threading.Thread | None = None
