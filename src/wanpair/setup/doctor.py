@@ -222,8 +222,9 @@ def run_time(recipe, plan, config: dict) -> RunTime:
         if t.validate_every_n_steps and data.validation:
             evals = 1 + sum(validates_after(t, *a) for a in after)
         states = sum(sum(states_after(t, *a)) for a in after)
-        experts[e] = ExpertTime(total, micro * micro_s + total * LOOP_EXTRA_S, evals, evals * t.validation_timesteps * one_pass, states,
-                                states * S_PER_STATE_RANK_16 * t.rank / 16)
+        experts[e] = ExpertTime(total, micro * micro_s + total * LOOP_EXTRA_S,
+                                evals, evals * t.validation_timesteps * one_pass,
+                                states, states * S_PER_STATE_RANK_16 * t.rank / 16)
     sample = recipe.p.sample
     compile_validation = FIRST_VALIDATION_S if any(x.validations for x in experts.values()) else 0.0
     return RunTime(experts, OTHER_S + compile_validation, bool(sample.every_n_steps or sample.every_n_epochs))

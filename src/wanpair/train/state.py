@@ -55,10 +55,6 @@ class Progress:
         return asdict(self)
 
 
-def lora_params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def host_copy(obj):
     """`obj` (nested dicts, lists and tuples: an optimizer's `state_dict`) with every tensor copied to host memory,
     as it is now: the live tensors are changed in place by the next update, on a CPU too."""
@@ -69,6 +65,10 @@ def host_copy(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(host_copy(v) for v in obj)
     return obj
+
+
+def lora_params(model) -> dict[str, torch.Tensor]:
+    return host_copy({n: p for n, p in model.named_parameters() if p.requires_grad})
 
 
 def capture_rngs(gen: torch.Generator) -> dict:
