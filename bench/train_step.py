@@ -262,21 +262,30 @@ def graphed_forward_backward(model, acc, params, batch, compute):
 def time_validation(model, acc, batch, compute, forwards: int = 16, profile: bool = False) -> dict:
     """Seconds for `forwards` no-grad forward passes of the batch (what one validation evaluation does: 4
     items x 4 timesteps), with the compiled blocks run eagerly (until 2026-12-03) and compiled (their no-grad
-    graph compiles at the first pass, timed apart), and as forwards // 4 passes of 4 samples each. With
+    graph compiles at the first pass, timed apart), compiled with each pass's inputs copied from pageable or pinned
+    host memory, and as forwards // 4 passes of 4 samples each. With
     `profile`, the compiled forward's kernels and gaps as the training step's (to set beside its forward)."""
     from wanpair.train.flow_matching import flow_matching_loss
     from wanpair.train.speed import eager
 
     x0, noise, t, text, cond = batch[0]
 
-    def evaluate(n: int, batch: int = 1) -> float:
+    def evaluate(n: int, batch: int = 1, host: str | None = None) -> float:
+        """`host`: each pass's inputs copied from host memory first, "pageable" (`.to(device)`: the host waits for
+        the GPU's queued work) or "pinned" (`non_blocking`: queued behind it, as `ExpertTraining.validate` does)."""
         x, e, tt, c = (v.expand(batch, *v.shape[1:]) for v in (x0, noise, t, text))
         i2v = None if cond is None else cond.expand(batch, *cond.shape[1:])
+        inputs = (x, e, tt, c, i2v)
+        if host:
+            kept = [None if v is None else v.cpu().contiguous() for v in inputs]
+            kept = [v.pin_memory() if v is not None and host == "pinned" else v for v in kept]
         torch.cuda.synchronize()
         s = time.perf_counter()
         total = torch.zeros((), device=x0.device)
         for _ in range(n):
-            total += flow_matching_loss(model, x, e, tt, c, compute, cond=i2v).float()
+            if host:
+                inputs = [None if v is None else v.to(x0.device, non_blocking=host == "pinned") for v in kept]
+            total += flow_matching_loss(model, *inputs[:4], compute, cond=inputs[4]).float()
         total.item()
         return time.perf_counter() - s
 
@@ -287,6 +296,7 @@ def time_validation(model, acc, batch, compute, forwards: int = 16, profile: boo
             eager_s = evaluate(forwards)
         first_s = evaluate(1)
         compiled_s = evaluate(forwards)
+        pageable_s, pinned_s = evaluate(forwards, host="pageable"), evaluate(forwards, host="pinned")
         if profile:
             print("one compiled validation forward (no gradients), profiled as a step:", flush=True)
             print_profile(lambda: evaluate(1), n=4)
@@ -296,6 +306,7 @@ def time_validation(model, acc, batch, compute, forwards: int = 16, profile: boo
     model.train()
     per_token = model.config.num_attention_heads * model.config.attention_head_dim * x0[0, 0].numel() / 4 / 2**30
     return dict(validation_eager_s=eager_s, validation_compiled_s=compiled_s, validation_first_compiled_s=first_s,
+                validation_inputs_from_pageable_s=pageable_s, validation_inputs_from_pinned_s=pinned_s,
                 validation_batched4_s=batched_s, validation_working_gib={b: round(g, 3) for b, g in extra.items()},
                 validation_working_per_token_dim={b: round(g / (b * per_token), 1) for b, g in extra.items()})
 

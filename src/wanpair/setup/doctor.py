@@ -35,22 +35,25 @@ MEASURED_TOKENS = 3600
 S_PER_STEP_RESIDENT, S_PER_STEP_STREAMED = 0.347, 0.482
 S_PER_STEP_ALL_RECOMPUTING, S_PER_STEP_ALL_KEEPING_ATTENTION = 0.477, 0.454
 # The figures above are the benchmark's medians; a real run's loop spends more a step (its data, metrics and
-# progress, the pipeline drained at each state and validation): the pair trained through `wanpair train` on an
-# H100 (2026-12-07, rehearsal stage `runtime`, 160 steps per expert, torch's SDPA, its crash states on) took
-# 0.3925 s a step on average (0.402 high, 0.383 low), so each optimizer step is counted that much longer than the
-# bench's figure -- a time per step, not scaled by FLOPs. (The figures above are with FlashAttention-4; that run
-# had SDPA, whose bench step on the same day's first machine was 0.356: the extra includes attention and machine.)
-LOOP_EXTRA_S = 0.3925 - S_PER_STEP_RESIDENT
-# The same run's other stages: a validation pass (one of 16 in an evaluation at 960x960) 0.155 s (2.53 and 2.40 s
-# an evaluation); the first validation compiling its no-grad graph 18.6 s more (a cold compile cache; ~5 s warm);
-# and besides all these 87.9 s: starting Python, checking the dataset, the caches, loading both experts, the first
-# step compiling (39.3 s cold), the final saves. A training state of a rank-16 LoRA (921 MB: the LoRA in fp32,
-# AdamW's moments) took that run 2.0-2.6 s; written in the background since, the loop waits 0.36 s for one and
-# the steps beside its write take 0.54 s longer (thirteenth round).
-S_PER_FORWARD = 0.155
-FIRST_VALIDATION_S = 18.6
-S_PER_STATE_RANK_16 = 0.9
-OTHER_S = 87.9
+# progress, the pipeline drained at each validation, FlashAttention-4 not installed). The pair trained through
+# `wanpair train` on two H100s (rehearsal stage `runtime`, 160 steps per expert, torch's SDPA, docs/benchmarks.md
+# thirteenth and fourteenth rounds): 0.3925 s a step on average on the first (states written by the loop), 0.375
+# on the second (states in the background; the steps beside their writes not counted here); their mean, less the
+# bench's figure, is added to each optimizer step -- a time per step, not scaled by FLOPs. Both GPUs ran at their
+# 700 W power cap, the SM clock ~1 800 MHz instead of 1 980: machines of one kind differ by ~5 % a step.
+LOOP_EXTRA_S = (0.3925 + 0.375) / 2 - S_PER_STEP_RESIDENT
+# The same runs' other stages, at the figures of the code as it is now: a validation pass (one of 16 in an
+# evaluation at 960x960) 0.144 s (2.29-2.30 s an evaluation, its inputs copied without a host sync; 2.40-2.53 on
+# the first machine before that); the first validation compiling its no-grad graph 12.2 and 18.6 s more (a cold
+# compile cache; ~5 s warm); a training state of a rank-16 LoRA (921 MB: the LoRA in fp32, AdamW's moments), written
+# in the background, 0.29 s of the loop's wait and 0.37 s more on the step beside its write (0.66 s; 2.0-2.6 s when
+# the loop wrote them itself); and besides all these 57.7 and 87.9 s: starting Python, checking the dataset, the
+# caches, loading both experts, the first step compiling (22.4 and 39.3 s cold), the final saves. Where two machines
+# measured a stage, their mean.
+S_PER_FORWARD = 0.144
+FIRST_VALIDATION_S = (12.2 + 18.6) / 2
+S_PER_STATE_RANK_16 = 0.66
+OTHER_S = (57.7 + 87.9) / 2
 MEASURED_GPUS = ("H100", "H200")
 CPU_PARAMS_LIMIT = 2e9  # above this an expert is not for training on the CPU (the demo's tiny models are far below)
 HOST_RAM_SPARE_GIB = 8  # besides the pinned blocks: the interpreter, the data, the OS

@@ -245,14 +245,29 @@ class ExpertTraining:
 
     def setup_validation(self) -> None:
         """Fixed timesteps spread evenly over the window and fixed noise per item (its own generator, the
-        same at every evaluation and independent of training's), so the loss moves only with the LoRA."""
+        same at every evaluation and independent of training's), so the loss moves only with the LoRA. The
+        evaluation's forward passes are built here once, in host memory that the GPU copies from without the host
+        waiting (`_on`): each pass's inputs are queued behind the last pass's kernels instead of stopping the host
+        until those finish."""
         t, w = self.t, self.window
         self.val_items = self.data.validation if t.validate_every_n_steps and self.writes else []
         k = t.validation_timesteps
-        self.val_t = torch.tensor([(w.min_timestep + (j + 0.5) * (w.max_timestep - w.min_timestep) / k) / 1000
-                                   for j in range(k)])
+        val_t = torch.tensor([(w.min_timestep + (j + 0.5) * (w.max_timestep - w.min_timestep) / k) / 1000
+                              for j in range(k)])
         gen = torch.Generator().manual_seed(VALIDATION_SEED)
-        self.val_noise = [torch.randn((k, *self.latents[i].shape), generator=gen) for i in self.val_items]
+        pin = (lambda x: x.contiguous().pin_memory()) if self.accelerator.device.type == "cuda" else (lambda x: x)
+        self.val_passes = []  # (x0, noise, t, text, cond) of each forward pass: one item, up to a step's tokens
+        for i in self.val_items:
+            noise = torch.randn((k, *self.latents[i].shape), generator=gen)
+            x0, cond = self.latents[i].float(), self.conds[i]
+            chunk = max(1, self.tokens // CachedData.tokens([x0.shape]))
+            sizes = [len(val_t[a:a + chunk]) for a in range(0, k, chunk)]
+            # what an item's passes share, once per pass size: its latent, text and conditioning as a batch
+            shared = {m: (pin(x0.expand(m, *x0.shape)), pin(pad_text([self.texts[i].float()] * m)),
+                          None if cond is None else pin(cond.float().expand(m, *cond.shape))) for m in set(sizes)}
+            for a, m in zip(range(0, k, chunk), sizes):
+                x, text, c = shared[m]
+                self.val_passes.append((x, pin(noise[a:a + m]), pin(val_t[a:a + m]), text, c))
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -265,17 +280,10 @@ class ExpertTraining:
         model.eval()
         total, n = torch.zeros((), device=dev), 0  # summed on the device: one host sync per evaluation
         with self.accelerator.autocast():
-            for i, noise in zip(self.val_items, self.val_noise):
-                x0, text, cond = self.latents[i].float(), self.texts[i].float(), self.conds[i]
-                chunk = max(1, self.tokens // CachedData.tokens([x0.shape]))
-                for a in range(0, len(self.val_t), chunk):
-                    t = self.val_t[a:a + chunk]
-                    m = len(t)
-                    loss = flow_matching_loss(model, x0.expand(m, *x0.shape).to(dev), noise[a:a + chunk].to(dev),
-                                              t.to(dev), pad_text([text] * m).to(dev), cd,
-                                              cond=None if cond is None else cond.float().expand(m, *cond.shape).to(dev))
-                    total += loss.float() * m  # every sample has the item's size: the batch mean is their mean
-                    n += m
+            for batch in self.val_passes:
+                x0, noise, t, text, cond = _on(dev, batch)
+                total += flow_matching_loss(model, x0, noise, t, text, cd, cond=cond).float() * len(t)  # the batch
+                n += len(t)  # mean is its samples' mean: every sample has the item's size
         model.train(was_training)
         mean = total.item() / n
         self.progress.last_val = (self.progress.step, mean)
