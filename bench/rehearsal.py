@@ -725,13 +725,15 @@ def doctor_estimate(r: Rehearsal, project: Path) -> dict | None:
 def runtime(r: Rehearsal, high: str, low: str) -> None:
     """Issue 41's whole-recipe target, checked without a 25-minute command: `wanpair doctor`'s estimate of a run
     shortened to --steps per expert (validations at its start, middle and end) against that run's own clocks
-    (`summary.json`), stage by stage; then the doctor's estimate of the recipe itself (wanpair's defaults: 100 epochs
-    of 18 images, validation every 400 steps) against the recipe projected from the short run's measured stages
-    (each expert's mean step after the first times the recipe's steps, its validations and states at their
-    measured means, the rest as measured). The doctor's figures were fitted to this stage's run of 2026-12-07 on an
-    H100 (docs/benchmarks.md, thirteenth round): on another day or machine it checks them; on that run it agrees
-    by construction. A measured state's seconds are the loop's wait only; the steps beside its background write
-    run slower and count as steps, while the doctor's figure for a state includes them: compare the totals."""
+    (`summary.json`), stage by stage; then the doctor's estimate of the recipe itself (wanpair's defaults: 100
+    epochs of 18 images, validation every 400 steps) against the recipe projected from the short run's measured
+    stages (each expert's mean step after the first times the recipe's steps, its validations and states at their
+    measured means, the rest as measured). The doctor's figures are the means of two of this stage's runs
+    (2026-12-07, two H100s: docs/benchmarks.md, thirteenth and fourteenth rounds): a third run checks them. Cold
+    compiles make a short run's total differ by machine (34 % between those two); the recipe's projection is the
+    comparison that counts (both within 5 % of the doctor). A measured state's seconds are the loop's wait only; the
+    steps beside its background write run slower and count as steps, while the doctor's figure for a state includes
+    them: compare the totals."""
     from wanpair.models.tasks import expert_name
     from wanpair.sizes import human_seconds as human
 

@@ -265,6 +265,7 @@ def time_validation(model, acc, batch, compute, forwards: int = 16, profile: boo
     graph compiles at the first pass, timed apart), compiled with each pass's inputs copied from pageable or pinned
     host memory, and as forwards // 4 passes of 4 samples each. With
     `profile`, the compiled forward's kernels and gaps as the training step's (to set beside its forward)."""
+    from wanpair.train.expert import _on
     from wanpair.train.flow_matching import flow_matching_loss
     from wanpair.train.speed import eager
 
@@ -272,19 +273,20 @@ def time_validation(model, acc, batch, compute, forwards: int = 16, profile: boo
 
     def evaluate(n: int, batch: int = 1, host: str | None = None) -> float:
         """`host`: each pass's inputs copied from host memory first, "pageable" (`.to(device)`: the host waits for
-        the GPU's queued work) or "pinned" (`non_blocking`: queued behind it, as `ExpertTraining.validate` does)."""
+        the GPU's queued work) or "pinned" (`_on`, as `ExpertTraining.validate` does: queued behind it)."""
         x, e, tt, c = (v.expand(batch, *v.shape[1:]) for v in (x0, noise, t, text))
         i2v = None if cond is None else cond.expand(batch, *cond.shape[1:])
-        inputs = (x, e, tt, c, i2v)
+        inputs = kept = (x, e, tt, c, i2v)
         if host:
-            kept = [None if v is None else v.cpu().contiguous() for v in inputs]
-            kept = [v.pin_memory() if v is not None and host == "pinned" else v for v in kept]
+            kept = tuple(None if v is None else v.cpu() for v in inputs)
         torch.cuda.synchronize()
         s = time.perf_counter()
         total = torch.zeros((), device=x0.device)
         for _ in range(n):
-            if host:
-                inputs = [None if v is None else v.to(x0.device, non_blocking=host == "pinned") for v in kept]
+            if host == "pinned":
+                inputs = _on(x0.device, kept)
+            elif host == "pageable":
+                inputs = tuple(None if v is None else v.to(x0.device) for v in kept)
             total += flow_matching_loss(model, *inputs[:4], compute, cond=inputs[4]).float()
         total.item()
         return time.perf_counter() - s

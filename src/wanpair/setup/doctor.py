@@ -39,8 +39,8 @@ S_PER_STEP_ALL_RECOMPUTING, S_PER_STEP_ALL_KEEPING_ATTENTION = 0.477, 0.454
 # `wanpair train` on two H100s (rehearsal stage `runtime`, 160 steps per expert, torch's SDPA, docs/benchmarks.md
 # thirteenth and fourteenth rounds): 0.3925 s a step on average on the first (states written by the loop), 0.375
 # on the second (states in the background; the steps beside their writes not counted here); their mean, less the
-# bench's figure, is added to each optimizer step -- a time per step, not scaled by FLOPs. Both GPUs ran at their
-# 700 W power cap, the SM clock ~1 800 MHz instead of 1 980: machines of one kind differ by ~5 % a step.
+# bench's figure, is added to each optimizer step -- a time per step, not scaled by FLOPs. The second, sampled, ran
+# at its 700 W power cap, the SM clock ~1 800 MHz instead of 1 980; machines of one kind differ by ~5 % a step.
 LOOP_EXTRA_S = (0.3925 + 0.375) / 2 - S_PER_STEP_RESIDENT
 # The same runs' other stages, at the figures of the code as it is now: a validation pass (one of 16 in an
 # evaluation at 960x960) 0.144 s (2.29-2.30 s an evaluation, its inputs copied without a host sync; 2.40-2.53 on

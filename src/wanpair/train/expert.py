@@ -245,29 +245,14 @@ class ExpertTraining:
 
     def setup_validation(self) -> None:
         """Fixed timesteps spread evenly over the window and fixed noise per item (its own generator, the
-        same at every evaluation and independent of training's), so the loss moves only with the LoRA. The
-        evaluation's forward passes are built here once, in host memory that the GPU copies from without the host
-        waiting (`_on`): each pass's inputs are queued behind the last pass's kernels instead of stopping the host
-        until those finish."""
+        same at every evaluation and independent of training's), so the loss moves only with the LoRA."""
         t, w = self.t, self.window
         self.val_items = self.data.validation if t.validate_every_n_steps and self.writes else []
         k = t.validation_timesteps
-        val_t = torch.tensor([(w.min_timestep + (j + 0.5) * (w.max_timestep - w.min_timestep) / k) / 1000
-                              for j in range(k)])
+        self.val_t = torch.tensor([(w.min_timestep + (j + 0.5) * (w.max_timestep - w.min_timestep) / k) / 1000
+                                   for j in range(k)])
         gen = torch.Generator().manual_seed(VALIDATION_SEED)
-        pin = (lambda x: x.contiguous().pin_memory()) if self.accelerator.device.type == "cuda" else (lambda x: x)
-        self.val_passes = []  # (x0, noise, t, text, cond) of each forward pass: one item, up to a step's tokens
-        for i in self.val_items:
-            noise = torch.randn((k, *self.latents[i].shape), generator=gen)
-            x0, cond = self.latents[i].float(), self.conds[i]
-            chunk = max(1, self.tokens // CachedData.tokens([x0.shape]))
-            sizes = [len(val_t[a:a + chunk]) for a in range(0, k, chunk)]
-            # what an item's passes share, once per pass size: its latent, text and conditioning as a batch
-            shared = {m: (pin(x0.expand(m, *x0.shape)), pin(pad_text([self.texts[i].float()] * m)),
-                          None if cond is None else pin(cond.float().expand(m, *cond.shape))) for m in set(sizes)}
-            for a, m in zip(range(0, k, chunk), sizes):
-                x, text, c = shared[m]
-                self.val_passes.append((x, pin(noise[a:a + m]), pin(val_t[a:a + m]), text, c))
+        self.val_noise = [torch.randn((k, *self.latents[i].shape), generator=gen) for i in self.val_items]
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -280,10 +265,19 @@ class ExpertTraining:
         model.eval()
         total, n = torch.zeros((), device=dev), 0  # summed on the device: one host sync per evaluation
         with self.accelerator.autocast():
-            for batch in self.val_passes:
-                x0, noise, t, text, cond = _on(dev, batch)
-                total += flow_matching_loss(model, x0, noise, t, text, cd, cond=cond).float() * len(t)  # the batch
-                n += len(t)  # mean is its samples' mean: every sample has the item's size
+            for i, noise in zip(self.val_items, self.val_noise):
+                x0, text, cond = self.latents[i].float(), self.texts[i].float(), self.conds[i]
+                chunk = max(1, self.tokens // CachedData.tokens([x0.shape]))
+                for a in range(0, len(self.val_t), chunk):
+                    t = self.val_t[a:a + chunk]
+                    m = len(t)
+                    # through pinned memory (`_on`), so that the host queues the next pass instead of waiting for
+                    # this one's kernels as a copy from pageable memory would (2.29 s an evaluation on an H100)
+                    batch = _on(dev, (x0.expand(m, *x0.shape), noise[a:a + chunk], t, pad_text([text] * m),
+                                      None if cond is None else cond.float().expand(m, *cond.shape)))
+                    loss = flow_matching_loss(model, *batch[:4], cd, cond=batch[4])
+                    total += loss.float() * m  # every sample has the item's size: the batch mean is their mean
+                    n += m
         model.train(was_training)
         mean = total.item() / n
         self.progress.last_val = (self.progress.step, mean)
@@ -724,7 +718,9 @@ class _Queued:
 def _on(device: torch.device, batch: tuple) -> tuple:
     """A micro-batch moved to the device (its conditioning is None for the text-to-video pair). On a GPU
     through pinned memory, asynchronously: a plain copy from pageable memory would wait for the GPU to
-    finish all queued work, and the loop queues the next step while the current one still runs."""
+    finish all queued work, and the loop queues the next step while the current one still runs. Made contiguous
+    first: an expanded tensor (a validation item repeated for its timesteps) would be copied through pageable
+    memory."""
     if device.type != "cuda":
         return tuple(None if x is None else x.to(device) for x in batch)
-    return tuple(None if x is None else x.pin_memory().to(device, non_blocking=True) for x in batch)
+    return tuple(None if x is None else x.contiguous().pin_memory().to(device, non_blocking=True) for x in batch)
