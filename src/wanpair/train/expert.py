@@ -272,7 +272,7 @@ class ExpertTraining:
                     t = self.val_t[a:a + chunk]
                     m = len(t)
                     # through pinned memory (`_on`), so that the host queues the next pass instead of waiting for
-                    # this one's kernels as a copy from pageable memory would (2.29 s an evaluation on an H100)
+                    # this one's kernels as a copy from pageable memory would (docs/benchmarks.md, fourteenth round)
                     batch = _on(dev, (x0.expand(m, *x0.shape), noise[a:a + chunk], t, pad_text([text] * m),
                                       None if cond is None else cond.float().expand(m, *cond.shape)))
                     loss = flow_matching_loss(model, *batch[:4], cd, cond=batch[4])
@@ -719,8 +719,8 @@ def _on(device: torch.device, batch: tuple) -> tuple:
     """A micro-batch moved to the device (its conditioning is None for the text-to-video pair). On a GPU
     through pinned memory, asynchronously: a plain copy from pageable memory would wait for the GPU to
     finish all queued work, and the loop queues the next step while the current one still runs. Made contiguous
-    first: an expanded tensor (a validation item repeated for its timesteps) would be copied through pageable
-    memory."""
+    first, so that what is pinned and copied is one dense block (a validation item repeated for its timesteps is an
+    expanded view)."""
     if device.type != "cuda":
         return tuple(None if x is None else x.to(device) for x in batch)
     return tuple(None if x is None else x.contiguous().pin_memory().to(device, non_blocking=True) for x in batch)
