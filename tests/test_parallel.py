@@ -95,7 +95,11 @@ def _worker(parent: subprocess.Popen, expert: str) -> psutil.Process:
     end = time.time() + 60
     while time.time() < end:
         for p in psutil.Process(parent.pid).children(recursive=True):
-            if "wanpair.train.worker" in p.cmdline() and expert in p.cmdline():
+            try:
+                cmdline = p.cmdline()
+            except psutil.NoSuchProcess:  # a short-lived child (a helper the launch runs) gone since it was listed
+                continue
+            if "wanpair.train.worker" in cmdline and expert in cmdline:
                 return p
         time.sleep(0.05)
     raise AssertionError(f"no {expert}-noise worker appeared")
