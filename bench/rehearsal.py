@@ -19,19 +19,17 @@ three aspect ratios with the recipe's `dataset.toml` -- and runs `wanpair` on th
   train from a diffusers folder (high) and an fp8 file with `fp8_base = false` (low)
   merge into an fp8 base and into an fp16 base
   train Wan 2.1 T2V 1.3B (recognised by its shapes) and Wan 2.1 T2V 14B (plain fp8): one LoRA each, sampled
-Stages (`--stages`): default (train, resume, sample), pair (both experts at once on one GPU, `wanpair train`
-killed outright, the same command again, sample, then the same pair one after the other for the ratio),
-runtime (`wanpair doctor`'s whole-run estimate against a
-run of --steps per expert, stage by stage, and the recipe's estimate against the recipe projected from that run),
-trust (the high-noise expert in bf16 and in fp16; then fp16 with states and samples during training, both
-experts, killed after the first state, and the same command with `memory_mode = "low"` added, which must
-continue it and sample with the LoRAs this run made), crash (the defaults' crash state: killed outright after an
-intermediate LoRA, the same command finishes the pair; killed before any state, the same command sets the
-earlier files aside and starts again), settle (fp16 whose loss scale settles: the first 3 updates skipped, the
-run still ends with its data and validates at its last step), share (per-expert learning rates logged to Trackio,
-read back from its store; the ComfyUI workflow), i2v (the image-to-video pair from 17-frame 832x480
-clips, then sampled from a first frame), export, low, folder, merge, wan21; each fits in one 10-minute
-command on an H100.
+Stages (`--stages`): default (train, resume, sample), pair (both experts at once on one GPU, `wanpair train` killed
+outright, the same command again, sample, then the same pair one after the other for the ratio), runtime (`wanpair
+doctor`'s whole-run estimate against a run of --steps per expert, stage by stage, and the recipe's estimate against
+the recipe projected from that run), trust (the high-noise expert in bf16 and in fp16; then fp16 with states and
+samples during training, both experts, killed after the first state, and the same command with `memory_mode = "low"`
+added, which must continue it and sample with the LoRAs this run made), crash (the defaults' crash state: killed
+outright after an intermediate LoRA, the same command finishes the pair; killed before any state, the same command
+sets the earlier files aside and starts again), settle (fp16 whose loss scale settles: the first 3 updates skipped,
+the run still ends with its data and validates at its last step), share (per-expert learning rates logged to
+Trackio, read back from its store; the ComfyUI workflow), i2v (the image-to-video pair from 17-frame 832x480 clips,
+then sampled from a first frame), export, low, folder, merge, wan21; each fits in one 10-minute command on an H100.
 `--stages smoke` is the shortest full-size proof, for a short lease: both experts from plain fp8 files (the
 layout that crashed a first run on CUDA) trained a few steps in the default memory mode, then sampled.
 `--write-only` writes the inputs the stages need and stops, so that writing can overlap other work.
@@ -373,8 +371,8 @@ def rm(*paths: Path) -> None:
             p.unlink()
 
 
-STAGES = ("default", "pair", "trust", "crash", "settle", "counts", "runtime", "share", "i2v", "export", "low", "folder", "merge",
-          "wan21")  # every user path
+STAGES = ("default", "pair", "trust", "crash", "settle", "counts", "runtime", "share", "i2v", "export", "low", "folder",
+          "merge", "wan21")  # every user path
 QUICK = ("smoke",)  # the short proof, chosen by name only
 
 

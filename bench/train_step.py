@@ -263,8 +263,8 @@ def time_validation(model, acc, batch, compute, forwards: int = 16, profile: boo
     """Seconds for `forwards` no-grad forward passes of the batch (what one validation evaluation does: 4
     items x 4 timesteps), with the compiled blocks run eagerly (until 2026-12-03) and compiled (their no-grad
     graph compiles at the first pass, timed apart), compiled with each pass's inputs copied from pageable or pinned
-    host memory, and as forwards // 4 passes of 4 samples each. With
-    `profile`, the compiled forward's kernels and gaps as the training step's (to set beside its forward)."""
+    host memory, and as forwards // 4 passes of 4 samples each. With `profile`, the compiled forward's kernels and
+    gaps as the training step's (to set beside its forward)."""
     from wanpair.train.expert import _on
     from wanpair.train.flow_matching import flow_matching_loss
     from wanpair.train.speed import eager

@@ -289,10 +289,10 @@ def test_doctor_estimates_the_plan_the_loaded_expert_got_on_the_h200():
 def test_doctor_speed_estimate_follows_the_plan_and_scales_by_the_steps_flops():
     """The measured H100 figures (docs/benchmarks.md): the bench's 0.347 s resident, 0.446 s for the 24 GiB plan (37
     blocks recomputing in the graph, keeping attention outputs), 0.482 s streaming, each plus the 0.037 s a step that
-    real runs' loops measured beyond the bench (0.3925 and 0.375 s resident on two H100s); a step of more tokens by its FLOPs, whose
-    attention grows with the square of the tokens: the I2V A14B expert on an 81-frame 832x480 clip (32 760 tokens,
-    every block streamed at a 32 GiB budget) measured 9.46 s/step with FlashAttention-4 and 10.37 with SDPA; other
-    GPUs and sizes: no guess."""
+    real runs' loops measured beyond the bench (0.3925 and 0.375 s resident on two H100s); a step of more tokens by
+    its FLOPs, whose attention grows with the square of the tokens: the I2V A14B expert on an 81-frame 832x480 clip
+    (32 760 tokens, every block streamed at a 32 GiB budget) measured 9.46 s/step with FlashAttention-4 and 10.37
+    with SDPA; other GPUs and sizes: no guess."""
     from wanpair.setup.doctor import expected_s_per_step, useful_flops
 
     a14b = A14B

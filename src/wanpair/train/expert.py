@@ -266,15 +266,16 @@ class ExpertTraining:
         total, n = torch.zeros((), device=dev), 0  # summed on the device: one host sync per evaluation
         with self.accelerator.autocast():
             for i, noise in zip(self.val_items, self.val_noise):
-                x0, text, cond = self.latents[i].float(), self.texts[i].float(), self.conds[i]
+                x0, text, cond = self.latents[i].float(), pad_text([self.texts[i].float()])[0], self.conds[i]
+                cond = None if cond is None else cond.float()
                 chunk = max(1, self.tokens // CachedData.tokens([x0.shape]))
                 for a in range(0, len(self.val_t), chunk):
                     t = self.val_t[a:a + chunk]
                     m = len(t)
                     # through pinned memory (`_on`), so that the host queues the next pass instead of waiting for
                     # this one's kernels as a copy from pageable memory would (docs/benchmarks.md, fourteenth round)
-                    batch = _on(dev, (x0.expand(m, *x0.shape), noise[a:a + chunk], t, pad_text([text] * m),
-                                      None if cond is None else cond.float().expand(m, *cond.shape)))
+                    batch = _on(dev, (x0.expand(m, *x0.shape), noise[a:a + chunk], t, text.expand(m, *text.shape),
+                                      None if cond is None else cond.expand(m, *cond.shape)))
                     loss = flow_matching_loss(model, *batch[:4], cd, cond=batch[4])
                     total += loss.float() * m  # every sample has the item's size: the batch mean is their mean
                     n += m
