@@ -72,7 +72,7 @@ VARIANTS = {  # TrainSettings overrides; "default" is exactly what `wanpair trai
     "fp8mm-compile-cudagraphs": dict(fp8_matmul="on", compile="on", **ALL_CKPT),  # probe: all checkpointed, CUDA graphs
     "default-exact-accum": {},  # the default with the fp8 matmuls' fast accumulation off (Fp8Linear.fast_accum)
     "default-peftcast": {},  # the default with peft's fp32 cast of every LoRA input left on (see run_variant)
-    "default-graph": {},  # probe: the default with the step's forward and backward replayed as one CUDA graph
+    "default-eager": dict(cuda_graph="off"),  # the default with every step launched eagerly (no CUDA graph)
     # all 40 checkpointed in one way each (FORCED_POLICY below), for comparison; fp8mm-compile: as the plan chooses
     "ckpt-eager": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
     "ckpt-graph-recompute": dict(fp8_matmul="on", compile="on", **ALL_CKPT),
@@ -227,38 +227,6 @@ def print_gaps(events, n: int) -> None:
         print(f"  gap {gap / 1e3:6.2f} ms after {a[:60]}  before {b[:60]}")
 
 
-def graphed_forward_backward(model, acc, params, batch, compute):
-    """A probe (issue 31): the forward and backward passes of `batch` captured once as a CUDA graph, so that a
-    step is one launch instead of ~8 700. Returns `forward_backward`'s replacement for batches of this shape:
-    it copies them into the captured inputs, replays, and points each LoRA parameter's `.grad` at the graph's
-    gradient (`update` sets them to None after each step)."""
-    from wanpair.train.step import forward_backward
-
-    static = [None if x is None else x.clone() for x in batch[0]]
-    side = torch.cuda.Stream()  # a warm-up pass on a side stream first, as torch.cuda.graph's notes advise
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        forward_backward(model, acc, [tuple(static)], compute)
-    torch.cuda.current_stream().wait_stream(side)
-    for p in params:
-        p.grad = None  # the captured backward writes fresh gradients instead of adding to old ones
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = forward_backward(model, acc, [tuple(static)], compute)
-    grads = [p.grad for p in params]
-
-    def run(model_, acc_, micro_batches, compute_):
-        for dst, src in zip(static, micro_batches[0]):
-            if dst is not None:
-                dst.copy_(src)
-        graph.replay()
-        for p, g in zip(params, grads):
-            p.grad = g
-        return loss.clone()  # the queued-ahead loop reads a step's loss after the next replay
-
-    return run
-
-
 def time_validation(model, acc, batch, compute, forwards: int = 16, profile: bool = False) -> dict:
     """Seconds for `forwards` no-grad forward passes of the batch (what one validation evaluation does: 4
     items x 4 timesteps), with the compiled blocks run eagerly (until 2026-12-03) and compiled (their no-grad
@@ -370,6 +338,7 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     from wanpair.setup.doctor import useful_flops
     from wanpair.train.speed import checkpoint_blocks
     from wanpair.train.step import finish, forward_backward, train_step, update
+    from wanpair.train.step_graph import StepGraphs, why_not
 
     # each variant compiles its own graphs: dynamo would otherwise keep every earlier variant's entries
     # and check their guards on every block call (the later variants' host time grew by ~100 ms a step)
@@ -383,7 +352,12 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     f, h, w = shape
     model = build_expert(cfg, settings.fp8_base, compute, device)
     params, plan = prepare_expert(model, settings, compute, tokens=f * (h // 2) * (w // 2))
-    print(plan.describe(), flush=True)
+    why = why_not(device, settings.cuda_graph, 1, plan, 1, settings.module_dropout, 1)
+    # replayed as CUDA graphs where the training loop would (wanpair.train.step_graph); not under the probes that
+    # graph each block or force a checkpoint form after the plan
+    graphed = why is None and not name.endswith("cudagraphs") and name not in FORCED_POLICY
+    print(plan.describe() + ("; steps replayed as a CUDA graph" if graphed else f"; eager steps: {why or 'a probe'}"),
+          flush=True)
     if name == "default-no-transpose":
         for m in model.modules():
             if getattr(m, "weight_t", None) is not None:
@@ -426,12 +400,16 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
     times, losses = [], []
     step_fb = forward_backward
     for i in range(warmup + steps):
-        if name.endswith("-graph") and i == warmup:
-            ref_loss = forward_backward(model, acc, batch, compute).item()
+        if graphed and i == warmup:
+            # the training loop's graphs: a shape's first pass runs eagerly, the next is captured and replayed --
+            # the same batch and LoRA both times, so the two can be compared
+            graphs = StepGraphs(params, 1, print)
+            fb = functools.partial(graphs.forward_backward, lambda mbs: forward_backward(model, acc, mbs, compute))
+            ref_loss = fb(batch, 1.0).item()
             ref_grads = torch.cat([p.grad.flatten().float() for p in params])
             optimizer.zero_grad(set_to_none=True)
-            step_fb = graphed_forward_backward(model, acc, params, batch, compute)
-            graph_loss = step_fb(model, acc, batch, compute).item()
+            graph_loss = fb(batch, 1.0).item()
+            step_fb = lambda model, acc, batch, compute: fb(batch, 1.0)  # noqa: E731
             graph_grads = torch.cat([p.grad.flatten().float() for p in params])
             optimizer.zero_grad(set_to_none=True)
             checks = dict(graph_loss=graph_loss, eager_loss=ref_loss,
@@ -443,12 +421,12 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
         s = time.perf_counter()
         if step_fb is forward_backward:
             loss, _ = train_step(model, optimizer, scheduler, acc, params, batch, compute, 0.0)
-            if settings.scale_weight_norms:
-                apply_max_norm(pairs, settings.scale_weight_norms, settings.alpha / settings.rank).tolist()
         else:
             fb_loss = step_fb(model, acc, batch, compute)
             finish(update(optimizer, acc, params, fb_loss, 0.0), scheduler)
             loss = fb_loss.item()
+        if settings.scale_weight_norms:
+            apply_max_norm(pairs, settings.scale_weight_norms, settings.alpha / settings.rank).tolist()
         losses.append(loss)  # train_step waited for the step
         if i >= warmup:
             times.append(time.perf_counter() - s)
@@ -508,11 +486,13 @@ def run_variant(name: str, cfg: dict, shape: tuple, steps: int, warmup: int, dev
                   budget_gib=plan.budget_gib, streamed_gib_per_step=copied / (warmup + 2 * steps) / 2**30,
                   offloaded=len(plan.offloaded), offloaded_gib_per_step=offloaded / (warmup + 2 * steps) / 2**30,
                   offload_host_gib=offload_host / 2**30, in_graph=plan.in_graph,
-                  **(checks if name.endswith("-graph") else {}), **probes)
+                  **(checks if graphed else {}), **probes)
     if device.type == "cuda":
         result.update(max_allocated_gib=max(first_peak, steady_peak, torch.cuda.max_memory_allocated(device)) / 2**30,
                       first_step_allocated_gib=first_peak / 2**30, steady_allocated_gib=steady_peak / 2**30,
                       max_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
+    if graphed:
+        graphs.release()  # before the next variant builds its expert
     del model, optimizer, scheduler, acc, params
     gc.collect()
     if device.type == "cuda":

@@ -109,6 +109,11 @@ MEANING = {
         "attention": "the self-attention kernel: `auto` = FlashAttention-4 on H100/H200/B200 when installed "
                      "(`pip install \"wanpair[fa4]\"`), torch's SDPA elsewhere; `sdpa` = always torch's; `fa4` = "
                      "FA4 or refuse to start. Cross-attention always uses SDPA",
+        "cuda_graph": "replay each training step as one CUDA graph (captured once per batch shape, after every shape "
+                      "ran once): `auto` = where it is safe -- one process on a CUDA GPU, every block resident, "
+                      "`gradient_accumulation_steps = 1`, no `module_dropout`, at most 8 batch shapes and 2 GiB spare "
+                      "in the memory plan; the log says which, and why not; `off` = every step launched kernel by "
+                      "kernel",
         "memory_mode": "`auto`: fit the GPU, fastest first (keep activations, then checkpoint, then stream blocks "
                        "from host memory only if still needed); `fast`: never stream (error if it cannot fit); "
                        "`low`: plan for 16 GiB, streaming fp8 blocks from pinned host memory",

@@ -3,6 +3,8 @@ the device-side skip of a bad update. (Their speed is measured in bench/, not he
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -13,10 +15,11 @@ from wanpair.models.attention import SelfAttention, separate_projections, use_se
 from wanpair.models.fp8 import FP8_MAX, Fp8Linear, keep_transposed, quantize_rows, to_fp8_linears, use_fp8_matmul
 from wanpair.project import TrainSettings
 from wanpair.train.lora import add_lora, shared_input_projections
-from wanpair.train.memory_plan import decide, plan_from_config
+from wanpair.train.memory_plan import MemoryPlan, decide, plan_from_config
 from wanpair.train.model_setup import prepare_expert
 from wanpair.train.speed import InGraphCheckpoint, checkpoint_blocks
 from wanpair.train.step import train_step
+from wanpair.train.step_graph import why_not
 from wanpair.train.streaming import use_host_memory
 
 
@@ -465,3 +468,26 @@ def test_use_fp8_matmul_skips_layers_it_cannot_serve():
     to_fp8_linears(model, torch.bfloat16)
     assert use_fp8_matmul(model, True) == 1
     assert model.blocks[0].ok.use_fp8_matmul and not model.blocks[0].odd.use_fp8_matmul
+
+
+def test_steps_are_replayed_as_cuda_graphs_only_where_that_is_safe():
+    """`cuda_graph = "auto"` on the recipe's H100 plan replays the steps; every other case runs them eagerly, and the
+    log names the reason (`wanpair.train.step_graph`; the replay itself is proven in tests/test_gpu.py)."""
+    cuda = torch.device("cuda")
+    roomy = MemoryPlan(budget_gib=78.6, blocks=40, checkpointed=0, estimate_gib=61.7, in_graph=True)
+    assert why_not(cuda, "auto", 1, roomy, 1, 0.0, 2) is None
+    assert why_not(cuda, "auto", 1, dataclasses.replace(roomy, checkpointed=12), 1, 0.0, 8) is None  # inside compile
+    cases = [((cuda, "off", 1, roomy, 1, 0.0, 2), 'cuda_graph = "off"'),
+             ((torch.device("cpu"), "auto", 1, roomy, 1, 0.0, 2), "not on a CUDA GPU"),
+             ((cuda, "auto", 2, roomy, 1, 0.0, 2), "several processes"),
+             ((cuda, "auto", 1, dataclasses.replace(roomy, streamed=[0, 1]), 1, 0.0, 2), "stream from host memory"),
+             ((cuda, "auto", 1, dataclasses.replace(roomy, offloaded=[0]), 1, 0.0, 2), "stream from host memory"),
+             ((cuda, "auto", 1, dataclasses.replace(roomy, checkpointed=4, in_graph=False), 1, 0.0, 2),
+              "checkpoint outside a compiled graph"),
+             ((cuda, "auto", 1, dataclasses.replace(roomy, budget_gib=24.0, estimate_gib=22.5), 1, 0.0, 2),
+              "less than 2 GiB spare"),
+             ((cuda, "auto", 1, roomy, 4, 0.0, 2), "gradient_accumulation_steps > 1"),
+             ((cuda, "auto", 1, roomy, 1, 0.1, 2), "module_dropout decides on the host"),
+             ((cuda, "auto", 1, roomy, 1, 0.0, 9), "9 batch shapes (more than 8)")]
+    for args, reason in cases:
+        assert reason in (why_not(*args) or ""), (args, why_not(*args))

@@ -96,6 +96,7 @@ class TrainSettings:
     checkpoint_blocks: int = -1  # how many blocks recompute activations (-1 = as many as memory needs; CPU: all)
     compile: str = "auto"  # torch.compile the transformer block (auto: on a GPU; the first step is slower)
     attention: str = "auto"  # self-attention kernel: auto (FlashAttention-4 where installed and measured) | sdpa | fa4
+    cuda_graph: str = "auto"  # replay each step as one CUDA graph where that is safe (wanpair.train.step_graph) | off
     memory_mode: str = "auto"  # auto | fast (never stream blocks) | low (fit in 16 GiB, streaming blocks)
     memory_budget_gb: float = 0.0  # GPU memory the run may use (0 = what the GPU has free)
     gradient_accumulation_steps: int = 1
@@ -221,6 +222,7 @@ CHOICES = {
     "fp8_matmul": ("auto", "on", "off"),
     "compile": ("auto", "on", "off"),
     "attention": ("auto", "sdpa", "fa4"),
+    "cuda_graph": ("auto", "off"),
     "memory_mode": ("auto", "fast", "low"),
     "experts_parallel": ("auto", "on", "off"),
 }
@@ -229,15 +231,15 @@ ON_OFF = {"fp8_matmul", "compile", "experts_parallel"}  # also accept true / fal
 # Settings that decide where and how fast the work runs, what is measured and what is saved along the way --
 # not what is trained. A LoRA or a state made under other values of these is still this run's: a rerun after
 # changing them (memory_mode = "low" after running out of memory, a new save cadence) continues it. How the
-# same math is computed (compile, the attention kernel, checkpointing, streaming) moves the last bits of a number at most, as another
+# same math is computed (compile, the attention kernel, CUDA graphs, checkpointing, streaming) moves the last bits of a number at most, as another
 # GPU would. fp8_matmul is not one of them: it quantises the activations and gradients the frozen base
 # multiplies, which changes what is trained.
 # What an [experts.high] / [experts.low] table may set for its expert alone (diffusion-pipe#372: users lower the
 # high-noise expert's learning rate, ~3e-5, as it overtrains at the shared one); everything else is shared.
 PER_EXPERT_KEYS = ("learning_rate", "epochs", "max_steps", "rank", "alpha")
 SIDE_SETTINGS = {
-    "experts_parallel", "device", "compile", "attention", "memory_mode", "memory_budget_gb", "gradient_checkpointing",
-    "checkpoint_blocks",
+    "experts_parallel", "device", "compile", "attention", "cuda_graph", "memory_mode", "memory_budget_gb",
+    "gradient_checkpointing", "checkpoint_blocks",
     "validate_every_n_steps", "validation_timesteps", "validation_items", "log_with", "tracker_project", "max_bad_steps",
     "save_every_n_epochs", "save_every_n_steps", "keep_last", "save_state_every_n_steps", "save_state_every_n_epochs",
     "keep_states", "crash_state",

@@ -2,8 +2,8 @@
 
 `ExpertTraining(...).run()` goes through its stages in order:
 - `setup_data`: the cached latents and text embeddings, the batches, the step count;
-- `setup_model`: load the expert and make it trainable and fast (`wanpair.train.model_setup`),
-  or start from an existing LoRA (`init_lora`);
+- `setup_model`: load the expert and make it trainable and fast (`wanpair.train.model_setup`; its steps
+  replayed as CUDA graphs where safe, `wanpair.train.step_graph`), or start from an existing LoRA (`init_lora`);
 - `setup_optimizer`: AdamW (or another), the learning-rate schedule, accelerate (precision, DDP);
 - `resume`: continue from a saved state, bit for bit;
 - `setup_validation`: the items, fixed timesteps and fixed noise of the validation loss;
@@ -19,6 +19,7 @@ every W-th micro-batch of a step, DDP averages the gradients, and only rank 0 wr
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -49,6 +50,7 @@ from .model_setup import prepare_expert
 from .optim import build_optimizer, build_scheduler
 from .state import Progress, StateWriter, StopFlag, capture_rngs, host_copy, list_states, lora_params, restore_rngs
 from .step import APPLIED, SCALER_SKIPPED, Verdict, finish, forward_backward, update
+from .step_graph import StepGraphs, why_not
 from .timesteps import sample_timesteps
 from .trackers import open_trackers
 
@@ -176,10 +178,12 @@ class ExpertTraining:
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
         self.latents, self.texts, self.conds = self.data.load()
-        # The most tokens a step's batch carries: the same in every epoch, since the items of one bucket have
-        # one shape and only a bucket's last batch may be short (`CachedData.batches`).
-        self.tokens = max(CachedData.tokens([self.latents[i].shape for i in idx])
-                          for idx in self.data.batches(1, t.seed))
+        # The most tokens a step's batch carries, and how many batch shapes there are (a CUDA graph each,
+        # `wanpair.train.step_graph`): the same in every epoch, since the items of one bucket have one shape and
+        # only a bucket's last batch may be short (`CachedData.batches`).
+        batches = self.data.batches(1, t.seed)
+        self.tokens = max(CachedData.tokens([self.latents[i].shape for i in idx]) for idx in batches)
+        self.n_shapes = len({(len(idx), tuple(self.latents[idx[0]].shape)) for idx in batches})
         self.per_step, self.total_steps, self.epochs = step_counts(self.data.batches_per_epoch,
                                                                    t.gradient_accumulation_steps, self.world,
                                                                    t.epochs, t.max_steps)
@@ -196,6 +200,11 @@ class ExpertTraining:
         # wherever inputs are offloaded too): then it was slower (0.558 instead of 0.489 s on an H200,
         # docs/benchmarks.md). All ranks decide alike.
         self.queue_ahead = not self.plan.streamed
+        why = why_not(self.accelerator.device, t.cuda_graph, self.world, self.plan, t.gradient_accumulation_steps,
+                      t.module_dropout, self.n_shapes)
+        self.graphs = StepGraphs(self.params, self.n_shapes, self.say) if why is None else None
+        if why and self.accelerator.device.type == "cuda":
+            self.say(f"training steps run without CUDA graphs: {why}")
         if self.world > 1:
             flag = torch.tensor([float(self.queue_ahead)], device=self.accelerator.device)
             self.queue_ahead = bool(self.accelerator.reduce(flag, reduction="sum").item() == self.world)
@@ -324,7 +333,9 @@ class ExpertTraining:
         weight = self.world / len(groups[g])
         if not mine:  # fewer micro-batches than ranks at the end of an epoch: join the all-reduce with nothing
             mine, weight = [_on(self.accelerator.device, first)], 0.0
-        local = forward_backward(self.model, self.accelerator, mine, self.t.compute_dtype, self.t.loss_weighting, weight)
+        eager = functools.partial(forward_backward, self.model, self.accelerator, compute_dtype=self.t.compute_dtype,
+                                  weighting=self.t.loss_weighting, loss_weight=weight)
+        local = self.graphs.forward_backward(eager, mine, weight) if self.graphs else eager(mine)
         loss = local
         if self.world > 1:
             loss = self.accelerator.reduce(local * weight * len(mine) / self.world, reduction="sum")
@@ -600,6 +611,8 @@ class ExpertTraining:
 
     def sample(self) -> None:
         if self.sampler and self.writes:
+            if self.graphs:
+                self.graphs.release()  # sampling needs the memory the graphs keep the step's activations in
             written = self.sampler(self.unwrapped, self.expert, self.progress.step, self.accelerator.autocast,
                                    run_identity(self.p, self.expert, self.dit, self.data.training_items,
                                                 self.data.batch_sizes))
@@ -675,6 +688,9 @@ class ExpertTraining:
             with contextlib.suppress(Exception):
                 self.state_written(block=True)  # a state being written is finished (and pushed), not cut off
             raise
+        finally:
+            if self.graphs:
+                self.graphs.release()  # their memory pool, before the next expert loads in this process
 
 
 @dataclass(frozen=True)
