@@ -3,6 +3,7 @@ the device-side skip of a bad update. (Their speed is measured in bench/, not he
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -19,7 +20,7 @@ from wanpair.train.memory_plan import MemoryPlan, decide, plan_from_config
 from wanpair.train.model_setup import prepare_expert
 from wanpair.train.speed import InGraphCheckpoint, checkpoint_blocks
 from wanpair.train.step import train_step
-from wanpair.train.step_graph import why_not
+from wanpair.train.step_graph import StepGraphs, why_not
 from wanpair.train.streaming import use_host_memory
 
 
@@ -491,3 +492,58 @@ def test_steps_are_replayed_as_cuda_graphs_only_where_that_is_safe():
              ((cuda, "auto", 1, roomy, 1, 0.0, 9), "9 batch shapes (more than 8)")]
     for args, reason in cases:
         assert reason in (why_not(*args) or ""), (args, why_not(*args))
+
+
+def test_step_graphs_capture_only_once_every_batch_shape_ran_eagerly(monkeypatch):
+    """The graphs' memory rule (`StepGraphs`): no eager step may run once a graph holds the step's activations, so
+    every batch shape runs eagerly once (compiling its blocks) before the first capture; after a release (samples)
+    the next step captures again at once; a capture that fails leaves eager steps for good, said once. CUDA's
+    graph calls are stood in for (this machine has no GPU): what is checked is which steps run how."""
+    events, messages, inside = [], [], {"capture": False}
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def capturing(graph, pool=None):
+        events.append("capture")
+        inside["capture"] = True
+        try:
+            yield
+        finally:
+            inside["capture"] = False
+
+    for name, value in {"CUDAGraph": Graph, "graph": capturing, "graph_pool_handle": object,
+                        "empty_cache": lambda: None, "synchronize": lambda: None,
+                        "current_stream": lambda: None, "set_stream": lambda s: None}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    param = torch.nn.Parameter(torch.ones(3))
+    fail = {"on": False}
+
+    def eager(micro_batches):
+        if fail["on"] and inside["capture"]:
+            raise RuntimeError("operation not permitted when stream is capturing\ndetails")
+        events.append("eager")
+        loss = (param * micro_batches[0][0].sum()).sum()
+        loss.backward()
+        return loss.detach()
+
+    def step(size):
+        del events[:]
+        graphs.forward_backward(eager, [(torch.ones(size), None)], 1.0)
+        return list(events)
+
+    graphs = StepGraphs([param], 2, messages.append)
+    assert [step(4), step(4), step(5)] == [["eager"], ["eager"], ["eager"]]  # 5 is the second shape: now all ran
+    assert step(4) == ["capture", "eager", "replay"]  # the capture runs the passes once to record them
+    assert [step(5), step(4), step(5)] == [["capture", "eager", "replay"], ["replay"], ["replay"]]
+    assert messages == ["training steps replayed as CUDA graphs (2 batch shapes)"]
+    graphs.release()
+    assert step(5) == ["capture", "eager", "replay"] and step(5) == ["replay"]
+    graphs.release()
+    fail["on"] = True
+    assert step(4) == ["capture", "eager"]  # failed, then the step eagerly
+    assert [step(4), step(5)] == [["eager"], ["eager"]] and graphs.failed and not graphs.graphs
+    assert messages[1:] == ["the training step could not be captured as a CUDA graph (operation not permitted when "
+                            "stream is capturing); its steps run without one"]
