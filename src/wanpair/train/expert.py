@@ -689,8 +689,9 @@ class ExpertTraining:
                 self.state_written(block=True)  # a state being written is finished (and pushed), not cut off
             raise
         finally:
-            if self.graphs:
-                self.graphs.release()  # their memory pool, before the next expert loads in this process
+            if self.graphs:  # their memory pool, before the next expert loads in this process; after a CUDA error
+                with contextlib.suppress(Exception):  # its device sync fails too: that error is the one to report
+                    self.graphs.release()
 
 
 @dataclass(frozen=True)

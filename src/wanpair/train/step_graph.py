@@ -17,7 +17,7 @@ A graph replays the kernels on the memory it captured them with, so:
   which need memory of their own, run after `release` (the next step captures again).
 
 Used only where that is safe and pays (`why_not`): one process on a CUDA GPU, every block resident (a streamed
-block's copies wait on events the host sets), one micro-batch per step, no module dropout (it decides on the
+block's copies are scheduled by the host as the step runs), one micro-batch per step, no module dropout (it decides on the
 host, per step), and room in the memory plan for validation beside the pool.
 """
 
@@ -30,7 +30,9 @@ import torch
 # Spare memory the plan must leave for a graph (GiB): validation's passes and the allocator's slack run beside the
 # pool that keeps the step's activations (a validation pass at 3 600 tokens takes 0.48 GiB, docs/benchmarks.md).
 HEADROOM_GIB = 2.0
-MAX_SHAPES = 8  # batch shapes worth a graph each: more means a dataset of many buckets, whose steps are mostly eager
+# A graph per batch shape, each with its own inputs and a pause to capture it, and none before every shape ran once:
+# a dataset of more buckets than this runs eagerly (a judgement, not a measurement)
+MAX_SHAPES = 8
 
 
 def why_not(device: torch.device, setting: str, processes: int, plan, accumulation: int, module_dropout: float,
