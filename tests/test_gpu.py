@@ -436,6 +436,7 @@ def test_the_loop_replays_its_steps_as_cuda_graphs_and_trains_as_it_does_without
         (result,) = LoraPairRecipe(project).run(("high",))
         out = capsys.readouterr().out
         assert ("training steps replayed as CUDA graphs (2 batch shapes)" in out) == (graph == "auto"), out
+        assert ('training steps run without CUDA graphs: cuda_graph = "off"' in out) == (graph == "off"), out
         rows = read_metrics(project.run_dir / "metrics.jsonl")
         runs[graph] = ([r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r],
                        sorted(p.name for p in (project.run_dir / "samples").glob("*.png")))

@@ -17,8 +17,8 @@ A graph replays the kernels on the memory it captured them with, so:
   which need memory of their own, run after `release` (the next step captures again).
 
 Used only where that is safe and pays (`why_not`): one process on a CUDA GPU, every block resident (a streamed
-block's copies are scheduled by the host as the step runs), one micro-batch per step, no module dropout (it decides on the
-host, per step), and room in the memory plan for validation beside the pool.
+block's copies are scheduled by the host as the step runs), one micro-batch per step, no module dropout (it
+decides on the host, per step), and room in the memory plan for validation beside the pool.
 """
 
 from __future__ import annotations
