@@ -266,9 +266,35 @@ def test_the_doctors_run_time_counts_the_steps_and_validations_a_run_makes(demo)
 
     sizes = batch_sizes(recipe)
     shown = [c.what for c in speed_checks(recipe, resident, A14B, "NVIDIA H100 80GB HBM3", sizes)]
-    assert len(shown) == 2 and "expected ≈" in shown[0] and shown[1] == text
-    assert [c.what for c in speed_checks(recipe, resident, A14B, "NVIDIA A100-SXM4-80GB", sizes)][-1].endswith(
+    assert len(shown) == 3 and "expected ≈" in shown[0] and shown[2] == text
+    assert shown[1] == "training steps run without CUDA graphs: gradient_accumulation_steps > 1"  # as the loop logs it
+    assert [c.what for c in speed_checks(recipe, resident, A14B, "NVIDIA A100-SXM4-80GB", sizes)][0].endswith(
         "speed on NVIDIA A100-SXM4-80GB: not measured (H100/H200: docs/benchmarks.md)")
+
+
+def test_doctor_says_whether_steps_replay_as_cuda_graphs_counting_the_batch_shapes_training_makes(demo):
+    """The doctor's CUDA graph line is the loop's rule on the doctor's plan, and counts the batch shapes the loop will
+    meet: with batch_size 4, the demo's 12 square images make batches of 4 and its 6 landscape ones a 4 and a 2 --
+    three shapes, in every epoch the loop draws. No graphs where blocks stream from host memory."""
+    from wanpair.setup.doctor import step_graph_check
+    from wanpair.train.preflight import preflight
+    from wanpair.train.recipe import LoraPairRecipe
+
+    toml = demo / "dataset" / "dataset.toml"
+    toml.write_text(toml.read_text().replace("batch_size = 1", "batch_size = 4"))
+    project, _ = load_project(demo / "wanpair.toml")
+    recipe = LoraPairRecipe(project)
+    recipe.checked = preflight(project, project.task.experts, recipe.device, quiet=True)
+    recipe.choose_validation()
+    data = recipe.cached_data(paths=False)
+    drawn = {(len(idx), data.items[idx[0]].bucket, data.items[idx[0]].frames)
+             for epoch in range(1, 6) for idx in data.batches(epoch, 42)}
+    assert data.batch_shapes() == drawn and sorted(n for n, _, _ in drawn) == [2, 4, 4]
+    resident = plan_from_config(A14B, 3600, TrainSettings(), 78.5, fp8_matmul=True)
+    assert step_graph_check(recipe, resident).what == "training steps replayed as CUDA graphs (3 batch shapes)"
+    low = plan_from_config(A14B, 3600, TrainSettings(memory_mode="low"), 16.0, fp8_matmul=True)
+    streamed = step_graph_check(recipe, low).what
+    assert streamed == "training steps run without CUDA graphs: blocks stream from host memory"
 
 
 def test_doctor_estimates_the_plan_the_loaded_expert_got_on_the_h200():

@@ -51,6 +51,16 @@ class CachedData:
             buckets.setdefault((it.dataset, it.bucket, it.frames), []).extend([i] * it.num_repeats)
         return buckets
 
+    def batch_shapes(self) -> set[tuple]:
+        """(samples, bucket, frames) of every batch an epoch makes: each bucket cut into batches of its dataset's
+        batch_size, only the last maybe shorter; the same in every epoch, whatever the shuffle. A CUDA graph is
+        captured per batch shape (`wanpair.train.step_graph`), and `wanpair doctor` says so before a run."""
+        shapes = set()
+        for (ds, bucket, frames), idx in self.buckets().items():
+            size = self.batch_sizes[ds]
+            shapes |= {(min(size, len(idx) - k), bucket, frames) for k in range(0, len(idx), size)}
+        return shapes
+
     @property
     def batches_per_epoch(self) -> int:
         return sum(math.ceil(len(idx) / self.batch_sizes[ds]) for (ds, _, _), idx in self.buckets().items())

@@ -178,12 +178,11 @@ class ExpertTraining:
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
         self.latents, self.texts, self.conds = self.data.load()
-        # The most tokens a step's batch carries, and how many batch shapes there are (a CUDA graph each,
-        # `wanpair.train.step_graph`): the same in every epoch, since the items of one bucket have one shape and
-        # only a bucket's last batch may be short (`CachedData.batches`).
+        # The most tokens a step's batch carries (the same in every epoch: one bucket's items have one shape), and
+        # how many batch shapes there are (a CUDA graph each, `wanpair.train.step_graph`)
         batches = self.data.batches(1, t.seed)
         self.tokens = max(CachedData.tokens([self.latents[i].shape for i in idx]) for idx in batches)
-        self.n_shapes = len({(len(idx), tuple(self.latents[idx[0]].shape)) for idx in batches})
+        self.n_shapes = len(self.data.batch_shapes())
         self.per_step, self.total_steps, self.epochs = step_counts(self.data.batches_per_epoch,
                                                                    t.gradient_accumulation_steps, self.world,
                                                                    t.epochs, t.max_steps)
