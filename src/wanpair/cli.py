@@ -503,8 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="checklist: will training start here, with what memory plan and speed",
                        description="Check Python, torch and its CUDA build, the GPUs, bf16/fp8 support, and for a "
                                    "project: the models (kinds and experts), the dataset, the tokenizer, caches, disk, "
-                                   "the memory plan this GPU would get with its expected s/step, and host RAM for "
-                                   "streamed blocks. Exit 0 when training would start, 1 otherwise.")
+                                   "the memory plan this GPU would get with its expected s/step, whether a run on one GPU "
+                                   "replays its steps as CUDA graphs, and host RAM for streamed blocks. Exit 0 when "
+                                   "training would start, 1 otherwise.")
     p.add_argument("project", nargs="?", help="a wanpair.toml (without it: only the machine is checked)")
     p.set_defaults(func=cmd_doctor)
 

@@ -243,8 +243,9 @@ def step_graph_check(recipe, plan) -> Check:
     shapes = len(recipe.cached_data(paths=False).batch_shapes())
     why = why_not(torch.device("cuda"), t.cuda_graph, 1, plan, t.gradient_accumulation_steps, t.module_dropout,
                   shapes)
-    return Check(None, f"training steps replayed as CUDA graphs ({shapes} batch shape{'s' if shapes > 1 else ''})"
-                       if why is None else f"training steps run without CUDA graphs: {why}")
+    return Check(None, f"training steps replayed as CUDA graphs ({shapes} batch shape{'s' if shapes > 1 else ''}; "
+                       "with --gpus 2 or more they run without)" if why is None else
+                 f"training steps run without CUDA graphs: {why}")
 
 
 def speed_checks(recipe, plan, config: dict, gpu: str, sizes: set[tuple[int, int]]) -> list[Check]:
