@@ -582,6 +582,47 @@ def test_a_planted_dataset_toml_or_fifo_makes_the_page_read_or_wait_on_nothing(d
     assert all(v == [] for v in client.get("/api/models?task=t2v-A14B").get_json().values())
 
 
+def test_a_dataset_toml_that_links_out_or_is_huge_is_not_read_and_planted_captions_and_media_are_bounded(demo,
+                                                                                                         tmp_path):
+    """Planted in a folder the page checks: a dataset.toml linked to a file outside the roots (its keys would be named
+    in the report's error), one of a gigabyte (sparse, no disk), a gigabyte caption, a caption linked out: none is
+    read whole or at all -- the report says so by name -- and the page stays whole. (Media are hashed a piece at a
+    time: tests/test_dataset.py.)"""
+    import tracemalloc
+
+    secret = tmp_path / "registry.toml"
+    secret.write_text('[registry]\nhunter2 = "password"\n')
+    toml = demo / "dataset" / "dataset.toml"
+    toml.unlink(missing_ok=True)
+    toml.symlink_to(secret)
+    client = reader(create_app([demo], token=TOKEN, tick_s=None))
+    report = client.get("/api/folder?root=0&path=dataset").get_json()["report"]
+    assert "hunter2" not in report and "registry" not in report
+    assert f"{toml} leads outside the dashboard's folders, which the page does not read" in report
+    toml.unlink()
+    with open(toml, "wb") as f:
+        f.write(b"[general]\nresolution = [64, 64]\n")
+        f.truncate(1 << 30)
+    with open(demo / "dataset" / "img_01.txt", "wb") as f:
+        f.truncate(1 << 30)
+    tracemalloc.start()
+    try:
+        report = client.get("/api/folder?root=0&path=dataset").get_json()["report"]
+        toml.unlink()
+        caption = client.get("/api/folder?root=0&path=dataset").get_json()["report"]  # the recipe's dataset.toml
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB held at once"
+    assert f"{toml} is over 1024 KiB, which the page does not read" in report
+    assert f"{demo / 'dataset' / 'img_01.txt'}: over 64 KiB, too large for a caption" in caption
+    (demo / "dataset" / "img_02.txt").unlink()
+    (demo / "dataset" / "img_02.txt").symlink_to(secret)  # a caption the check would read, and name in its errors
+    report = client.get("/api/folder?root=0&path=dataset").get_json()["report"]
+    assert "hunter2" not in report
+    assert f"{demo / 'dataset' / 'img_02.txt'} leads outside the dashboard's folders" in report
+
+
 def test_odd_requests_are_answered_with_a_reason(served):
     port, root, run_id, _ = served
     here = f"127.0.0.1:{port}"

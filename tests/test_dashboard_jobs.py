@@ -217,6 +217,26 @@ def test_it_binds_to_this_machine_and_warns_for_others():
     assert "http://0.0.0.0:8080/?token=abc" in message and "`ssh -L 8080:127.0.0.1:8080 gpu-box`" in message
 
 
+def test_a_fixed_token_comes_from_the_environment_and_one_on_the_command_line_is_warned_about(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """Another user of the machine can read every process's command line (ps, /proc/PID/cmdline), not its
+    environment: WANPAIR_DASHBOARD_TOKEN sets the token; --token still does, with a warning that names the way."""
+    import wanpair.dashboard.app as app_module
+    from wanpair.cli import main
+
+    served = []
+    monkeypatch.setattr(app_module, "serve", lambda roots, host, port, token, allow: served.append(token))
+    monkeypatch.setenv("WANPAIR_DASHBOARD_TOKEN", "from-the-environment")
+    assert main(["dashboard", str(tmp_path)]) == 0
+    assert served == ["from-the-environment"] and "warning" not in capsys.readouterr().err
+    assert main(["dashboard", str(tmp_path), "--token", "on-the-line"]) == 0
+    assert served[-1] == "on-the-line"
+    assert "every user of this machine can read (ps); set it in the environment instead: WANPAIR_DASHBOARD_TOKEN" \
+        in capsys.readouterr().err
+    monkeypatch.delenv("WANPAIR_DASHBOARD_TOKEN")
+    assert main(["dashboard", str(tmp_path)]) == 0 and served[-1] is None  # a new random one (create_app)
+
+
 def test_a_second_dashboard_on_the_same_folder_is_refused(demo):
     first = create_app([demo], token=TOKEN, tick_s=3600)  # serving: it runs the queue
     with pytest.raises(WanpairError) as refused:
@@ -369,6 +389,23 @@ def test_after_a_restart_a_job_still_training_is_not_started_again_and_the_queue
         locks.clear()
     _until(lambda: after.tick() or waiting.state == "finished")
     assert after.jobs[0].state in ("interrupted", "finished")  # it ended unseen: the run's files tell how
+
+
+def test_a_training_whose_workers_still_hold_its_lock_after_its_process_ended_keeps_the_queue_waiting(demo):
+    """`wanpair train` stopped by Ctrl-C ends while its expert workers still save under its run lock: the job stays
+    running until the lock is free, and nothing starts beside it -- even where the roots' walk cannot see the run
+    (an output_dir outside them: `busy` sees nothing here). The lock is held by this test, the workers' stand-in."""
+    job = train_job(demo / "wanpair.toml")
+    job.argv = ["--version"]  # its main process: ends at once
+    queue = JobQueue(demo / "q", Roots.of([demo]), busy=lambda: [])
+    with run_lock(Path(job.lock).parent, "demo_shapes_v1"):
+        queue.add(job)
+        waiting = queue.add(_quick("next", demo))
+        assert queue._procs[job.id].wait(PATIENCE_S) == 0
+        queue.tick()
+        assert (job.state, waiting.state) == ("running", "queued")
+    _until(lambda: queue.tick() or waiting.state == "finished")
+    assert job.state == "finished" and job.returncode == 0
 
 
 def test_a_training_restarted_before_it_takes_its_lock_is_followed_by_its_process(demo):

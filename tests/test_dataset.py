@@ -103,3 +103,35 @@ def test_check_counts_caption_tokens_with_the_projects_tokenizer(demo, capsys):
     (demo / "dataset" / "img_01.txt").write_text(" ".join(["red"] * 600))
     assert main(["check", str(demo / "wanpair.toml")]) == 1
     assert "img_01.txt: caption is 601 tokens; only the first 512 are used" in capsys.readouterr().out
+
+
+def test_media_are_hashed_a_piece_at_a_time_with_the_hashes_caches_are_keyed_by(demo_root, tmp_path):
+    """The content hash that keys the latent cache: an image's is the sha256 of its bytes, a frame folder's of each
+    frame's name and bytes (as before: existing caches stay valid); a file of 256 MiB (a long video, or one planted
+    in a folder the dashboard checks) is read a piece at a time, never held whole."""
+    import hashlib
+    import tracemalloc
+
+    from wanpair.data.video import content_hash
+
+    image = demo_root / "dataset" / "img_01.png"
+    assert content_hash(image) == hashlib.sha256(image.read_bytes()).hexdigest()
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    for name in ("f1.png", "f0.png"):
+        shutil.copy(image, frames / name)
+    expected = hashlib.sha256()
+    for name in ("f0.png", "f1.png"):
+        expected.update(name.encode() + image.read_bytes())
+    assert content_hash(frames) == expected.hexdigest()
+    big = tmp_path / "big.mp4"
+    with open(big, "wb") as f:
+        f.truncate(256 * 2**20)
+    tracemalloc.start()
+    try:
+        digest = content_hash(big)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert digest == "a6d72ac7690f53be6ae46ba88506bd97302a093f7108472bd9efc3cefda06484"  # 256 MiB of zeros
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB held at once"

@@ -30,6 +30,8 @@ from .errors import StopRequested, WanpairError
 from .logs import configure_logging
 from .models.tasks import TASKS, expert_name, expert_noun
 
+TOKEN_VARIABLE = "WANPAIR_DASHBOARD_TOKEN"  # the dashboard's token, kept out of the process list
+
 DESCRIPTION = """\
 Train the LoRA pair that Wan 2.2 T2V A14B needs -- one LoRA for the high-noise expert
 (timesteps 875-1000) and one for the low-noise expert (0-875) -- from one project file.
@@ -180,7 +182,11 @@ def cmd_dashboard(args) -> int:
     for root in roots:
         if not root.is_dir():
             raise WanpairError(f"{root} is not a folder; give the output folders your runs write to (default: .).")
-    serve(roots, args.host, args.port, args.token, args.allow_host)
+    token = args.token or os.environ.get(TOKEN_VARIABLE) or None
+    if args.token:
+        print(f"warning: a token given with --token is in the process list, which every user of this machine can "
+              f"read (ps); set it in the environment instead: {TOKEN_VARIABLE}=... wanpair dashboard", file=sys.stderr)
+    serve(roots, args.host, args.port, token, args.allow_host)
     return 0
 
 
@@ -527,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; another prints a warning)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--token", help="the token every request must carry (default: a new random one)")
+    p.add_argument("--token", help=f"the token every request must carry (default: ${TOKEN_VARIABLE}, else a new random "
+                                   "one); other users of this machine can read it in the process list: prefer "
+                                   f"${TOKEN_VARIABLE}")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests made to this host name (repeat for more); by default only localhost "
                         "and IP addresses, so that no web page can reach it by DNS rebinding; '*': any name")

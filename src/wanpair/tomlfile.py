@@ -14,13 +14,14 @@ else:  # pragma: no cover
 from .errors import WanpairError
 
 
-def read_toml(path: str | Path, missing: str) -> tuple[Path, dict]:
-    """(resolved path, parsed table); `missing` is the sentence to add when the file does not exist."""
+def read_toml(path: str | Path, missing: str, text: str | None = None) -> tuple[Path, dict]:
+    """(resolved path, parsed table); `missing` is the sentence to add when the file does not exist; `text`: the
+    file's text as the caller already read it (the dashboard, from a descriptor it checked), parsed instead."""
     path = Path(path).expanduser().resolve()
-    if not path.is_file():
+    if text is None and not path.is_file():
         raise WanpairError(f"{path} does not exist. {missing}")
     try:
-        return path, tomllib.loads(path.read_text(encoding="utf-8"))
+        return path, tomllib.loads(path.read_text(encoding="utf-8") if text is None else text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise WanpairError(f"{path} is not valid TOML: {e}") from None
 

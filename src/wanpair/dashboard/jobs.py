@@ -310,8 +310,8 @@ class JobQueue:
                 continue
             proc = self._procs.get(job.id)
             if proc is not None:
-                if proc.poll() is None:
-                    continue
+                if proc.poll() is None or (job.lock and lock_is_held(Path(job.lock))):
+                    continue  # running, or its main process ended while its workers still save (they hold the lock)
                 del self._procs[job.id]
                 job.returncode = proc.returncode
                 job.state = ("finished" if proc.returncode == 0 else  # asked to stop, it ended: stopped, however

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ..data.dataset_config import load_dataset_config
 from ..data.images import IMAGE_EXTENSIONS
-from ..data.items import Report, check_dataset
-from ..data.media import caption_path, media_in, media_kind
+from ..data.items import MAX_CAPTION_BYTES, Report, check_dataset
+from ..data.media import caption_path, dataset_media, media_in, media_kind
 from ..errors import WanpairError
 from ..models.tasks import TASKS, T2V
 from ..project import CHOICES, TrainSettings, load_project
@@ -31,7 +31,7 @@ FORM_SETTINGS = ("epochs", "learning_rate", "rank", "memory_mode", "validate_eve
 FORM_EXPERT_SETTINGS = ("learning_rate",)  # also per expert of a pair: [experts.high] / [experts.low]
 SKIPPED_FOLDERS = {"cache", "output", "models", "state", "samples", "tensorboard"}
 FOLDER_DEPTH = 3
-CAPTION_LIMIT = 64 * 1024  # bytes: a caption longer than this is no caption (umT5 reads 512 tokens)
+DATASET_TOML_LIMIT = 1 << 20  # bytes: a Musubi dataset.toml is a few hundred
 WEIGHT_SUFFIXES = {".safetensors", ".pth", ".pt", ".bin"}
 MODEL_HINTS = {"high_noise": "high_noise", "low_noise": "low_noise", "vae": "vae", "t5": "t5"}  # files named
 # otherwise than the recipe's (the demo's tiny ones, a renamed download): these words in the name come first
@@ -81,7 +81,7 @@ def captions(folder: Path, roots: Roots) -> list[dict]:
         cap = caption_path(media)
         preview = media if media.is_file() else next((p for p in sorted(media.iterdir())
                                                       if p.suffix.lower() in IMAGE_EXTENSIONS), None)
-        text = roots.read_text(cap, CAPTION_LIMIT)
+        text = roots.read_text(cap, MAX_CAPTION_BYTES)
         out.append({"media": roots.locate(media), "preview": roots.locate(preview) if preview else None,
                     "caption": text.strip() if text is not None else None})
     return out
@@ -91,8 +91,8 @@ def write_caption(media: Path, text: str, roots: Roots) -> Path:
     """Replace the caption of `media` (atomically): `media` must be one its folder trains on (`media_of`), not a
     root itself (whose caption would be written beside the root, outside it); the caption is written as a
     regular file of that folder, checked on the opened folder (`Roots.write_text`: never through a link)."""
-    if len(text.encode("utf-8", "surrogatepass")) > CAPTION_LIMIT:
-        raise WanpairError(f"a caption of {len(text)} characters is refused: at most {CAPTION_LIMIT // 1024} KiB "
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CAPTION_BYTES:
+        raise WanpairError(f"a caption of {len(text)} characters is refused: at most {MAX_CAPTION_BYTES // 1024} KiB "
                            "(training reads the first 512 umT5 tokens, a few thousand characters).")
     if media in roots.paths:
         raise PathRefused(f"{media} is a folder the dashboard was started on; its caption would be written "
@@ -108,20 +108,44 @@ def check_report(folder: Path, force: bool, roots: Roots) -> Report:
     """`wanpair check` of what training would read: the folder's dataset.toml, or (none, or `force`) the
     recipe's, checked from a scratch copy that names the folder. A dataset.toml that names folders outside the
     roots, or lists its media in a JSONL file (any path), is not read here (a planted one would make the page
-    read, name or wait on files elsewhere): the report says to check it with `wanpair check` in a shell."""
+    read, name or wait on files elsewhere): the report says to check it with `wanpair check` in a shell. The same
+    for a dataset.toml that is a link out of the roots, or larger than any (it is read from a checked descriptor,
+    at most `DATASET_TOML_LIMIT` bytes)."""
     existing = folder / "dataset.toml"
     if existing.is_file() and not force:
-        specs = load_dataset_config(existing)
+        text = roots.read_text(existing, DATASET_TOML_LIMIT + 1)
+        if text is None or len(text.encode("utf-8")) > DATASET_TOML_LIMIT:
+            return Report(warnings=[f"{existing} " + ("leads outside the dashboard's folders" if text is None else
+                                                      f"is over {DATASET_TOML_LIMIT // 1024} KiB")
+                                    + f", which the page does not read. Check it in a shell: wanpair check {existing}"])
+        specs = load_dataset_config(existing, text)
         elsewhere = [str(s.source) for s in specs if s.from_jsonl or roots.locate(s.source) is None]
         if elsewhere:
             return Report(warnings=[f"{existing} reads {', '.join(elsewhere)}: a JSONL list or a folder outside the "
                                     f"dashboard's folders, which the page does not read. Check it in a shell: "
                                     f"wanpair check {existing}"])
-        return check_dataset(specs)
+        return _checked(specs, roots, existing)
     with tempfile.TemporaryDirectory(prefix="wanpair-check-") as scratch:
         toml = Path(scratch) / "dataset.toml"
         toml.write_text(dataset_toml(media_kind(folder), directory=str(folder)), encoding="utf-8")
-        return check_dataset(load_dataset_config(toml))
+        return _checked(load_dataset_config(toml), roots, folder)
+
+
+def _checked(specs: list, roots: Roots, what: Path) -> Report:
+    """`check_dataset` of `specs` (folders inside the roots), unless one of their media, frames or captions is a
+    link out of the roots: the check would read it (a planted link to a private file, its errors naming it)."""
+    out = []
+    for spec in specs:
+        for entry in dataset_media(spec.source, spec.kind):
+            paths = [entry, caption_path(entry, spec.caption_extension)]
+            if entry.is_dir() and roots.locate(entry) is not None:
+                paths += sorted(entry.iterdir())  # a clip's frames
+            out += [str(p) for p in paths if roots.locate(p) is None]
+    if out:
+        return Report(warnings=[f"{out[0]} leads outside the dashboard's folders" + (f" ({len(out)} such)" if
+                                len(out) > 1 else "") + ", which the page does not read. Check the dataset in a "
+                                f"shell: wanpair check {what}"])
+    return check_dataset(specs)
 
 
 def model_choices(roots: Roots, task_name: str) -> dict[str, list[dict]]:

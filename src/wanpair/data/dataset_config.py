@@ -103,9 +103,10 @@ def _fixed_size_problem(resolution: tuple[int, int], where: str, path: Path) -> 
             "enable_bucket = true.")
 
 
-def load_dataset_config(path: str | Path) -> list[DatasetSpec]:
-    """Parse and validate a Musubi `dataset.toml`; every problem is reported at once."""
-    path, raw = read_toml(path, "Point [dataset] config in your project at your Musubi dataset.toml.")
+def load_dataset_config(path: str | Path, text: str | None = None) -> list[DatasetSpec]:
+    """Parse and validate a Musubi `dataset.toml` (`text`: its text, already read); every problem is reported at
+    once."""
+    path, raw = read_toml(path, "Point [dataset] config in your project at your Musubi dataset.toml.", text)
     problems: list[str] = []
     for key in raw:
         if key not in ("general", "datasets", "validation"):

@@ -8,7 +8,6 @@ each line is {"image_path": ..., "caption": ...}.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -67,9 +66,20 @@ class Report:
         return "\n".join(lines)
 
 
+MAX_CAPTION_BYTES = 64 * 1024
+
+
 def _read_caption(path: Path, report: Report) -> str | None:
+    """A caption's text; a file larger than any caption (umT5 reads 512 tokens, a few KB) is refused unread: it is
+    the wrong file, or one planted to fill the memory of whatever checks the folder (the dashboard)."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CAPTION_BYTES + 1)
+        if len(data) > MAX_CAPTION_BYTES:
+            report.errors.append(f"{path}: over {MAX_CAPTION_BYTES // 1024} KiB, too large for a caption (the text "
+                                 "encoder reads 512 tokens, a few KB); is it the right file?")
+            return None
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         report.errors.append(f"{path}: caption is not UTF-8 text; re-save it as UTF-8.")
         return None
@@ -121,7 +131,7 @@ def _image_items(spec: DatasetSpec, path: Path, caption: str, report: Report) ->
     size = load_rgb(path).size
     bucket = choose_bucket(size, spec.resolution, spec.enable_bucket, spec.bucket_no_upscale)
     _warn_small(path, size, bucket, report)
-    return [Item(path, caption, spec.index, size, bucket, hashlib.sha256(path.read_bytes()).hexdigest(), spec.num_repeats)]
+    return [Item(path, caption, spec.index, size, bucket, content_hash(path), spec.num_repeats)]
 
 
 def _video_items(spec: DatasetSpec, path: Path, caption: str, report: Report,

@@ -21,6 +21,8 @@ import numpy as np
 from .dataset_config import DatasetSpec
 from .images import IMAGE_EXTENSIONS, load_rgb
 
+HASH_PIECE_BYTES = 2**20
+
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".avi", ".mkv"}
 WAN_FPS = 16  # Wan 2.1/2.2 T2V generate 16 fps video (Wan2.2 `wan/configs`: sample_fps = 16)
 
@@ -121,9 +123,13 @@ def clip_ranges(frame_count: int, spec: DatasetSpec) -> list[tuple[int, int]]:
 
 
 def content_hash(path: Path) -> str:
+    """sha256 of an image's or video's bytes (a folder of frames: each file's name and bytes), read a piece at a
+    time: a 4K video of gigabytes, or a file planted in a folder the dashboard checks, is never held in memory."""
     h = hashlib.sha256()
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     for f in files:
         h.update(f.name.encode() if path.is_dir() else b"")
-        h.update(f.read_bytes())
+        with open(f, "rb") as stream:
+            while piece := stream.read(HASH_PIECE_BYTES):
+                h.update(piece)
     return h.hexdigest()
