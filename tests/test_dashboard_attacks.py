@@ -598,7 +598,7 @@ def test_a_dataset_toml_that_links_out_or_is_huge_is_not_read_and_planted_captio
     client = reader(create_app([demo], token=TOKEN, tick_s=None))
     report = client.get("/api/folder?root=0&path=dataset").get_json()["report"]
     assert "hunter2" not in report and "registry" not in report
-    assert f"{toml} leads outside the dashboard's folders, which the page does not read" in report
+    assert f"{toml} leads outside the dashboard's folders or cannot be read, which the page does not read" in report
     toml.unlink()
     with open(toml, "wb") as f:
         f.write(b"[general]\nresolution = [64, 64]\n")

@@ -394,12 +394,19 @@ def test_after_a_restart_a_job_still_training_is_not_started_again_and_the_queue
 def test_a_training_whose_workers_still_hold_its_lock_after_its_process_ended_keeps_the_queue_waiting(demo):
     """`wanpair train` stopped by Ctrl-C ends while its expert workers still save under its run lock: the job stays
     running until the lock is free, and nothing starts beside it -- even where the roots' walk cannot see the run
-    (an output_dir outside them: `busy` sees nothing here). The lock is held by this test, the workers' stand-in."""
+    (an output_dir outside them: `busy` sees nothing here). The lock is held by this test, the workers' stand-in.
+    A job refused because another run holds the lock is not kept running by that run's lock."""
     job = train_job(demo / "wanpair.toml")
     job.argv = ["--version"]  # its main process: ends at once
     queue = JobQueue(demo / "q", Roots.of([demo]), busy=lambda: [])
     with run_lock(Path(job.lock).parent, "demo_shapes_v1"):
+        refused = queue.add(train_job(demo / "wanpair.toml"))  # `wanpair train` while another run holds its lock
+        assert queue._procs[refused.id].wait(PATIENCE_S) == 2
+        queue.tick()
+        assert refused.state == "failed"  # not kept running by the other run's lock
+        assert "another wanpair run" in "\n".join(queue.log_tail(refused, 20))
         queue.add(job)
+        Path(job.lock).write_text(str(job.pid))  # the run's own pid first, as `run_lock` writes it
         waiting = queue.add(_quick("next", demo))
         assert queue._procs[job.id].wait(PATIENCE_S) == 0
         queue.tick()

@@ -41,7 +41,7 @@ from typing import Callable
 from ..atomic import write_text_atomic
 from ..errors import WanpairError
 from ..project import load_project
-from ..train.run_lock import lock_is_held, lock_path
+from ..train.run_lock import held_by_run_of, lock_is_held, lock_path
 from .paths import PathRefused, Roots, open_inside
 from .runs import Run, state_of
 
@@ -310,8 +310,8 @@ class JobQueue:
                 continue
             proc = self._procs.get(job.id)
             if proc is not None:
-                if proc.poll() is None or (job.lock and lock_is_held(Path(job.lock))):
-                    continue  # running, or its main process ended while its workers still save (they hold the lock)
+                if proc.poll() is None or (job.lock and held_by_run_of(Path(job.lock), proc.pid)):
+                    continue  # running, or its main process ended while its workers still save (they hold its lock)
                 del self._procs[job.id]
                 job.returncode = proc.returncode
                 job.state = ("finished" if proc.returncode == 0 else  # asked to stop, it ended: stopped, however

@@ -115,7 +115,8 @@ def check_report(folder: Path, force: bool, roots: Roots) -> Report:
     if existing.is_file() and not force:
         text = roots.read_text(existing, DATASET_TOML_LIMIT + 1)
         if text is None or len(text.encode("utf-8")) > DATASET_TOML_LIMIT:
-            return Report(warnings=[f"{existing} " + ("leads outside the dashboard's folders" if text is None else
+            return Report(warnings=[f"{existing} " + ("leads outside the dashboard's folders or cannot be read"
+                                                      if text is None else
                                                       f"is over {DATASET_TOML_LIMIT // 1024} KiB")
                                     + f", which the page does not read. Check it in a shell: wanpair check {existing}"])
         specs = load_dataset_config(existing, text)
@@ -124,18 +125,23 @@ def check_report(folder: Path, force: bool, roots: Roots) -> Report:
             return Report(warnings=[f"{existing} reads {', '.join(elsewhere)}: a JSONL list or a folder outside the "
                                     f"dashboard's folders, which the page does not read. Check it in a shell: "
                                     f"wanpair check {existing}"])
-        return _checked(specs, roots, existing)
+        return _checked(specs, roots, f"wanpair check {existing}")
     with tempfile.TemporaryDirectory(prefix="wanpair-check-") as scratch:
         toml = Path(scratch) / "dataset.toml"
         toml.write_text(dataset_toml(media_kind(folder), directory=str(folder)), encoding="utf-8")
-        return _checked(load_dataset_config(toml), roots, folder)
+        return _checked(load_dataset_config(toml), roots, f"wanpair init {folder} writes its dataset.toml, which "
+                                                           "`wanpair check` then reads")
 
 
-def _checked(specs: list, roots: Roots, what: Path) -> Report:
+def _checked(specs: list, roots: Roots, in_a_shell: str) -> Report:
     """`check_dataset` of `specs` (folders inside the roots), unless one of their media, frames or captions is a
-    link out of the roots: the check would read it (a planted link to a private file, its errors naming it)."""
+    link out of the roots: the check would read it (a planted link to a private file, its errors naming it).
+    Looked at before the check opens them: a link swapped in between is not caught here. `in_a_shell`: how to
+    check the dataset instead."""
     out = []
     for spec in specs:
+        if not spec.source.is_dir():
+            continue  # the check says it does not exist
         for entry in dataset_media(spec.source, spec.kind):
             paths = [entry, caption_path(entry, spec.caption_extension)]
             if entry.is_dir() and roots.locate(entry) is not None:
@@ -143,8 +149,8 @@ def _checked(specs: list, roots: Roots, what: Path) -> Report:
             out += [str(p) for p in paths if roots.locate(p) is None]
     if out:
         return Report(warnings=[f"{out[0]} leads outside the dashboard's folders" + (f" ({len(out)} such)" if
-                                len(out) > 1 else "") + ", which the page does not read. Check the dataset in a "
-                                f"shell: wanpair check {what}"])
+                                len(out) > 1 else "") + f", which the page does not read. Check the dataset in a "
+                                f"shell: {in_a_shell}"])
     return check_dataset(specs)
 
 

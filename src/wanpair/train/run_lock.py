@@ -85,6 +85,17 @@ def lock_is_held(lock: Path) -> bool:
         os.close(fd)  # lets go of the probe's shared lock
 
 
+def held_by_run_of(lock: Path, pid: int) -> bool:
+    """Is `lock` held by the run whose own process is or was `pid`: by it, or by its workers still saving once it
+    ended (the run wrote its pid first)? Not when another run holds it (the one `pid` was refused by)."""
+    if not lock_is_held(lock):
+        return False
+    try:
+        return lock.read_text().split()[:1] == [str(pid)]
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def lock_holder(lock: Path) -> int:
     """A live process of the run holding `lock` (0 if no process holds it): the run's own pid, or once it was
     killed, the pid of a worker of it still saving. (If none recorded lives, the run's pid: the lock is held
