@@ -91,9 +91,16 @@ def held_by_run_of(lock: Path, pid: int) -> bool:
     if not lock_is_held(lock):
         return False
     try:
-        return lock.read_text().split()[:1] == [str(pid)]
-    except (OSError, UnicodeDecodeError):
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
         return False
+    try:
+        first = os.read(fd, 32).split()[:1]  # a pid is at most 7 digits: a planted huge file is not read whole
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return first == [str(pid).encode()]
 
 
 def lock_holder(lock: Path) -> int:
