@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from wanpair.errors import WanpairError
-from wanpair.train.run_lock import lock_holder, lock_is_held, lock_path, run_lock
+from wanpair.train.run_lock import held_by_run_of, lock_holder, lock_is_held, lock_path, run_lock
 
 # Takes the lock of argv[1]/argv[2]; with argv[3] == "child", starts a sleeping process that inherits it (as
 # `wanpair train` starts its workers) and prints its pid; says "held", then sleeps until killed.
@@ -159,3 +159,26 @@ def test_a_file_system_without_flock_is_named_before_anything_runs(demo, monkeyp
     err = capsys.readouterr().err
     assert "does not support file locks (flock: No locks available)" in err and "local disk" in err
     assert "Traceback" not in err and not rl.lock_is_held(demo / "output" / ".demo_shapes_v1.lock")
+
+
+def test_a_run_is_known_by_the_first_pid_of_its_lock_file_read_a_page_at_most(tmp_path):
+    """`held_by_run_of` (the dashboard: is this job's run still saving?) is true for the run that wrote its pid
+    first and holds the lock, false for any other pid and once it is free; a lock file grown to a gigabyte (sparse,
+    planted) is read a page at most, and the holder is still named."""
+    import tracemalloc
+
+    lock = lock_path(tmp_path, "r")
+    with run_lock(tmp_path, "r"):
+        assert held_by_run_of(lock, os.getpid()) and not held_by_run_of(lock, os.getpid() + 1)
+        with open(lock, "r+b") as f:
+            f.seek(0, os.SEEK_END)
+            f.write(b" ")
+            f.truncate(1 << 30)
+        tracemalloc.start()
+        try:
+            assert held_by_run_of(lock, os.getpid()) and lock_holder(lock) == os.getpid()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 2**20, f"{peak / 2**20:.0f} MiB held at once"
+    assert not held_by_run_of(lock, os.getpid())

@@ -232,8 +232,8 @@ ON_OFF = {"fp8_matmul", "compile", "experts_parallel"}  # also accept true / fal
 # not what is trained. A LoRA or a state made under other values of these is still this run's: a rerun after
 # changing them (memory_mode = "low" after running out of memory, a new save cadence) continues it. How the
 # same math is computed (compile, the attention kernel, CUDA graphs, checkpointing, streaming) moves the last bits
-# of a number at most, as another GPU would. fp8_matmul is not one of them: it quantises the activations and gradients the frozen base
-# multiplies, which changes what is trained.
+# of a number at most, as another GPU would. fp8_matmul is not one of them: it quantises the activations and
+# gradients the frozen base multiplies, which changes what is trained.
 # What an [experts.high] / [experts.low] table may set for its expert alone (diffusion-pipe#372: users lower the
 # high-noise expert's learning rate, ~3e-5, as it overtrains at the shared one); everything else is shared.
 PER_EXPERT_KEYS = ("learning_rate", "epochs", "max_steps", "rank", "alpha")

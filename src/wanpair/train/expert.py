@@ -180,8 +180,8 @@ class ExpertTraining:
         self.latents, self.texts, self.conds = self.data.load()
         # The most tokens a step's batch carries (the same in every epoch: one bucket's items have one shape), and
         # how many batch shapes there are (a CUDA graph each, `wanpair.train.step_graph`)
-        batches = self.data.batches(1, t.seed)
-        self.tokens = max(CachedData.tokens([self.latents[i].shape for i in idx]) for idx in batches)
+        self.tokens = max(CachedData.tokens([self.latents[i].shape for i in idx])
+                          for idx in self.data.batches(1, t.seed))
         self.n_shapes = len(self.data.batch_shapes())
         self.per_step, self.total_steps, self.epochs = step_counts(self.data.batches_per_epoch,
                                                                    t.gradient_accumulation_steps, self.world,

@@ -88,19 +88,22 @@ def lock_is_held(lock: Path) -> bool:
 def held_by_run_of(lock: Path, pid: int) -> bool:
     """Is `lock` held by the run whose own process is or was `pid`: by it, or by its workers still saving once it
     ended (the run wrote its pid first)? Not when another run holds it (the one `pid` was refused by)."""
-    if not lock_is_held(lock):
-        return False
+    return lock_is_held(lock) and _recorded_pids(lock)[:1] == [pid]
+
+
+def _recorded_pids(lock: Path) -> list[int]:
+    """The pids a run wrote into its lock file: its own first, then its workers' ([] if unreadable). Read without
+    following a link and at most a page: a lock file planted where a run's would be is not read whole."""
     try:
         fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
-        return False
+        return []
     try:
-        first = os.read(fd, 32).split()[:1]  # a pid is at most 7 digits: a planted huge file is not read whole
+        return [int(x) for x in os.read(fd, 4096).split() if x.isdigit()]
     except OSError:
-        return False
+        return []
     finally:
         os.close(fd)
-    return first == [str(pid).encode()]
 
 
 def lock_holder(lock: Path) -> int:
@@ -109,10 +112,7 @@ def lock_holder(lock: Path) -> int:
     by a process it started that is not recorded.)"""
     deadline = time.monotonic() + PATIENCE_S
     while lock_is_held(lock):
-        try:
-            pids = [int(x) for x in lock.read_text().split()]
-        except (OSError, ValueError):
-            pids = []
+        pids = _recorded_pids(lock)
         if pids:
             return next((pid for pid in pids if pid_alive(pid)), pids[0])
         if time.monotonic() > deadline:
