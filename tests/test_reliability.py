@@ -317,6 +317,42 @@ def test_a_state_written_in_the_background_is_its_steps_state_while_training_goe
     assert _same(project.lora_path("high"), reference.lora_path("high"))
 
 
+def test_the_time_line_says_how_long_states_waited_for_a_slow_write(demo, monkeypatch, capsys):
+    """A state's write still running when the next state falls due (a disk slower than the cadence) makes the loop
+    wait: the time line and summary.json say how long, apart from the states' own copies."""
+    import json
+    import threading
+
+    from wanpair.train import state as state_module
+    from wanpair.train.expert import ExpertTraining
+
+    second_due, real_save, real_written = threading.Event(), state_module.save_state, ExpertTraining.state_written
+    slow_s = 0.5
+
+    def slow_disk(run_dir, expert, state, keep):
+        if state["step"] == 4:  # still writing when the state of step 8 falls due, and slow_s after
+            assert second_due.wait(60), "the state of step 8 never fell due"
+            time.sleep(slow_s)
+        return real_save(run_dir, expert, state, keep)
+
+    def state_written(self, block):
+        if block and self.progress.step == 8:
+            second_due.set()
+        return real_written(self, block)
+
+    monkeypatch.setattr(state_module, "save_state", slow_disk)
+    monkeypatch.setattr(ExpertTraining, "state_written", state_written)
+    set_train(demo / "wanpair.toml", **SETTINGS)
+    project, _ = load_project(demo / "wanpair.toml")
+    LoraPairRecipe(project).run(("high",))
+    (expert,) = json.loads((project.run_dir / "summary.json").read_text())["experts"]
+    timings = expert["timings"]
+    # the join began before the sleep did; 10 ms is the clocks' and the thread switch's margin
+    assert slow_s - 0.01 <= timings["state_wait_s"] <= timings["states_s"], timings
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("time: "))
+    assert "waiting for the last write" in line, line
+
+
 def test_a_state_that_cannot_be_written_in_the_background_stops_the_run_with_the_disk_message(demo, monkeypatch):
     """A full disk while a state is written in the background is not lost in its thread: the run stops with the
     disk's message, naming what is saved."""

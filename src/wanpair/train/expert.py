@@ -63,6 +63,8 @@ VALIDATION_SEED = 20_000_003  # the validation noise's own seed: the same whatev
 # scaling); a step that still overflows then has gradients fp16 cannot hold, and counts as a bad step.
 SCALER_SETTLING_SKIPS = 16
 
+STATE_WAIT_SHOWN_S = 0.1  # the time line names the states' wait for a write from here (shorter: '0.0 s')
+
 
 def every(n: int, k: int) -> bool:
     return bool(n) and k % n == 0
@@ -119,6 +121,7 @@ class ExpertTimings:
     validation_s: float = 0.0
     states: int = 0  # training states saved (crash states included), and the time the loop waited for them
     states_s: float = 0.0
+    state_wait_s: float = 0.0  # of states_s: for the last state's write to end (a disk slower than the cadence)
     state_bytes: int = 0  # the size of one
 
     def describe(self) -> str:
@@ -128,7 +131,9 @@ class ExpertTimings:
         if self.validations:
             parts.append(f"{self.validations} validations {human_seconds(self.validation_s)}")
         if self.states:
-            parts.append(f"{self.states} states of {self.state_bytes / 2**20:.0f} MiB {human_seconds(self.states_s)}")
+            waited = (f" of which {human_seconds(self.state_wait_s)} waiting for the last write"
+                      if self.state_wait_s >= STATE_WAIT_SHOWN_S else "")
+            parts.append(f"{self.states} states of {self.state_bytes / 2**20:.0f} MiB {human_seconds(self.states_s)}{waited}")
         return f"{human_seconds(self.wall_s)} ({', '.join(parts)})"
 
 
@@ -593,6 +598,7 @@ class ExpertTraining:
             return None
         started = time.perf_counter()
         self.state_written(block=True)  # one at a time
+        self.timings.state_wait_s += time.perf_counter() - started
         self.states.start(self.p.run_dir, self.expert, self.snapshot(), self.t.keep_states if self.saves_states else 1)
         path = self.state_written(block=True) if wait else None
         self.timings.states += 1
