@@ -119,3 +119,16 @@ def test_a_prompts_file_that_is_not_utf8_or_not_there_is_named_with_the_fix(tmp_
     assert str(tmp_path / "missing.txt") in str(e.value)
     (tmp_path / "ok.txt").write_text("one\n\n  two  \n", encoding="utf-8")
     assert read_prompts(tmp_path / "ok.txt") == ["one", "two"]
+
+
+def test_a_folder_given_for_a_toml_file_names_the_toml_files_in_it(tmp_path, capsys):
+    from wanpair.cli import main
+
+    (tmp_path / "dataset.toml").write_text(TOML)
+    assert main(["check", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is a folder; give a .toml file in it: {tmp_path / 'dataset.toml'}" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["check", str(empty)]) == 2
+    assert f"{empty} is a folder; give a .toml file. Give a wanpair.toml project" in capsys.readouterr().err

@@ -102,14 +102,54 @@ def test_merged_file_equals_base_plus_lora(trained, tmp_path, dtype):
         assert torch.equal(merged.blocks[0].attn1.to_q.weight.detach(), ref_w.to(dtype).float())
 
 
-def test_lora_for_the_other_expert_is_refused(trained, tmp_path, capsys):
+@pytest.mark.parametrize("layout", ["as trained", "peft"])
+def test_lora_for_the_other_expert_is_refused(trained, tmp_path, capsys, layout):
+    """Also once exported as a peft adapter folder: its safetensors file keeps the expert it was trained on."""
     _, low_path = _models(trained)
+    high = trained / "output" / HIGH
+    if layout == "peft":
+        assert main(["export", str(high), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+        high = tmp_path / "peft"
     with pytest.raises(WanpairError, match="trained on the high-noise expert but .* low-noise expert"):
-        check_expert(read_lora(trained / "output" / HIGH), "low", str(low_path))
+        check_expert(read_lora(high), "low", str(low_path))
     out = tmp_path / "m.safetensors"
-    args = ["merge", "--base", str(low_path), "--lora", str(trained / "output" / HIGH), "--out", str(out)]
+    args = ["merge", "--base", str(low_path), "--lora", str(high), "--out", str(out)]
     assert main(args) == 2 and "Use the LowNoise LoRA here" in capsys.readouterr().err
     assert main(args + ["--allow-expert-mismatch"]) == 0 and out.exists()
+
+
+def test_a_damaged_peft_adapter_is_named_not_a_traceback(trained, tmp_path, capsys):
+    peft = tmp_path / "peft"
+    assert main(["export", str(trained / "output" / HIGH), "--format", "peft", "--out", str(peft)]) == 0
+    config, weights = peft / "adapter_config.json", peft / "adapter_model.safetensors"
+    good_config = config.read_text()
+    config.write_text("{'r': 16")
+    assert main(["inspect", str(peft)]) == 2
+    assert f"{config} is not readable JSON" in capsys.readouterr().err
+    config.write_text(good_config)
+    weights.write_bytes(weights.read_bytes()[:40])  # cut inside the header
+    assert main(["inspect", str(peft)]) == 2
+    assert f"{weights} is not a readable safetensors LoRA" in capsys.readouterr().err
+
+
+def test_outputs_that_would_replace_an_input_or_cannot_be_written_are_refused_first(trained, tmp_path, capsys):
+    high_base, _ = _models(trained)
+    lora = trained / "output" / HIGH
+    before = high_base.read_bytes()
+    merge = ["merge", "--base", str(high_base), "--lora", str(lora), "--overwrite", "--out"]
+    assert main(merge + [str(high_base)]) == 2
+    assert "is the --base file itself" in capsys.readouterr().err and high_base.read_bytes() == before
+    assert main(["export", str(lora), "--format", "comfy", "--overwrite", "--out", str(lora)]) == 2
+    assert "is the LoRA file itself" in capsys.readouterr().err
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    assert main(["export", str(lora), "--format", "comfy", "--overwrite", "--out", str(folder)]) == 2
+    assert f"{folder} is a folder, and this writes a single file" in capsys.readouterr().err
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("mine")
+    assert main(merge + [str(not_a_folder / "merged.safetensors")]) == 2
+    assert f"{not_a_folder} is not a folder wanpair can write to" in capsys.readouterr().err
+    assert not_a_folder.read_text() == "mine"
 
 
 def test_inspect_and_export_cli(trained, tmp_path, capsys):

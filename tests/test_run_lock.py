@@ -161,6 +161,38 @@ def test_a_file_system_without_flock_is_named_before_anything_runs(demo, monkeyp
     assert "Traceback" not in err and not rl.lock_is_held(demo / "output" / ".demo_shapes_v1.lock")
 
 
+def test_an_output_folder_that_cannot_be_written_is_named_before_anything_runs(demo, monkeypatch, capsys):
+    """A read-only mount (EROFS: root too is refused there) where the lock file would go: said in words, naming
+    output_dir, before anything loads; and any other refusal of the file system reaches the user without a
+    traceback."""
+    import errno
+
+    from wanpair.cli import main
+    from wanpair.train import run_lock as rl
+
+    real_open = os.open
+
+    def read_only(path, flags, *mode):
+        if str(path).endswith(".lock") and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(rl.os, "open", read_only)
+    assert main(["train", str(demo / "wanpair.toml")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {demo / 'output' / '.demo_shapes_v1.lock'} (Read-only file system)" in err
+    assert f"make output_dir {demo / 'output'} writable" in err and "Traceback" not in err
+    monkeypatch.undo()
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(demo / "dataset" / "cache"))
+
+    monkeypatch.setattr("wanpair.cli.cmd_cache", full)
+    assert main(["cache", str(demo / "wanpair.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "The disk is full: free space" in err and "Traceback" not in err
+
+
 def test_a_run_is_known_by_the_first_pid_of_its_lock_file_read_a_page_at_most(tmp_path):
     """`held_by_run_of` (the dashboard: is this job's run still saving?) is true for the run that wrote its pid
     first and holds the lock, false for any other pid and once it is free; a lock file grown to a gigabyte (sparse,

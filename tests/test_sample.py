@@ -58,6 +58,11 @@ def test_seed_reproduces_and_outputs_carry_their_settings(trained, tmp_path):
     assert info["wanpair.prompt"] == "a blue square" and json.loads(info["wanpair.seed"]) == 7
     side = json.loads(a.with_suffix(".json").read_text())
     assert side["settings"]["steps"] == 4 and side["loras"]["high"].endswith(HIGH)
+    # the same prompt again, another seed, into the same folder: a new file beside the first, which stays
+    (again,) = sample(project, ["a blue square"], SampleSettings(width=32, height=32, steps=4, seed=8), _loras(trained),
+                      tmp_path / "a")
+    assert again.name == f"{a.stem}-2.png" and json.loads(again.with_suffix(".json").read_text())["seed"] == 8
+    assert torch.equal(torch.from_numpy(np.array(Image.open(a))), pa) and json.loads(Image.open(a).text["wanpair.seed"]) == 7
 
 
 def test_lora_for_the_other_expert_is_refused_unless_forced(trained):
@@ -141,6 +146,27 @@ def test_a_wrong_lora_is_refused_before_any_model_loads(trained, monkeypatch):
     with pytest.raises(WanpairError, match="trained on the low-noise expert but the high-noise slot"):
         sample(project, ["a red circle"], SampleSettings(width=32, height=32, steps=2), swapped, trained.parent / "s")
     assert loaded == []
+
+
+def test_a_missing_model_or_an_unwritable_output_is_refused_before_any_model_loads(trained, tmp_path, monkeypatch):
+    import dataclasses
+
+    import wanpair.models as models
+
+    loaded = []
+    for name in ("load_dit", "load_text_encoder", "load_vae"):
+        real = getattr(models, name)
+        monkeypatch.setattr(models, name, lambda *a, _real=real, _name=name, **k: loaded.append(_name) or _real(*a, **k))
+    project, _ = load_project(trained / "wanpair.toml")
+    settings = SampleSettings(width=32, height=32, steps=2)
+    moved = dataclasses.replace(project, models=dataclasses.replace(project.models, vae=tmp_path / "gone.safetensors"))
+    with pytest.raises(WanpairError, match=r"cannot sample:\n- \[models\] vae: .*gone.safetensors"):
+        sample(moved, ["a red circle"], settings, _loras(trained), tmp_path / "s")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(WanpairError, match="notes.txt is not a folder wanpair can write to"):
+        sample(project, ["a red circle"], settings, _loras(trained), a_file / "samples")
+    assert loaded == [] and a_file.read_text() == "mine"
 
 
 def test_prompts_are_encoded_once_and_then_read_from_the_cache(trained, tmp_path, monkeypatch):

@@ -297,6 +297,24 @@ def test_doctor_says_whether_steps_replay_as_cuda_graphs_counting_the_batch_shap
     assert streamed == "training steps run without CUDA graphs: blocks stream from host memory"
 
 
+def test_doctor_says_what_train_would_do_with_earlier_work_and_is_not_ready_where_it_would_refuse(trained, tmp_path,
+                                                                                                   capsys):
+    """`doctor` exits 0 only when `train` would start: a finished LoRA made with another learning_rate makes train
+    refuse by name, and so the doctor, with the same words."""
+    from conftest import set_train
+
+    root = tmp_path / "demo"
+    shutil.copytree(trained, root)
+    assert main(["doctor", str(root / "wanpair.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "· this run's earlier work: keeping WAN2.2-HighNoise_demo_shapes_v1.safetensors" in out
+    set_train(root / "wanpair.toml", learning_rate=1e-3, epochs=1, lr_scheduler="constant")
+    assert main(["doctor", str(root / "wanpair.toml")]) == 1
+    out = capsys.readouterr().out
+    assert "✗ this run's earlier work: `wanpair train` would refuse to start" in out
+    assert "made with a different [train] learning_rate" in out
+
+
 def test_doctor_estimates_the_plan_the_loaded_expert_got_on_the_h200():
     """The estimate from the file's shapes, against the plan the real run logged on an H200 (139.1 GiB
     free, 3 600 tokens; docs/rehearsal.md): all blocks resident, none checkpointed, W^T kept, 61.8 GiB."""

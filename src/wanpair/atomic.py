@@ -66,3 +66,11 @@ def atomic_path(final: str | os.PathLike, mode: int | None = None) -> Iterator[P
 def write_text_atomic(final: str | os.PathLike, text: str, mode: int | None = None) -> None:
     with atomic_path(final, mode) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def writable_from(folder: Path) -> tuple[Path, bool]:
+    """Where writing into `folder` would begin (the folder, or its nearest parent that exists: the rest is made)
+    and whether this process may write there; access(2) also says no on a read-only mount. Nothing is made, so a
+    check leaves no folder behind."""
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    return existing, existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)

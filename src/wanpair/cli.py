@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import os
 import sys
@@ -26,6 +27,7 @@ os.environ.setdefault("TORCH_COMPILE_CACHE_KEY_TAG", "wanpair-" + hashlib.sha256
     (Path(__file__).parent / f).read_bytes() for f in ("models/fp8.py", "models/attention.py", "train/streaming.py"))).hexdigest()[:16])
 
 from . import __version__
+from .atomic import writable_from
 from .errors import StopRequested, WanpairError
 from .logs import configure_logging
 from .models.tasks import TASKS, expert_name, expert_noun
@@ -77,6 +79,25 @@ def _project(path: str):
     for w in warns:
         print(f"WARNING {w}")
     return project
+
+
+def _writable_out(out: Path, overwrite: bool, folder: bool = False, inputs: dict[str, str] | None = None) -> None:
+    """Refuse, before any reading, an output that would replace what the user has or cannot be written: an
+    existing one without --overwrite, an input of the command itself, a folder where a file goes (or the
+    reverse), a place no folder can be made or written."""
+    for option, given in (inputs or {}).items():
+        if out.exists() and Path(given).exists() and os.path.samefile(out, given):
+            raise WanpairError(f"--out {out} is the {option} file itself; write the result to another path.")
+    if out.exists():
+        if out.is_dir() != folder:
+            kind = "a peft adapter (a folder)" if folder else "a single file"
+            raise WanpairError(f"{out} is {'a file' if out.is_file() else 'a folder'}, and this writes {kind}: "
+                               "give --out a path of that kind.")
+        if not overwrite:
+            raise WanpairError(f"{out} already exists; pass --overwrite to replace it.")
+    where, writable = writable_from(out.absolute().parent)
+    if not writable:
+        raise WanpairError(f"{where} is not a folder wanpair can write to (read-only?); choose another --out.")
 
 
 def cmd_demo(args) -> int:
@@ -275,8 +296,7 @@ def cmd_export(args) -> int:
     lora = read_lora(args.lora)
     src = Path(args.lora)
     out = Path(args.out) if args.out else src.with_name(f"{src.stem}_{args.format}" + ("" if args.format == "peft" else ".safetensors"))
-    if out.exists() and not args.overwrite:
-        raise WanpairError(f"{out} already exists; pass --overwrite to replace it.")
+    _writable_out(out, args.overwrite, folder=args.format == "peft", inputs={"LoRA": args.lora})
     write_lora(lora, out, args.format, DTYPES[args.dtype] if args.dtype else None)
     deltas = len(lora.diffs) + len(lora.bias_diffs)
     print(f"wrote {out} ({args.format} layout, {len(lora.modules)} modules" + (f", {deltas} deltas)" if deltas else ")"))
@@ -291,8 +311,8 @@ def export_workflow(args) -> int:
         raise WanpairError("--workflow writes a project's ComfyUI workflow; --format and --dtype convert a LoRA.")
     project = _project(args.lora)
     out = Path(args.out) if args.out else workflow_path(project)
-    if args.out and out.exists() and not args.overwrite:
-        raise WanpairError(f"{out} already exists; pass --overwrite to replace it.")
+    if args.out:  # else the project's own workflow, rewritten as training writes it
+        _writable_out(out, args.overwrite)
     print(f"wrote {write_workflow(project, out)} (drag it onto ComfyUI's canvas)")
     missing = [p.name for p in map(project.lora_path, project.task.experts) if not p.exists()]
     if missing:
@@ -307,8 +327,7 @@ def cmd_merge(args) -> int:
     from .models.tasks import by_architecture, check_task, identify_task
 
     base, out = Path(args.base), Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise WanpairError(f"{out} already exists; pass --overwrite to replace it.")
+    _writable_out(out, args.overwrite, inputs={"--base": args.base, "--lora": args.lora})
     info, lora = inspect_dit(base), read_lora(args.lora)
     c = info.config
     task = identify_task(c["in_channels"], (c["num_attention_heads"] * c["attention_head_dim"], c["num_layers"],
@@ -704,7 +723,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NOT_ALLOWED = "You may not write or read there: fix the folder's permissions, or choose another."
+OS_ERROR_ADVICE = {
+    errno.EROFS: "That folder is on a read-only file system: choose a writable one (output_dir, cache_directory, --out).",
+    errno.EACCES: _NOT_ALLOWED, errno.EPERM: _NOT_ALLOWED,
+    errno.ENOSPC: "The disk is full: free space, or choose a folder on another disk.",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:  # the parser too: it imports the sampler's defaults, and a Ctrl-C there is a stop like any other
         args = build_parser().parse_args(argv)
         configure_logging(args.verbose)
@@ -715,6 +743,11 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except WanpairError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused (read-only, permissions, a full disk): its words, no traceback
+        if args is not None and args.verbose:
+            raise
+        print(f"error: {e}. " + OS_ERROR_ADVICE.get(e.errno, "Run again with -v for the traceback."), file=sys.stderr)
         return 2
     except StopRequested as e:
         print(str(e), file=sys.stderr)

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .atomic import atomic_path, write_text_atomic
+from .atomic import atomic_path, writable_from, write_text_atomic
 from .errors import WanpairError
 from .models.tasks import EXPERT_NAMES, T2V, Task, expert_name
 from .project import Project
@@ -125,6 +125,33 @@ def checked_loras(project: Project, loras: dict[str, Path | None], allow_mismatc
             check_layers(lora, layer_shapes(dit), slot, str(path))
         checked[expert] = lora
     return checked
+
+
+def check_models_and_output(project: Project, out_dir: Path) -> None:
+    """Every model file the samples need, and a place to write them, checked from headers and the file system
+    before minutes of loading and generating."""
+    from .models.dit import inspect_dit
+    from .models.kinds import check_model_path
+
+    problems = []
+    for key in ("t5", "vae"):
+        try:
+            check_model_path(getattr(project.models, key), key)
+        except WanpairError as e:
+            problems.append(f"[models] {key}: {e}")
+    for expert in project.task.experts:
+        try:
+            inspect_dit(project.dit_path(expert))
+        except WanpairError as e:
+            problems.append(f"[models] {project.task.dit_key(expert)}: {e}")
+    if not project.models.tokenizer.exists():
+        problems.append(f"[models] tokenizer: {project.models.tokenizer} does not exist.")
+    where, writable = writable_from(out_dir)
+    if not writable:
+        place = f"the samples folder {out_dir}" if where == out_dir else f"the samples go to {out_dir}, but {where}"
+        problems.append(f"{place} is not a folder wanpair can write to (read-only?): pass --out with another folder.")
+    if problems:
+        raise WanpairError("cannot sample:\n" + "\n".join(f"- {p}" for p in problems))
 
 
 def lora_delta(lora, strength: float, device: torch.device | str = "cpu"):
@@ -237,18 +264,27 @@ def prompt_embeddings(project: Project, prompts: list[str], negative: str, devic
     return [pad_text([e]) for e in texts[:-1]], pad_text([texts[-1]])
 
 
+def _unused(path: Path) -> Path:
+    """`path`, or with -2, -3, ... before its suffix where a sample of that name is already there: a rerun with
+    another seed or strength keeps the samples it is to be compared with."""
+    candidate, n = path, 2
+    while candidate.exists() or candidate.with_suffix(".json").exists():
+        candidate, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
+    return candidate
+
+
 def save_output(frames: np.ndarray, path: Path, info: dict, fps: int) -> Path:
-    """PNG for one frame (settings in its text chunks), MP4 for video; a .json beside either."""
+    """PNG for one frame (settings in its text chunks), MP4 for video; a .json beside either; never over an
+    earlier sample."""
     frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    path = _unused(path.with_suffix(".png" if len(frames) == 1 else ".mp4"))
     if len(frames) == 1:
-        path = path.with_suffix(".png")
         png = PngInfo()
         for k, v in info.items():
             png.add_text(f"wanpair.{k}", json.dumps(v) if not isinstance(v, str) else v)
         with atomic_path(path) as tmp:
             Image.fromarray(frames[0]).save(tmp, format="PNG", pnginfo=png)
     else:
-        path = path.with_suffix(".mp4")
         try:
             import av
         except ImportError:
@@ -276,6 +312,7 @@ def sample(project: Project, prompts: list[str], settings: SampleSettings, loras
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     checked_loras(project, loras, allow_mismatch)  # a wrong LoRA fails now, not after the prompts and experts load
+    check_models_and_output(project, out_dir)
     embeds, negative = prompt_embeddings(project, prompts, settings.negative_prompt, device, dtype)
     log.info("prompts ready after %.1f s", time.perf_counter() - start)
     pipe = build_pipeline(project, loras, settings, device, dtype, allow_mismatch)

@@ -18,6 +18,10 @@ def read_toml(path: str | Path, missing: str, text: str | None = None) -> tuple[
     """(resolved path, parsed table); `missing` is the sentence to add when the file does not exist; `text`: the
     file's text as the caller already read it (the dashboard, from a descriptor it checked), parsed instead."""
     path = Path(path).expanduser().resolve()
+    if text is None and path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.toml"))
+        raise WanpairError(f"{path} is a folder; give a .toml file" + (
+            f" in it: {', '.join(str(path / n) for n in inside[:3])}" if inside else f". {missing}"))
     if text is None and not path.is_file():
         raise WanpairError(f"{path} does not exist. {missing}")
     try:

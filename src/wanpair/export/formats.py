@@ -139,6 +139,16 @@ def _group(path: Path, sd: dict[str, torch.Tensor], prefix: str, to_module) -> t
     return modules, diffs, bias_diffs
 
 
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A LoRA's safetensors file: its metadata and tensors, or an error naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return metadata, load_file(str(path))
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise WanpairError(f"{path} is not a readable safetensors LoRA ({e}).") from None
+
+
 def read_lora(path: str | Path) -> LoraWeights:
     """Read a LoRA in any supported layout (file, or peft adapter folder)."""
     path = Path(path).expanduser()
@@ -146,19 +156,19 @@ def read_lora(path: str | Path) -> LoraWeights:
         cfg_path, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
         if not (cfg_path.is_file() and weights.is_file()):
             raise WanpairError(f"{path} is a folder but not a peft adapter (adapter_config.json + adapter_model.safetensors).")
-        cfg = json.loads(cfg_path.read_text())
-        sd = load_file(str(weights))
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (ValueError, OSError) as e:
+            raise WanpairError(f"{cfg_path} is not readable JSON ({e}): export the adapter again.") from None
+        if not isinstance(cfg, dict):
+            raise WanpairError(f"{cfg_path} is not a peft adapter config (a JSON object): export the adapter again.")
+        metadata, sd = _read_safetensors(weights)  # wanpair's exports keep the expert and base model here
         modules, diffs, bias_diffs = _group(path, sd, r"(?:base_model\.model\.)?", to_original_name)
         modules = {m: (d, u, float(cfg.get("lora_alpha", d.shape[0]))) for m, (d, u, _) in modules.items()}
-        return LoraWeights(modules, {}, "peft", diffs, bias_diffs)
+        return LoraWeights(modules, metadata, "peft", diffs, bias_diffs)
     if not path.is_file():
         raise WanpairError(f"LoRA file {path} does not exist.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        sd = load_file(str(path))
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise WanpairError(f"{path} is not a readable safetensors LoRA ({e}).") from None
+    metadata, sd = _read_safetensors(path)
     if not sd:
         raise WanpairError(f"{path} holds no LoRA modules.")
     if any(k.startswith("lora_unet_") for k in sd):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .files import WeightFile, strip_prefix
+from pathlib import Path
+
+from .files import WeightFile, inspect_weight_file, strip_prefix
 from ..errors import WanpairError
 
 _DESCRIPTIONS = {
@@ -46,3 +48,17 @@ def identify(wf: WeightFile, expected: str) -> None:
         f"{wf.path} is {_DESCRIPTIONS[kind]}, but this slot needs {_DESCRIPTIONS[expected]}.{hint} "
         "Check which path you put under which key in your project file."
     )
+
+
+# the library folder each of the other models may come as instead of a file
+_FOLDERS = {"vae": ("VAE", "diffusers `vae/`"), "t5": ("umT5", "transformers `text_encoder/`")}
+
+
+def check_model_path(path: Path, key: str) -> None:
+    """[models] `key` ("vae" or "t5") is a weight file of that kind (from its header, no weights read) or a library
+    folder with its config.json; else an error naming it, before anything loads."""
+    if not path.is_dir():
+        identify(inspect_weight_file(path), expected=key)
+    elif not (path / "config.json").is_file():
+        noun, folder = _FOLDERS[key]
+        raise WanpairError(f"{path} is a folder without config.json; give the {noun} file, or a {folder} folder.")

@@ -8,6 +8,8 @@ Nothing is loaded but file headers, the dataset's images and the tokenizer.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import platform
 import shutil
@@ -68,7 +70,8 @@ class Check:
 
     def render(self) -> str:
         mark = {True: "✓", False: "✗", None: "·"}[self.ok]
-        return f"{mark} {self.what}" + (f"\n    fix: {self.fix}" if self.fix and self.ok is False else "")
+        fix = self.fix.replace("\n", "\n    ")  # a list of problems stays under its line
+        return f"{mark} {self.what}" + (f"\n    fix: {fix}" if self.fix and self.ok is False else "")
 
 
 def machine_checks() -> list[Check]:
@@ -292,6 +295,7 @@ def project_checks(project_path: Path) -> list[Check]:
     except WanpairError as e:
         return checks + [Check(False, "models, dataset, tokenizer, output folder and disk", str(e))]
     recipe.choose_validation()
+    checks.append(earlier_work_check(recipe))
     checks.append(Check(True, f"models: {', '.join(f'{k} {d.path.name}' for k, d in recipe.dits.items())}; VAE, "
                               "text encoder and tokenizer of the right kinds"))
     checks.append(Check(True, f"dataset: {len(recipe.items)} items, clean; output folder writable with room"))
@@ -337,6 +341,18 @@ def project_checks(project_path: Path) -> list[Check]:
                                 "free host memory, or give the run more GPU memory (memory_budget_gb) so fewer "
                                 "blocks stream or offload."))
     return checks
+
+
+def earlier_work_check(recipe) -> Check:
+    """What `wanpair train` would do with this run's earlier work (keep a finished LoRA, continue from a state,
+    refuse a changed setting by name), decided as training decides it, from the files alone."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as said:  # its "keeping ..." / "continuing ..." lines
+            recipe.plan_experts(recipe.p.task.experts, None)
+    except WanpairError as e:
+        return Check(False, "this run's earlier work: `wanpair train` would refuse to start", str(e))
+    lines = said.getvalue().split("\n")
+    return Check(None, "this run's earlier work: " + ("; ".join(x for x in lines if x) or "none, training starts anew"))
 
 
 def doctor(project: Path | None) -> tuple[list[Check], bool]:

@@ -9,12 +9,12 @@ seconds, with the file and the fix named.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 
 import torch
 
+from ..atomic import writable_from
 from ..data.dataset_config import DatasetSpec, load_dataset_config
 from ..data.items import Item, check_dataset, require_clean
 from ..errors import WanpairError
@@ -23,8 +23,7 @@ from ..export.merge import check_expert, check_pair
 from ..hub import hub_problems
 from ..models.attention import attention_problem
 from ..models.dit import DitInfo, inspect_dit
-from ..models.files import inspect_weight_file
-from ..models.kinds import identify
+from ..models.kinds import check_model_path
 from ..models.tasks import check_task, expert_noun
 from ..models.text_encoder import TEXT_LEN, load_tokenizer
 from ..project import Project
@@ -57,14 +56,9 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
                         "use \"fp16\" (the recipe's setting) on this GPU.")
     if problem := attention_problem(t.attention, device, t.compute_dtype):
         problems.append(problem)
-    for key, noun, folder in (("vae", "VAE", "diffusers `vae/`"), ("t5", "umT5", "transformers `text_encoder/`")):
-        path = getattr(project.models, key)
+    for key in ("vae", "t5"):
         try:
-            if not path.is_dir():
-                identify(inspect_weight_file(path), expected=key)
-            elif not (path / "config.json").is_file():
-                raise WanpairError(f"{path} is a folder without config.json; give the {noun} file, or a {folder} "
-                                   "folder.")
+            check_model_path(getattr(project.models, key), key)
         except WanpairError as e:
             problems.append(f"[models] {key}: {e}")
     try:
@@ -180,8 +174,8 @@ def check_disk(project: Project, experts: tuple[str, ...], found: Checked, quiet
     written: a check (`wanpair doctor`, the dashboard's plan) leaves no folder behind; a folder not made yet is
     judged by the nearest one that exists (access(2) also says no on a read-only mount)."""
     t, out = project.train, project.output_dir
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    existing, writable = writable_from(out)
+    if not writable:
         return [f"output_dir {out} is not writable ({existing} is not a folder you can write to); choose another "
                 "output_dir."]
     if not found.items or not found.dits:

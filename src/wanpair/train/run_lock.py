@@ -36,9 +36,13 @@ def lock_path(output_dir: Path, name: str) -> Path:
 @contextmanager
 def run_lock(output_dir: Path, name: str):
     """One writer per output name: a second run refuses to start while the first, or a worker of it, lives."""
-    output_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_path(output_dir, name)
-    fd = _take(lock, PATIENCE_S)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd = _take(lock, PATIENCE_S)
+    except OSError as e:  # a read-only mount, a folder of another user: before anything loads
+        raise WanpairError(f"cannot write {e.filename or output_dir} ({e.strerror}); make output_dir {output_dir} "
+                           "writable, or set output_dir to another folder.") from None
     if fd is None:
         pid = lock_holder(lock)
         raise WanpairError(f"another wanpair run{f' (pid {pid})' if pid else ''} is writing {output_dir}/{name}; "
