@@ -152,6 +152,17 @@ def test_outputs_that_would_replace_an_input_or_cannot_be_written_are_refused_fi
     assert not_a_folder.read_text() == "mine"
 
 
+def test_a_base_model_given_as_a_lora_is_named_from_its_header_unread(trained, capsys, monkeypatch):
+    import wanpair.export.formats as formats
+
+    high_base, _ = _models(trained)
+    monkeypatch.setattr(formats, "load_file", lambda *a, **k: pytest.fail("a base model's tensors were read"))
+    assert main(["inspect", str(high_base)]) == 2
+    assert f"{high_base} is a Wan diffusion transformer (DiT" in capsys.readouterr().err
+    assert main(["sample", str(trained / "wanpair.toml"), "--lora-high", str(high_base), "--prompt", "x"]) == 2
+    assert "not a LoRA: give a LoRA file here" in capsys.readouterr().err
+
+
 def test_inspect_and_export_cli(trained, tmp_path, capsys):
     assert main(["inspect", str(trained / "output" / LOW)]) == 0
     text = capsys.readouterr().out

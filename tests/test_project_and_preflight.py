@@ -75,8 +75,9 @@ def test_preflight_lists_all_problems_and_cli_exits_2_without_traceback(demo, ca
     (demo / "wanpair.toml").write_text(text)
     (demo / "dataset" / "img_03.txt").unlink()
     assert main(["train", str(demo / "wanpair.toml")]) == 2
-    err = capsys.readouterr().err
-    assert "missing_vae.safetensors does not exist" in err and "no caption file img_03.txt" in err
+    out, err = capsys.readouterr()
+    assert "missing_vae.safetensors does not exist" in err and "the dataset has 1 problem(s), listed above" in err
+    assert (out + err).count("no caption file img_03.txt") == 1  # the dataset's report, once
     assert "Traceback" not in err
 
 

@@ -126,7 +126,9 @@ def test_a_dataset_entry_that_yields_nothing_is_an_error_naming_why(demo, capsys
     project = demo / "wanpair.toml"
     project.write_text(project.read_text().replace('config = "dataset/dataset.toml"', 'config = "videos/dataset.toml"'))
     assert main(["train", str(project)]) == 2
-    assert "gives no item to train on" in capsys.readouterr().err and not (videos / "train" / "cache").exists()
+    out, err = capsys.readouterr()
+    assert "gives no item to train on" in out and "the dataset has 3 problem(s), listed above" in err
+    assert not (videos / "train" / "cache").exists()
     # one clip long enough: the short one is a warning, the dataset trains
     (videos / "dataset.toml").write_text('[general]\nresolution = [64, 48]\nenable_bucket = true\n'
                                          '[[datasets]]\nvideo_directory = "train"\ntarget_frames = [9]\n')

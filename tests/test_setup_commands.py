@@ -208,6 +208,17 @@ def test_init_writes_a_project_that_loads_and_never_overwrites(demo_root, tmp_pa
     assert "ready: `wanpair train` would start." in capsys.readouterr().out
 
 
+def test_init_on_images_without_captions_points_to_the_captions_first(demo_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = _captioned_folder(demo_root, tmp_path)
+    for caption in list(data.glob("*.txt"))[:3]:
+        caption.unlink()
+    assert main(["init", str(data)]) == 1
+    out = capsys.readouterr().out
+    assert f"next: 3 file(s) have no caption: write them, or `wanpair caption {data}`" in out
+    assert "then: wanpair train" not in out
+
+
 def test_init_completes_the_file_download_started(demo_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     data = _captioned_folder(demo_root, tmp_path)

@@ -166,7 +166,14 @@ def cmd_init(args) -> int:
         print(line)
     report = check_dataset(load_dataset_config(Path(args.dataset_dir).resolve() / "dataset.toml"))
     print(report.render())
-    print(f"\nnext: wanpair doctor {args.project}   then: wanpair train {args.project}")
+    uncaptioned = sum("no caption file" in e for e in report.errors)
+    if uncaptioned:  # the next step is the captions, not the doctor
+        print(f"\nnext: {uncaptioned} file(s) have no caption: write them, or `wanpair caption {args.dataset_dir}` "
+              f"(docs/captioning.md); then wanpair doctor {args.project}")
+    elif report.errors:
+        print(f"\nnext: fix the errors above, then wanpair doctor {args.project}")
+    else:
+        print(f"\nnext: wanpair doctor {args.project}   then: wanpair train {args.project}")
     return 1 if report.errors else 0
 
 

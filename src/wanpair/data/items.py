@@ -212,7 +212,9 @@ def _gives_nothing(spec: DatasetSpec, unused: list[tuple[Path, str]]) -> str:
     return f"{spec.where} ({source}) gives no item to {'validate' if spec.validation else 'train'} on:{why}"
 
 
-def require_clean(report: Report) -> list[Item]:
+def require_clean(report: Report, shown: bool = False) -> list[Item]:
+    """The items of a report without errors; else an error with the report (`shown`: printed already, so named)."""
     if report.errors:
-        raise WanpairError("the dataset has problems; fix them and run again:\n" + report.render())
+        raise WanpairError(f"the dataset has {len(report.errors)} problem(s), listed above; fix them and run again."
+                           if shown else "the dataset has problems; fix them and run again:\n" + report.render())
     return report.items

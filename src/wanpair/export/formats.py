@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from ..atomic import atomic_path
 from ..errors import WanpairError
 from ..models.dit_names import original_to_diffusers_names, to_original_name
+from ..models.kinds import describe_kind, kind_of
 
 
 FORMATS = ("musubi", "comfy", "diffusers", "peft")
@@ -139,12 +140,22 @@ def _group(path: Path, sd: dict[str, torch.Tensor], prefix: str, to_module) -> t
     return modules, diffs, bias_diffs
 
 
+_MODEL_KINDS = ("dit", "vae", "t5", "clip")  # files `kind_of` recognises as whole models, not adapters
+_DELTA_ENDINGS = (".alpha", ".diff", ".diff_b")  # a LoRA's own parts: a file holding them is not a base model
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """A LoRA's safetensors file: its metadata and tensors, or an error naming it."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+            metadata, keys = f.metadata() or {}, tuple(f.keys())
+        kind = kind_of(keys)
+        if kind in _MODEL_KINDS and not any(k.endswith(_DELTA_ENDINGS) for k in keys):
+            raise WanpairError(f"{path} is {describe_kind(kind)}, not a LoRA: give a LoRA file here (a base model "
+                               "goes to `merge --base` or a project's [models]).")  # before its gigabytes are read
         return metadata, load_file(str(path))
+    except WanpairError:
+        raise
     except Exception as e:  # safetensors raises several types for damaged files
         raise WanpairError(f"{path} is not a readable safetensors LoRA ({e}).") from None
 

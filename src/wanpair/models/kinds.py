@@ -36,6 +36,11 @@ def kind_of(keys: tuple[str, ...]) -> str:
     return "unknown"
 
 
+def describe_kind(kind: str) -> str:
+    """What a file of `kind_of`'s `kind` is, in words ("a Wan diffusion transformer (DiT, like ...)")."""
+    return _DESCRIPTIONS[kind]
+
+
 def identify(wf: WeightFile, expected: str) -> None:
     """Raise a clear error if `wf` is not the kind of file the caller expects."""
     kind = kind_of(wf.keys)

@@ -104,7 +104,7 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
         report = check_dataset(found.specs, tokenizer)
         if not quiet:
             print(report.render())
-        found.items = require_clean(report)
+        found.items = require_clean(report, shown=not quiet)
     except WanpairError as e:
         problems.append(str(e))
     stills = [it for it in found.items if it.frames == 1]
