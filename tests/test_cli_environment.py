@@ -52,3 +52,18 @@ def test_a_killed_process_not_yet_reaped_is_not_running():
     finally:
         child.wait()
     assert not pid_alive(child.pid)
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(monkeypatch, capsys):
+    """`wanpair doctor | head -3`: the pipe closed under the output is no error to report."""
+    import sys
+
+    from wanpair.cli import main
+
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("wanpair.cli.cmd_doctor", closed)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # the handler points stdout at /dev/null: given back after
+    assert main(["doctor"]) == 1
+    assert capsys.readouterr().err == ""

@@ -140,7 +140,7 @@ def test_outputs_that_would_replace_an_input_or_cannot_be_written_are_refused_fi
     assert main(merge + [str(high_base)]) == 2
     assert "is the --base file itself" in capsys.readouterr().err and high_base.read_bytes() == before
     assert main(["export", str(lora), "--format", "comfy", "--overwrite", "--out", str(lora)]) == 2
-    assert "is the LoRA file itself" in capsys.readouterr().err
+    assert "is the LoRA itself" in capsys.readouterr().err
     folder = tmp_path / "a_folder"
     folder.mkdir()
     assert main(["export", str(lora), "--format", "comfy", "--overwrite", "--out", str(folder)]) == 2

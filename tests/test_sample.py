@@ -94,7 +94,9 @@ def test_samples_during_training_name_which_loras_ran(demo, capsys):
     (demo / "prompts.txt").write_text("a red circle on a white background\n")
     set_train(demo / "wanpair.toml", epochs=1, tensorboard=True, validate_every_n_steps=0)
     with open(demo / "wanpair.toml", "a") as f:
-        f.write('[sample]\nprompts = "prompts.txt"\nevery_n_steps = 9\nwidth = 32\nheight = 32\nsteps = 2\n')
+        # step 18 ends the epoch too: drawn for both reasons, kept once under its step's name (as the dashboard reads it)
+        f.write('[sample]\nprompts = "prompts.txt"\nevery_n_steps = 9\nevery_n_epochs = 1\nwidth = 32\nheight = 32\n'
+                'steps = 2\n')
     project, _ = load_project(demo / "wanpair.toml")
     LoraPairRecipe(project, overwrite=True).run()
     names = sorted(p.name for p in (project.run_dir / "samples").glob("*.png"))

@@ -87,7 +87,7 @@ def _writable_out(out: Path, overwrite: bool, folder: bool = False, inputs: dict
     reverse), a place no folder can be made or written."""
     for option, given in (inputs or {}).items():
         if out.exists() and Path(given).exists() and os.path.samefile(out, given):
-            raise WanpairError(f"--out {out} is the {option} file itself; write the result to another path.")
+            raise WanpairError(f"--out {out} is {option} itself; write the result to another path.")
     if out.exists():
         if out.is_dir() != folder:
             kind = "a peft adapter (a folder)" if folder else "a single file"
@@ -300,10 +300,10 @@ def cmd_export(args) -> int:
         return export_workflow(args)
     if not args.format:
         raise WanpairError("--format is required to convert a LoRA (--workflow PROJECT writes a ComfyUI workflow).")
-    lora = read_lora(args.lora)
     src = Path(args.lora)
     out = Path(args.out) if args.out else src.with_name(f"{src.stem}_{args.format}" + ("" if args.format == "peft" else ".safetensors"))
-    _writable_out(out, args.overwrite, folder=args.format == "peft", inputs={"LoRA": args.lora})
+    _writable_out(out, args.overwrite, folder=args.format == "peft", inputs={"the LoRA": args.lora})
+    lora = read_lora(args.lora)
     write_lora(lora, out, args.format, DTYPES[args.dtype] if args.dtype else None)
     deltas = len(lora.diffs) + len(lora.bias_diffs)
     print(f"wrote {out} ({args.format} layout, {len(lora.modules)} modules" + (f", {deltas} deltas)" if deltas else ")"))
@@ -334,7 +334,7 @@ def cmd_merge(args) -> int:
     from .models.tasks import by_architecture, check_task, identify_task
 
     base, out = Path(args.base), Path(args.out)
-    _writable_out(out, args.overwrite, inputs={"--base": args.base, "--lora": args.lora})
+    _writable_out(out, args.overwrite, inputs={"the --base file": args.base, "the --lora file": args.lora})
     info, lora = inspect_dit(base), read_lora(args.lora)
     c = info.config
     task = identify_task(c["in_channels"], (c["num_attention_heads"] * c["attention_head_dim"], c["num_layers"],
@@ -751,6 +751,9 @@ def main(argv: list[str] | None = None) -> int:
     except WanpairError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped reading (`wanpair doctor | head`): nothing left to say to it
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- so that the interpreter's last flush stays quiet
+        return 1
     except OSError as e:  # the file system refused (read-only, permissions, a full disk): its words, no traceback
         if args is not None and args.verbose:
             raise

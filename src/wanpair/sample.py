@@ -273,11 +273,13 @@ def _unused(path: Path) -> Path:
     return candidate
 
 
-def save_output(frames: np.ndarray, path: Path, info: dict, fps: int) -> Path:
-    """PNG for one frame (settings in its text chunks), MP4 for video; a .json beside either; never over an
-    earlier sample."""
+def save_output(frames: np.ndarray, path: Path, info: dict, fps: int, keep_earlier: bool = False) -> Path:
+    """PNG for one frame (settings in its text chunks), MP4 for video; a .json beside either. `keep_earlier`: never
+    over an earlier sample (`wanpair sample`); training's samples are named by step, and a continued run draws
+    the steps it repeats anew."""
     frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
-    path = _unused(path.with_suffix(".png" if len(frames) == 1 else ".mp4"))
+    path = path.with_suffix(".png" if len(frames) == 1 else ".mp4")
+    path = _unused(path) if keep_earlier else path
     if len(frames) == 1:
         png = PngInfo()
         for k, v in info.items():
@@ -317,13 +319,15 @@ def sample(project: Project, prompts: list[str], settings: SampleSettings, loras
     log.info("prompts ready after %.1f s", time.perf_counter() - start)
     pipe = build_pipeline(project, loras, settings, device, dtype, allow_mismatch)
     log.info("models ready after %.1f s", time.perf_counter() - start)
-    written = run_prompts(pipe, prompts, embeds, negative, settings, loras, out_dir, project, device, dtype, name_prefix)
+    written = run_prompts(pipe, prompts, embeds, negative, settings, loras, out_dir, project, device, dtype, name_prefix,
+                          keep_earlier=True)
     log.info("%d output(s) after %.1f s", len(written), time.perf_counter() - start)
     return written
 
 
 def run_prompts(pipe, prompts, embeds, negative, settings: SampleSettings, loras: dict, out_dir: Path, project: Project,
-                device: torch.device, dtype: torch.dtype, name_prefix: str = "") -> list[Path]:
+                device: torch.device, dtype: torch.dtype, name_prefix: str = "",
+                keep_earlier: bool = False) -> list[Path]:
     written = []
     first_frame = {"image": first_frame_image(settings)} if settings.image else {}
     for i, (prompt, emb) in enumerate(zip(prompts, embeds)):
@@ -336,7 +340,7 @@ def run_prompts(pipe, prompts, embeds, negative, settings: SampleSettings, loras
         info = {"prompt": prompt, "seed": settings.seed + i, "settings": asdict(settings),
                 "loras": {k: str(v) if v else None for k, v in loras.items()}, "project": str(project.path)}
         stem = f"{name_prefix}{i:02d}_{_slug(prompt)}_{_lora_note(loras)}"
-        written.append(save_output(frames, out_dir / stem, info, settings.fps))
+        written.append(save_output(frames, out_dir / stem, info, settings.fps, keep_earlier))
         print(f"wrote {written[-1]}")
     return written
 

@@ -65,7 +65,7 @@ class LoraPairRecipe:
         self.overwrite = overwrite
         self.allow_expert_mismatch = allow_expert_mismatch
         self.gpus = gpus
-        self.waves: list | None = None  # where the experts train (`placement.choose`), chosen by `plan_experts`
+        self.waves: list | None = None  # where the experts train, chosen by `choose_placement`
         self.checked = Checked()
         self.device = torch.device("cuda" if self.t.device == "auto" and torch.cuda.is_available()
                                    else "cpu" if self.t.device == "auto" else self.t.device)
@@ -208,9 +208,13 @@ class LoraPairRecipe:
                             "(or _epochs) in [train] so a run can be resumed.")
         if problems:
             raise WanpairError("cannot start training:\n" + "\n".join(f"- {p}" for p in problems))
+        return jobs, kept
+
+    def choose_placement(self, jobs: list[ExpertJob]) -> None:
+        """Where the planned experts train (`placement.choose`: this command's --gpus, the states' process counts
+        kept), before anything of an earlier run is tidied away: a refusal here leaves it all as it was."""
         self.waves = placement.choose([j.expert for j in jobs], self.device, self.t.experts_parallel, self.gpus,
                                       {j.expert: j.processes for j in jobs if j.processes}) if jobs else None
-        return jobs, kept
 
     def identity(self, expert: str) -> dict[str, str]:
         """What makes a LoRA or state this expert's run's (`run_identity`): known after the preflight, before the
@@ -244,7 +248,7 @@ class LoraPairRecipe:
         """Run each job's unit where `placement` says: here, one after the other, or in worker processes."""
         if not jobs:
             return []
-        waves = self.waves  # chosen when the run was planned (`plan_experts`): the states' process counts kept
+        waves = self.waves  # chosen when the run was planned (`choose_placement`): the states' process counts kept
         if waves is None:
             return self.train_here(jobs)
         print(f"placement: {placement.describe(waves)}")
@@ -311,6 +315,7 @@ class LoraPairRecipe:
                     ranks.wait_for_everyone()  # the states are in place before any rank plans from them
                 resume = "latest"
             jobs, kept = self.plan_experts(experts, resume)
+            self.choose_placement(jobs)
             if ranks is not None:
                 ranks.wait_for_everyone()  # every rank has read the states before rank 0 tidies them
             try:
