@@ -535,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="checklist: will training start here, with what memory plan and speed",
                        description="Check Python, torch and its CUDA build, the GPUs, bf16/fp8 support, and for a "
                                    "project: the models (kinds and experts), the dataset, the tokenizer, caches, disk, "
+                                   "what train would do with the run's earlier work (keep, continue or refuse), "
                                    "the memory plan this GPU would get with its expected s/step, whether a run on one GPU "
                                    "replays its steps as CUDA graphs, and host RAM for streamed blocks. Exit 0 when "
                                    "training would start, 1 otherwise.")
