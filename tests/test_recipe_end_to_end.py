@@ -112,8 +112,8 @@ def test_cli_train_one_expert_keep_it_on_a_rerun_and_refuse_to_overwrite_another
     set_train(demo / "wanpair.toml", epochs=1, learning_rate=1e-3)
     assert main(["train", str(demo / "wanpair.toml"), "--expert", "high"]) == 2
     err = capsys.readouterr().err
-    assert ("already exists, made with a different [train] learning_rate. Restore it to keep it, train it again "
-            "with --overwrite --expert high") in err
+    assert ("already exists, made with a different [train] learning_rate (0.0003 then, 0.001 now). Restore it to keep "
+            "it, train it again with --overwrite --expert high") in err
     assert high.stat().st_mtime_ns == made
 
 

@@ -88,8 +88,8 @@ def test_a_change_of_what_is_trained_is_refused_by_name_and_deletes_nothing(run,
     assert main(["train", str(run / "wanpair.toml"), *resume]) == 2
     err = capsys.readouterr().err
     assert "the high-noise expert: its saved state high-step00000016.pt (step 16) is from a run with a different " \
-           "[train] learning_rate, [train] rank. To continue it, restore them; to start over, pass --overwrite " \
-           "--expert high" in err
+           "[train] learning_rate (0.002 then, 0.001 now), [train] rank (16 then, 8 now). To continue it, restore " \
+           "them; to start over, pass --overwrite --expert high" in err
     assert "the low-noise expert: its saved state low-step00000016.pt" in err
     assert _states(project) == before == ["high-step00000012.pt", "high-step00000016.pt", "low-step00000012.pt",
                                           "low-step00000016.pt"]

@@ -123,6 +123,11 @@ _IDENTITY_NAMES = {
 _SETTINGS_KEYS = ("wanpair.settings", "wanpair.output_settings")
 
 
+def _toml_value(settings: dict, key: str) -> str:
+    """A setting's value as it would be written in wanpair.toml (JSON's literals are TOML's for these)."""
+    return json.dumps(settings[key]) if key in settings else "unset"
+
+
 def differences(found: dict, identity: dict[str, str], outputs: bool = True) -> list[str]:
     """Which parts of the identity differ, in words (empty: it is this run's). `outputs=False` leaves out
     how the LoRA is saved (a state continues under a new save_dtype)."""
@@ -137,7 +142,8 @@ def differences(found: dict, identity: dict[str, str], outputs: bool = True) -> 
         if old is None:  # a file from before this key existed: which setting differs is unknown
             changed.append("[train] settings")
         else:
-            changed += [f"[train] {k}" for k in sorted(new) if old.get(k) != new[k]]
+            changed += [f"[train] {k} ({_toml_value(old, k)} then, {_toml_value(new, k)} now)"
+                        for k in sorted(new) if old.get(k) != new[k]]  # the old value: what "restore" means
     return changed
 
 
