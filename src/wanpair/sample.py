@@ -131,14 +131,9 @@ def check_models_and_output(project: Project, out_dir: Path) -> None:
     """Every model file the samples need, and a place to write them, checked from headers and the file system
     before minutes of loading and generating."""
     from .models.dit import inspect_dit
-    from .models.kinds import check_model_path
+    from .models.kinds import other_model_problems
 
-    problems = []
-    for key in ("t5", "vae"):
-        try:
-            check_model_path(getattr(project.models, key), key)
-        except WanpairError as e:
-            problems.append(f"[models] {key}: {e}")
+    problems = other_model_problems(project.models)
     for expert in project.task.experts:
         try:
             inspect_dit(project.dit_path(expert))

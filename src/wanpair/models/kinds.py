@@ -59,11 +59,18 @@ def identify(wf: WeightFile, expected: str) -> None:
 _FOLDERS = {"vae": ("VAE", "diffusers `vae/`"), "t5": ("umT5", "transformers `text_encoder/`")}
 
 
-def check_model_path(path: Path, key: str) -> None:
-    """[models] `key` ("vae" or "t5") is a weight file of that kind (from its header, no weights read) or a library
-    folder with its config.json; else an error naming it, before anything loads."""
-    if not path.is_dir():
-        identify(inspect_weight_file(path), expected=key)
-    elif not (path / "config.json").is_file():
-        noun, folder = _FOLDERS[key]
-        raise WanpairError(f"{path} is a folder without config.json; give the {noun} file, or a {folder} folder.")
+def other_model_problems(models) -> list[str]:
+    """[models] vae and t5 (a project's `models`): each a weight file of its kind (from its header, no weights read)
+    or a library folder with its config.json; what is wrong, named by key, before anything loads."""
+    problems = []
+    for key, (noun, folder) in _FOLDERS.items():
+        path: Path = getattr(models, key)
+        try:
+            if not path.is_dir():
+                identify(inspect_weight_file(path), expected=key)
+            elif not (path / "config.json").is_file():
+                raise WanpairError(f"{path} is a folder without config.json; give the {noun} file, or a {folder} "
+                                   "folder.")
+        except WanpairError as e:
+            problems.append(f"[models] {key}: {e}")
+    return problems

@@ -23,7 +23,7 @@ from ..export.merge import check_expert, check_pair
 from ..hub import hub_problems
 from ..models.attention import attention_problem
 from ..models.dit import DitInfo, inspect_dit
-from ..models.kinds import check_model_path
+from ..models.kinds import other_model_problems
 from ..models.tasks import check_task, expert_noun
 from ..models.text_encoder import TEXT_LEN, load_tokenizer
 from ..project import Project
@@ -56,11 +56,7 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
                         "use \"fp16\" (the recipe's setting) on this GPU.")
     if problem := attention_problem(t.attention, device, t.compute_dtype):
         problems.append(problem)
-    for key in ("vae", "t5"):
-        try:
-            check_model_path(getattr(project.models, key), key)
-        except WanpairError as e:
-            problems.append(f"[models] {key}: {e}")
+    problems += other_model_problems(project.models)
     try:
         tokenizer = load_tokenizer(project.models.tokenizer)
     except WanpairError as e:

@@ -5,8 +5,9 @@ GPU (the launch queue is short), so every gap in the host's work -- a Python det
 preparation at the step's start -- leaves the GPU idle. Captured once (`torch.cuda.CUDAGraph`, as torch's
 "CUDA Graphs" notes describe), a step is one launch, and the host is free as soon as it is queued: 0.356 -> 0.337 s
 a step on an H100 with FlashAttention-4, 0.375 -> 0.346 in the loop's order (docs/benchmarks.md, fifteenth round).
-The real loop already queues each step before reading the last, so it gains less: 0.367 -> 0.363 s a step, the
-median, with torch's attention on an H100 (sixteenth round).
+The real loop already queues each step before reading the last, so it gains less with torch's attention (0.367 ->
+0.363 s, the median on an H100, sixteenth round) and as much with FlashAttention-4, whose shorter kernels leave
+the GPU waiting on the host (0.366 -> 0.343 s, the steady mean on an H200, seventeenth round).
 
 A graph replays the kernels on the memory it captured them with, so:
 - each step's micro-batches are copied into the graph's own input tensors, and its gradients land in tensors
