@@ -163,6 +163,15 @@ def test_a_base_model_given_as_a_lora_is_named_from_its_header_unread(trained, c
     assert "not a LoRA: give a LoRA file here" in capsys.readouterr().err
 
 
+def test_merge_with_base_and_lora_swapped_names_the_option(trained, tmp_path, capsys):
+    high_base, _ = _models(trained)
+    lora = trained / "output" / HIGH
+    assert main(["merge", "--base", str(lora), "--lora", str(high_base), "--out", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"--base: {lora} is a LoRA file, but this slot needs a Wan diffusion transformer" in err
+    assert "give the base model here" in err and "project file" not in err  # merge has no project
+
+
 def test_inspect_and_export_cli(trained, tmp_path, capsys):
     assert main(["inspect", str(trained / "output" / LOW)]) == 0
     text = capsys.readouterr().out

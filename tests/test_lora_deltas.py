@@ -167,11 +167,13 @@ def test_init_lora_refuses_deltas_naming_them_before_any_model_loads(trained, de
 
 
 def _unusable_files(trained, tmp_path) -> dict[str, tuple]:
-    """kind -> (file, the message's list of keys): LoKr in kohya's and LyCORIS' own naming, LoHa and unknown
+    """kind -> (file, the message's list of keys): LoKr in kohya's, LyCORIS' and diffusers' naming, LoHa and unknown
     keys beside real LoRA pairs."""
     lokr = {f"lora_unet_blocks_0_self_attn_{m}.{p}": torch.zeros(8, 8) for m in "qk" for p in ("lokr_w1", "lokr_w2", "alpha")}
     save_file(lokr, str(tmp_path / "lokr.safetensors"))
     save_file({k.replace("lora_unet_", "lycoris_"): v for k, v in lokr.items()}, str(tmp_path / "lycoris.safetensors"))
+    diffusers_lokr = {f"blocks.0.attn1.to_{m}.{p}": torch.zeros(8, 8) for m in "qk" for p in ("lokr_w1", "lokr_w2")}
+    save_file(diffusers_lokr, str(tmp_path / "lokr-diffusers.safetensors"))  # named like a DiT's own modules
     loha = {f"blocks.0.self_attn.q.hada_w{i}_{ab}": torch.zeros(8, 8) for i in (1, 2) for ab in "ab"}
     modules = [f"blocks.{b}.{m}" for b in (0, 1) for m in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o")]
     unknown = {f"{m}.dora_scale": torch.ones(1, 128) for m in modules[:7]}
@@ -180,6 +182,7 @@ def _unusable_files(trained, tmp_path) -> dict[str, tuple]:
                  "lora_unet_blocks_0_self_attn_k.lokr_w2, lora_unet_blocks_0_self_attn_q.lokr_w1, "
                  "lora_unet_blocks_0_self_attn_q.lokr_w2)"),
         "LoKr (LyCORIS names)": (tmp_path / "lycoris.safetensors", "6 keys (lycoris_blocks_0_self_attn_k.alpha, "),
+        "LoKr (diffusers names)": (tmp_path / "lokr-diffusers.safetensors", "4 keys (blocks.0.attn1.to_k.lokr_w1, "),
         "LoHa": (_lora_with(trained, tmp_path / "loha.safetensors", loha), "4 keys (diffusion_model.blocks.0.self_attn.q.hada_w1_a, "),
         "unknown": (_lora_with(trained, tmp_path / "unknown.safetensors", unknown),
                     "7 keys (diffusion_model.blocks.0.self_attn.k.dora_scale, diffusion_model.blocks.0.self_attn.o.dora_scale, "

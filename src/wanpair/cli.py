@@ -335,7 +335,11 @@ def cmd_merge(args) -> int:
 
     base, out = Path(args.base), Path(args.out)
     _writable_out(out, args.overwrite, inputs={"the --base file": args.base, "the --lora file": args.lora})
-    info, lora = inspect_dit(base), read_lora(args.lora)
+    try:
+        info = inspect_dit(base)
+    except WanpairError as e:
+        raise WanpairError(f"--base: {e}") from None  # "this slot" is --base
+    lora = read_lora(args.lora)
     c = info.config
     task = identify_task(c["in_channels"], (c["num_attention_heads"] * c["attention_head_dim"], c["num_layers"],
                                             c["ffn_dim"]), base)

@@ -17,11 +17,16 @@ _DESCRIPTIONS = {
 }
 
 
+# parts only an adapter has: LoRA pairs, and LyCORIS' LoKr / LoHa factors (lokr_w1, hada_w1_a), which name the
+# modules they adapt like a DiT's own keys (`blocks.0.attn1.to_q.lokr_w1`) and are no base model either
+_ADAPTER_MARKERS = ("lora_down", "lora_A", "lora_up", "lora_B", "lokr_", "hada_")
+
+
 def kind_of(keys: tuple[str, ...]) -> str:
     """Classify a state dict by its key names."""
     prefix = strip_prefix(keys)
     names = {k[len(prefix):] for k in keys}
-    if any("lora_down" in k or "lora_A" in k or "lora_up" in k or "lora_B" in k for k in names):
+    if any(marker in k for k in names for marker in _ADAPTER_MARKERS):
         return "lora"
     if "patch_embedding.weight" in names or any(k.startswith("blocks.0.attn1.") for k in names):
         return "dit"
@@ -42,17 +47,15 @@ def describe_kind(kind: str) -> str:
 
 
 def identify(wf: WeightFile, expected: str) -> None:
-    """Raise a clear error if `wf` is not the kind of file the caller expects."""
+    """Raise a clear error if `wf` is not the kind of file the caller expects; the caller names the slot (a
+    project's `[models] high_noise: `, merge's `--base: `)."""
     kind = kind_of(wf.keys)
     if kind == expected:
         return
     hint = {
         "lora": " A LoRA is what wanpair produces; give the base model here.",
     }.get(kind, "")
-    raise WanpairError(
-        f"{wf.path} is {_DESCRIPTIONS[kind]}, but this slot needs {_DESCRIPTIONS[expected]}.{hint} "
-        "Check which path you put under which key in your project file."
-    )
+    raise WanpairError(f"{wf.path} is {_DESCRIPTIONS[kind]}, but this slot needs {_DESCRIPTIONS[expected]}.{hint}")
 
 
 # the library folder each of the other models may come as instead of a file
