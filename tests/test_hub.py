@@ -250,7 +250,7 @@ def test_training_pushes_each_saved_file_and_resume_from_hub_continues_it_elsewh
     torch.save(foreign, buffer := io.BytesIO())
     hub.repos["someone/other-run"] = {"state/high-step00000004.pt": buffer.getvalue()}
     assert main(["train", str(moved), "--expert", "high", "--resume-from-hub", "someone/other-run"]) == 2
-    assert "state/high-step00000004.pt is from a run with a different images or captions" in capsys.readouterr().err
+    assert "state/high-step00000004.pt is from a run with a different set of images or captions" in capsys.readouterr().err
     run_dir = elsewhere / "output" / "demo_shapes_v1"
     assert not (run_dir / "state" / "high-step00000004.pt").exists() and not (run_dir / ".hub-download").exists()
     assert main(["train", str(moved), "--expert", "high", "--resume-from-hub", f"{REPO}@main"]) == 0

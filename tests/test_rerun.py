@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -106,6 +107,11 @@ def test_a_dataset_change_that_moves_the_batch_order_is_refused_by_name(run, cap
     config.write_text(original.replace("num_repeats = 1", "num_repeats = 2"))
     assert main(["train", str(run / "wanpair.toml")]) == 2
     assert "is from a run with a different dataset.toml num_repeats." in capsys.readouterr().err
+    config.write_text(original)  # an image added: its repeats, size and frames are new, not the others' changed
+    ImageOps.mirror(Image.open(config.parent / "img_01.png")).save(config.parent / "img_19.png")
+    (config.parent / "img_19.txt").write_text("a mirrored shape\n")
+    assert main(["train", str(run / "wanpair.toml")]) == 2
+    assert "is from a run with a different set of images or captions. To continue it" in capsys.readouterr().err
 
 
 def test_resume_of_one_experts_state_continues_the_other_from_its_own(run, stopped, capsys):

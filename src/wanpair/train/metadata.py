@@ -113,7 +113,7 @@ def lora_metadata(project: Project, expert: str, dit: DitInfo, items: list[Item]
 # What each identity key is, in a user's words; settings are named key by key.
 _IDENTITY_NAMES = {
     "wanpair.expert": "expert", "wanpair.timestep_window": "timestep window",
-    "wanpair.base_fingerprint": "base model file", "wanpair.dataset_fingerprint": "images or captions",
+    "wanpair.base_fingerprint": "base model file", "wanpair.dataset_fingerprint": "set of images or captions",
     "wanpair.batch_size": "dataset.toml batch_size", "wanpair.num_repeats": "dataset.toml num_repeats",
     "wanpair.buckets": "training sizes (dataset.toml resolution, enable_bucket, bucket_no_upscale)",
     "wanpair.frames": "clip frames (dataset.toml target_frames, frame_extraction, frame_stride, frame_sample, "
@@ -121,6 +121,9 @@ _IDENTITY_NAMES = {
     "wanpair.init_lora": "init_lora",
 }
 _SETTINGS_KEYS = ("wanpair.settings", "wanpair.output_settings")
+# Digests over every item's repeats, size and frames: an added, removed or replaced image changes them all, so
+# beside a changed set of images they tell nothing (whether dataset.toml changed too shows once the images match).
+_PER_ITEM = ("wanpair.num_repeats", "wanpair.buckets", "wanpair.frames")
 
 
 def _toml_value(settings: dict, key: str) -> str:
@@ -135,7 +138,8 @@ def differences(found: dict, identity: dict[str, str], outputs: bool = True) -> 
     if unrecorded and "wanpair.settings" in found:  # saved by a wanpair from before these keys: they are unknown
         return ["wanpair version (an earlier one, which did not record the "
                 f"{', '.join(_IDENTITY_NAMES[k] for k in unrecorded)})"]
-    changed = [name for k, name in _IDENTITY_NAMES.items() if found.get(k) != identity[k]]
+    changed = [name for k, name in _IDENTITY_NAMES.items() if found.get(k) != identity[k]
+               and not (k in _PER_ITEM and found.get("wanpair.dataset_fingerprint") != identity["wanpair.dataset_fingerprint"])]
     for key in ("wanpair.settings", "wanpair.output_settings") if outputs else ("wanpair.settings",):
         new = json.loads(identity[key])
         old = _settings(found, key, new)
