@@ -177,6 +177,12 @@ def test_inspect_and_export_cli(trained, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "expert:      low" in text and "timesteps:   0,875" in text and "rank:        16" in text
     assert "modules:     20 in 2 blocks" in text and "self_attn.q" in text and "ffn.2" in text
+    missing = tmp_path / "nope.safetensors"  # the pair at once, and a bad path named after the good ones
+    assert main(["inspect", str(trained / "output" / HIGH), str(missing), str(trained / "output" / LOW)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("expert:") == 2 and captured.out.index("expert:      high") < captured.out.index(
+        "expert:      low")
+    assert f"LoRA file {missing} does not exist" in captured.err
     out = tmp_path / "x_diffusers.safetensors"
     assert main(["export", str(trained / "output" / LOW), "--format", "diffusers", "--out", str(out)]) == 0
     with safe_open(str(out), "pt") as f:

@@ -288,7 +288,14 @@ def cmd_train(args) -> int:
 def cmd_inspect(args) -> int:
     from .export.formats import describe, read_lora
 
-    print(describe(read_lora(args.lora), Path(args.lora)))
+    problems = []
+    for i, path in enumerate(args.lora):  # a pair at once: `wanpair inspect output/*.safetensors`
+        try:
+            print(("\n" if i else "") + describe(read_lora(path), Path(path)))
+        except WanpairError as e:
+            problems.append(str(e))
+    if problems:
+        raise WanpairError("\n".join(problems))
     return 0
 
 
@@ -639,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", epilog=_guide("sampling-export-merge"),
                        help="show a LoRA's expert, timestep window, rank, alpha, targets and metadata")
-    p.add_argument("lora", help="a LoRA file (any layout) or peft adapter folder")
+    p.add_argument("lora", nargs="+", help="LoRA files (any layout) or peft adapter folders, e.g. both of a pair")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("export", epilog=_guide("sampling-export-merge"),
