@@ -81,6 +81,25 @@ def test_preflight_lists_all_problems_and_cli_exits_2_without_traceback(demo, ca
     assert "Traceback" not in err
 
 
+def test_device_cuda_without_a_cuda_torch_is_a_named_problem_in_doctor_and_train(demo, capsys, monkeypatch):
+    """A CPU build of torch on a GPU box (the README's warning): no traceback from the first GPU query."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: pytest.fail("asked a GPU that is not there"))
+    text = (demo / "wanpair.toml").read_text()
+    (demo / "wanpair.toml").write_text(text.replace("[train]\n", '[train]\ndevice = "cuda"\n', 1))
+    said = '[train] device = "cuda" but this torch is a CPU build; install the CUDA build of torch'
+    assert main(["doctor", str(demo / "wanpair.toml")]) == 1
+    out, err = capsys.readouterr()
+    assert said in out and "Traceback" not in out + err
+    assert main(["train", str(demo / "wanpair.toml")]) == 2
+    out, err = capsys.readouterr()
+    assert said in err and "Traceback" not in err
+
+
 def test_help_is_there_for_every_command():
     parser = build_parser()
     text = parser.format_help()

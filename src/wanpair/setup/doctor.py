@@ -269,7 +269,7 @@ def project_checks(project_path: Path) -> list[Check]:
     from ..project import load_project
     from ..train.memory_plan import (LOW_MODE_BUDGET_GIB, block_linear_params, offloaded_block_host_bytes,
                                      plan_from_config, streamed_block_host_bytes)
-    from ..train.preflight import preflight
+    from ..train.preflight import no_cuda_problem, preflight
     from ..train.recipe import LoraPairRecipe
 
     try:
@@ -280,6 +280,8 @@ def project_checks(project_path: Path) -> list[Check]:
     recipe = LoraPairRecipe(project)
     device = recipe.device
     t = project.train
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return checks + [Check(False, "[train] device", no_cuda_problem())]  # nothing below can ask the GPU
     if device.type == "cuda" and t.mixed_precision == "bf16":
         checks.append(Check(torch.cuda.is_bf16_supported(), "bf16 on this GPU",
                             'set [train] mixed_precision = "fp16" (the recipe\'s setting) for this GPU.'))

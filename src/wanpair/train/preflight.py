@@ -44,14 +44,23 @@ class Checked:
     dits: dict[str, DitInfo] = field(default_factory=dict)
 
 
+def no_cuda_problem() -> str:
+    """`device = "cuda"` where torch sees no CUDA GPU: what to do, for a CPU build of torch or a hidden GPU."""
+    why = ("this torch is a CPU build" if torch.version.cuda is None else
+           f"torch (built for CUDA {torch.version.cuda}) sees no GPU: check `nvidia-smi` and CUDA_VISIBLE_DEVICES")
+    return (f"[train] device = \"cuda\" but {why}; install the CUDA build of torch for your driver (README, "
+            "\"On a fresh GPU machine\"), or set device = \"auto\" to use what there is.")
+
+
 def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
               allow_expert_mismatch: bool = False, quiet: bool = False) -> Checked:
     t, found, problems = project.train, Checked(), []
-    if device.type == "cuda" and not torch.cuda.is_available():
-        problems.append("[train] device = \"cuda\" but no CUDA GPU is visible; use device = \"auto\".")
+    no_gpu = device.type == "cuda" and not torch.cuda.is_available()
+    if no_gpu:
+        problems.append(no_cuda_problem())
     if device.type == "cpu" and t.mixed_precision == "fp16":
         problems.append("[train] mixed_precision = \"fp16\" needs a GPU; use \"bf16\" on the CPU.")
-    if device.type == "cuda" and t.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and not no_gpu and t.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
         problems.append(f"[train] mixed_precision = \"bf16\" but {torch.cuda.get_device_name()} has no bf16; "
                         "use \"fp16\" (the recipe's setting) on this GPU.")
     if problem := attention_problem(t.attention, device, t.compute_dtype):
