@@ -220,3 +220,22 @@ def test_values_of_the_wrong_kind_in_tables_are_named_not_a_traceback(demo, caps
     project.write_text(project.read_text() + "\n[experts]\nhigh = 5\n")
     assert main(["check", str(project)]) == 2
     assert "[experts] high = 5 must be a table: [experts.high] on a line of its own" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["timesteps", "P", "--expert", "high", "-n", "0"], ["train", "P", "--gpus", "0"],
+                                     ["dashboard", ".", "--port", "-5"], ["sample", "P", "--prompt", "x", "--fps", "0"],
+                                     ["sample", "P", "--prompt", "x", "--steps", "-1"], ["caption", ".", "--batch-size", "0"]],
+                         ids=lambda c: f"{c[0]} {c[-2]}")
+def test_a_count_out_of_range_is_a_usage_error_naming_its_option(command, demo, capsys):
+    command = [str(demo / "wanpair.toml") if a == "P" else a for a in command]
+    with pytest.raises(SystemExit) as usage:
+        main(command)
+    err = capsys.readouterr().err
+    assert usage.value.code == 2 and f"argument {command[-2]}: {command[-1]}: give a whole number from" in err
+
+
+def test_a_sample_shift_that_cannot_work_is_refused_before_loading(trained, tmp_path, capsys):
+    args = ["sample", str(trained / "wanpair.toml"), "--prompt", "x", "--out", str(tmp_path)]
+    assert main(args + ["--shift", "-1"]) == 2
+    assert "shift = -1 must be above 0 (Wan 2.2 T2V A14B (text to video)'s own: 12)" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

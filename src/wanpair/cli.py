@@ -449,6 +449,19 @@ PAIR_OPTIONS = {d: "--" + d.replace("_", "-") for d in ("lora_high", "lora_low",
 SINGLE_OPTIONS = {"lora_full": "--lora"}
 
 
+def _whole(least: int, most: int | None = None):
+    """An argparse type: a whole number in [least, most], so `-n 0` or `--port -5` is a usage error naming the
+    option, not a traceback from deep inside."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"{value}: give a whole number from {least}" +
+                                             (f" to {most}" if most is not None else " up"))
+        return value
+    parse.__name__ = "whole number"  # argparse's "invalid whole number value: 'x'" for a non-number
+    return parse
+
+
 def _guide(*pages: str) -> str:
     """Where the user guide covers a command. The guide is not published: it is the Markdown in the
     repository's docs/ folder, which `mkdocs serve` shows as a site (tests/test_docs.py checks the pages exist)."""
@@ -521,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): the GPU when there is one. The 7B model is refused on the CPU")
     p.add_argument("--precision", choices=("auto", "bf16", "fp8"), default="auto",
                    help="the weights on the GPU: auto (default) = bf16 when it fits in free memory, else fp8")
-    p.add_argument("--batch-size", type=int, default=8, help="files captioned at once (default 8: twice as fast as 4 on an H200, 18 GiB at 960x960)")
+    p.add_argument("--batch-size", type=_whole(1), default=8, help="files captioned at once (default 8: twice as fast as 4 on an H200, 18 GiB at 960x960)")
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("init", epilog=_guide("getting-started"),
@@ -570,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder); the queue is kept in the first one's .wanpair-dashboard/")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; another prints a warning)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--port", type=_whole(1, 65535), default=7860, help="port (default 7860)")
     p.add_argument("--token", help=f"the token every request must carry (default: ${TOKEN_VARIABLE}, else a new random "
                                    "one); other users of this machine can read it in the process list: prefer "
                                    f"${TOKEN_VARIABLE}")
@@ -625,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a run from the newest training states in a Hugging Face repository (what [hub] "
                         "push_states or `wanpair push --states` put there): they are fetched into the run's state "
                         "folder, then the run continues as with --resume")
-    p.add_argument("--gpus", type=int, metavar="N",
+    p.add_argument("--gpus", type=_whole(1), metavar="N",
                    help="use N GPUs (default: all visible). With 2 or more the experts train side by side, one "
                         "GPU group each (see --experts-parallel); each group trains its expert data-parallel")
     p.add_argument("--experts-parallel", choices=("auto", "on", "off"),
@@ -639,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "print a text histogram, write a PNG (and the raw draws with --csv).")
     p.add_argument("project", help="the wanpair.toml project file")
     p.add_argument("--expert", choices=("high", "low"), help="which expert of a pair (a Wan 2.1 model: leave it out)")
-    p.add_argument("-n", type=int, default=100_000, help="number of draws (default 100000)")
+    p.add_argument("-n", type=_whole(1), default=100_000, help="number of draws (default 100000)")
     p.add_argument("--png", help="where to write the plot (default: <output_dir>/<name>/timesteps_<expert>.png)")
     p.add_argument("--csv", action="store_true", help="also write the raw draws as CSV beside the plot")
     p.set_defaults(func=cmd_timesteps)
@@ -722,8 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help=f"default {d.width}")
     p.add_argument("--height", type=int, help=f"default {d.height}")
     p.add_argument("--frames", type=int, help=f"1 = image (PNG); 4k+1 = video (MP4); default {d.frames} (I2V: 81)")
-    p.add_argument("--fps", type=int, help=f"video frame rate, default {d.fps}")
-    p.add_argument("--steps", type=int, help=f"denoising steps, default {d.steps}")
+    p.add_argument("--fps", type=_whole(1), help=f"video frame rate, default {d.fps}")
+    p.add_argument("--steps", type=_whole(1), help=f"denoising steps, default {d.steps}")
     p.add_argument("--shift", type=float, help=f"flow shift of the sampler, default {d.shift} (I2V: 5.0)")
     p.add_argument("--guidance-high", dest="guidance_high", type=float, help=f"CFG scale on the high-noise expert, default {d.guidance_high} (I2V: 3.5)")
     p.add_argument("--guidance-low", dest="guidance_low", type=float, help=f"CFG scale on the low-noise expert, default {d.guidance_low} (I2V: 3.5)")

@@ -91,6 +91,8 @@ class SampleSettings:
             problems.append(f"frames = {self.frames} must be 4k+1 (1, 5, ... 81): the Wan VAE packs 4 frames per latent.")
         if self.steps < 1:
             problems.append("steps must be at least 1.")
+        if not self.shift > 0:
+            problems.append(f"shift = {self.shift:g} must be above 0 ({task.title}'s own: {task.sample_shift:g}).")
         if problems:
             raise WanpairError("\n".join(problems))
 
