@@ -223,11 +223,11 @@ def test_values_of_the_wrong_kind_in_tables_are_named_not_a_traceback(demo, caps
 
 
 @pytest.mark.parametrize("command", [["timesteps", "P", "--expert", "high", "-n", "0"], ["train", "P", "--gpus", "0"],
-                                     ["dashboard", ".", "--port", "-5"], ["sample", "P", "--prompt", "x", "--fps", "0"],
-                                     ["sample", "P", "--prompt", "x", "--steps", "-1"], ["caption", ".", "--batch-size", "0"]],
+                                     ["dashboard", "D", "--port", "-5"], ["sample", "P", "--prompt", "x", "--fps", "0"],
+                                     ["sample", "P", "--prompt", "x", "--steps", "-1"], ["caption", "D", "--batch-size", "0"]],
                          ids=lambda c: f"{c[0]} {c[-2]}")
 def test_a_count_out_of_range_is_a_usage_error_naming_its_option(command, demo, capsys):
-    command = [str(demo / "wanpair.toml") if a == "P" else a for a in command]
+    command = [{"P": str(demo / "wanpair.toml"), "D": str(demo)}.get(a, a) for a in command]
     with pytest.raises(SystemExit) as usage:
         main(command)
     err = capsys.readouterr().err
