@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from collections import namedtuple
 
@@ -373,8 +374,8 @@ def test_doctor_speed_estimate_follows_the_plan_and_scales_by_the_steps_flops():
                                                      fp8_matmul=True).describe()  # no fp8 weights to transpose
 
 
-def test_init_for_the_i2v_pair_finds_its_experts_and_names_the_pair(tmp_path, monkeypatch):
-    from wanpair.demo import make_demo
+def test_init_for_the_i2v_pair_finds_its_experts_and_names_the_pair(tmp_path, monkeypatch, capsys):
+    from wanpair.demo import make_dataset, make_demo
     from wanpair.models.tasks import I2V
 
     demo = tmp_path / "i2v-demo"
@@ -387,3 +388,7 @@ def test_init_for_the_i2v_pair_finds_its_experts_and_names_the_pair(tmp_path, mo
     assert 'model = "i2v-A14B"' in text
     assert "wan2.2_i2v_high_noise_tiny_fp16.safetensors" in text and "wan2.2_i2v_low_noise_tiny_fp16.safetensors" in text
     assert "video_directory" in (clips / "dataset.toml").read_text()
+    stills = make_dataset(tmp_path / "stills")  # the image dataset pointed at from the i2v project
+    (tmp_path / "wanpair.toml").write_text(re.sub(r"(?m)^config = .*$", f"config = {json.dumps(str(stills))}", text))
+    assert main(["check", "wanpair.toml"]) == 1  # what train refuses, check finds without loading a model
+    assert "i2v-A14B learns how a clip goes on from its first frame" in capsys.readouterr().out

@@ -221,19 +221,27 @@ def cmd_dashboard(args) -> int:
 def cmd_check(args) -> int:
     from .data.dataset_config import load_dataset_config
     from .data.items import check_dataset
+    from .models.tasks import stills_problem
     from .models.text_encoder import load_tokenizer
-
+    from .project import load_project
     from .tomlfile import read_toml
 
     path, raw = read_toml(args.file, "Give a wanpair.toml project or a Musubi dataset.toml.")
-    tokenizer = None
-    if "models" in raw:  # a project file: check its dataset, with its tokenizer for caption lengths
-        project = _project(args.file)
-        dataset_config = project.dataset_config
-        tokenizer = load_tokenizer(project.models.tokenizer)
+    tokenizer, task = None, None
+    if "models" in raw:  # a project file: its dataset, with its tokenizer for caption lengths (once it is set)
+        project, warns = load_project(args.file, require_models=False)
+        for w in warns:
+            print(f"WARNING {w}")
+        dataset_config, task = project.dataset_config, project.task
+        if project.models.tokenizer is None:
+            print("caption lengths not checked: [models] tokenizer is not set yet (`wanpair download` sets it)")
+        else:
+            tokenizer = load_tokenizer(project.models.tokenizer)
     else:
         dataset_config = path
     report = check_dataset(load_dataset_config(dataset_config), tokenizer)
+    if task and (problem := stills_problem(task, report.items)):
+        report.errors.append(problem)
     print(report.render())
     if args.captions:
         for image, caption in dict((it.image, it.caption) for it in report.items).items():

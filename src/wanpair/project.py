@@ -38,7 +38,7 @@ from .tomlfile import did_you_mean, read_toml
 
 @dataclass
 class Models:
-    vae: Path
+    vae: Path  # these three are None only from `load_project(require_models=False)`, where init left them unset
     t5: Path
     tokenizer: Path
     high_noise: Path | None = None  # a Wan 2.2 pair's experts
@@ -549,7 +549,7 @@ def _task(value, models_raw: dict, path: Path, problems: list[str], resolve) -> 
     return task
 
 
-def _model_keys(models_raw: dict, task: Task, path: Path, problems: list[str]) -> None:
+def _model_keys(models_raw: dict, task: Task, path: Path, problems: list[str], require: bool = True) -> None:
     """[models]: the VAE, umT5 and tokenizer, and the task's DiT file(s) -- the two experts of a pair, or one
     `dit` -- each named once."""
     for key in models_raw:
@@ -569,7 +569,7 @@ def _model_keys(models_raw: dict, task: Task, path: Path, problems: list[str]) -
         if not isinstance(value, str):
             problems.append(f"{path}: [models] {key} = {value!r} should be a path (a string).")
     unset = [k for k, v in models_raw.items() if k in MODEL_KEYS - OPTIONAL_MODEL_KEYS and _unset(v)]
-    if unset:
+    if unset and require:
         keys = " and ".join([", ".join(unset[:-1]), unset[-1]] if len(unset) > 1 else unset)
         problems.append(
             f"{path}: [models] {keys} {'is' if len(unset) == 1 else 'are'} not set (\"\"): run "
@@ -582,8 +582,10 @@ def _unset(value) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
-def load_project(path: str | Path) -> tuple[Project, list[str]]:
-    """Parse and validate a project file. Returns the project and non-fatal warnings; all errors at once."""
+def load_project(path: str | Path, require_models: bool = True) -> tuple[Project, list[str]]:
+    """Parse and validate a project file. Returns the project and non-fatal warnings; all errors at once.
+    `require_models=False` (`wanpair check`, which reads the dataset alone): a model `wanpair init` left unset
+    ("") is None instead of a problem, so the dataset can be checked before the weights are downloaded."""
     path, raw = read_toml(path, "Write a project file (`wanpair demo` writes an example to copy).")
     problems: list[str] = []
     warnings: list[str] = []
@@ -617,7 +619,7 @@ def load_project(path: str | Path) -> tuple[Project, list[str]]:
                         "(path to your Musubi-style dataset.toml).")
     train = _train_settings(table("train"), path, problems)
     task = _task(raw.get("model"), {k: v for k, v in models_raw.items() if not _unset(v)}, path, problems, resolve)
-    _model_keys(models_raw, task, path, problems)
+    _model_keys(models_raw, task, path, problems, require_models)
     experts = _experts(table("experts"), path, problems, warnings, resolve, task)
     sample = _sample(table("sample"), path, problems, resolve)
     metadata = _plain_table(table("metadata"), Description, "metadata", path, problems)
@@ -628,7 +630,7 @@ def load_project(path: str | Path) -> tuple[Project, list[str]]:
                         "after training.")
     if problems:
         raise WanpairError("\n".join(problems))
-    models = Models(**{k: resolve(v) for k, v in models_raw.items() if not _unset(v)})
+    models = Models(**{k: None if _unset(v) else resolve(v) for k, v in models_raw.items()})
     project = Project(
         path=path, name=name, models=models, dataset_config=resolve(dataset_raw["config"]),
         output_dir=resolve(raw.get("output_dir", "output")), author=str(raw.get("author", "")),

@@ -24,7 +24,7 @@ from ..hub import hub_problems
 from ..models.attention import attention_problem
 from ..models.dit import DitInfo, inspect_dit
 from ..models.kinds import other_model_problems
-from ..models.tasks import check_task, expert_noun
+from ..models.tasks import check_task, expert_noun, stills_problem
 from ..models.text_encoder import TEXT_LEN, load_tokenizer
 from ..project import Project
 from ..sizes import human_bytes
@@ -62,7 +62,7 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
         problems.append("[train] mixed_precision = \"fp16\" needs a GPU; use \"bf16\" on the CPU.")
     if device.type == "cuda" and not no_gpu and t.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
         problems.append(f"[train] mixed_precision = \"bf16\" but {torch.cuda.get_device_name()} has no bf16; "
-                        "use \"fp16\" (the recipe's setting) on this GPU.")
+                        "use \"fp16\" (the Musubi recipe's setting) on this GPU.")
     if problem := attention_problem(t.attention, device, t.compute_dtype):
         problems.append(problem)
     problems += other_model_problems(project.models)
@@ -112,12 +112,8 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
         found.items = require_clean(report, shown=not quiet)
     except WanpairError as e:
         problems.append(str(e))
-    stills = [it for it in found.items if it.frames == 1]
-    if project.task.conditioned and stills:
-        problems.append(
-            f"{project.task.name} learns how a clip goes on from its first frame, and a still image is its own first "
-            f"frame: there is nothing to learn from {len(stills)} image item(s) (e.g. {stills[0].image}). Use video "
-            "clips (video_directory in dataset.toml), or train the t2v-A14B pair on the images.")
+    if problem := stills_problem(project.task, found.items):
+        problems.append(problem)
     problems += check_warmup(project, found, experts)
     problems += check_optimizer(project)
     problems += tracker_problems(t.log_with, project.path)
