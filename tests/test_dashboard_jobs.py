@@ -105,6 +105,8 @@ def test_the_check_report_and_captions_are_shown_and_a_caption_is_edited(client,
     first = got["items"][0]
     assert first["media"] == {"root": 0, "path": "dataset/img_01.png"} and first["caption"].startswith("a red circle")
     assert client.get(f"/media?root=0&path={first['preview']['path']}").status_code == 200
+    i2v = client.get("/api/folder?root=0&path=dataset&task=i2v-A14B").get_json()  # the form's model picked
+    assert any("i2v-A14B learns how a clip goes on" in e for e in i2v["errors"])
     (demo / "dataset" / "img_02.txt").unlink()
     assert "ERROR   " in client.get("/api/folder?root=0&path=dataset").get_json()["report"]  # errors block
     r = client.post("/api/caption", json={"root": 0, "path": "dataset/img_01.png", "text": " a red disc \n"}, headers=OK)

@@ -246,7 +246,7 @@ def test_training_pushes_each_saved_file_and_resume_from_hub_continues_it_elsewh
     assert "holds no training state of the high-noise expert" in capsys.readouterr().err
     # a newer state of another run (other images): refused, and never put among this run's states
     foreign = torch.load(out / "demo_shapes_v1" / "state" / "high-step00000002.pt", weights_only=True)
-    foreign["identity"]["wanpair.dataset_fingerprint"] = "0" * 16
+    foreign["identity"]["wanpair.dataset_fingerprint"] = foreign["identity"]["wanpair.media_fingerprint"] = "0" * 16
     torch.save(foreign, buffer := io.BytesIO())
     hub.repos["someone/other-run"] = {"state/high-step00000004.pt": buffer.getvalue()}
     assert main(["train", str(moved), "--expert", "high", "--resume-from-hub", "someone/other-run"]) == 2

@@ -82,19 +82,22 @@ def test_preflight_lists_all_problems_and_cli_exits_2_without_traceback(demo, ca
 
 
 def test_device_cuda_without_a_cuda_torch_is_a_named_problem_in_doctor_and_train(demo, capsys, monkeypatch):
-    """A CPU build of torch on a GPU box (the README's warning): no traceback from the first GPU query."""
+    """A CPU build of torch on a GPU box (the README's warning): no traceback from the first GPU query (FA4's
+    check asks the GPU's capability), and the doctor still lists the project's other problems."""
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", None)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: pytest.fail("asked a GPU that is not there"))
+    for query in ("get_device_name", "get_device_capability"):
+        monkeypatch.setattr(torch.cuda, query, lambda *a: pytest.fail("asked a GPU that is not there"))
     text = (demo / "wanpair.toml").read_text()
-    (demo / "wanpair.toml").write_text(text.replace("[train]\n", '[train]\ndevice = "cuda"\n', 1))
+    (demo / "wanpair.toml").write_text(text.replace("[train]\n", '[train]\ndevice = "cuda"\nattention = "fa4"\n', 1))
+    (demo / "dataset" / "img_03.txt").unlink()
     said = '[train] device = "cuda" but this torch is a CPU build; install the CUDA build of torch'
     assert main(["doctor", str(demo / "wanpair.toml")]) == 1
     out, err = capsys.readouterr()
-    assert said in out and "Traceback" not in out + err
+    assert said in out and "no caption file img_03.txt" in out and "Traceback" not in out + err
     assert main(["train", str(demo / "wanpair.toml")]) == 2
     out, err = capsys.readouterr()
     assert said in err and "Traceback" not in err

@@ -169,6 +169,10 @@ def test_model_paths_init_left_empty_say_run_download_in_doctor_and_train_not_ch
     assert main(["check", "wanpair.toml"]) == 1  # the demo's 64 px images under the recipe's 960 px: warnings
     out = capsys.readouterr().out
     assert "18 items, 0 errors, 18 warnings" in out and "caption lengths not checked: [models] tokenizer is not set" in out
+    project = tmp_path / "wanpair.toml"  # the paths written ahead of the download (the guide's own [models])
+    project.write_text(project.read_text().replace('tokenizer  = ""', 'tokenizer  = "models/umt5-xxl-tokenizer"'))
+    assert main(["check", "wanpair.toml"]) == 1
+    assert f"[models] tokenizer {tmp_path / 'models' / 'umt5-xxl-tokenizer'} is not there yet" in capsys.readouterr().out
 
 
 def test_one_empty_model_path_and_a_model_folder_without_config_are_named(demo, capsys):

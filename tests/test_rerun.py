@@ -112,6 +112,12 @@ def test_a_dataset_change_that_moves_the_batch_order_is_refused_by_name(run, cap
     (config.parent / "img_19.txt").write_text("a mirrored shape\n")
     assert main(["train", str(run / "wanpair.toml")]) == 2
     assert "is from a run with a different set of images or captions. To continue it" in capsys.readouterr().err
+    for added in ("img_19.png", "img_19.txt"):  # the same images, a caption and dataset.toml changed: both named
+        (config.parent / added).unlink()
+    (config.parent / "img_01.txt").write_text("a red circle, edited\n")
+    config.write_text(original.replace("num_repeats = 1", "num_repeats = 2"))
+    assert main(["train", str(run / "wanpair.toml")]) == 2
+    assert "is from a run with a different set of captions, dataset.toml num_repeats. To" in capsys.readouterr().err
 
 
 def test_resume_of_one_experts_state_continues_the_other_from_its_own(run, stopped, capsys):
@@ -292,3 +298,16 @@ def test_a_record_from_before_fp8_matmul_counted_is_not_refused_for_it(finished,
     set_train(finished / "wanpair.toml", learning_rate=5e-3, epochs=1, lr_scheduler="constant", fp8_matmul="off")
     assert main(["train", str(finished / "wanpair.toml")]) == 0
     assert capsys.readouterr().out.count("keeping WAN2.2-") == 2
+
+
+def test_a_state_from_before_the_media_record_names_a_changed_dataset_as_images_or_captions(stopped):
+    """Whether only captions changed is unknown for a file without `wanpair.media_fingerprint`: both are named,
+    and the per-item digests (which any added image changes) are not."""
+    from wanpair.train.metadata import differences
+    from wanpair.train.state import load_state
+
+    now = dict(load_state(_project(stopped).run_dir / "state" / "high-step00000016.pt", mapped=True)["identity"])
+    old = {**now, "wanpair.dataset_fingerprint": "0" * 16, "wanpair.num_repeats": "0" * 16}
+    assert differences(old, now, outputs=False) == ["set of captions", "dataset.toml num_repeats"]
+    del old["wanpair.media_fingerprint"]
+    assert differences(old, now, outputs=False) == ["set of images or captions"]

@@ -196,3 +196,13 @@ def test_experts_are_held_in_bf16_when_both_fit_else_fp8_else_one_at_a_time(monk
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * 2**30))
         assert sample_mod.storage_for(cuda, [config, config]) == expected
     assert sample_mod.storage_for(torch.device("cpu"), [config, config]) == "bf16"
+
+
+def test_a_model_file_of_the_wrong_kind_is_named_by_its_key_before_the_loras_are_checked(trained, tmp_path, capsys):
+    project = tmp_path / "wrong.toml"
+    text = (trained / "wanpair.toml").read_text()
+    project.write_text(text.replace("wan2.2_t2v_high_noise_tiny_fp16.safetensors", "wan_2.1_vae_tiny.safetensors")
+                       .replace('"models/', f'"{trained}/models/').replace('"dataset/', f'"{trained}/dataset/'))
+    assert main(["sample", str(project), "--lora-high", str(trained / "output" / HIGH), "--prompt", "x",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "[models] high_noise: " in (err := capsys.readouterr().err) and "is the Wan VAE" in err

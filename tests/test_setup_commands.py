@@ -392,3 +392,8 @@ def test_init_for_the_i2v_pair_finds_its_experts_and_names_the_pair(tmp_path, mo
     (tmp_path / "wanpair.toml").write_text(re.sub(r"(?m)^config = .*$", f"config = {json.dumps(str(stills))}", text))
     assert main(["check", "wanpair.toml"]) == 1  # what train refuses, check finds without loading a model
     assert "i2v-A14B learns how a clip goes on from its first frame" in capsys.readouterr().out
+    images = tmp_path / "images"  # and init says so of a folder of images, before pointing to the doctor
+    shutil.copytree(stills.parent, images, ignore=shutil.ignore_patterns("dataset.toml", "cache"))
+    assert main(["init", str(images), "--model", "i2v-A14B", "--project", "stills.toml"]) == 1
+    out = capsys.readouterr().out
+    assert "i2v-A14B learns how a clip goes on from its first frame" in out and "next: fix the errors above" in out

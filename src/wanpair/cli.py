@@ -72,10 +72,10 @@ The user guide is the Markdown in the repository's docs/ folder (or `mkdocs serv
 """
 
 
-def _project(path: str):
+def _project(path: str, require_models: bool = True):
     from .project import load_project
 
-    project, warns = load_project(path)
+    project, warns = load_project(path, require_models)
     for w in warns:
         print(f"WARNING {w}")
     return project
@@ -151,6 +151,7 @@ def cmd_download(args) -> int:
 def cmd_init(args) -> int:
     from .data.dataset_config import load_dataset_config
     from .data.items import check_dataset
+    from .models.tasks import stills_problem
     from .setup.scaffold import plan_init
 
     project = Path(args.project).resolve()
@@ -165,6 +166,8 @@ def cmd_init(args) -> int:
     for line in plan.write():
         print(line)
     report = check_dataset(load_dataset_config(Path(args.dataset_dir).resolve() / "dataset.toml"))
+    if problem := stills_problem(TASKS[args.model], report.items):
+        report.errors.append(problem)
     print(report.render())
     uncaptioned = sum("no caption file" in e for e in report.errors)
     if uncaptioned:  # the next step is the captions, not the doctor
@@ -223,20 +226,18 @@ def cmd_check(args) -> int:
     from .data.items import check_dataset
     from .models.tasks import stills_problem
     from .models.text_encoder import load_tokenizer
-    from .project import load_project
     from .tomlfile import read_toml
 
     path, raw = read_toml(args.file, "Give a wanpair.toml project or a Musubi dataset.toml.")
     tokenizer, task = None, None
     if "models" in raw:  # a project file: its dataset, with its tokenizer for caption lengths (once it is set)
-        project, warns = load_project(args.file, require_models=False)
-        for w in warns:
-            print(f"WARNING {w}")
-        dataset_config, task = project.dataset_config, project.task
-        if project.models.tokenizer is None:
-            print("caption lengths not checked: [models] tokenizer is not set yet (`wanpair download` sets it)")
+        project = _project(args.file, require_models=False)
+        dataset_config, task, where = project.dataset_config, project.task, project.models.tokenizer
+        if where is None or not where.exists():
+            state = "is not set" if where is None else f"{where} is not there"
+            print(f"caption lengths not checked: [models] tokenizer {state} yet (`wanpair download` fetches it)")
         else:
-            tokenizer = load_tokenizer(project.models.tokenizer)
+            tokenizer = load_tokenizer(where)
     else:
         dataset_config = path
     report = check_dataset(load_dataset_config(dataset_config), tokenizer)
@@ -302,8 +303,11 @@ def cmd_inspect(args) -> int:
             print(("\n" if i else "") + describe(read_lora(path), Path(path)))
         except WanpairError as e:
             problems.append(str(e))
+    if len(problems) == 1:
+        raise WanpairError(problems[0])
     if problems:
-        raise WanpairError("\n".join(problems))
+        raise WanpairError(f"{len(problems)} of the {len(args.lora)} LoRAs cannot be read:\n" +
+                           "\n".join(f"- {p}" for p in problems))
     return 0
 
 

@@ -38,9 +38,9 @@ from .tomlfile import did_you_mean, read_toml
 
 @dataclass
 class Models:
-    vae: Path  # these three are None only from `load_project(require_models=False)`, where init left them unset
-    t5: Path
-    tokenizer: Path
+    vae: Path | None  # None only from `load_project(require_models=False)` (`check`), where init left them unset
+    t5: Path | None
+    tokenizer: Path | None
     high_noise: Path | None = None  # a Wan 2.2 pair's experts
     low_noise: Path | None = None
     dit: Path | None = None  # a Wan 2.1 single model

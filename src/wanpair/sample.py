@@ -310,8 +310,8 @@ def sample(project: Project, prompts: list[str], settings: SampleSettings, loras
         raise WanpairError("no prompt given: use --prompt \"...\" or --prompts FILE (one prompt per line).")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    check_models_and_output(project, out_dir)  # each model file named by its [models] key, before the LoRAs' checks
     checked_loras(project, loras, allow_mismatch)  # a wrong LoRA fails now, not after the prompts and experts load
-    check_models_and_output(project, out_dir)
     embeds, negative = prompt_embeddings(project, prompts, settings.negative_prompt, device, dtype)
     log.info("prompts ready after %.1f s", time.perf_counter() - start)
     pipe = build_pipeline(project, loras, settings, device, dtype, allow_mismatch)

@@ -242,7 +242,7 @@ def create_app(roots: list[Path], token: str | None = None, tick_s: float | None
     @app.get("/api/folder")
     def api_folder():
         folder = where.resolve(request.args.get("root", type=int), request.args.get("path", ""))
-        report = check_report(folder, request.args.get("force") == "true", where)
+        report = check_report(folder, request.args.get("force") == "true", where, request.args.get("task", ""))
         return jsonify(items=captions(folder, where), report=report.render(), errors=report.errors,
                        warnings=report.warnings)
 

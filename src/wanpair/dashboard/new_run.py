@@ -20,7 +20,7 @@ from ..data.images import IMAGE_EXTENSIONS
 from ..data.items import MAX_CAPTION_BYTES, Report, check_dataset
 from ..data.media import caption_path, dataset_media, media_in, media_kind
 from ..errors import WanpairError
-from ..models.tasks import TASKS, T2V
+from ..models.tasks import TASKS, T2V, stills_problem
 from ..project import CHOICES, TrainSettings, load_project
 from ..setup.scaffold import InitPlan, dataset_toml, model_candidates, model_order, plan_init
 from .paths import PathRefused, Roots, write_text_inside
@@ -104,13 +104,15 @@ def write_caption(media: Path, text: str, roots: Roots) -> Path:
     return cap
 
 
-def check_report(folder: Path, force: bool, roots: Roots) -> Report:
-    """`wanpair check` of what training would read: the folder's dataset.toml, or (none, or `force`) the
+def check_report(folder: Path, force: bool, roots: Roots, task_name: str = "") -> Report:
+    """`wanpair check` of what training would read, for the model the form picked (`task_name`: an image dataset
+    is nothing an image-to-video pair can learn from): the folder's dataset.toml, or (none, or `force`) the
     recipe's, checked from a scratch copy that names the folder. A dataset.toml that names folders outside the
     roots, or lists its media in a JSONL file (any path), is not read here (a planted one would make the page
     read, name or wait on files elsewhere): the report says to check it with `wanpair check` in a shell. The same
     for a dataset.toml that is a link out of the roots, or larger than any (it is read from a checked descriptor,
     at most `DATASET_TOML_LIMIT` bytes)."""
+    task = _task(task_name)
     existing = folder / "dataset.toml"
     if existing.is_file() and not force:
         text = roots.read_text(existing, DATASET_TOML_LIMIT + 1)
@@ -125,15 +127,15 @@ def check_report(folder: Path, force: bool, roots: Roots) -> Report:
             return Report(warnings=[f"{existing} reads {', '.join(elsewhere)}: a JSONL list or a folder outside the "
                                     f"dashboard's folders, which the page does not read. Check it in a shell: "
                                     f"wanpair check {existing}"])
-        return _checked(specs, roots, f"wanpair check {existing}")
+        return _checked(specs, roots, f"wanpair check {existing}", task)
     with tempfile.TemporaryDirectory(prefix="wanpair-check-") as scratch:
         toml = Path(scratch) / "dataset.toml"
         toml.write_text(dataset_toml(media_kind(folder), directory=str(folder)), encoding="utf-8")
         return _checked(load_dataset_config(toml), roots, f"wanpair init {folder} writes its dataset.toml, which "
-                                                           "`wanpair check` then reads")
+                                                           "`wanpair check` then reads", task)
 
 
-def _checked(specs: list, roots: Roots, in_a_shell: str) -> Report:
+def _checked(specs: list, roots: Roots, in_a_shell: str, task) -> Report:
     """`check_dataset` of `specs` (folders inside the roots), unless one of their media, frames or captions is a
     link out of the roots: the check would read it (a planted link to a private file, its errors naming it).
     Looked at before the check opens them: a link swapped in between is not caught here. `in_a_shell`: how to
@@ -151,7 +153,10 @@ def _checked(specs: list, roots: Roots, in_a_shell: str) -> Report:
         return Report(warnings=[f"{out[0]} leads outside the dashboard's folders" + (f" ({len(out)} such)" if
                                 len(out) > 1 else "") + f", which the page does not read. Check the dataset in a "
                                 f"shell: {in_a_shell}"])
-    return check_dataset(specs)
+    report = check_dataset(specs)
+    if problem := stills_problem(task, report.items):
+        report.errors.append(problem)
+    return report
 
 
 def model_choices(roots: Roots, task_name: str) -> dict[str, list[dict]]:

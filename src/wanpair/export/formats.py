@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from ..atomic import atomic_path
 from ..errors import WanpairError
 from ..models.dit_names import original_to_diffusers_names, to_original_name
-from ..models.kinds import describe_kind, kind_of
+from ..models.kinds import LYCORIS_KINDS, describe_kind, kind_of
 
 
 FORMATS = ("musubi", "comfy", "diffusers", "peft")
@@ -98,12 +98,10 @@ def _kohya_to_module(name: str) -> str:
 # ai-toolkit: lora_A/B; ComfyUI: `.diff` a full weight delta, `.diff_b` a bias delta).
 _PARTS = {"lora_down": "down", "lora_A": "down", "lora_up": "up", "lora_B": "up", "alpha": "alpha",
           "diff": "diff", "diff_b": "diff_b"}
-# Markers of LyCORIS adapters whose update is no low-rank product (LyCORIS' key names: lokr_w1, hada_w1_a, ...).
-_UNUSABLE_KINDS = {"lokr_": "LoKr", "hada_": "LoHa"}
 
 
 def _unusable(path: Path, keys: list[str]) -> WanpairError:
-    kind = next((k for marker, k in _UNUSABLE_KINDS.items() if any(marker in key for key in keys)), "unknown")
+    kind = next((k for marker, k in LYCORIS_KINDS.items() if any(marker in key for key in keys)), "unknown")
     looks = f"they look like {kind} (LyCORIS), not a LoRA" if kind != "unknown" else "their kind is unknown"
     tool = f", or use it with a tool that applies {kind}" if kind != "unknown" else ""
     return WanpairError(

@@ -17,9 +17,10 @@ _DESCRIPTIONS = {
 }
 
 
-# parts only an adapter has: LoRA pairs, and LyCORIS' LoKr / LoHa factors (lokr_w1, hada_w1_a), which name the
-# modules they adapt like a DiT's own keys (`blocks.0.attn1.to_q.lokr_w1`) and are no base model either
-_ADAPTER_MARKERS = ("lora_down", "lora_A", "lora_up", "lora_B", "lokr_", "hada_")
+# LyCORIS adapters whose update is no low-rank product, by the marker in their key names (lokr_w1, hada_w1_a): they
+# name the modules they adapt like a DiT's own keys (`blocks.0.attn1.to_q.lokr_w1`) and are no base model either
+LYCORIS_KINDS = {"lokr_": "LoKr", "hada_": "LoHa"}
+_ADAPTER_MARKERS = ("lora_down", "lora_A", "lora_up", "lora_B", *LYCORIS_KINDS)  # parts only an adapter has
 
 
 def kind_of(keys: tuple[str, ...]) -> str:

@@ -269,7 +269,7 @@ def project_checks(project_path: Path) -> list[Check]:
     from ..project import load_project
     from ..train.memory_plan import (LOW_MODE_BUDGET_GIB, block_linear_params, offloaded_block_host_bytes,
                                      plan_from_config, streamed_block_host_bytes)
-    from ..train.preflight import no_cuda_problem, preflight
+    from ..train.preflight import preflight
     from ..train.recipe import LoraPairRecipe
 
     try:
@@ -280,12 +280,11 @@ def project_checks(project_path: Path) -> list[Check]:
     recipe = LoraPairRecipe(project)
     device = recipe.device
     t = project.train
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return checks + [Check(False, "[train] device", no_cuda_problem())]  # nothing below can ask the GPU
-    if device.type == "cuda" and t.mixed_precision == "bf16":
+    gpu = device.type == "cuda" and torch.cuda.is_available()  # else preflight names the device, with the rest
+    if gpu and t.mixed_precision == "bf16":
         checks.append(Check(torch.cuda.is_bf16_supported(), "bf16 on this GPU",
-                            'set [train] mixed_precision = "fp16" (the recipe\'s setting) for this GPU.'))
-    if device.type == "cuda":
+                            'set [train] mixed_precision = "fp16" (the Musubi recipe\'s setting) for this GPU.'))
+    if gpu:
         fp8 = fp8_matmul_available(device)
         checks.append(Check(None, "fp8 tensor cores: " + ("yes, fp8 matmuls for the frozen base" if fp8 else
                                                           "no (fp8 storage only; matmuls in bf16, slower)")))

@@ -255,7 +255,7 @@ def fetch_states(project: Project, value: str, experts: tuple[str, ...], identit
         except Exception as e:  # the hub's errors, and the network's
             raise hub_error(e, repo, f"fetching {newest} from {value}", writes=False) from None
         try:
-            changed = differences(load_state(got).get("identity") or {}, identity(expert), outputs=False)
+            changed = differences(load_state(got, mapped=True).get("identity") or {}, identity(expert), outputs=False)
         except WanpairError as e:  # not a state, or a damaged one: said as the hub's file, not the download's path
             got.unlink()
             problems.append(f"{value}'s {newest} cannot be read as a training state ({e}). Push a good one "

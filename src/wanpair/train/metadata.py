@@ -30,6 +30,11 @@ def dataset_fingerprint(items: list[Item]) -> str:
     return hashlib.sha256("".join(f"{it.content_hash}:{it.caption}" for it in items).encode()).hexdigest()[:16]
 
 
+def media_fingerprint(items: list[Item]) -> str:
+    """The media alone, without their captions: whether a changed dataset has other images or only other words."""
+    return hashlib.sha256("".join(it.content_hash for it in items).encode()).hexdigest()[:16]
+
+
 def batch_order(items: list[Item], batch_sizes: dict[int, int]) -> dict[str, str]:
     """What decides the order of the micro-batches a saved state's position counts into: each item's bucket,
     frames and repeats, and each dataset's batch size (dataset.toml). One key per dataset.toml concept, so
@@ -54,6 +59,7 @@ def run_identity(project: Project, expert: str, dit: DitInfo, items: list[Item],
         "wanpair.timestep_window": f"{window.min_timestep},{window.max_timestep}",
         "wanpair.base_fingerprint": dit.fingerprint,
         "wanpair.dataset_fingerprint": dataset_fingerprint(items),
+        "wanpair.media_fingerprint": media_fingerprint(items),  # not compared itself: it says what the above is
         **batch_order(items, batch_sizes),
         "wanpair.settings": json.dumps({k: v for k, v in settings.items() if k not in SIDE_SETTINGS | OUTPUT_SETTINGS},
                                        sort_keys=True),
@@ -126,6 +132,13 @@ _SETTINGS_KEYS = ("wanpair.settings", "wanpair.output_settings")
 _PER_ITEM = ("wanpair.num_repeats", "wanpair.buckets", "wanpair.frames")
 
 
+def _media_changed(found: dict, identity: dict[str, str]) -> bool:
+    """Whether the images or clips themselves differ, not only their captions (a file from before the media's
+    own record: whether the dataset as a whole does)."""
+    key = "wanpair.media_fingerprint" if "wanpair.media_fingerprint" in found else "wanpair.dataset_fingerprint"
+    return found.get(key) != identity[key]
+
+
 def _toml_value(settings: dict, key: str) -> str:
     """A setting's value as it would be written in wanpair.toml (JSON's literals are TOML's for these)."""
     return json.dumps(settings[key]) if key in settings else "unset"
@@ -138,8 +151,9 @@ def differences(found: dict, identity: dict[str, str], outputs: bool = True) -> 
     if unrecorded and "wanpair.settings" in found:  # saved by a wanpair from before these keys: they are unknown
         return ["wanpair version (an earlier one, which did not record the "
                 f"{', '.join(_IDENTITY_NAMES[k] for k in unrecorded)})"]
-    changed = [name for k, name in _IDENTITY_NAMES.items() if found.get(k) != identity[k]
-               and not (k in _PER_ITEM and found.get("wanpair.dataset_fingerprint") != identity["wanpair.dataset_fingerprint"])]
+    media = _media_changed(found, identity)
+    changed = [name if media or k != "wanpair.dataset_fingerprint" else "set of captions"
+               for k, name in _IDENTITY_NAMES.items() if found.get(k) != identity[k] and not (media and k in _PER_ITEM)]
     for key in ("wanpair.settings", "wanpair.output_settings") if outputs else ("wanpair.settings",):
         new = json.loads(identity[key])
         old = _settings(found, key, new)

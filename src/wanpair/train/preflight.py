@@ -63,7 +63,7 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
     if device.type == "cuda" and not no_gpu and t.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
         problems.append(f"[train] mixed_precision = \"bf16\" but {torch.cuda.get_device_name()} has no bf16; "
                         "use \"fp16\" (the Musubi recipe's setting) on this GPU.")
-    if problem := attention_problem(t.attention, device, t.compute_dtype):
+    if not no_gpu and (problem := attention_problem(t.attention, device, t.compute_dtype)):
         problems.append(problem)
     problems += other_model_problems(project.models)
     try:

@@ -155,7 +155,7 @@ class LoraPairRecipe:
         explicit = Path(resume).expanduser().resolve() if resume not in (None, "latest") else None
         if explicit is not None and not explicit.is_file():
             raise WanpairError(f"--resume {explicit}: no such training state file.")
-        named = load_state(explicit) if explicit is not None else None
+        named = load_state(explicit, mapped=True) if explicit is not None else None
         if named is not None and named["expert"] not in experts:
             raise WanpairError(f"--resume {explicit}: that state is of the {expert_noun(named['expert'])}, which this "
                                f"command does not train ({', '.join(experts)}).")
@@ -182,7 +182,7 @@ class LoraPairRecipe:
                                     "metrics and samples), or change `name`.")
                 continue
             path = explicit if named is not None and named["expert"] == e else (outputs.states() or [None])[-1]
-            saved = (named if path == explicit else load_state(path)) if path is not None else None
+            saved = (named if path == explicit else load_state(path, mapped=True)) if path is not None else None
             newer = [s for s in outputs.states() if s != path and state_step(s) > saved["step"]] if saved else []
             if newer:  # they would outlive this continuation, and a later rerun would take them for its own
                 problems.append(f"--resume {path.name}: {expert_noun(e)} has newer states ({', '.join(s.name for s in newer)}) "

@@ -161,12 +161,14 @@ def list_states(run_dir: Path, expert: str | None = None) -> list[Path]:
     return sorted((p for p in state_dir(run_dir).glob(f"{expert or '*'}-step*.pt") if state_step(p) >= 0), key=key)
 
 
-def load_state(path: Path) -> dict:
+def load_state(path: Path, mapped: bool = False) -> dict:
+    """A training state, checked to be one. `mapped`: the tensors stay in the file until read (a private mapping,
+    nothing written back) -- for a run's plan, the doctor and the Hub's checks, which need only its identity and
+    step, not the ~0.9 GB of a 14B expert's optimizer (0.44 -> 0.03 s from a warm page cache). A run that
+    continues from it reads it whole: its optimizer would keep the mapped pages (and a pruned file's disk blocks)
+    for the rest of the run."""
     try:
-        # mapped, not read: a rerun's plan and the doctor need only its identity and step, not the ~0.9 GB of a 14B
-        # expert's optimizer (0.44 -> 0.03 s from a warm page cache); a continued run reads the tensors as it
-        # copies them (private mapping: nothing written back)
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain values
         raise WanpairError(f"{path} is not a wanpair training state: it holds Python objects that wanpair's "
                            f"states never contain, so it was not loaded ({str(e).splitlines()[0]}).") from None

@@ -268,7 +268,7 @@ async function showFolder() {
   if (!$("#nr-name").value) $("#nr-name").value = f.path.split("/").pop().replace(/[^\w.\-]+/g, "_");
   $("#nr-check").textContent = "checking…";
   try {
-    const got = await getJSON(`/api/folder?root=${f.root}&path=${encodeURIComponent(f.path)}&force=${$("#nr-force").checked}`);
+    const got = await getJSON(`/api/folder?root=${f.root}&path=${encodeURIComponent(f.path)}&force=${$("#nr-force").checked}&task=${$("#nr-task").value}`);
     $("#nr-check").textContent = got.report;
     $("#nr-check").className = `report ${got.errors.length ? "bad" : got.warnings.length ? "warn" : "ok"}`;
     $("#nr-create").disabled = got.errors.length > 0;  // errors block; warnings are shown
@@ -357,7 +357,7 @@ function setUpForm() {
   $("#access").textContent = TOKEN ? "" : "open the URL `wanpair dashboard` printed (it ends in ?token=…)";
   $("#nr-folder").onchange = showFolder;
   $("#nr-force").onchange = showFolder;
-  $("#nr-task").onchange = loadModels;
+  $("#nr-task").onchange = () => { loadModels(); showFolder(); };  // an image folder is no dataset for i2v-A14B
   $("#nr-caption").onclick = captionMissing;
   $("#nr-preview").onclick = preview;
   $("#nr-create").onclick = create;
