@@ -396,8 +396,6 @@ def caption_folder(folder: str | Path, captioner: str | Path | Captioner, trigge
     folder = Path(folder)
     if not folder.is_dir():
         raise WanpairError(f"{folder} is not a folder; give the folder with your images (or video clips).")
-    if batch_size < 1:
-        raise WanpairError(f"--batch-size {batch_size}: caption at least 1 file at a time.")
     media, extension = to_caption(folder)
     videos = any(m.is_dir() or m.suffix.lower() not in IMAGE_EXTENSIONS for m in media)
     report = CaptionReport(dry_run=dry_run)

@@ -151,7 +151,6 @@ def cmd_download(args) -> int:
 def cmd_init(args) -> int:
     from .data.dataset_config import load_dataset_config
     from .data.items import check_dataset
-    from .models.tasks import stills_problem
     from .setup.scaffold import plan_init
 
     project = Path(args.project).resolve()
@@ -165,9 +164,8 @@ def cmd_init(args) -> int:
         print(report.render())
     for line in plan.write():
         print(line)
-    report = check_dataset(load_dataset_config(Path(args.dataset_dir).resolve() / "dataset.toml"))
-    if problem := stills_problem(TASKS[args.model], report.items):
-        report.errors.append(problem)
+    report = check_dataset(load_dataset_config(Path(args.dataset_dir).resolve() / "dataset.toml"),
+                           task=TASKS[args.model])
     print(report.render())
     uncaptioned = sum("no caption file" in e for e in report.errors)
     if uncaptioned:  # the next step is the captions, not the doctor
@@ -224,7 +222,6 @@ def cmd_dashboard(args) -> int:
 def cmd_check(args) -> int:
     from .data.dataset_config import load_dataset_config
     from .data.items import check_dataset
-    from .models.tasks import stills_problem
     from .models.text_encoder import load_tokenizer
     from .tomlfile import read_toml
 
@@ -240,9 +237,7 @@ def cmd_check(args) -> int:
             tokenizer = load_tokenizer(where)
     else:
         dataset_config = path
-    report = check_dataset(load_dataset_config(dataset_config), tokenizer)
-    if task and (problem := stills_problem(task, report.items)):
-        report.errors.append(problem)
+    report = check_dataset(load_dataset_config(dataset_config), tokenizer, task=task)
     print(report.render())
     if args.captions:
         for image, caption in dict((it.image, it.caption) for it in report.items).items():

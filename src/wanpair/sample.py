@@ -89,8 +89,6 @@ class SampleSettings:
             problems.append(f"width/height {self.width}x{self.height} must be multiples of 16.")
         if self.frames < 1 or (self.frames - 1) % 4:
             problems.append(f"frames = {self.frames} must be 4k+1 (1, 5, ... 81): the Wan VAE packs 4 frames per latent.")
-        if self.steps < 1:
-            problems.append("steps must be at least 1.")
         if not self.shift > 0:
             problems.append(f"shift = {self.shift:g} must be above 0 ({task.title}'s own: {task.sample_shift:g}).")
         if problems:

@@ -20,7 +20,7 @@ from ..data.images import IMAGE_EXTENSIONS
 from ..data.items import MAX_CAPTION_BYTES, Report, check_dataset
 from ..data.media import caption_path, dataset_media, media_in, media_kind
 from ..errors import WanpairError
-from ..models.tasks import TASKS, T2V, stills_problem
+from ..models.tasks import TASKS, T2V
 from ..project import CHOICES, TrainSettings, load_project
 from ..setup.scaffold import InitPlan, dataset_toml, model_candidates, model_order, plan_init
 from .paths import PathRefused, Roots, write_text_inside
@@ -139,7 +139,7 @@ def _checked(specs: list, roots: Roots, in_a_shell: str, task) -> Report:
     """`check_dataset` of `specs` (folders inside the roots), unless one of their media, frames or captions is a
     link out of the roots: the check would read it (a planted link to a private file, its errors naming it).
     Looked at before the check opens them: a link swapped in between is not caught here. `in_a_shell`: how to
-    check the dataset instead."""
+    check the dataset instead; `task`: the model the form picked."""
     out = []
     for spec in specs:
         if not spec.source.is_dir():
@@ -153,10 +153,7 @@ def _checked(specs: list, roots: Roots, in_a_shell: str, task) -> Report:
         return Report(warnings=[f"{out[0]} leads outside the dashboard's folders" + (f" ({len(out)} such)" if
                                 len(out) > 1 else "") + f", which the page does not read. Check the dataset in a "
                                 f"shell: {in_a_shell}"])
-    report = check_dataset(specs)
-    if problem := stills_problem(task, report.items):
-        report.errors.append(problem)
-    return report
+    return check_dataset(specs, task=task)
 
 
 def model_choices(roots: Roots, task_name: str) -> dict[str, list[dict]]:

@@ -162,8 +162,9 @@ def _warn_small(path: Path, size: tuple[int, int], bucket: tuple[int, int], repo
         )
 
 
-def check_dataset(specs: list[DatasetSpec], tokenizer=None, max_tokens: int = 512) -> Report:
-    """Inspect every item of every dataset; collect all problems instead of stopping at the first."""
+def check_dataset(specs: list[DatasetSpec], tokenizer=None, max_tokens: int = 512, task=None) -> Report:
+    """Inspect every item of every dataset; collect all problems instead of stopping at the first. `task`: the
+    model it trains (`models.tasks.Task`), where known: an image-to-video pair learns nothing from images."""
     from ..models.text_encoder import token_count
 
     report = Report(validation={s.index for s in specs if s.validation})
@@ -200,7 +201,20 @@ def check_dataset(specs: list[DatasetSpec], tokenizer=None, max_tokens: int = 51
             report.warnings += [f"{path}: {why}; it gives no clip." for path, why in unused]
         elif unused or len(report.errors) == errors:  # else its errors say why
             report.errors.append(_gives_nothing(spec, unused))
+    if task is not None and (problem := stills_problem(task, report.items)):
+        report.errors.append(problem)
     return report
+
+
+def stills_problem(task, items: list[Item]) -> str | None:
+    """Image items for an image-to-video model (`models.tasks.Task`), which has nothing to learn from them: in
+    `check_dataset`'s report, and among `train`'s refusals (a mismatch of the project's model and its data)."""
+    stills = [it for it in items if it.frames == 1]
+    if task.conditioned and stills:
+        return (f"{task.name} learns how a clip goes on from its first frame, and a still image is its own first "
+                f"frame: there is nothing to learn from {len(stills)} image item(s) (e.g. {stills[0].image}). Use "
+                "video clips (video_directory in dataset.toml), or train the t2v-A14B pair on the images.")
+    return None
 
 
 def _gives_nothing(spec: DatasetSpec, unused: list[tuple[Path, str]]) -> str:

@@ -213,14 +213,3 @@ def check_task(config: dict, path: Path, task: Task, key: str) -> None:
             f"{path} is named as a Wan 2.2 expert, which runs on one side of its pair's boundary only; a LoRA over "
             f"0-1000 on it would be trained where the expert never runs. {pairs}, or point [models] dit at "
             f"{_files(task)}.")
-
-
-def stills_problem(task: Task, items: list) -> str | None:
-    """Image items (the dataset's `Item`s of one frame) for an image-to-video model, which has nothing to learn
-    from them: what `train` and `check` say."""
-    stills = [it for it in items if it.frames == 1]
-    if task.conditioned and stills:
-        return (f"{task.name} learns how a clip goes on from its first frame, and a still image is its own first "
-                f"frame: there is nothing to learn from {len(stills)} image item(s) (e.g. {stills[0].image}). Use "
-                "video clips (video_directory in dataset.toml), or train the t2v-A14B pair on the images.")
-    return None

@@ -16,7 +16,7 @@ import torch
 
 from ..atomic import writable_from
 from ..data.dataset_config import DatasetSpec, load_dataset_config
-from ..data.items import Item, check_dataset, require_clean
+from ..data.items import Item, check_dataset, require_clean, stills_problem
 from ..errors import WanpairError
 from ..export.formats import read_lora
 from ..export.merge import check_expert, check_pair
@@ -24,7 +24,7 @@ from ..hub import hub_problems
 from ..models.attention import attention_problem
 from ..models.dit import DitInfo, inspect_dit
 from ..models.kinds import other_model_problems
-from ..models.tasks import check_task, expert_noun, stills_problem
+from ..models.tasks import check_task, expert_noun
 from ..models.text_encoder import TEXT_LEN, load_tokenizer
 from ..project import Project
 from ..sizes import human_bytes

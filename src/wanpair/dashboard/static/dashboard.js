@@ -268,7 +268,7 @@ async function showFolder() {
   if (!$("#nr-name").value) $("#nr-name").value = f.path.split("/").pop().replace(/[^\w.\-]+/g, "_");
   $("#nr-check").textContent = "checking…";
   try {
-    const got = await getJSON(`/api/folder?root=${f.root}&path=${encodeURIComponent(f.path)}&force=${$("#nr-force").checked}&task=${$("#nr-task").value}`);
+    const got = await getJSON(`/api/folder?root=${f.root}&path=${encodeURIComponent(f.path)}&force=${$("#nr-force").checked}&task=${encodeURIComponent($("#nr-task").value)}`);
     $("#nr-check").textContent = got.report;
     $("#nr-check").className = `report ${got.errors.length ? "bad" : got.warnings.length ? "warn" : "ok"}`;
     $("#nr-create").disabled = got.errors.length > 0;  // errors block; warnings are shown
