@@ -46,8 +46,9 @@ S_PER_STEP_ALL_RECOMPUTING, S_PER_STEP_ALL_KEEPING_ATTENTION = 0.477, 0.454
 LOOP_EXTRA_S = (0.3925 + 0.375) / 2 - S_PER_STEP_RESIDENT
 # With FlashAttention-4 and the steps replayed as CUDA graphs the host no longer paces the loop: its steady mean on
 # an H100 was 0.3532 / 0.3516 s a step (eighteenth round, 150 steps an expert, the states' neighbours not counted),
-# 5 ms over the bench's step, where eagerly it was 0.3799 (the extra above). With torch's attention the graphs took
-# 1 % off the loop's median (sixteenth round), within the machines' spread: those runs keep the extra above.
+# 5 ms over the bench's step, where eagerly on the same machine it was 0.3799 (near the runs the extra above comes
+# from). With torch's attention the graphs took 1 % off the loop's median (sixteenth round), within the machines'
+# spread: those runs keep the extra above.
 LOOP_EXTRA_GRAPHED_FA4_S = (0.3532 + 0.3516) / 2 - S_PER_STEP_RESIDENT
 # The same runs' other stages, at the figures of the code as it is now: a validation pass (one of 16 in an
 # evaluation at 960x960) 0.144 s (2.29-2.30 s an evaluation, its inputs copied without a host sync; 2.40-2.53 on
