@@ -206,3 +206,22 @@ def test_a_model_file_of_the_wrong_kind_is_named_by_its_key_before_the_loras_are
     assert main(["sample", str(project), "--lora-high", str(trained / "output" / HIGH), "--prompt", "x",
                  "--out", str(tmp_path / "s")]) == 2
     assert "[models] high_noise: " in (err := capsys.readouterr().err) and "is the Wan VAE" in err
+
+
+def test_sample_names_one_file_given_for_both_experts_before_any_model_loads(trained, tmp_path, monkeypatch):
+    """The experts' files are checked as training checks them (`models.dit.dit_problems`): the high-noise file in
+    the low-noise slot too would sample every step with one expert, so it is named by key before loading."""
+    import dataclasses
+
+    import wanpair.models as models
+
+    loaded = []
+    monkeypatch.setattr(models, "load_dit", lambda *a, **k: loaded.append("load_dit"))
+    project, _ = load_project(trained / "wanpair.toml")
+    models_twice = dataclasses.replace(project.models, low_noise=project.models.high_noise)
+    twice = dataclasses.replace(project, models=models_twice)
+    same = r"(?s)cannot sample:\n.*- \[models\] high_noise and low_noise are the same file"
+    with pytest.raises(WanpairError, match=same):
+        sample(twice, ["a red circle"], SampleSettings(width=32, height=32, steps=2), {"high": None, "low": None},
+               tmp_path / "s")
+    assert loaded == []

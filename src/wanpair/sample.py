@@ -130,15 +130,11 @@ def checked_loras(project: Project, loras: dict[str, Path | None], allow_mismatc
 def check_models_and_output(project: Project, out_dir: Path) -> None:
     """Every model file the samples need, and a place to write them, checked from headers and the file system
     before minutes of loading and generating."""
-    from .models.dit import inspect_dit
+    from .models.dit import dit_problems
     from .models.kinds import other_model_problems
 
     problems = other_model_problems(project.models)
-    for expert in project.task.experts:
-        try:
-            inspect_dit(project.dit_path(expert))
-        except WanpairError as e:
-            problems.append(f"[models] {project.task.dit_key(expert)}: {e}")
+    problems += dit_problems(project.task, {e: project.dit_path(e) for e in project.task.experts})[0]
     if not project.models.tokenizer.exists():
         problems.append(f"[models] tokenizer: {project.models.tokenizer} does not exist.")
     where, writable = writable_from(out_dir)

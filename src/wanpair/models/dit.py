@@ -27,6 +27,7 @@ from .dit_names import original_to_diffusers_names, to_original_name
 from .fp8 import Fp8Linear, to_fp8_linears
 from .files import WeightFile, fingerprint, inspect_weight_file, iter_tensors, strip_prefix, tensors_to_device
 from .kinds import identify
+from .tasks import Task, check_task
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,38 @@ def inspect_dit(path: str | Path) -> DitInfo:
             "(the one with config.json) instead."
         )
     return DitInfo(wf, path, config, layout, guess_expert(path, wf.metadata))
+
+
+def dit_problems(task: Task, paths: dict[str, Path]) -> tuple[list[str], dict[str, DitInfo]]:
+    """A project's DiT file(s) (`paths`: expert -> the file or folder its [models] key names) checked from their
+    headers for its `task`: each of this model and size, a single model not one expert of a
+    pair, the experts in their own slots and not one file twice. The problems named by key, and what each file is;
+    for training's preflight and for `wanpair sample` alike, before anything loads."""
+    problems, infos = [], {}
+    for expert, path in paths.items():
+        key = task.dit_key(expert)
+        try:
+            info = inspect_dit(path)
+            check_task(info.config, info.path, task, key)
+        except WanpairError as e:
+            problems.append(f"[models] {key}: {e}")
+            continue
+        if not task.paired and info.expert:
+            problems.append(
+                f"[models] {key} = {info.path} is the {info.expert}-noise expert of a Wan 2.2 pair (its folder or "
+                f"metadata says so), not a single model: {task.name} needs a Wan 2.1 file or folder.")
+        if task.paired and info.expert and info.expert != expert:
+            problems.append(
+                f"[models] {key} = {info.path} is named as the {info.expert}-noise expert. Swap high_noise and "
+                "low_noise: a LoRA trained on the wrong expert does nothing useful at inference."
+            )
+        infos[expert] = info
+    if len(infos) == 2 and infos["high"].fingerprint == infos["low"].fingerprint:
+        problems.append(
+            f"[models] high_noise and low_noise are the same file/content ({infos['high'].path}). Wan 2.2 "
+            f"needs both experts: {task.dit_file('high', '*')} and {task.dit_file('low', '*')}."
+        )
+    return problems, infos
 
 
 def _keep_fp32(name: str) -> bool:

@@ -22,9 +22,9 @@ from ..export.formats import read_lora
 from ..export.merge import check_expert, check_pair
 from ..hub import hub_problems
 from ..models.attention import attention_problem
-from ..models.dit import DitInfo, inspect_dit
+from ..models.dit import DitInfo, dit_problems
 from ..models.kinds import other_model_problems
-from ..models.tasks import check_task, expert_noun
+from ..models.tasks import expert_noun
 from ..models.text_encoder import TEXT_LEN, load_tokenizer
 from ..project import Project
 from ..sizes import human_bytes
@@ -71,24 +71,8 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
     except WanpairError as e:
         problems.append(f"[models] tokenizer: {e}")
         tokenizer = None
-    for expert in project.task.experts:
-        key = project.task.dit_key(expert)
-        try:
-            info = inspect_dit(project.dit_path(expert))
-            check_task(info.config, info.path, project.task, key)
-        except WanpairError as e:
-            problems.append(f"[models] {key}: {e}")
-            continue
-        if not project.task.paired and info.expert:
-            problems.append(
-                f"[models] {key} = {info.path} is the {info.expert}-noise expert of a Wan 2.2 pair (its folder or "
-                f"metadata says so), not a single model: {project.task.name} needs a Wan 2.1 file or folder.")
-        if project.task.paired and info.expert and info.expert != expert:
-            problems.append(
-                f"[models] {key} = {info.path} is named as the {info.expert}-noise expert. Swap high_noise and "
-                "low_noise: a LoRA trained on the wrong expert does nothing useful at inference."
-            )
-        found.dits[expert] = info
+    dit_found, found.dits = dit_problems(project.task, {e: project.dit_path(e) for e in project.task.experts})
+    problems += dit_found
     for expert in experts:
         init = project.experts[expert].init_lora
         if init:
@@ -99,11 +83,6 @@ def preflight(project: Project, experts: tuple[str, ...], device: torch.device,
                 check_initial_lora(lora, project.settings(expert).rank)
             except WanpairError as e:
                 problems.append(f"[experts.{expert}] init_lora {init}: {e}")
-    if len(found.dits) == 2 and found.dits["high"].fingerprint == found.dits["low"].fingerprint:
-        problems.append(
-            f"[models] high_noise and low_noise are the same file/content ({found.dits['high'].path}). Wan 2.2 "
-            f"needs both experts: {project.task.dit_file('high', '*')} and {project.task.dit_file('low', '*')}."
-        )
     try:
         found.specs = load_dataset_config(project.dataset_config)
         report = check_dataset(found.specs, tokenizer)

@@ -7,7 +7,8 @@ preparation at the step's start -- leaves the GPU idle. Captured once (`torch.cu
 a step on an H100 with FlashAttention-4, 0.375 -> 0.346 in the loop's order (docs/benchmarks.md, fifteenth round).
 The real loop already queues each step before reading the last, so it gains less with torch's attention (0.367 ->
 0.363 s, the median on an H100, sixteenth round) and as much with FlashAttention-4, whose shorter kernels leave
-the GPU waiting on the host (0.366 -> 0.343 s, the steady mean on an H200, seventeenth round).
+the GPU waiting on the host (the steady mean 0.366 -> 0.343 s on an H200, seventeenth round; 0.380 -> 0.353 on
+an H100, eighteenth).
 
 A graph replays the kernels on the memory it captured them with, so:
 - each step's micro-batches are copied into the graph's own input tensors, and its gradients land in tensors
